@@ -1,0 +1,118 @@
+/* backend.h - the interface every compute backend implements (CPU reference, CUDA).
+ * A backend is a table of function pointers plus its own context. The forward pass in
+ * model.c calls only these; only the engine thread calls a backend (one thread owns the device).
+ *
+ * Memory: "device pointers" come from ops->alloc and are plain addresses in the backend's
+ * memory (host memory for CPU, GPU memory for CUDA); pointer arithmetic on them is allowed.
+ * Metadata arrays (positions, block tables, segments) are always HOST pointers; a device
+ * backend copies what it needs. Activations are fp32, row-major [n_tok][dim].
+ * Every op returns 0 or a negative HY_E* code with hy_err_set() called. */
+#ifndef HY_BACKEND_H
+#define HY_BACKEND_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define BE_KV_BLOCK 16 /* tokens per KV block */
+
+typedef struct be be;             /* a backend instance; first member is `const be_ops *ops` */
+typedef struct be_weight be_weight; /* a base-model matrix as the backend keeps it */
+typedef struct be_lora be_lora;   /* one (adapter, layer, projection) HydraLoRA matrix set */
+
+/* Paged-attention metadata for one step (all host pointers).
+ * Tokens of one sequence are contiguous in the batch with ascending positions.
+ * Token t (sequence s = tok_seq[t], position pos[t]) writes its K/V to KV slot slot[t]
+ * (= block * BE_KV_BLOCK + offset) and attends to positions 0..pos[t] of sequence s, whose
+ * slot for position p is block_table[s * max_blocks + p / BE_KV_BLOCK] * BE_KV_BLOCK + p % BE_KV_BLOCK. */
+typedef struct {
+    int n_tok;
+    int n_seq;
+    const int32_t *pos;         /* [n_tok] */
+    const int32_t *tok_seq;     /* [n_tok] */
+    const int32_t *slot;        /* [n_tok] */
+    const int32_t *seq_len;     /* [n_seq] KV length of each sequence after this step */
+    const int32_t *block_table; /* [n_seq * max_blocks] */
+    int max_blocks;
+} be_attn_meta;
+
+/* One run of consecutive batch tokens [tok_begin, tok_end) that share an adapter matrix
+ * set for the projection being computed; lora == NULL means "no adapter" (skip).
+ * stats, when not NULL, is a HOST array of K+1 floats the op ADDS to: the sum over the
+ * segment's tokens of each head's gate g_k, then the sum of gate entropies -sum g ln g. */
+typedef struct {
+    int tok_begin, tok_end;
+    const be_lora *lora;
+    float *stats;
+} be_lora_seg;
+
+typedef struct {
+    const char *name; /* "cpu", "cuda" */
+    void (*destroy)(be *b);
+
+    /* Device memory. alloc returns zeroed memory. */
+    int (*alloc)(be *b, size_t bytes, void **out);
+    void (*free)(be *b, void *p);
+    int (*upload)(be *b, void *dst, const void *src_host, size_t n);
+    int (*download)(be *b, void *dst_host, const void *src, size_t n);
+    int (*sync)(be *b);
+
+    /* Base-model weight: rows x cols of ggml `type` laid out as GGUF stores it (data is
+     * host memory, usually the mmap; it must outlive the weight for the CPU backend,
+     * which does not copy). */
+    int (*weight_create)(be *b, uint32_t type, int64_t rows, int64_t cols, const void *data,
+                         be_weight **out);
+    void (*weight_free)(be *b, be_weight *w);
+
+    /* y[t][r] = sum_c W[r][c] x[t][c]  (y: [n_tok][rows], x: [n_tok][cols]) */
+    int (*matmul)(be *b, const be_weight *w, const float *x, int n_tok, float *y);
+    /* out[t] = embedding row ids[t] (ids is HOST) */
+    int (*embed)(be *b, const be_weight *emb, const int32_t *ids, int n_tok, float *out);
+    /* y[t] = x[t] / rms(x[t]) * w   (y may equal x) */
+    int (*rmsnorm)(be *b, const float *x, const float *w, int n_tok, int64_t dim, float eps,
+                   float *y);
+    /* In-place RoPE on [n_tok][n_heads * head_dim], GGUF/llama.cpp "normal" layout: pairs of
+     * ADJACENT elements (2i, 2i+1) rotate by angle pos * freq[i]; freq is HOST [head_dim/2]
+     * (already includes theta and any Llama-3 scaling). */
+    int (*rope)(be *b, float *x, const int32_t *pos, int n_tok, int n_heads, int head_dim,
+                const float *freq);
+    /* a[i] += b[i] */
+    int (*add)(be *b, float *a, const float *x, int64_t n);
+    /* out[t][i] = silu(gate[t][i]) * up[t][i]  (out may equal gate) */
+    int (*swiglu)(be *b, const float *gate, const float *up, int n_tok, int64_t dim, float *out);
+
+    /* KV cache for one layer: two arrays of n_blocks * BE_KV_BLOCK * n_kv_heads * head_dim
+     * fp16 values (uint16_t bit patterns), layout [slot][kv_head][head_dim]. */
+    int (*kv_alloc)(be *b, int n_blocks, int n_kv_heads, int head_dim, void **k, void **v);
+    /* Write k/v of this step into their slots, then causal GQA attention (softmax in fp32,
+     * scale 1/sqrt(head_dim)): q [n_tok][n_heads*head_dim], k/v [n_tok][n_kv_heads*head_dim],
+     * out [n_tok][n_heads*head_dim]. */
+    int (*attention)(be *b, const be_attn_meta *m, const float *q, const float *k, const float *v,
+                     void *k_cache, void *v_cache, int n_heads, int n_kv_heads, int head_dim,
+                     float *out);
+
+    /* HydraLoRA. A LoRA set for one target: A [r x in], R [K x in] (router; NULL when K == 1),
+     * B_k [out x r] for k < K, all fp32 HOST row-major, copied by the backend. scale = s. */
+    int (*lora_create)(be *b, int r, int K, int64_t in, int64_t out, const float *A,
+                       const float *R, const float *const *B, float scale, be_lora **out_lora);
+    void (*lora_free)(be *b, be_lora *l);
+    /* For each segment with a lora:  h = A x, g = softmax(R x) (K==1: g = 1),
+     *   y[t] += scale * sum_k g_k B_k h      for t in [tok_begin, tok_end).
+     * x: [n_tok][in], y: [n_tok][out]; segments are disjoint and sorted. */
+    int (*hydra)(be *b, const float *x, int64_t in, float *y, int64_t out,
+                 const be_lora_seg *segs, int n_seg);
+} be_ops;
+
+struct be {
+    const be_ops *ops;
+};
+
+/* Constructors. */
+int be_cpu_create(int n_threads, be **out);     /* engine/be_cpu.c */
+/* kernels/: HY_EDEVICE with a message when no usable GPU (or built without CUDA). */
+int be_cuda_create(int device, be **out);
+bool be_cuda_compiled(void);
+/* --device auto|cpu|cuda; auto picks CUDA when available and logs why not otherwise. */
+int be_open(const char *device, int n_threads, be **out);
+
+#endif

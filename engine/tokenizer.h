@@ -1,0 +1,70 @@
+/* tokenizer.h - tokenizers built from GGUF metadata: byte-level BPE (pre-tokenizers smollm,
+ * llama-bpe, gpt2) and SentencePiece-style "llama" vocabularies; incremental detokenisation;
+ * chat templates (ChatML, Llama 3, Llama 2/Zephyr). No model math here. */
+#ifndef HY_TOKENIZER_H
+#define HY_TOKENIZER_H
+
+#include "gguf.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct tok_vocab tok_vocab;
+
+/* Build from tokenizer.ggml.* keys. Errors name the key or the unsupported model/pre.
+ * The vocab copies what it needs (the gguf may be closed afterwards). Free with tok_free. */
+int tok_load(const gguf_file *f, tok_vocab **out);
+void tok_free(tok_vocab *v);
+
+int tok_n_vocab(const tok_vocab *v);
+int32_t tok_bos(const tok_vocab *v);   /* -1 when none */
+int32_t tok_eos(const tok_vocab *v);
+bool tok_add_bos(const tok_vocab *v);  /* tokenizer.ggml.add_bos_token */
+/* End of generation: EOS, EOT, <|im_end|>, <|eot_id|> and other control tokens marked so. */
+bool tok_is_eog(const tok_vocab *v, int32_t id);
+/* The token's raw vocabulary string (NUL-terminated), NULL when out of range. */
+const char *tok_text(const tok_vocab *v, int32_t id);
+
+/* Encode UTF-8 text. parse_special: text of control/user-defined tokens (e.g. "<|im_start|>")
+ * becomes those tokens; otherwise it is tokenised as ordinary text. add_bos: prepend BOS
+ * (when the vocab has one). *ids is malloc'ed, owned by the caller (free()).
+ * Invalid UTF-8 is handled byte-wise as the reference tokenizers do. */
+int tok_encode(const tok_vocab *v, const char *text, size_t len, bool parse_special, bool add_bos,
+               int32_t **ids, int *n_ids);
+
+/* Decode ids to text. skip_special: drop control tokens' text. *out is malloc'ed,
+ * NUL-terminated, owned by the caller (free()). */
+int tok_decode(const tok_vocab *v, const int32_t *ids, int n, bool skip_special, char **out,
+               size_t *out_len);
+
+/* Incremental detokeniser: push one id at a time; emits only complete UTF-8 characters
+ * (bytes of a split character are held until it completes; tok_detok_flush emits leftovers
+ * as U+FFFD). Control tokens' text is skipped. */
+typedef struct {
+    const tok_vocab *v;
+    unsigned char pending[8];
+    int n_pending;
+    bool first;  /* SentencePiece: strip the leading space of the first piece */
+} tok_detok;
+void tok_detok_init(tok_detok *d, const tok_vocab *v);
+/* Appends to out (cap bytes incl. NUL; at least 64 recommended) and returns bytes written. */
+size_t tok_detok_push(tok_detok *d, int32_t id, char *out, size_t cap);
+size_t tok_detok_flush(tok_detok *d, char *out, size_t cap);
+
+/* Chat templates. */
+typedef enum { TOK_CHAT_NONE = 0, TOK_CHAT_CHATML, TOK_CHAT_LLAMA3, TOK_CHAT_LLAMA2, TOK_CHAT_ZEPHYR } tok_chat_kind;
+typedef struct {
+    const char *role;    /* "system", "user", "assistant" */
+    const char *content;
+} tok_msg;
+/* Pick the template matching tokenizer.chat_template (name != NULL overrides: "chatml",
+ * "llama3", "llama2", "zephyr"). Unknown template or name -> HY_EUNSUPPORTED, clear message. */
+int tok_chat_detect(const gguf_file *f, const char *name, tok_chat_kind *out);
+/* Render messages the way the model's template does (ChatML for SmolLM2 includes its default
+ * system prompt when the first message is not a system message), optionally ending with the
+ * assistant generation prompt. *out malloc'ed, owned by the caller. */
+int tok_chat_apply(tok_chat_kind kind, const tok_msg *msgs, int n, bool add_generation_prompt,
+                   char **out);
+
+#endif
