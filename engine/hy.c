@@ -1,6 +1,5 @@
 /* hy.c - per-thread error messages and checked size arithmetic shared by every room.
  * Must stay free of any model or server knowledge. */
-#define _POSIX_C_SOURCE 200809L
 #include "hy.h"
 
 #include <stdarg.h>
@@ -27,10 +26,17 @@ int hy_err_wrap(int code, const char *fmt, ...)
     vsnprintf(prefix, sizeof prefix, fmt, ap);
     va_end(ap);
     memcpy(old, hy_msg, sizeof old);
-    if (old[0])
-        snprintf(hy_msg, sizeof hy_msg, "%s: %s", prefix, old);
-    else
-        snprintf(hy_msg, sizeof hy_msg, "%s", prefix);
+    /* truncation is acceptable: the message is for people */
+    size_t n = strlen(prefix);
+    memcpy(hy_msg, prefix, n + 1);
+    if (old[0] && n + 2 < sizeof hy_msg) {
+        memcpy(hy_msg + n, ": ", 3);
+        size_t room = sizeof hy_msg - n - 3, len = strlen(old);
+        if (len > room)
+            len = room;
+        memcpy(hy_msg + n + 2, old, len);
+        hy_msg[n + 2 + len] = '\0';
+    }
     return code;
 }
 

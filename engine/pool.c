@@ -1,6 +1,5 @@
 /* pool.c - fork/join thread pool: workers spin briefly, then sleep on a condition variable.
  * Knows nothing of models; the job decides what each worker does. */
-#define _GNU_SOURCE
 #include "pool.h"
 #include "hy.h"
 
