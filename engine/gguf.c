@@ -502,3 +502,39 @@ int gguf_get_arr(const gguf_file *f, const char *key, gguf_arr *out)
     *out = v->v.arr;
     return HY_OK;
 }
+
+int gguf_arr_int(const gguf_arr *a, uint64_t i, int64_t *out)
+{
+    if (i >= a->n || !a->data)
+        return hy_err_set(HY_EINVAL, "array index %llu out of range", (unsigned long long)i);
+    const uint8_t *p = (const uint8_t *)a->data + i * scalar_size(a->elem);
+    uint16_t u16; uint32_t u32; uint64_t u64;
+    switch (a->elem) {
+    case GGUF_VT_U8: case GGUF_VT_BOOL: *out = p[0]; return HY_OK;
+    case GGUF_VT_I8: *out = (int8_t)p[0]; return HY_OK;
+    case GGUF_VT_U16: memcpy(&u16, p, 2); *out = u16; return HY_OK;
+    case GGUF_VT_I16: memcpy(&u16, p, 2); *out = (int16_t)u16; return HY_OK;
+    case GGUF_VT_U32: memcpy(&u32, p, 4); *out = u32; return HY_OK;
+    case GGUF_VT_I32: memcpy(&u32, p, 4); *out = (int32_t)u32; return HY_OK;
+    case GGUF_VT_U64: case GGUF_VT_I64: memcpy(&u64, p, 8); *out = (int64_t)u64; return HY_OK;
+    default: return hy_err_set(HY_EINVAL, "array is not of an integer type");
+    }
+}
+
+float gguf_arr_f32(const gguf_arr *a, uint64_t i)
+{
+    if (i >= a->n || !a->data)
+        return 0.0f;
+    const uint8_t *p = (const uint8_t *)a->data + i * scalar_size(a->elem);
+    if (a->elem == GGUF_VT_F32) {
+        float f;
+        memcpy(&f, p, 4);
+        return f;
+    }
+    if (a->elem == GGUF_VT_F64) {
+        double d;
+        memcpy(&d, p, 8);
+        return (float)d;
+    }
+    return 0.0f;
+}

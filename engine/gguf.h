@@ -23,7 +23,8 @@ typedef struct {
 typedef struct gguf_value gguf_value;
 
 /* An array value. For scalar element types `data` points at n packed little-endian
- * elements inside the mapping; for strings `strs` holds n entries; for nested arrays
+ * elements inside the mapping, possibly UNALIGNED: read them with gguf_arr_int/gguf_arr_f32
+ * (or memcpy), never by casting; for strings `strs` holds n entries; for nested arrays
  * `items` holds n values of type GGUF_VT_ARRAY. Unused members are NULL. */
 typedef struct {
     gguf_vtype elem;
@@ -89,6 +90,11 @@ int gguf_get_f32(const gguf_file *f, const char *key, float *out);
 int gguf_get_bool(const gguf_file *f, const char *key, bool *out);
 int gguf_get_str(const gguf_file *f, const char *key, gguf_str *out);
 int gguf_get_arr(const gguf_file *f, const char *key, gguf_arr *out);
+
+/* Element i of a scalar array: integer types (and bool) into *out; HY_EINVAL when i is out of
+ * range or the array is not of an integer type. gguf_arr_f32 converts F32/F64 (0 otherwise). */
+int gguf_arr_int(const gguf_arr *a, uint64_t i, int64_t *out);
+float gguf_arr_f32(const gguf_arr *a, uint64_t i);
 
 /* Compare a gguf_str with a C string. */
 bool gguf_str_eq(gguf_str s, const char *c);
