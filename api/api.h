@@ -1,0 +1,130 @@
+/* api.h - the OpenAI-compatible wire format: JSON bodies <-> request/response structs (jansson),
+ * validation with OpenAI-shaped errors, SSE chunk encoding. Pure: no I/O, no engine, no threads;
+ * every function is safe to call from any thread. */
+#ifndef HY_API_H
+#define HY_API_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define API_MAX_N 16          /* most choices per request */
+#define API_MAX_STOP 16       /* most stop strings */
+#define API_MAX_TOP_LOGPROBS 20
+
+typedef enum { API_COMPLETION = 0, API_CHAT = 1 } api_kind;
+
+/* An OpenAI-shaped error and its HTTP status. param/code are "" when not applicable. */
+typedef struct {
+    int status;
+    char type[40];
+    char param[64];
+    char code[48];
+    char message[512];
+} api_error;
+
+/* Fill e and return HY_EINVAL (so `return api_error_set(...)` works in parsers). */
+int api_error_set(api_error *e, int status, const char *type, const char *param, const char *code,
+                  const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+/* {"error":{"message","type","param","code"}}; param/code null when "". malloc'ed, caller frees. */
+char *api_error_json(const api_error *e);
+
+typedef struct {
+    char *role;     /* system | user | assistant | developer (developer is treated as system) */
+    char *content;  /* text parts joined */
+} api_msg;
+
+/* One prompt of a completions request: text, or token ids. */
+typedef struct {
+    char *text;     /* NULL when ids are given */
+    int32_t *ids;
+    int n_ids;
+} api_prompt;
+
+/* A parsed, validated generation request. Every pointer is owned by the struct
+ * (api_request_free). Defaults follow OpenAI; unknown fields are ignored. */
+typedef struct {
+    api_kind kind;
+    char *model;              /* NULL when absent */
+    int n_prompts;            /* completions: >= 1 */
+    api_prompt *prompts;
+    int n_msgs;               /* chat: >= 1 */
+    api_msg *msgs;
+    int max_tokens;           /* -1 = not given (server picks: 16 completions, context rest for chat) */
+    double temperature;       /* 1.0 */
+    double top_p;             /* 1.0 */
+    int top_k;                /* 0 = off (-1 accepted as off) */
+    double min_p;             /* 0 */
+    bool has_seed;
+    int64_t seed;
+    int n_stop;
+    char **stop;
+    int n;                    /* choices, 1..API_MAX_N */
+    bool stream;
+    bool include_usage;       /* stream_options.include_usage */
+    bool logprobs;            /* completions: logprobs != null; chat: logprobs == true */
+    int top_logprobs;         /* 0..API_MAX_TOP_LOGPROBS (completions: the integer `logprobs`) */
+    double presence_penalty, frequency_penalty; /* 0 */
+    double repetition_penalty; /* 1.0 */
+    bool ignore_eos;
+    bool echo;                /* completions only; accepted, echo of the prompt text */
+} api_request;
+
+/* Parse a POST /v1/completions (kind API_COMPLETION) or /v1/chat/completions body.
+ * Returns 0 and fills *out (free with api_request_free), or HY_EINVAL with err filled
+ * (status 400, param naming the offending field). */
+int api_parse_request(api_kind kind, const char *body, size_t len, api_request *out, api_error *err);
+void api_request_free(api_request *r);
+
+/* Admin bodies. Strings are malloc'ed, caller frees; sha256 NULL when absent. */
+int api_parse_load_lora(const char *body, size_t len, char **name, char **path, char **sha256,
+                        api_error *err);
+int api_parse_unload_lora(const char *body, size_t len, char **name, api_error *err);
+
+/* Log probability of one sampled token and its alternatives. */
+typedef struct {
+    const char *token;        /* token text (may be partial UTF-8; encoded lossily) */
+    float logprob;
+    int n_top;
+    const char *const *top_token;
+    const float *top_logprob;
+} api_tokenlp;
+
+typedef struct {
+    int index;
+    const char *text;
+    size_t text_len;
+    const char *finish_reason;  /* "stop", "length", or NULL (streaming, not finished) */
+    int n_lp;                   /* number of tokens with logprobs; 0 with lp == NULL: no logprobs */
+    const api_tokenlp *lp;
+} api_choice;
+
+typedef struct {
+    int prompt_tokens, completion_tokens;
+} api_usage;
+
+/* Whole (non-streamed) response body. malloc'ed JSON, caller frees. NULL on ENOMEM. */
+char *api_format_response(api_kind kind, const char *id, int64_t created, const char *model,
+                          const api_choice *choices, int n_choices, const api_usage *usage,
+                          bool want_logprobs);
+/* One SSE event "data: {...}\n\n" for a streamed chunk of one choice. role_first: the chat
+ * chunk carries delta.role = "assistant". usage != NULL adds "usage" (null otherwise when
+ * include_usage is on: pass usage_null = true). malloc'ed, caller frees. */
+char *api_format_chunk(api_kind kind, const char *id, int64_t created, const char *model,
+                       const api_choice *c, bool role_first, bool want_logprobs, bool usage_null);
+/* The final usage-only chunk (choices: []). */
+char *api_format_usage_chunk(api_kind kind, const char *id, int64_t created, const char *model,
+                             const api_usage *usage);
+/* "data: [DONE]\n\n" (static string). */
+const char *api_sse_done(void);
+
+/* GET /v1/models entry. parent NULL for the base model. */
+typedef struct {
+    const char *id;
+    const char *parent;
+    const char *root;     /* path or name the model came from; may be NULL */
+    int64_t created;
+} api_model_entry;
+char *api_format_models(const api_model_entry *m, int n);
+
+#endif
