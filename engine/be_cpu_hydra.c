@@ -1,0 +1,311 @@
+/* be_cpu_hydra.c - the CPU backend's HydraLoRA ops: segmented shrink [h; l] = [A; R] x,
+ * float32 softmax gate z = g (x) h, and expand y += s * Bcat z, split over the be_cpu pool.
+ * It is the reference the CUDA kernels are tested against; no model or adapter-file logic. */
+#include "engine/be_cpu.h"
+#include "engine/hy.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct be_lora {
+    int r, K, rows;   /* rows = r + (K > 1 ? K : 0) */
+    int64_t in, out;
+    float scale;
+    float *AR;        /* [rows][in]: A then R */
+    float *Bcat;      /* [out][K * r]: row o = B_0[o] | B_1[o] | ... */
+};
+
+int cpu_lora_create(be *b, int r, int K, int64_t in, int64_t out, const float *A, const float *R,
+                    const float *const *B, float scale, be_lora **out_lora)
+{
+    *out_lora = NULL;
+    if (r < 1 || K < 1 || in < 1 || out < 1 || !A || !B || (K > 1 && !R))
+        return hy_err_set(HY_EINVAL, "lora_create: bad arguments (r %d, K %d, in %lld, out %lld)", r, K,
+                          (long long)in, (long long)out);
+    for (int k = 0; k < K; k++)
+        if (!B[k])
+            return hy_err_set(HY_EINVAL, "lora_create: B[%d] is NULL", k);
+    int rows = r + (K > 1 ? K : 0);
+    size_t nar, nb, kr;
+    if (hy_mul_size((size_t)rows, (size_t)in, &nar) || hy_mul_size((size_t)K, (size_t)r, &kr) ||
+        hy_mul_size(kr, (size_t)out, &nb) || hy_mul_size(nar, sizeof(float), &nar) ||
+        hy_mul_size(nb, sizeof(float), &nb))
+        return hy_err_set(HY_ELIMIT, "lora_create: matrices too large");
+    be_lora *l = calloc(1, sizeof *l);
+    if (!l)
+        return hy_err_set(HY_ENOMEM, "lora_create: out of memory");
+    l->AR = malloc(nar);
+    l->Bcat = malloc(nb);
+    if (!l->AR || !l->Bcat) {
+        cpu_lora_free(b, l);
+        return hy_err_set(HY_ENOMEM, "lora_create: out of memory for %zu bytes", nar + nb);
+    }
+    l->r = r;
+    l->K = K;
+    l->rows = rows;
+    l->in = in;
+    l->out = out;
+    l->scale = scale;
+    memcpy(l->AR, A, (size_t)r * (size_t)in * sizeof(float));
+    if (K > 1)
+        memcpy(l->AR + (size_t)r * (size_t)in, R, (size_t)K * (size_t)in * sizeof(float));
+    for (int64_t o = 0; o < out; o++)
+        for (int k = 0; k < K; k++)
+            memcpy(l->Bcat + (size_t)o * kr + (size_t)k * (size_t)r, B[k] + (size_t)o * (size_t)r,
+                   (size_t)r * sizeof(float));
+    *out_lora = l;
+    return HY_OK;
+}
+
+void cpu_lora_free(be *b, be_lora *l)
+{
+    (void)b;
+    if (!l)
+        return;
+    free(l->AR);
+    free(l->Bcat);
+    free(l);
+}
+
+/* ---- dot products: a plain version the compiler can unroll, and an AVX2+FMA one. */
+
+static float dot_ref(const float *a, const float *b, int64_t n)
+{
+    float acc[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++)
+            acc[k] += a[i + k] * b[i + k];
+    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; i < n; i++)
+        s += a[i] * b[i];
+    return s;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+__attribute__((target("avx2,fma"))) static float dot_avx2(const float *a, const float *b, int64_t n)
+{
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8)
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    s0 = _mm256_add_ps(s0, s1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    float s = _mm_cvtss_f32(h);
+    for (; i < n; i++)
+        s += a[i] * b[i];
+    return s;
+}
+#endif
+
+typedef float (*dot_fn)(const float *, const float *, int64_t);
+
+static dot_fn pick_dot(void)
+{
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        return dot_avx2;
+#endif
+    return dot_ref;
+}
+
+/* ---- the op */
+
+/* One job over all segments. Tokens with an adapter are numbered 0..n_lt in batch order;
+ * seg_lt[i] is the first such number of segment i. */
+typedef struct {
+    const float *x;
+    int64_t in;
+    float *y;
+    int64_t out;
+    const be_lora_seg *segs;
+    int n_seg;
+    const long *seg_lt;   /* [n_seg + 1] */
+    const size_t *seg_z;  /* [n_seg] offset of the segment's first z row in zbuf */
+    const size_t *seg_g;  /* [n_seg] offset into gbuf ((K + 1) floats per token) */
+    long n_lt;
+    float *hl;            /* per worker scratch: [nth][max_rows] */
+    int max_rows;
+    float *zbuf;          /* z: K*r floats per lora token */
+    float *gbuf;          /* g_0..g_{K-1}, entropy per lora token */
+    dot_fn dot;
+} hydra_job;
+
+static int seg_of(const hydra_job *j, long lt, int lo)
+{
+    int s = lo;
+    while (s < j->n_seg && j->seg_lt[s + 1] <= lt)
+        s++;
+    return s;
+}
+
+/* Shrink + gate for a range of adapter tokens. */
+static void hydra_shrink(void *ctx, int ith, int nth)
+{
+    hydra_job *j = ctx;
+    long b0, b1;
+    tp_split(j->n_lt, ith, nth, &b0, &b1);
+    float *hl = j->hl + (size_t)ith * (size_t)j->max_rows;
+    int s = seg_of(j, b0, 0);
+    for (long lt = b0; lt < b1; lt++) {
+        s = seg_of(j, lt, s);
+        const be_lora_seg *sg = &j->segs[s];
+        const be_lora *l = sg->lora;
+        long i = lt - j->seg_lt[s];
+        const float *xt = j->x + (size_t)(sg->tok_begin + i) * (size_t)j->in;
+        for (int rw = 0; rw < l->rows; rw++)
+            hl[rw] = j->dot(l->AR + (size_t)rw * (size_t)l->in, xt, l->in);
+        float *z = j->zbuf + j->seg_z[s] + (size_t)i * (size_t)l->K * (size_t)l->r;
+        float *g = j->gbuf + j->seg_g[s] + (size_t)i * (size_t)(l->K + 1);
+        if (l->K == 1) {
+            memcpy(z, hl, (size_t)l->r * sizeof(float));
+            g[0] = 1.0f;
+            g[1] = 0.0f;
+            continue;
+        }
+        const float *lg = hl + l->r;
+        float m = lg[0];
+        for (int k = 1; k < l->K; k++)
+            m = lg[k] > m ? lg[k] : m;
+        float sum = 0.0f;
+        for (int k = 0; k < l->K; k++) {
+            g[k] = expf(lg[k] - m);
+            sum += g[k];
+        }
+        float inv = 1.0f / sum, lsum = logf(sum), ent = 0.0f;
+        for (int k = 0; k < l->K; k++) {
+            g[k] *= inv;
+            ent -= g[k] * ((lg[k] - m) - lsum); /* -g ln g without log(0) */
+            for (int c = 0; c < l->r; c++)
+                z[k * l->r + c] = g[k] * hl[c];
+        }
+        g[l->K] = ent;
+    }
+}
+
+/* Expand for a range of output rows, every segment. */
+static void hydra_expand(void *ctx, int ith, int nth)
+{
+    hydra_job *j = ctx;
+    long o0, o1;
+    tp_split(j->out, ith, nth, &o0, &o1);
+    for (int s = 0; s < j->n_seg; s++) {
+        const be_lora_seg *sg = &j->segs[s];
+        const be_lora *l = sg->lora;
+        if (!l)
+            continue;
+        int64_t kr = (int64_t)l->K * l->r;
+        const float *zs = j->zbuf + j->seg_z[s];
+        int n = sg->tok_end - sg->tok_begin;
+        for (long o = o0; o < o1; o++) {
+            const float *brow = l->Bcat + (size_t)o * (size_t)kr;
+            for (int i = 0; i < n; i++)
+                j->y[(size_t)(sg->tok_begin + i) * (size_t)j->out + (size_t)o] +=
+                    l->scale * j->dot(brow, zs + (size_t)i * (size_t)kr, kr);
+        }
+    }
+}
+
+static int hydra_check(int64_t in, int64_t out, const be_lora_seg *segs, int n_seg)
+{
+    int prev_end = 0;
+    for (int s = 0; s < n_seg; s++) {
+        const be_lora_seg *sg = &segs[s];
+        if (sg->tok_begin < prev_end || sg->tok_end < sg->tok_begin)
+            return hy_err_set(HY_EINVAL, "hydra: segment %d [%d, %d) is not sorted/disjoint", s, sg->tok_begin,
+                              sg->tok_end);
+        prev_end = sg->tok_end;
+        if (sg->lora && (sg->lora->in != in || sg->lora->out != out))
+            return hy_err_set(HY_EINVAL, "hydra: segment %d adapter is %lld x %lld, op is %lld x %lld", s,
+                              (long long)sg->lora->out, (long long)sg->lora->in, (long long)out, (long long)in);
+    }
+    return HY_OK;
+}
+
+int cpu_hydra(be *b, const float *x, int64_t in, float *y, int64_t out, const be_lora_seg *segs, int n_seg)
+{
+    int rc = hydra_check(in, out, segs, n_seg);
+    if (rc)
+        return rc;
+    if (n_seg <= 0)
+        return HY_OK;
+    tp_pool *pool = ((be_cpu *)b)->pool;
+    int nth = tp_threads(pool);
+    long *seg_lt = calloc((size_t)n_seg + 1, sizeof *seg_lt);
+    size_t *seg_z = calloc((size_t)n_seg, sizeof *seg_z);
+    size_t *seg_g = calloc((size_t)n_seg, sizeof *seg_g);
+    float *hl = NULL, *zbuf = NULL, *gbuf = NULL;
+    double *acc = NULL;
+    if (!seg_lt || !seg_z || !seg_g) {
+        rc = hy_err_set(HY_ENOMEM, "hydra: out of memory");
+        goto done;
+    }
+    long n_lt = 0;
+    size_t nz = 0, ng = 0;
+    int max_rows = 1, max_K = 1;
+    double work = 0;
+    for (int s = 0; s < n_seg; s++) {
+        const be_lora *l = segs[s].lora;
+        seg_lt[s] = n_lt;
+        seg_z[s] = nz;
+        seg_g[s] = ng;
+        if (!l)
+            continue;
+        long n = segs[s].tok_end - segs[s].tok_begin;
+        n_lt += n;
+        nz += (size_t)n * (size_t)l->K * (size_t)l->r;
+        ng += (size_t)n * (size_t)(l->K + 1);
+        max_rows = HY_MAX(max_rows, l->rows);
+        max_K = HY_MAX(max_K, l->K);
+        work += (double)n * ((double)l->rows * (double)in + (double)l->K * l->r * (double)out);
+    }
+    seg_lt[n_seg] = n_lt;
+    if (n_lt == 0)
+        goto done;
+    hl = malloc((size_t)nth * (size_t)max_rows * sizeof(float));
+    zbuf = malloc(nz * sizeof(float));
+    gbuf = malloc(ng * sizeof(float));
+    acc = malloc(((size_t)max_K + 1) * sizeof *acc);
+    if (!hl || !zbuf || !gbuf || !acc) {
+        rc = hy_err_set(HY_ENOMEM, "hydra: out of memory for %zu floats of scratch", nz + ng);
+        goto done;
+    }
+    hydra_job j = {x, in, y, out, segs, n_seg, seg_lt, seg_z, seg_g, n_lt, hl, max_rows, zbuf, gbuf, pick_dot()};
+    /* Below this many multiply-adds waking the workers costs more than it saves. */
+    tp_pool *use = work < 32768.0 ? NULL : pool;
+    tp_run(use, hydra_shrink, &j);
+    tp_run(use, hydra_expand, &j);
+    /* Router statistics, summed in batch order on this thread (deterministic). */
+    for (int s = 0; s < n_seg; s++) {
+        const be_lora *l = segs[s].lora;
+        if (!l || !segs[s].stats)
+            continue;
+        int K = l->K;
+        for (int k = 0; k <= K; k++)
+            acc[k] = 0.0;
+        long n = segs[s].tok_end - segs[s].tok_begin;
+        const float *g = gbuf + seg_g[s];
+        for (long i = 0; i < n; i++)
+            for (int k = 0; k <= K; k++)
+                acc[k] += g[i * (K + 1) + k];
+        for (int k = 0; k <= K; k++)
+            segs[s].stats[k] += (float)acc[k];
+    }
+done:
+    free(seg_lt);
+    free(seg_z);
+    free(seg_g);
+    free(hl);
+    free(zbuf);
+    free(gbuf);
+    free(acc);
+    return rc;
+}
