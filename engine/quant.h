@@ -25,6 +25,7 @@ int q_row_bytes(uint32_t type, int64_t n, size_t *out);
 float q_f16_to_f32(uint16_t h);
 uint16_t q_f32_to_f16(float f);
 float q_bf16_to_f32(uint16_t h);
+uint16_t q_f32_to_bf16(float f);         /* RNE; NaN stays a (quiet) NaN */
 
 /* Dequantise n elements (a whole number of blocks) of `type` at src into dst. */
 void q_dequant_row(uint32_t type, const void *src, float *dst, int64_t n);
@@ -51,5 +52,27 @@ q_isa q_isa_get(void);
 int q_isa_set(q_isa isa);
 bool q_isa_available(q_isa isa);
 const char *q_isa_name(q_isa isa);
+
+/* Q4_K's twelve bytes of packed 6-bit scales -> eight scales and eight mins. */
+void q_k4_scale_min(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]);
+
+/* The scalar reference paths, whatever q_isa_get() says (tests compare the SIMD paths to them). */
+void q_act_quantize_scalar(uint32_t type, const float *X, int64_t cols, int n_tok, void *act);
+void q_matmul_rows_scalar(uint32_t type, const void *W, int64_t cols, const void *act, int n_tok,
+                          float *Y, int64_t ldy, int64_t r0, int64_t r1);
+
+/* ---- internal to engine/quant*.c: the SIMD paths and the activation layouts they share ----
+ * Activation row (q_act_row_bytes each, a multiple of 64 bytes):
+ *   Q_ACT_Q8  (Q4_0, Q4_1, Q8_0): int8 qs[nb*32]; float d[nb]; float s[nb] (s = d * sum(qs)); nb = cols/32
+ *   Q_ACT_Q8K (Q4_K, Q6_K):       int8 qs[nb*256]; float d[nb]; int16 bsum[nb*16] (per 16); nb = cols/256
+ *   Q_ACT_F32 (F32, F16, BF16):   float x[cols] */
+enum { Q_ACT_F32 = 0, Q_ACT_Q8 = 1, Q_ACT_Q8K = 2 };
+#if defined(__x86_64__)
+void q_avx2_act_quantize(uint32_t type, const float *X, int64_t cols, int n_tok, void *act);
+void q_avx2_matmul_rows(uint32_t type, const void *W, int64_t cols, const void *act, int n_tok,
+                        float *Y, int64_t ldy, int64_t r0, int64_t r1);
+void q_avx512_matmul_rows(uint32_t type, const void *W, int64_t cols, const void *act, int n_tok,
+                          float *Y, int64_t ldy, int64_t r0, int64_t r1);
+#endif
 
 #endif
