@@ -1,0 +1,353 @@
+/* registry.c - name -> adapter table with states, pins and draining (see registry.h for the
+ * threading rules and lock order). The mutex is a leaf: nothing slow or foreign runs under it. */
+#include "adapters/registry.h"
+#include "engine/hy.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct ad_entry {
+    char name[AD_NAME_MAX];
+    char path[1024];
+    ad_state state;
+    int refcount;
+    uint64_t pins_total;
+    double loaded_at, last_used;
+    ad_adapter *a; /* NULL while loading */
+    struct ad_entry *next;
+} ad_entry;
+
+typedef struct ad_grave {
+    ad_adapter *a;
+    struct ad_grave *next;
+} ad_grave;
+
+struct ad_registry {
+    pthread_mutex_t mu;
+    int max;
+    int n;
+    ad_entry *head, *tail; /* load order */
+    ad_grave *graves;      /* uploaded adapters waiting for the engine thread */
+};
+
+const char *ad_state_name(ad_state s)
+{
+    switch (s) {
+    case AD_LOADING: return "loading";
+    case AD_READY: return "ready";
+    case AD_DRAINING: return "draining";
+    }
+    return "?";
+}
+
+int ad_reg_create(int max_cpu_loras, ad_registry **out)
+{
+    *out = NULL;
+    ad_registry *r = calloc(1, sizeof *r);
+    if (!r)
+        return hy_err_set(HY_ENOMEM, "out of memory");
+    if (pthread_mutex_init(&r->mu, NULL)) {
+        free(r);
+        return hy_err_set(HY_ENOMEM, "cannot create the registry mutex");
+    }
+    r->max = max_cpu_loras > 0 ? max_cpu_loras : 64;
+    *out = r;
+    return HY_OK;
+}
+
+void ad_reg_free(ad_registry *r)
+{
+    if (!r)
+        return;
+    for (ad_entry *e = r->head, *nx; e; e = nx) {
+        nx = e->next;
+        ad_free(e->a);
+        free(e);
+    }
+    for (ad_grave *g = r->graves, *nx; g; g = nx) {
+        nx = g->next;
+        ad_free(g->a);
+        free(g);
+    }
+    pthread_mutex_destroy(&r->mu);
+    free(r);
+}
+
+/* Under mu. */
+static ad_entry *reg_find(ad_registry *r, const char *name)
+{
+    for (ad_entry *e = r->head; e; e = e->next)
+        if (!strcmp(e->name, name))
+            return e;
+    return NULL;
+}
+
+static ad_entry *reg_find_adapter(ad_registry *r, const ad_adapter *a)
+{
+    for (ad_entry *e = r->head; e; e = e->next)
+        if (e->a == a)
+            return e;
+    return NULL;
+}
+
+/* Under mu: unlink e (does not free it). */
+static void reg_unlink(ad_registry *r, ad_entry *e)
+{
+    ad_entry **pp = &r->head, *prev = NULL;
+    while (*pp && *pp != e) {
+        prev = *pp;
+        pp = &(*pp)->next;
+    }
+    if (!*pp)
+        return;
+    *pp = e->next;
+    if (r->tail == e)
+        r->tail = prev;
+    r->n--;
+}
+
+int ad_reg_begin(ad_registry *r, const char *name, const char *path)
+{
+    if (!name || !name[0] || strlen(name) >= AD_NAME_MAX)
+        return hy_err_set(HY_EINVAL, "adapter name must be 1..%d bytes", AD_NAME_MAX - 1);
+    ad_entry *e = calloc(1, sizeof *e);
+    if (!e)
+        return hy_err_set(HY_ENOMEM, "out of memory");
+    strcpy(e->name, name);
+    if (path)
+        snprintf(e->path, sizeof e->path, "%s", path);
+    e->state = AD_LOADING;
+    int rc = HY_OK;
+    pthread_mutex_lock(&r->mu);
+    ad_entry *old = reg_find(r, name);
+    if (old)
+        rc = hy_err_set(HY_EBUSY, "adapter '%s' is already %s", name,
+                        old->state == AD_READY ? "loaded" : ad_state_name(old->state));
+    else if (r->n >= r->max)
+        rc = hy_err_set(HY_ELIMIT, "cannot load adapter '%s': %d adapters are loaded (max_cpu_loras = %d)", name,
+                        r->n, r->max);
+    if (!rc) {
+        if (r->tail)
+            r->tail->next = e;
+        else
+            r->head = e;
+        r->tail = e;
+        r->n++;
+    }
+    pthread_mutex_unlock(&r->mu);
+    if (rc)
+        free(e);
+    return rc;
+}
+
+void ad_reg_finish(ad_registry *r, const char *name, ad_adapter *a)
+{
+    ad_entry *drop = NULL;
+    pthread_mutex_lock(&r->mu);
+    ad_entry *e = reg_find(r, name);
+    if (e && e->state == AD_LOADING) {
+        if (a) {
+            e->a = a;
+            e->state = AD_READY;
+            e->loaded_at = e->last_used = hy_now();
+            a = NULL;
+        } else {
+            reg_unlink(r, e);
+            drop = e;
+        }
+    }
+    pthread_mutex_unlock(&r->mu);
+    free(drop);
+    ad_free(a); /* only when no LOADING reservation existed (misuse): do not leak */
+}
+
+int ad_reg_load(ad_registry *r, const char *name, const char *path, const ad_shape *s, const ad_opts *opts)
+{
+    int rc = ad_reg_begin(r, name, path);
+    if (rc)
+        return rc;
+    ad_adapter *a = NULL;
+    rc = ad_read(path, s, opts, &a); /* no lock held: may take seconds */
+    ad_reg_finish(r, name, rc ? NULL : a);
+    return rc;
+}
+
+int ad_reg_unload(ad_registry *r, const char *name)
+{
+    ad_adapter *free_now = NULL;
+    ad_entry *drop = NULL;
+    int rc = HY_OK;
+    pthread_mutex_lock(&r->mu);
+    ad_entry *e = name ? reg_find(r, name) : NULL;
+    if (!e)
+        rc = hy_err_set(HY_ENOTFOUND, "adapter '%s' is not loaded", name ? name : "");
+    else if (e->state != AD_READY)
+        rc = hy_err_set(HY_EBUSY, "adapter '%s' is %s", name, ad_state_name(e->state));
+    else {
+        e->state = AD_DRAINING;
+        if (e->refcount == 0) {
+            reg_unlink(r, e);
+            drop = e;
+        }
+    }
+    if (drop) {
+        if (ad_uploaded(drop->a)) {
+            ad_grave *g = malloc(sizeof *g);
+            if (g) {
+                g->a = drop->a;
+                g->next = r->graves;
+                r->graves = g;
+            } else {
+                /* cannot queue it: keep the entry (draining, unpinned) for ad_reg_collect */
+                e->next = NULL;
+                if (r->tail)
+                    r->tail->next = e;
+                else
+                    r->head = e;
+                r->tail = e;
+                r->n++;
+                drop = NULL;
+            }
+        } else {
+            free_now = drop->a;
+        }
+    }
+    pthread_mutex_unlock(&r->mu);
+    if (drop)
+        free(drop);
+    ad_free(free_now);
+    return rc;
+}
+
+int ad_reg_pin(ad_registry *r, const char *name, ad_adapter **out)
+{
+    *out = NULL;
+    int rc = HY_OK;
+    pthread_mutex_lock(&r->mu);
+    ad_entry *e = name ? reg_find(r, name) : NULL;
+    if (!e)
+        rc = hy_err_set(HY_ENOTFOUND, "adapter '%s' does not exist", name ? name : "");
+    else if (e->state != AD_READY)
+        rc = hy_err_set(HY_EBUSY, "adapter '%s' is %s", name, ad_state_name(e->state));
+    else {
+        e->refcount++;
+        e->pins_total++;
+        e->last_used = hy_now();
+        *out = e->a;
+    }
+    pthread_mutex_unlock(&r->mu);
+    return rc;
+}
+
+void ad_reg_unpin(ad_registry *r, ad_adapter *a)
+{
+    if (!a)
+        return;
+    ad_adapter *free_now = NULL;
+    ad_entry *drop = NULL;
+    pthread_mutex_lock(&r->mu);
+    ad_entry *e = reg_find_adapter(r, a);
+    if (e && e->refcount > 0) {
+        e->refcount--;
+        if (e->refcount == 0 && e->state == AD_DRAINING) {
+            ad_grave *g = ad_uploaded(a) ? malloc(sizeof *g) : NULL;
+            if (!ad_uploaded(a)) {
+                free_now = a;
+            } else if (g) {
+                g->a = a;
+                g->next = r->graves;
+                r->graves = g;
+            }
+            if (free_now || g) {
+                reg_unlink(r, e);
+                drop = e;
+            }
+        }
+    }
+    pthread_mutex_unlock(&r->mu);
+    free(drop);
+    ad_free(free_now);
+}
+
+int ad_reg_collect(ad_registry *r)
+{
+    pthread_mutex_lock(&r->mu);
+    ad_grave *g = r->graves;
+    r->graves = NULL;
+    /* Draining, unpinned entries that could not be queued earlier (out of memory). */
+    ad_entry *stale = NULL;
+    for (ad_entry *e = r->head, *nx; e; e = nx) {
+        nx = e->next;
+        if (e->state == AD_DRAINING && e->refcount == 0) {
+            reg_unlink(r, e);
+            e->next = stale;
+            stale = e;
+        }
+    }
+    pthread_mutex_unlock(&r->mu);
+    int n = 0;
+    for (ad_grave *nx; g; g = nx, n++) {
+        nx = g->next;
+        ad_free(g->a);
+        free(g);
+    }
+    for (ad_entry *nx; stale; stale = nx, n++) {
+        nx = stale->next;
+        ad_free(stale->a);
+        free(stale);
+    }
+    return n;
+}
+
+static void reg_info(const ad_entry *e, ad_reg_info *o)
+{
+    memset(o, 0, sizeof *o);
+    memcpy(o->name, e->name, sizeof o->name);
+    memcpy(o->path, e->path, sizeof o->path);
+    o->state = e->state;
+    o->refcount = e->refcount;
+    o->pins_total = e->pins_total;
+    o->loaded_at = e->loaded_at;
+    o->last_used = e->last_used;
+    if (e->a) {
+        o->r = ad_r(e->a);
+        o->K = ad_K(e->a);
+        o->host_bytes = ad_host_bytes(e->a);
+    }
+}
+
+int ad_reg_list(ad_registry *r, ad_reg_info *out, int max)
+{
+    pthread_mutex_lock(&r->mu);
+    int i = 0;
+    for (ad_entry *e = r->head; e; e = e->next, i++)
+        if (i < max)
+            reg_info(e, &out[i]);
+    pthread_mutex_unlock(&r->mu);
+    return i;
+}
+
+int ad_reg_info_get(ad_registry *r, const char *name, ad_reg_info *out)
+{
+    int rc = HY_OK;
+    pthread_mutex_lock(&r->mu);
+    ad_entry *e = name ? reg_find(r, name) : NULL;
+    if (e)
+        reg_info(e, out);
+    else
+        rc = hy_err_set(HY_ENOTFOUND, "adapter '%s' does not exist", name ? name : "");
+    pthread_mutex_unlock(&r->mu);
+    return rc;
+}
+
+int ad_reg_count(ad_registry *r)
+{
+    pthread_mutex_lock(&r->mu);
+    int n = r->n;
+    pthread_mutex_unlock(&r->mu);
+    return n;
+}
+
+int ad_reg_max(const ad_registry *r) { return r->max; }
