@@ -1,0 +1,1095 @@
+/* scheduler.c - the engine thread: admission (free KV blocks, batch-token budget, adapter
+ * slots, fairness across adapters), chunked prefill + decode in one flat batch sorted by
+ * adapter, sampling through sched_ops, stop strings, preemption by recompute, cancellation.
+ * It never touches HTTP or JSON; the forward and the sampler come in through sched_ops. */
+#include "engine/scheduler.h"
+#include "engine/hy.h"
+#include "engine/kv_alloc.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define SCHED_AD_HIST 256
+
+typedef struct sched_seq {
+    sched_req *req;
+    int choice, prompt_idx;
+    int32_t *toks;       /* prompt then generated, owned */
+    int n_tok, n_prompt, cap_tok;
+    int n_cached;        /* tokens whose K/V are in the cache */
+    int32_t *blocks;     /* owned, [cap_blocks] */
+    int n_blocks, cap_blocks;
+    void *state;         /* ops->seq_init */
+    char *gen;           /* all detokenised text, owned */
+    size_t gen_len, gen_cap, shown;
+    const eng_adapter *ea;
+    bool acquired, preempted;
+    uint64_t acq_tokens; /* tokens run since adapter_acquire */
+    uint64_t order;      /* admission order (preemption victim = newest) */
+    int n_this;          /* tokens in the current step */
+    struct sched_seq *next;
+} sched_seq;
+
+struct sched {
+    sched_config cfg;
+    int max_blocks_seq;
+    kv_alloc kv;
+    /* submit queue (mu) */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    sched_req **inbox;
+    int n_inbox, cap_inbox;
+    int waiting_reqs;    /* requests in the waiting list (not preempted), updated by the engine */
+    bool stop, stopped, thread_started;
+    pthread_t thread;
+    uint64_t next_req_no;
+    /* engine-private */
+    sched_seq *waiting_head, *waiting_tail;
+    sched_seq **running;
+    int n_running;
+    uint64_t next_order;
+    uint64_t n_steps, n_forwarded, n_preempt;
+    struct {
+        void *ad;
+        uint64_t when;
+    } ad_hist[SCHED_AD_HIST];
+    uint64_t admit_clock;
+    sched_req **touched;
+    int n_touched, cap_touched;
+    /* batch buffers */
+    int32_t *b_tok, *b_pos, *b_tseq, *b_slot, *b_seqlen, *b_bt, *b_segbeg, *b_logit_tok;
+    const eng_adapter **b_segad;
+    sched_seq **b_seqs;
+    float *logits;
+    /* stats (stats_mu) */
+    pthread_mutex_t stats_mu;
+    sched_stats stats;
+};
+
+/* ---------- requests ---------- */
+
+int sched_req_create(int n_prompts, const int32_t *const *prompts, const int *n_prompt, int n,
+                     int max_tokens, const char *const *stop, int n_stop, bool ignore_eos,
+                     const sched_sampling *sp, void *adapter, sched_req **out)
+{
+    *out = NULL;
+    if (n_prompts < 1 || n < 1 || max_tokens < 1 || n_stop < 0 || n_prompts > 1024 || n > 1024)
+        return hy_err_set(HY_EINVAL, "bad request shape");
+    sched_req *r = calloc(1, sizeof *r);
+    if (!r)
+        return hy_err_set(HY_ENOMEM, "out of memory");
+    pthread_mutex_init(&r->mu, NULL);
+    atomic_init(&r->refs, 1);
+    atomic_init(&r->cancelled, false);
+    r->n_prompts = n_prompts;
+    r->n = n;
+    r->max_tokens = max_tokens;
+    r->ignore_eos = ignore_eos;
+    r->sp = *sp;
+    r->adapter = adapter;
+    r->n_choices = n_prompts * n;
+    r->t_arrival = hy_now();
+    r->prompt = calloc((size_t)n_prompts, sizeof *r->prompt);
+    r->n_prompt = calloc((size_t)n_prompts, sizeof *r->n_prompt);
+    r->choices = calloc((size_t)r->n_choices, sizeof *r->choices);
+    if (!r->prompt || !r->n_prompt || !r->choices)
+        goto fail;
+    for (int i = 0; i < n_prompts; i++) {
+        if (n_prompt[i] < 1) {
+            sched_req_release(r);
+            return hy_err_set(HY_EINVAL, "empty prompt");
+        }
+        r->prompt[i] = malloc((size_t)n_prompt[i] * sizeof(int32_t));
+        if (!r->prompt[i])
+            goto fail;
+        memcpy(r->prompt[i], prompts[i], (size_t)n_prompt[i] * sizeof(int32_t));
+        r->n_prompt[i] = n_prompt[i];
+    }
+    if (n_stop) {
+        r->stop = calloc((size_t)n_stop, sizeof *r->stop);
+        if (!r->stop)
+            goto fail;
+        for (int i = 0; i < n_stop; i++, r->n_stop++)
+            if (!(r->stop[i] = strdup(stop[i])))
+                goto fail;
+    }
+    *out = r;
+    return HY_OK;
+fail:
+    sched_req_release(r);
+    return hy_err_set(HY_ENOMEM, "out of memory for a request");
+}
+
+void sched_req_release(sched_req *r)
+{
+    if (!r || atomic_fetch_sub(&r->refs, 1) != 1)
+        return;
+    for (int i = 0; i < r->n_prompts && r->prompt; i++)
+        free(r->prompt[i]);
+    free(r->prompt);
+    free(r->n_prompt);
+    for (int i = 0; i < r->n_stop; i++)
+        free(r->stop[i]);
+    free(r->stop);
+    for (int i = 0; i < r->n_choices && r->choices; i++) {
+        free(r->choices[i].text);
+        free(r->choices[i].lp);
+    }
+    free(r->choices);
+    pthread_mutex_destroy(&r->mu);
+    free(r);
+}
+
+void sched_req_cancel(sched_req *r) { atomic_store(&r->cancelled, true); }
+void sched_req_lock(sched_req *r) { pthread_mutex_lock(&r->mu); }
+void sched_req_unlock(sched_req *r) { pthread_mutex_unlock(&r->mu); }
+bool sched_req_finished(const sched_req *r) { return r->failed || r->n_done == r->n_choices; }
+
+/* ---------- helpers (engine thread) ---------- */
+
+static void touch(sched *s, sched_req *r)
+{
+    for (int i = 0; i < s->n_touched; i++)
+        if (s->touched[i] == r)
+            return;
+    if (s->n_touched == s->cap_touched) {
+        int cap = s->cap_touched ? s->cap_touched * 2 : 64;
+        sched_req **t = realloc(s->touched, (size_t)cap * sizeof *t);
+        if (!t)
+            return; /* the request is still notified when it finishes (touch retried then) */
+        s->touched = t;
+        s->cap_touched = cap;
+    }
+    atomic_fetch_add(&r->refs, 1);
+    s->touched[s->n_touched++] = r;
+}
+
+static void notify_touched(sched *s)
+{
+    for (int i = 0; i < s->n_touched; i++) {
+        sched_req *r = s->touched[i];
+        if (r->notify)
+            r->notify(r->notify_ctx);
+        sched_req_release(r);
+    }
+    s->n_touched = 0;
+}
+
+static int append(char **buf, size_t *len, size_t *cap, const char *src, size_t n)
+{
+    if (*len + n + 1 > *cap) {
+        size_t c = *cap ? *cap : 64;
+        while (c < *len + n + 1)
+            c *= 2;
+        char *p = realloc(*buf, c);
+        if (!p)
+            return HY_ENOMEM;
+        *buf = p;
+        *cap = c;
+    }
+    memcpy(*buf + *len, src, n);
+    *len += n;
+    (*buf)[*len] = '\0';
+    return HY_OK;
+}
+
+static void release_blocks(sched *s, sched_seq *q)
+{
+    for (int i = 0; i < q->n_blocks; i++)
+        kv_alloc_put(&s->kv, q->blocks[i]);
+    q->n_blocks = 0;
+    q->n_cached = 0;
+}
+
+static void release_adapter(sched *s, sched_seq *q)
+{
+    if (q->acquired && s->cfg.ops->adapter_release)
+        s->cfg.ops->adapter_release(s->cfg.ops_ctx, q->req->adapter, q->acq_tokens);
+    q->acquired = false;
+    q->acq_tokens = 0;
+    q->ea = NULL;
+}
+
+static void seq_free(sched *s, sched_seq *q)
+{
+    if (!q)
+        return;
+    release_blocks(s, q);
+    release_adapter(s, q);
+    if (q->state && s->cfg.ops->seq_free)
+        s->cfg.ops->seq_free(s->cfg.ops_ctx, q->state);
+    free(q->toks);
+    free(q->blocks);
+    free(q->gen);
+    sched_req_release(q->req);
+    free(q);
+}
+
+/* Mark a choice finished; publishes whatever visible text is pending. */
+static void finish_choice(sched *s, sched_seq *q, const char *reason)
+{
+    sched_req *r = q->req;
+    sched_req_lock(r);
+    sched_choice *c = &r->choices[q->choice];
+    if (!c->done) {
+        if (q->shown < q->gen_len && strcmp(reason, "cancelled") != 0) {
+            if (append(&c->text, &c->len, &c->cap, q->gen + q->shown, q->gen_len - q->shown) == 0)
+                q->shown = q->gen_len;
+        }
+        c->done = true;
+        c->finish = reason;
+        r->n_done++;
+        if (r->n_done == r->n_choices)
+            r->t_done = hy_now();
+    }
+    sched_req_unlock(r);
+    touch(s, r);
+}
+
+static void fail_req(sched *s, sched_req *r, const char *msg)
+{
+    sched_req_lock(r);
+    if (!r->failed) {
+        r->failed = true;
+        snprintf(r->error, sizeof r->error, "%s", msg);
+        r->t_done = hy_now();
+    }
+    sched_req_unlock(r);
+    touch(s, r);
+}
+
+/* ---------- waiting list ---------- */
+
+static void wait_push_back(sched *s, sched_seq *q)
+{
+    q->next = NULL;
+    if (s->waiting_tail)
+        s->waiting_tail->next = q;
+    else
+        s->waiting_head = q;
+    s->waiting_tail = q;
+}
+
+static void wait_push_front(sched *s, sched_seq *q)
+{
+    q->next = s->waiting_head;
+    s->waiting_head = q;
+    if (!s->waiting_tail)
+        s->waiting_tail = q;
+}
+
+static void wait_unlink(sched *s, sched_seq *prev, sched_seq *q)
+{
+    if (prev)
+        prev->next = q->next;
+    else
+        s->waiting_head = q->next;
+    if (s->waiting_tail == q)
+        s->waiting_tail = prev;
+    q->next = NULL;
+}
+
+/* ---------- create / destroy ---------- */
+
+int sched_create(const sched_config *cfg, sched **out)
+{
+    *out = NULL;
+    if (!cfg->ops || !cfg->ops->forward || !cfg->ops->sample || cfg->max_seqs < 1 ||
+        cfg->max_batch_tokens < 1 || cfg->n_blocks < 1 || cfg->n_ctx < 2 || cfg->n_vocab < 1 ||
+        cfg->max_queue < 1)
+        return hy_err_set(HY_EINVAL, "scheduler: bad configuration");
+    sched *s = calloc(1, sizeof *s);
+    if (!s)
+        return hy_err_set(HY_ENOMEM, "out of memory");
+    s->cfg = *cfg;
+    if (s->cfg.max_loras < 1)
+        s->cfg.max_loras = 1;
+    if (s->cfg.max_seqs > s->cfg.max_batch_tokens)
+        s->cfg.max_seqs = s->cfg.max_batch_tokens; /* every running sequence needs a token slot */
+    s->max_blocks_seq = kv_blocks_for(cfg->n_ctx);
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->cv, NULL);
+    pthread_mutex_init(&s->stats_mu, NULL);
+    int ms = s->cfg.max_seqs, mt = cfg->max_batch_tokens;
+    size_t bt, lg;
+    if (kv_alloc_init(&s->kv, cfg->n_blocks) || hy_mul_size((size_t)ms, (size_t)s->max_blocks_seq, &bt) ||
+        hy_mul_size((size_t)ms, (size_t)cfg->n_vocab, &lg))
+        goto fail;
+    s->running = calloc((size_t)ms, sizeof *s->running);
+    s->b_tok = malloc((size_t)mt * sizeof(int32_t));
+    s->b_pos = malloc((size_t)mt * sizeof(int32_t));
+    s->b_tseq = malloc((size_t)mt * sizeof(int32_t));
+    s->b_slot = malloc((size_t)mt * sizeof(int32_t));
+    s->b_seqlen = malloc((size_t)ms * sizeof(int32_t));
+    s->b_bt = malloc(bt * sizeof(int32_t));
+    s->b_segbeg = malloc((size_t)(ms + 1) * sizeof(int32_t));
+    s->b_logit_tok = malloc((size_t)ms * sizeof(int32_t));
+    s->b_segad = malloc((size_t)ms * sizeof *s->b_segad);
+    s->b_seqs = malloc((size_t)ms * sizeof *s->b_seqs);
+    s->logits = malloc(lg * sizeof(float));
+    if (!s->running || !s->b_tok || !s->b_pos || !s->b_tseq || !s->b_slot || !s->b_seqlen || !s->b_bt ||
+        !s->b_segbeg || !s->b_logit_tok || !s->b_segad || !s->b_seqs || !s->logits) {
+        hy_err_set(HY_ENOMEM, "out of memory for the scheduler's batch buffers");
+        goto fail;
+    }
+    s->stats.kv_total = cfg->n_blocks;
+    *out = s;
+    return HY_OK;
+fail:
+    sched_free(s);
+    return HY_ENOMEM;
+}
+
+static void fail_everything(sched *s, const char *reason)
+{
+    pthread_mutex_lock(&s->mu);
+    sched_req **inbox = s->inbox;
+    int n_inbox = s->n_inbox;
+    s->inbox = NULL;
+    s->n_inbox = s->cap_inbox = 0;
+    s->waiting_reqs = 0;
+    pthread_mutex_unlock(&s->mu);
+    for (int i = 0; i < n_inbox; i++) {
+        sched_req *r = inbox[i];
+        sched_req_lock(r);
+        for (int c = 0; c < r->n_choices; c++)
+            if (!r->choices[c].done) {
+                r->choices[c].done = true;
+                r->choices[c].finish = reason;
+                r->n_done++;
+            }
+        r->t_done = hy_now();
+        sched_req_unlock(r);
+        touch(s, r);
+        sched_req_release(r);
+    }
+    free(inbox);
+    for (int i = 0; i < s->n_running; i++) {
+        finish_choice(s, s->running[i], reason);
+        seq_free(s, s->running[i]);
+    }
+    s->n_running = 0;
+    while (s->waiting_head) {
+        sched_seq *q = s->waiting_head;
+        wait_unlink(s, NULL, q);
+        finish_choice(s, q, reason);
+        seq_free(s, q);
+    }
+    notify_touched(s);
+}
+
+void sched_free(sched *s)
+{
+    if (!s)
+        return;
+    sched_stop(s);
+    fail_everything(s, "cancelled");
+    kv_alloc_clear(&s->kv);
+    free(s->running);
+    free(s->b_tok);
+    free(s->b_pos);
+    free(s->b_tseq);
+    free(s->b_slot);
+    free(s->b_seqlen);
+    free(s->b_bt);
+    free(s->b_segbeg);
+    free(s->b_logit_tok);
+    free(s->b_segad);
+    free(s->b_seqs);
+    free(s->logits);
+    free(s->touched);
+    pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->cv);
+    pthread_mutex_destroy(&s->stats_mu);
+    free(s);
+}
+
+/* ---------- submission (any thread) ---------- */
+
+int sched_submit(sched *s, sched_req *r)
+{
+    for (int i = 0; i < r->n_prompts; i++) {
+        if (r->n_prompt[i] >= s->cfg.n_ctx)
+            return hy_err_set(HY_ELIMIT, "prompt of %d tokens does not fit the context of %d tokens",
+                              r->n_prompt[i], s->cfg.n_ctx);
+        if (kv_blocks_for(r->n_prompt[i] + 1) > s->cfg.n_blocks)
+            return hy_err_set(HY_ELIMIT, "prompt of %d tokens does not fit the KV cache (%d tokens)",
+                              r->n_prompt[i], s->cfg.n_blocks * BE_KV_BLOCK);
+    }
+    if (r->adapter && !s->cfg.ops->adapter_acquire)
+        return hy_err_set(HY_EUNSUPPORTED, "this engine serves no adapters");
+    pthread_mutex_lock(&s->mu);
+    int rc = HY_OK;
+    if (s->stop) {
+        rc = hy_err_set(HY_ECANCELED, "the server is shutting down");
+    } else if (s->waiting_reqs + s->n_inbox >= s->cfg.max_queue) {
+        rc = hy_err_set(HY_EBUSY, "the request queue is full (%d waiting); retry later",
+                        s->waiting_reqs + s->n_inbox);
+    } else {
+        if (s->n_inbox == s->cap_inbox) {
+            int cap = s->cap_inbox ? s->cap_inbox * 2 : 16;
+            sched_req **p = realloc(s->inbox, (size_t)cap * sizeof *p);
+            if (!p) {
+                pthread_mutex_unlock(&s->mu);
+                return hy_err_set(HY_ENOMEM, "out of memory");
+            }
+            s->inbox = p;
+            s->cap_inbox = cap;
+        }
+        atomic_fetch_add(&r->refs, 1);
+        r->seq_no = s->next_req_no++;
+        s->inbox[s->n_inbox++] = r;
+        pthread_cond_signal(&s->cv);
+    }
+    pthread_mutex_unlock(&s->mu);
+    return rc;
+}
+
+/* Turn each new request into its sequences at the back of the waiting list. */
+static void drain_inbox(sched *s)
+{
+    pthread_mutex_lock(&s->mu);
+    sched_req **inbox = s->inbox;
+    int n = s->n_inbox;
+    s->inbox = NULL;
+    s->n_inbox = s->cap_inbox = 0;
+    pthread_mutex_unlock(&s->mu);
+    for (int i = 0; i < n; i++) {
+        sched_req *r = inbox[i];
+        for (int c = 0; c < r->n_choices; c++) {
+            int p = c / r->n;
+            sched_seq *q = calloc(1, sizeof *q);
+            int cap = r->n_prompt[p] + r->max_tokens + 1;
+            if (cap > s->cfg.n_ctx)
+                cap = s->cfg.n_ctx;
+            if (q) {
+                q->toks = malloc((size_t)cap * sizeof(int32_t));
+                q->blocks = malloc((size_t)s->max_blocks_seq * sizeof(int32_t));
+            }
+            if (!q || !q->toks || !q->blocks ||
+                (s->cfg.ops->seq_init && s->cfg.ops->seq_init(s->cfg.ops_ctx, &r->sp, c, &q->state))) {
+                if (q) {
+                    free(q->toks);
+                    free(q->blocks);
+                    free(q);
+                }
+                fail_req(s, r, "out of memory for a sequence");
+                sched_req_lock(r);
+                for (int k = c; k < r->n_choices; k++)
+                    if (!r->choices[k].done) {
+                        r->choices[k].done = true;
+                        r->choices[k].finish = "error";
+                        r->n_done++;
+                    }
+                sched_req_unlock(r);
+                break;
+            }
+            atomic_fetch_add(&r->refs, 1);
+            q->req = r;
+            q->choice = c;
+            q->prompt_idx = p;
+            q->cap_tok = cap;
+            q->cap_blocks = s->max_blocks_seq;
+            memcpy(q->toks, r->prompt[p], (size_t)r->n_prompt[p] * sizeof(int32_t));
+            q->n_tok = q->n_prompt = r->n_prompt[p];
+            wait_push_back(s, q);
+        }
+        sched_req_release(r); /* the sequences hold it now */
+    }
+    free(inbox);
+}
+
+/* ---------- cancellation ---------- */
+
+static void sweep_cancelled(sched *s)
+{
+    for (int i = 0; i < s->n_running;) {
+        sched_seq *q = s->running[i];
+        if (atomic_load(&q->req->cancelled)) {
+            finish_choice(s, q, "cancelled");
+            seq_free(s, q);
+            s->running[i] = s->running[--s->n_running];
+        } else {
+            i++;
+        }
+    }
+    sched_seq *prev = NULL;
+    for (sched_seq *q = s->waiting_head; q;) {
+        sched_seq *next = q->next;
+        if (atomic_load(&q->req->cancelled)) {
+            wait_unlink(s, prev, q);
+            finish_choice(s, q, "cancelled");
+            seq_free(s, q);
+        } else {
+            prev = q;
+        }
+        q = next;
+    }
+}
+
+/* ---------- admission ---------- */
+
+static int running_with_adapter(const sched *s, void *ad)
+{
+    int n = 0;
+    for (int i = 0; i < s->n_running; i++)
+        n += s->running[i]->req->adapter == ad;
+    return n;
+}
+
+static bool adapter_slot_ok(const sched *s, void *ad)
+{
+    if (!ad)
+        return true;
+    void *seen[256];
+    int n_seen = 0;
+    for (int i = 0; i < s->n_running; i++) {
+        void *a = s->running[i]->req->adapter;
+        if (!a)
+            continue;
+        if (a == ad)
+            return true;
+        int k = 0;
+        while (k < n_seen && seen[k] != a)
+            k++;
+        if (k == n_seen && n_seen < (int)HY_ARRAY_LEN(seen))
+            seen[n_seen++] = a;
+    }
+    return n_seen < s->cfg.max_loras;
+}
+
+/* When each adapter was last admitted (a small table; forgotten entries count as "never"). */
+static uint64_t last_admit(const sched *s, void *ad)
+{
+    for (int i = 0; i < SCHED_AD_HIST; i++)
+        if (s->ad_hist[i].ad == ad && s->ad_hist[i].when)
+            return s->ad_hist[i].when;
+    return 0;
+}
+
+static void note_admit(sched *s, void *ad)
+{
+    int slot = 0;
+    for (int i = 0; i < SCHED_AD_HIST; i++) {
+        if (s->ad_hist[i].ad == ad) {
+            slot = i;
+            break;
+        }
+        if (s->ad_hist[i].when < s->ad_hist[slot].when)
+            slot = i;
+    }
+    s->ad_hist[slot].ad = ad;
+    s->ad_hist[slot].when = ++s->admit_clock;
+}
+
+/* Pick the next sequence to admit: a preempted one first (it was admitted before); else the
+ * head of the adapter with the fewest running sequences, ties going to the adapter admitted
+ * least recently, then to arrival order. If that adapter has no device slot, admit nothing
+ * until one frees, so a burst of one adapter cannot starve another. Only the first 256
+ * waiting entries are considered. */
+static sched_seq *pick_candidate(sched *s, sched_seq **prev_out)
+{
+    sched_seq *best = NULL, *best_prev = NULL, *prev = NULL;
+    int best_run = 0, scanned = 0;
+    uint64_t best_last = 0;
+    for (sched_seq *q = s->waiting_head; q && scanned < 256; prev = q, q = q->next, scanned++) {
+        if (q->preempted) {
+            *prev_out = prev;
+            return adapter_slot_ok(s, q->req->adapter) ? q : NULL;
+        }
+        if (best && q->req->adapter == best->req->adapter)
+            continue;
+        int nr = running_with_adapter(s, q->req->adapter);
+        uint64_t last = last_admit(s, q->req->adapter);
+        if (!best || nr < best_run || (nr == best_run && last < best_last)) {
+            best = q;
+            best_prev = prev;
+            best_run = nr;
+            best_last = last;
+        }
+    }
+    *prev_out = best_prev;
+    if (best && !adapter_slot_ok(s, best->req->adapter))
+        return NULL;
+    return best;
+}
+
+static int grow_blocks(sched *s, sched_seq *q, int n_tokens)
+{
+    int need = kv_blocks_for(n_tokens);
+    if (need > q->cap_blocks)
+        return HY_ELIMIT;
+    while (q->n_blocks < need) {
+        int32_t id;
+        if (kv_alloc_get(&s->kv, &id))
+            return HY_EBUSY;
+        q->blocks[q->n_blocks++] = id;
+    }
+    return HY_OK;
+}
+
+static void admit(sched *s)
+{
+    while (s->n_running < s->cfg.max_seqs && s->waiting_head) {
+        sched_seq *prev = NULL, *q = pick_candidate(s, &prev);
+        if (!q)
+            return;
+        /* Blocks for everything known now plus the first new token. */
+        if (kv_blocks_for(q->n_tok + 1) > kv_alloc_free_count(&s->kv))
+            return;
+        if (q->req->adapter && !q->acquired) {
+            const eng_adapter *ea = NULL;
+            int rc = s->cfg.ops->adapter_acquire(s->cfg.ops_ctx, q->req->adapter, &ea);
+            if (rc == HY_EBUSY)
+                return; /* no device slot free right now */
+            if (rc) {
+                wait_unlink(s, prev, q);
+                fail_req(s, q->req, hy_err_msg()[0] ? hy_err_msg() : "adapter could not be loaded");
+                finish_choice(s, q, "error");
+                seq_free(s, q);
+                continue;
+            }
+            q->ea = ea;
+            q->acquired = true;
+        }
+        wait_unlink(s, prev, q);
+        if (grow_blocks(s, q, q->n_tok) != HY_OK) { /* cannot happen after the check above */
+            release_blocks(s, q);
+            wait_push_front(s, q);
+            return;
+        }
+        q->preempted = false;
+        q->order = s->next_order++;
+        note_admit(s, q->req->adapter);
+        s->running[s->n_running++] = q;
+    }
+}
+
+/* Free the newest running sequence's blocks and put it back at the head of the queue. */
+static void preempt_one(sched *s, int idx)
+{
+    sched_seq *q = s->running[idx];
+    s->running[idx] = s->running[--s->n_running];
+    release_blocks(s, q);
+    release_adapter(s, q);
+    q->preempted = true;
+    wait_push_front(s, q);
+    s->n_preempt++;
+}
+
+static int newest_running(const sched *s)
+{
+    int best = -1;
+    for (int i = 0; i < s->n_running; i++)
+        if (best < 0 || s->running[i]->order > s->running[best]->order)
+            best = i;
+    return best;
+}
+
+/* ---------- the batch ---------- */
+
+static int cmp_seq(const void *a, const void *b)
+{
+    const sched_seq *x = *(sched_seq *const *)a, *y = *(sched_seq *const *)b;
+    uintptr_t ax = (uintptr_t)x->req->adapter, ay = (uintptr_t)y->req->adapter;
+    if (ax != ay)
+        return ax < ay ? -1 : 1;
+    return x->order < y->order ? -1 : x->order > y->order;
+}
+
+/* Decide how many tokens each running sequence runs this step (decodes first, then prefill
+ * chunks in admission order) and make sure its KV blocks exist, preempting the newest
+ * sequences when the cache is full. Returns the number of sequences in the step. */
+static int plan_step(sched *s)
+{
+    for (;;) {
+        int budget = s->cfg.max_batch_tokens;
+        for (int i = 0; i < s->n_running; i++)
+            s->running[i]->n_this = 0;
+        for (int i = 0; i < s->n_running; i++) {
+            sched_seq *q = s->running[i];
+            if (q->n_tok - q->n_cached == 1 && budget > 0) {
+                q->n_this = 1;
+                budget--;
+            }
+        }
+        /* Prefill chunks, oldest admission first. */
+        for (;;) {
+            sched_seq *oldest = NULL;
+            for (int i = 0; i < s->n_running; i++) {
+                sched_seq *q = s->running[i];
+                if (q->n_this == 0 && q->n_tok - q->n_cached > 1 && (!oldest || q->order < oldest->order))
+                    oldest = q;
+            }
+            if (!oldest || budget == 0)
+                break;
+            int n = oldest->n_tok - oldest->n_cached;
+            oldest->n_this = n < budget ? n : budget;
+            budget -= oldest->n_this;
+        }
+        /* Blocks for this step's tokens. */
+        bool short_of_blocks = false;
+        for (int i = 0; i < s->n_running; i++) {
+            sched_seq *q = s->running[i];
+            if (q->n_this && grow_blocks(s, q, q->n_cached + q->n_this) != HY_OK) {
+                short_of_blocks = true;
+                break;
+            }
+        }
+        if (!short_of_blocks)
+            break;
+        int victim = newest_running(s);
+        if (s->n_running == 1) {
+            /* Alone and still out of room: the cache cannot hold this sequence. */
+            sched_seq *q = s->running[0];
+            s->n_running = 0;
+            finish_choice(s, q, "length");
+            seq_free(s, q);
+            return 0;
+        }
+        preempt_one(s, victim);
+    }
+    int n = 0;
+    for (int i = 0; i < s->n_running; i++)
+        if (s->running[i]->n_this)
+            s->b_seqs[n++] = s->running[i];
+    qsort(s->b_seqs, (size_t)n, sizeof *s->b_seqs, cmp_seq);
+    return n;
+}
+
+static void build_batch(sched *s, int n_seq, eng_batch *b)
+{
+    int t = 0, n_logits = 0, n_seg = 0, mb = 1;
+    for (int i = 0; i < n_seq; i++)
+        if (s->b_seqs[i]->n_blocks > mb)
+            mb = s->b_seqs[i]->n_blocks;
+    for (int i = 0; i < n_seq; i++) {
+        sched_seq *q = s->b_seqs[i];
+        const eng_adapter *ea = q->req->adapter ? q->ea : NULL;
+        if (i == 0 || s->b_seqs[i - 1]->req->adapter != q->req->adapter) {
+            s->b_segbeg[n_seg] = t;
+            s->b_segad[n_seg++] = ea;
+        }
+        for (int k = 0; k < q->n_this; k++, t++) {
+            int pos = q->n_cached + k;
+            s->b_tok[t] = q->toks[pos];
+            s->b_pos[t] = pos;
+            s->b_tseq[t] = i;
+            s->b_slot[t] = q->blocks[pos / BE_KV_BLOCK] * BE_KV_BLOCK + pos % BE_KV_BLOCK;
+        }
+        s->b_seqlen[i] = q->n_cached + q->n_this;
+        memcpy(s->b_bt + (size_t)i * mb, q->blocks, (size_t)q->n_blocks * sizeof(int32_t));
+        for (int k = q->n_blocks; k < mb; k++)
+            s->b_bt[(size_t)i * mb + k] = 0;
+        if (q->n_cached + q->n_this == q->n_tok)
+            s->b_logit_tok[n_logits++] = t - 1;
+    }
+    s->b_segbeg[n_seg] = t;
+    memset(b, 0, sizeof *b);
+    b->n_tok = t;
+    b->tokens = s->b_tok;
+    b->attn.n_tok = t;
+    b->attn.n_seq = n_seq;
+    b->attn.pos = s->b_pos;
+    b->attn.tok_seq = s->b_tseq;
+    b->attn.slot = s->b_slot;
+    b->attn.seq_len = s->b_seqlen;
+    b->attn.block_table = s->b_bt;
+    b->attn.max_blocks = mb;
+    b->n_seg = n_seg;
+    b->seg_begin = s->b_segbeg;
+    b->seg_adapter = s->b_segad;
+    b->n_logits = n_logits;
+    b->logits_tok = s->b_logit_tok;
+}
+
+/* ---------- outputs ---------- */
+
+/* Length of the longest suffix of text[0..len) that is a proper prefix of a stop string. */
+static size_t held_back(const sched_req *r, const char *text, size_t len)
+{
+    size_t best = 0;
+    for (int i = 0; i < r->n_stop; i++) {
+        size_t sl = strlen(r->stop[i]);
+        for (size_t k = sl - 1 < len ? sl - 1 : len; k > best; k--)
+            if (memcmp(text + len - k, r->stop[i], k) == 0) {
+                best = k;
+                break;
+            }
+    }
+    return best;
+}
+
+/* Earliest stop-string match starting at or after `from`; (size_t)-1 when none. */
+static size_t find_stop(const sched_req *r, const char *text, size_t len, size_t from)
+{
+    size_t best = (size_t)-1;
+    for (int i = 0; i < r->n_stop; i++) {
+        const char *p = memmem(text + from, len - from, r->stop[i], strlen(r->stop[i]));
+        if (p && (size_t)(p - text) < best)
+            best = (size_t)(p - text);
+    }
+    return best;
+}
+
+/* A token was sampled for q: record it, update text, decide whether q is done. Returns true
+ * when q finished (the caller frees it). */
+static bool on_token(sched *s, sched_seq *q, const sched_sample *smp)
+{
+    const sched_ops *ops = s->cfg.ops;
+    sched_req *r = q->req;
+    bool eog = !r->ignore_eos && ops->is_eog && ops->is_eog(s->cfg.ops_ctx, smp->token);
+    char piece[256];
+    size_t np = 0;
+    q->toks[q->n_tok++] = smp->token;
+    if (!eog && ops->detok)
+        np = ops->detok(s->cfg.ops_ctx, q->state, smp->token, piece, sizeof piece);
+    size_t old_len = q->gen_len;
+    if (np && append(&q->gen, &q->gen_len, &q->gen_cap, piece, np) != 0) {
+        fail_req(s, r, "out of memory");
+        finish_choice(s, q, "error");
+        return true;
+    }
+    const char *finish = NULL;
+    size_t longest = 0;
+    for (int i = 0; i < r->n_stop; i++)
+        longest = HY_MAX(longest, strlen(r->stop[i]));
+    size_t from = old_len > longest ? old_len - longest + 1 : 0;
+    size_t at = r->n_stop ? find_stop(r, q->gen, q->gen_len, from < q->shown ? q->shown : from) : (size_t)-1;
+    if (at != (size_t)-1) {
+        q->gen_len = at;
+        q->gen[at] = '\0';
+        finish = "stop";
+    } else if (eog) {
+        finish = "stop";
+    }
+    int n_new = q->n_tok - q->n_prompt;
+    if (!finish && (n_new >= r->max_tokens || q->n_tok >= q->cap_tok))
+        finish = "length";
+    if (finish && strcmp(finish, "length") == 0 && ops->detok_flush) {
+        np = ops->detok_flush(s->cfg.ops_ctx, q->state, piece, sizeof piece);
+        if (np)
+            append(&q->gen, &q->gen_len, &q->gen_cap, piece, np);
+    }
+    sched_req_lock(r);
+    sched_choice *c = &r->choices[q->choice];
+    if (r->t_first == 0)
+        r->t_first = hy_now();
+    c->n_gen++;
+    if (r->sp.logprobs) {
+        if (c->n_gen > c->lp_cap) {
+            int cap = c->lp_cap ? c->lp_cap * 2 : 16;
+            sched_sample *p = realloc(c->lp, (size_t)cap * sizeof *p);
+            if (p) {
+                c->lp = p;
+                c->lp_cap = cap;
+            }
+        }
+        if (c->n_gen <= c->lp_cap)
+            c->lp[c->n_gen - 1] = *smp;
+    }
+    size_t visible = finish ? q->gen_len : q->gen_len - held_back(r, q->gen, q->gen_len);
+    if (visible > q->shown && append(&c->text, &c->len, &c->cap, q->gen + q->shown, visible - q->shown) == 0)
+        q->shown = visible;
+    sched_req_unlock(r);
+    touch(s, r);
+    if (finish)
+        finish_choice(s, q, finish);
+    return finish != NULL;
+}
+
+/* Requests with sequences waiting for their first admission. Their sequences are contiguous in
+ * the list (preempted ones only ever go to the front), so count group ends. */
+static void count_waiting(sched *s)
+{
+    int n = 0;
+    for (sched_seq *q = s->waiting_head; q; q = q->next)
+        if (!q->preempted && (!q->next || q->next->req != q->req || q->next->preempted))
+            n++;
+    pthread_mutex_lock(&s->mu);
+    s->waiting_reqs = n;
+    pthread_mutex_unlock(&s->mu);
+}
+
+static void publish_stats(sched *s)
+{
+    const sched_ops *ops = s->cfg.ops;
+    sched_stats st;
+    memset(&st, 0, sizeof st);
+    st.steps = s->n_steps;
+    st.tokens_forwarded = s->n_forwarded;
+    st.preemptions = s->n_preempt;
+    pthread_mutex_lock(&s->mu);
+    st.waiting_reqs = s->waiting_reqs + s->n_inbox;
+    pthread_mutex_unlock(&s->mu);
+    st.running_seqs = s->n_running;
+    st.waiting_seqs = 0;
+    for (sched_seq *q = s->waiting_head; q; q = q->next)
+        st.waiting_seqs++;
+    st.kv_total = s->kv.n_blocks;
+    st.kv_used = s->kv.n_blocks - s->kv.n_free;
+    st.running_adapters[0] = st.waiting_adapters[0] = '\0';
+    if (ops->adapter_name) {
+        for (int pass = 0; pass < 2; pass++) {
+            char *out = pass ? st.waiting_adapters : st.running_adapters;
+            size_t cap = sizeof st.running_adapters, len = 0;
+            void *seen[64];
+            int n_seen = 0, idx = 0;
+            sched_seq *w = s->waiting_head;
+            for (;;) {
+                sched_seq *q = pass ? w : (idx < s->n_running ? s->running[idx++] : NULL);
+                if (!q)
+                    break;
+                if (pass)
+                    w = w->next;
+                void *a = q->req->adapter;
+                int k = 0;
+                while (k < n_seen && seen[k] != a)
+                    k++;
+                if (!a || k < n_seen || n_seen == (int)HY_ARRAY_LEN(seen))
+                    continue;
+                seen[n_seen++] = a;
+                const char *name = ops->adapter_name(s->cfg.ops_ctx, a);
+                int w2 = snprintf(out + len, cap - len, "%s%s", len ? "," : "", name ? name : "?");
+                if (w2 < 0 || (size_t)w2 >= cap - len)
+                    break;
+                len += (size_t)w2;
+            }
+        }
+    }
+    pthread_mutex_lock(&s->stats_mu);
+    s->stats = st;
+    pthread_mutex_unlock(&s->stats_mu);
+}
+
+void sched_get_stats(sched *s, sched_stats *out)
+{
+    pthread_mutex_lock(&s->stats_mu);
+    *out = s->stats;
+    pthread_mutex_unlock(&s->stats_mu);
+}
+
+int sched_step(sched *s)
+{
+    const sched_ops *ops = s->cfg.ops;
+    drain_inbox(s);
+    sweep_cancelled(s);
+    admit(s);
+    int n_seq = plan_step(s);
+    int n_tok = 0;
+    if (n_seq > 0) {
+        eng_batch b;
+        build_batch(s, n_seq, &b);
+        n_tok = b.n_tok;
+        int rc = ops->forward(s->cfg.ops_ctx, &b, s->logits);
+        if (rc) {
+            /* The forward failed: end the requests of this step with the message, keep serving. */
+            char msg[256];
+            snprintf(msg, sizeof msg, "forward pass failed: %s", hy_err_msg());
+            for (int i = 0; i < n_seq; i++) {
+                sched_seq *q = s->b_seqs[i];
+                fail_req(s, q->req, msg);
+                finish_choice(s, q, "error");
+                for (int k = 0; k < s->n_running; k++)
+                    if (s->running[k] == q) {
+                        s->running[k] = s->running[--s->n_running];
+                        break;
+                    }
+                seq_free(s, q);
+            }
+            n_tok = rc;
+        } else {
+            int li = 0;
+            for (int i = 0; i < n_seq; i++) {
+                sched_seq *q = s->b_seqs[i];
+                q->n_cached += q->n_this;
+                q->acq_tokens += (uint64_t)q->n_this;
+                if (q->n_cached != q->n_tok)
+                    continue;
+                const float *lg = s->logits + (size_t)li++ * (size_t)s->cfg.n_vocab;
+                sched_sample smp;
+                memset(&smp, 0, sizeof smp);
+                bool done;
+                if (ops->sample(s->cfg.ops_ctx, q->state, lg, q->toks, q->n_prompt, q->n_tok, &smp)) {
+                    fail_req(s, q->req, hy_err_msg());
+                    finish_choice(s, q, "error");
+                    done = true;
+                } else {
+                    done = on_token(s, q, &smp);
+                }
+                if (done) {
+                    for (int k = 0; k < s->n_running; k++)
+                        if (s->running[k] == q) {
+                            s->running[k] = s->running[--s->n_running];
+                            break;
+                        }
+                    seq_free(s, q);
+                }
+            }
+            s->n_steps++;
+            s->n_forwarded += (uint64_t)n_tok;
+        }
+    }
+    notify_touched(s);
+    count_waiting(s);
+    publish_stats(s);
+    return n_tok;
+}
+
+/* ---------- the thread ---------- */
+
+static void *engine_main(void *arg)
+{
+    sched *s = arg;
+    for (;;) {
+        pthread_mutex_lock(&s->mu);
+        while (!s->stop && s->n_inbox == 0 && s->n_running == 0 && !s->waiting_head)
+            pthread_cond_wait(&s->cv, &s->mu);
+        bool stop = s->stop;
+        pthread_mutex_unlock(&s->mu);
+        if (stop)
+            break;
+        int n = sched_step(s);
+        if (n == 0 && s->n_running == 0 && s->waiting_head) {
+            /* Nothing admissible (e.g. no adapter slot): wait briefly for a change. */
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_nsec += 5 * 1000 * 1000;
+            if (ts.tv_nsec >= 1000000000L) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000L;
+            }
+            pthread_mutex_lock(&s->mu);
+            if (!s->stop && s->n_inbox == 0)
+                pthread_cond_timedwait(&s->cv, &s->mu, &ts);
+            pthread_mutex_unlock(&s->mu);
+        }
+    }
+    fail_everything(s, "cancelled");
+    publish_stats(s);
+    return NULL;
+}
+
+int sched_start(sched *s)
+{
+    if (s->thread_started)
+        return HY_OK;
+    if (pthread_create(&s->thread, NULL, engine_main, s) != 0)
+        return hy_err_set(HY_ENOMEM, "cannot start the engine thread");
+    s->thread_started = true;
+    return HY_OK;
+}
+
+void sched_stop(sched *s)
+{
+    pthread_mutex_lock(&s->mu);
+    s->stop = true;
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    if (s->thread_started) {
+        pthread_join(s->thread, NULL);
+        s->thread_started = false;
+    }
+}

@@ -1,0 +1,483 @@
+/* test_scheduler.c - the engine scheduler against a fake model whose "KV cache" is simulated
+ * slot by slot: the next token is a hash of the tokens READ BACK through the block table, so a
+ * wrong slot, block table or recompute changes the output. Covers the KV block allocator,
+ * chunked prefill, preemption by recompute, stop strings, cancellation, queue limits, adapter
+ * segments, the max-loras limit and fairness across adapters. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "engine/hy.h"
+#include "engine/kv_alloc.h"
+#include "engine/scheduler.h"
+
+#define V 64
+#define EOG_NONE (-1)
+
+typedef struct {
+    int32_t tok, pos, valid;
+} fake_slot;
+
+typedef struct {
+    fake_slot *kv;
+    int n_slots;
+    int eog;                 /* token treated as end of generation */
+    int max_adapters_seen;   /* most distinct adapters in one batch */
+    int steps;
+    eng_adapter ad[4];       /* K = adapter number; adapters are &ad[i] via acquire */
+    int acquired[4];
+    int first_step_of[4];    /* step when adapter i's tokens first ran (-1 never) */
+    int errors;              /* consistency violations seen by the fake forward */
+} fake;
+
+/* The reference: next token from the whole sequence. */
+static int32_t ref_next(const int32_t *t, int n)
+{
+    uint32_t h = 7;
+    for (int i = 0; i < n; i++)
+        h = h * 31u + (uint32_t)t[i] * (uint32_t)(i + 1);
+    return (int32_t)(1 + h % (V - 2));
+}
+
+static int fake_forward(void *ctx, const eng_batch *b, float *logits)
+{
+    fake *f = ctx;
+    const be_attn_meta *m = &b->attn;
+    int adapters_here = 0;
+    f->steps++;
+    for (int s = 0; s < b->n_seg; s++) {
+        if (b->seg_begin[s] >= b->seg_begin[s + 1])
+            f->errors++;
+        if (b->seg_adapter[s]) {
+            adapters_here++;
+            int k = b->seg_adapter[s]->K;
+            if (f->first_step_of[k] < 0)
+                f->first_step_of[k] = f->steps;
+        }
+    }
+    if (adapters_here > f->max_adapters_seen)
+        f->max_adapters_seen = adapters_here;
+    for (int t = 0; t < b->n_tok; t++) {
+        if (m->slot[t] < 0 || m->slot[t] >= f->n_slots) {
+            f->errors++;
+            continue;
+        }
+        f->kv[m->slot[t]] = (fake_slot){b->tokens[t], m->pos[t], 1};
+        if (t > 0 && m->tok_seq[t] == m->tok_seq[t - 1] && m->pos[t] != m->pos[t - 1] + 1)
+            f->errors++;
+    }
+    for (int i = 0; i < b->n_logits; i++) {
+        int t = b->logits_tok[i], s = m->tok_seq[t], n = m->pos[t] + 1;
+        if (n != m->seq_len[s])
+            f->errors++;
+        int32_t hist[4096];
+        for (int p = 0; p < n && p < 4096; p++) {
+            int blk = m->block_table[s * m->max_blocks + p / BE_KV_BLOCK];
+            fake_slot *sl = &f->kv[blk * BE_KV_BLOCK + p % BE_KV_BLOCK];
+            if (!sl->valid || sl->pos != p)
+                f->errors++;
+            hist[p] = sl->tok;
+        }
+        /* adapter check: token 0 of a sequence names its adapter (0 = base) */
+        int seg = 0;
+        while (seg + 1 < b->n_seg && b->seg_begin[seg + 1] <= t)
+            seg++;
+        int want = b->seg_adapter[seg] ? b->seg_adapter[seg]->K : 0;
+        if (hist[0] != want)
+            f->errors++;
+        float *lg = logits + (size_t)i * V;
+        for (int v = 0; v < V; v++)
+            lg[v] = 0.0f;
+        lg[ref_next(hist, n)] = 1.0f;
+    }
+    return 0;
+}
+
+static int fake_sample(void *ctx, void *state, const float *logits, const int32_t *toks, int n_prompt,
+                       int n_toks, sched_sample *out)
+{
+    int best = 0;
+    for (int v = 1; v < V; v++)
+        if (logits[v] > logits[best])
+            best = v;
+    out->token = best;
+    out->logprob = 0.0f;
+    return 0;
+}
+
+static size_t fake_detok(void *ctx, void *state, int32_t tok, char *buf, size_t cap)
+{
+    buf[0] = (char)('a' + tok % 26);
+    return 1;
+}
+
+static bool fake_eog(void *ctx, int32_t tok) { return tok == ((fake *)ctx)->eog; }
+
+static int fake_acquire(void *ctx, void *adapter, const eng_adapter **out)
+{
+    fake *f = ctx;
+    int k = (int)(intptr_t)adapter;
+    f->acquired[k]++;
+    *out = &f->ad[k];
+    return 0;
+}
+
+static void fake_release(void *ctx, void *adapter, uint64_t n) { ((fake *)ctx)->acquired[(intptr_t)adapter]--; }
+static const char *fake_name(void *ctx, void *adapter) { return (intptr_t)adapter == 1 ? "one" : "other"; }
+
+static const sched_ops fake_ops = {
+    .forward = fake_forward, .sample = fake_sample, .detok = fake_detok, .is_eog = fake_eog,
+    .adapter_acquire = fake_acquire, .adapter_release = fake_release, .adapter_name = fake_name,
+};
+
+static fake *fake_new(int n_blocks)
+{
+    fake *f = calloc(1, sizeof *f);
+    f->n_slots = n_blocks * BE_KV_BLOCK;
+    f->kv = calloc((size_t)f->n_slots, sizeof *f->kv);
+    f->eog = EOG_NONE;
+    for (int i = 0; i < 4; i++) {
+        f->ad[i].K = i;
+        f->first_step_of[i] = -1;
+    }
+    return f;
+}
+
+static void fake_free(fake *f)
+{
+    free(f->kv);
+    free(f);
+}
+
+static sched *mk(fake *f, int max_seqs, int max_batch, int n_blocks, int max_queue, int max_loras)
+{
+    sched_config c = {.max_seqs = max_seqs, .max_batch_tokens = max_batch, .n_blocks = n_blocks,
+                      .max_queue = max_queue, .max_loras = max_loras, .n_ctx = 512, .n_vocab = V,
+                      .ops = &fake_ops, .ops_ctx = f};
+    sched *s = NULL;
+    assert_int_equal(sched_create(&c, &s), 0);
+    return s;
+}
+
+static sched_req *mkreq(int adapter, int n_prompt, int seed, int n, int max_tokens, const char *stop)
+{
+    int32_t p[600];
+    p[0] = adapter;
+    for (int i = 1; i < n_prompt; i++)
+        p[i] = (seed * 13 + i * 7) % V;
+    const int32_t *pp = p;
+    sched_sampling sp = {0};
+    sched_req *r = NULL;
+    assert_int_equal(sched_req_create(1, &pp, &n_prompt, n, max_tokens, stop ? &stop : NULL, stop ? 1 : 0,
+                                      false, &sp, (void *)(intptr_t)adapter, &r),
+                     0);
+    return r;
+}
+
+/* Expected text of a request from the reference alone. */
+static void ref_text(const sched_req *r, int max_tokens, char *out)
+{
+    int32_t t[1200];
+    int n = r->n_prompt[0];
+    memcpy(t, r->prompt[0], (size_t)n * sizeof *t);
+    for (int i = 0; i < max_tokens; i++) {
+        t[n] = ref_next(t, n);
+        out[i] = (char)('a' + t[n] % 26);
+        n++;
+    }
+    out[max_tokens] = '\0';
+}
+
+static void run_until_done(sched *s, sched_req **rs, int n, int max_steps)
+{
+    for (int step = 0; step < max_steps; step++) {
+        bool all = true;
+        for (int i = 0; i < n; i++) {
+            sched_req_lock(rs[i]);
+            all = all && sched_req_finished(rs[i]);
+            sched_req_unlock(rs[i]);
+        }
+        if (all)
+            return;
+        assert_true(sched_step(s) >= 0);
+    }
+    fail_msg("requests did not finish in %d steps", max_steps);
+}
+
+static void test_kv_alloc(void **st)
+{
+    (void)st;
+    kv_alloc a;
+    int32_t ids[4], x;
+    assert_int_equal(kv_alloc_init(&a, 4), 0);
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(kv_alloc_get(&a, &ids[i]), 0);
+    assert_int_equal(kv_alloc_free_count(&a), 0);
+    assert_int_equal(kv_alloc_get(&a, &x), HY_EBUSY);
+    for (int i = 0; i < 4; i++)
+        for (int j = i + 1; j < 4; j++)
+            assert_int_not_equal(ids[i], ids[j]);
+    assert_int_equal(kv_alloc_put(&a, ids[2]), 0);
+    assert_int_equal(kv_alloc_put(&a, ids[2]), HY_EINVAL); /* double free */
+    assert_int_equal(kv_alloc_put(&a, 9), HY_EINVAL);
+    assert_int_equal(kv_alloc_put(&a, -1), HY_EINVAL);
+    assert_int_equal(kv_alloc_free_count(&a), 1);
+    assert_int_equal(kv_alloc_get(&a, &x), 0);
+    assert_int_equal(x, ids[2]);
+    kv_alloc_clear(&a);
+    assert_int_equal(kv_alloc_init(&a, 0), HY_EINVAL);
+    assert_int_equal(kv_blocks_for(0), 0);
+    assert_int_equal(kv_blocks_for(1), 1);
+    assert_int_equal(kv_blocks_for(BE_KV_BLOCK), 1);
+    assert_int_equal(kv_blocks_for(BE_KV_BLOCK + 1), 2);
+}
+
+/* Many requests of mixed lengths with a small token budget (chunked prefill) give exactly the
+ * reference outputs, and every block comes back. */
+static void check_many(int max_seqs, int max_batch, int n_blocks, bool expect_preempt)
+{
+    fake *f = fake_new(n_blocks);
+    sched *s = mk(f, max_seqs, max_batch, n_blocks, 64, 4);
+    sched_req *rs[12];
+    int mt[12];
+    for (int i = 0; i < 12; i++) {
+        mt[i] = 5 + (i * 7) % 23;
+        rs[i] = mkreq(0, 3 + (i * 11) % 40, i, 1, mt[i], NULL);
+        assert_int_equal(sched_submit(s, rs[i]), 0);
+    }
+    run_until_done(s, rs, 12, 5000);
+    for (int i = 0; i < 12; i++) {
+        char want[64];
+        ref_text(rs[i], mt[i], want);
+        assert_int_equal(rs[i]->choices[0].n_gen, mt[i]);
+        assert_string_equal(rs[i]->choices[0].text, want);
+        assert_string_equal(rs[i]->choices[0].finish, "length");
+        sched_req_release(rs[i]);
+    }
+    sched_stats stt;
+    sched_get_stats(s, &stt);
+    assert_int_equal(stt.kv_used, 0);
+    assert_int_equal(stt.running_seqs, 0);
+    assert_int_equal(stt.waiting_seqs, 0);
+    if (expect_preempt)
+        assert_true(stt.preemptions > 0);
+    assert_int_equal(f->errors, 0);
+    sched_free(s);
+    fake_free(f);
+}
+
+static void test_batching_chunked(void **st)
+{
+    (void)st;
+    check_many(4, 8, 256, false);
+    check_many(16, 64, 256, false);
+    check_many(1, 3, 256, false);
+}
+
+static void test_preemption(void **st)
+{
+    (void)st;
+    /* 6 blocks = 96 tokens for up to 8 sequences of up to ~70 tokens: must preempt. */
+    check_many(8, 32, 6, true);
+}
+
+static void test_stop_and_eog(void **st)
+{
+    (void)st;
+    fake *f = fake_new(64);
+    sched *s = mk(f, 4, 32, 64, 8, 4);
+    char want[64];
+    sched_req *probe = mkreq(0, 5, 3, 1, 20, NULL);
+    ref_text(probe, 20, want);
+    char stop[3] = {want[6], want[7], 0};
+    sched_req *r = mkreq(0, 5, 3, 1, 20, stop);
+    assert_int_equal(sched_submit(s, r), 0);
+    run_until_done(s, &r, 1, 200);
+    char *cut = strstr(want, stop);
+    assert_non_null(cut);
+    *cut = '\0';
+    assert_string_equal(r->choices[0].text, want);
+    assert_string_equal(r->choices[0].finish, "stop");
+    sched_req_release(r);
+
+    /* The reference's 4th token as EOG: 3 tokens of text, then "stop". */
+    ref_text(probe, 20, want);
+    int32_t t[64];
+    int n = probe->n_prompt[0];
+    memcpy(t, probe->prompt[0], (size_t)n * sizeof *t);
+    for (int i = 0; i < 4; i++, n++)
+        t[n] = ref_next(t, n);
+    f->eog = t[n - 1];
+    int first = 0;
+    while (t[probe->n_prompt[0] + first] != f->eog)
+        first++;
+    r = mkreq(0, 5, 3, 1, 20, NULL);
+    assert_int_equal(sched_submit(s, r), 0);
+    run_until_done(s, &r, 1, 200);
+    want[first] = '\0';
+    assert_string_equal(r->choices[0].text, want);
+    assert_string_equal(r->choices[0].finish, "stop");
+    assert_int_equal(r->choices[0].n_gen, first + 1);
+    sched_req_release(r);
+    sched_req_release(probe);
+    assert_int_equal(f->errors, 0);
+    sched_free(s);
+    fake_free(f);
+}
+
+static void test_cancel_and_limits(void **st)
+{
+    (void)st;
+    fake *f = fake_new(16);
+    sched *s = mk(f, 2, 16, 16, 2, 4);
+    sched_req *a = mkreq(0, 10, 1, 2, 100, NULL), *b = mkreq(0, 10, 2, 1, 100, NULL), *c = mkreq(0, 4, 3, 1, 4, NULL);
+    assert_int_equal(sched_submit(s, a), 0);
+    assert_int_equal(sched_submit(s, b), 0);
+    assert_int_equal(sched_submit(s, c), HY_EBUSY); /* max_queue = 2 */
+    for (int i = 0; i < 5; i++)
+        sched_step(s);
+    sched_stats stt;
+    sched_get_stats(s, &stt);
+    assert_true(stt.kv_used > 0);
+    sched_req_cancel(a);
+    sched_req_cancel(b);
+    sched_step(s);
+    sched_req_lock(a);
+    assert_true(sched_req_finished(a));
+    assert_string_equal(a->choices[0].finish, "cancelled");
+    assert_string_equal(a->choices[1].finish, "cancelled");
+    sched_req_unlock(a);
+    assert_true(sched_req_finished(b));
+    sched_get_stats(s, &stt);
+    assert_int_equal(stt.kv_used, 0);
+    assert_int_equal(sched_submit(s, c), 0);
+    run_until_done(s, &c, 1, 100);
+    sched_req_release(a);
+    sched_req_release(b);
+    sched_req_release(c);
+    /* A prompt that cannot fit the cache (16 blocks = 256 tokens) or the context. */
+    sched_req *big = mkreq(0, 300, 1, 1, 4, NULL);
+    assert_int_equal(sched_submit(s, big), HY_ELIMIT);
+    sched_req_release(big);
+    sched_free(s);
+    fake_free(f);
+}
+
+/* n > 1 and several adapters: choices are independent, adapters' tokens contiguous. */
+static void test_adapters_and_n(void **st)
+{
+    (void)st;
+    fake *f = fake_new(128);
+    sched *s = mk(f, 8, 64, 128, 16, 4);
+    sched_req *rs[3] = {mkreq(1, 9, 1, 3, 6, NULL), mkreq(0, 7, 2, 1, 6, NULL), mkreq(2, 12, 3, 2, 6, NULL)};
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(sched_submit(s, rs[i]), 0);
+    sched_step(s);
+    sched_stats stt;
+    sched_get_stats(s, &stt);
+    assert_non_null(strstr(stt.running_adapters, "one"));
+    assert_non_null(strstr(stt.running_adapters, "other"));
+    run_until_done(s, rs, 3, 200);
+    for (int i = 0; i < 3; i++) {
+        char want[16];
+        ref_text(rs[i], 6, want);
+        for (int c = 0; c < rs[i]->n_choices; c++)
+            assert_string_equal(rs[i]->choices[c].text, want);
+        sched_req_release(rs[i]);
+    }
+    assert_int_equal(f->max_adapters_seen, 2);
+    assert_int_equal(f->acquired[1], 0);
+    assert_int_equal(f->acquired[2], 0);
+    assert_int_equal(f->errors, 0);
+    sched_free(s);
+    fake_free(f);
+}
+
+/* max_loras = 1: never two adapters in one batch; a burst of adapter 1 does not starve
+ * adapter 2, which arrives last. */
+static void test_fairness_max_loras(void **st)
+{
+    (void)st;
+    fake *f = fake_new(256);
+    sched *s = mk(f, 2, 32, 256, 64, 1);
+    sched_req *rs[21];
+    for (int i = 0; i < 20; i++) {
+        rs[i] = mkreq(1, 6, i, 1, 8, NULL);
+        assert_int_equal(sched_submit(s, rs[i]), 0);
+    }
+    rs[20] = mkreq(2, 6, 99, 1, 8, NULL);
+    assert_int_equal(sched_submit(s, rs[20]), 0);
+    run_until_done(s, rs, 21, 2000);
+    assert_int_equal(f->max_adapters_seen, 1);
+    /* Adapter 1 alone needs 10 rounds of 2 x 8 tokens; adapter 2 must start well before. */
+    assert_true(f->first_step_of[2] > 0);
+    assert_true(f->first_step_of[2] < 40);
+    for (int i = 0; i < 21; i++)
+        sched_req_release(rs[i]);
+    assert_int_equal(f->errors, 0);
+    sched_free(s);
+    fake_free(f);
+}
+
+static pthread_mutex_t nmu = PTHREAD_MUTEX_INITIALIZER;
+static int notified;
+static void on_notify(void *ctx)
+{
+    pthread_mutex_lock(&nmu);
+    notified++;
+    pthread_mutex_unlock(&nmu);
+}
+
+static void test_thread(void **st)
+{
+    (void)st;
+    fake *f = fake_new(64);
+    sched *s = mk(f, 4, 32, 64, 8, 4);
+    assert_int_equal(sched_start(s), 0);
+    sched_req *r = mkreq(0, 8, 5, 1, 10, NULL);
+    r->notify = on_notify;
+    assert_int_equal(sched_submit(s, r), 0);
+    bool done = false;
+    for (int i = 0; i < 2000 && !done; i++) {
+        sched_req_lock(r);
+        done = sched_req_finished(r);
+        sched_req_unlock(r);
+        if (!done)
+            usleep(1000);
+    }
+    assert_true(done);
+    char want[16];
+    ref_text(r, 10, want);
+    assert_string_equal(r->choices[0].text, want);
+    pthread_mutex_lock(&nmu);
+    assert_true(notified >= 1);
+    pthread_mutex_unlock(&nmu);
+    /* Stop with a long request in flight: it ends "cancelled" and submit is refused after. */
+    sched_req *l = mkreq(0, 8, 6, 1, 400, NULL);
+    assert_int_equal(sched_submit(s, l), 0);
+    sched_stop(s);
+    assert_true(sched_req_finished(l));
+    assert_int_equal(sched_submit(s, r), HY_ECANCELED);
+    sched_req_release(l);
+    sched_req_release(r);
+    sched_free(s);
+    fake_free(f);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_kv_alloc),         cmocka_unit_test(test_batching_chunked),
+        cmocka_unit_test(test_preemption),       cmocka_unit_test(test_stop_and_eog),
+        cmocka_unit_test(test_cancel_and_limits), cmocka_unit_test(test_adapters_and_n),
+        cmocka_unit_test(test_fairness_max_loras), cmocka_unit_test(test_thread),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
