@@ -11,6 +11,9 @@ It is cross-checked here against a second tokenizer in which the control tokens 
 registered as added tokens at all; the two must agree on every string or the script fails.
 
 Usage: .venv/bin/python scripts/gen_golden_tokenizer.py [model.gguf] [out.jsonl]
+       <python with llama-cpp-python> scripts/gen_golden_tokenizer.py --xcheck-llama [model] [jsonl]
+The second form only reads an existing jsonl and compares it with llama.cpp's tokenizer
+(llama-cpp-python, not in tests/requirements.txt; it needs only the stdlib besides).
 """
 
 from __future__ import annotations
@@ -20,8 +23,6 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gguf_tokenizer import (build_tokenizer, encode_plain, encode_special,  # noqa: E402
-                            read_tokenizer_metadata)
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 DEFAULT_MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -159,7 +160,9 @@ def hard_strings() -> list:
           "hippopotomonstrosesquippedaliophobia" * 3, "!" * 50, "." * 80, "-" * 100,
           "=" * 64, "#" * 40, "_" * 33, "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa bbbbbbbbbbbbbbbbbbbbbbb",
           "ñ" * 100, "中" * 100, "😀" * 50, " " * 200, "\n" * 50, "\t" * 30, "\r\n" * 20,
-          "ThisIsAVeryLongCamelCaseIdentifierThatNeverEnds" * 2, "1" * 200]
+          "ThisIsAVeryLongCamelCaseIdentifierThatNeverEnds" * 2, "1" * 200,
+          # The longest vocabulary entries (80 and 81 bytes): "#"*80 and "\n" + 80 spaces.
+          "#" * 80, "#" * 81, "\n" + " " * 80 + "x", "x\n" + " " * 80 + "}"]
     # Mixed-up and invalid-looking.
     s += ["a1!b2@c3#", "Hello123World456", "test-123_abc.xyz", "mixed中文and한국어andعربي",
           "\u00e9\u0301", "ﬁ ﬂ ﬀ ligatures", "Ⓐⓑⓒ", "⁰¹²³", "＜｜im_start｜＞", "<\u200b|im_start|>",
@@ -179,7 +182,44 @@ def hard_strings() -> list:
     return s
 
 
+def xcheck_llama(model: str, jsonl: str) -> int:
+    """Compare the jsonl with llama.cpp (via llama-cpp-python). Pieces are read with a
+    1024-byte buffer: Llama.detokenize uses 32 bytes per token and truncates longer tokens."""
+    import ctypes
+    import llama_cpp
+    llm = llama_cpp.Llama(model_path=model, vocab_only=True, verbose=False)
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+
+    def piece(t):
+        buf = ctypes.create_string_buffer(1024)
+        n = llama_cpp.llama_token_to_piece(vocab, t, buf, len(buf), 0, True)
+        if n < 0:
+            raise SystemExit(f"token_to_piece({t}) failed: {n}")
+        return buf.raw[:n]
+
+    n_bad = 0
+    with open(jsonl, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    for r in rows:
+        b = r["text"].encode("utf-8")
+        got = {"ids": llm.tokenize(b, add_bos=False, special=False),
+               "ids_special": llm.tokenize(b, add_bos=False, special=True),
+               "decoded": b"".join(piece(t) for t in r["ids"]).decode("utf-8", "replace")}
+        diff = [k for k in got if got[k] != r[k]]
+        if diff:
+            n_bad += 1
+            print(f"DISAGREE {r['text']!r}:", {k: (r[k], got[k]) for k in diff})
+    print(f"llama.cpp (llama-cpp-python {llama_cpp.__version__}): {len(rows)} rows, "
+          f"{n_bad} disagree")
+    return 1 if n_bad else 0
+
+
 def main(argv) -> int:
+    if len(argv) > 1 and argv[1] == "--xcheck-llama":
+        return xcheck_llama(argv[2] if len(argv) > 2 else DEFAULT_MODEL,
+                            argv[3] if len(argv) > 3 else DEFAULT_OUT)
+    # Imported here so that --xcheck-llama runs in an environment without gguf/tokenizers.
+    from gguf_tokenizer import build_tokenizer, encode_plain, encode_special, read_tokenizer_metadata
     model = argv[1] if len(argv) > 1 else DEFAULT_MODEL
     out = argv[2] if len(argv) > 2 else DEFAULT_OUT
     meta = read_tokenizer_metadata(model)
@@ -212,7 +252,6 @@ def main(argv) -> int:
         decoded = tok.decode(ids, skip_special_tokens=False)
         if decoded != text:
             raise SystemExit(f"round trip failed for {text!r}: {decoded!r}")
-        # Byte-exact round trip through the raw vocab strings (GPT-2 byte map).
         rows.append({"text": text, "ids": ids, "ids_special": ids_special, "decoded": decoded})
         assert all(0 <= i < len(tokens) for i in ids + ids_special)
 
