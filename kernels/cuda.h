@@ -1,0 +1,197 @@
+/* cuda.h - internals of the CUDA backend shared by the kernels/ .cu files: the context, the weight and
+ * LoRA structs, the error-check macros, metadata staging and the per-op entry points.
+ * C++/CUDA only; nothing outside kernels/ includes it (the rest of hydrad sees backend.h). */
+#ifndef HY_KERNELS_CUDA_H
+#define HY_KERNELS_CUDA_H
+
+#include <cublas_v2.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+extern "C" {
+#include "engine/backend.h"
+#include "engine/hy.h"
+#include "engine/quant.h"
+}
+
+/* ---- error plumbing: every CUDA / cuBLAS call goes through one of these ---- */
+
+/* Turn a CUDA error into HY_EDEVICE with the CUDA message; returns HY_EDEVICE. */
+int cuda_err(cudaError_t e, const char *what, const char *file, int line);
+int cuda_blas_err(cublasStatus_t s, const char *what, const char *file, int line);
+
+#define CU_CHECK(call)                                                     \
+    do {                                                                   \
+        cudaError_t cu_e_ = (call);                                        \
+        if (cu_e_ != cudaSuccess)                                          \
+            return cuda_err(cu_e_, #call, __FILE__, __LINE__);             \
+    } while (0)
+/* for functions with a `rc` variable and a `fail:` label */
+#define CU_GOTO(call)                                                      \
+    do {                                                                   \
+        cudaError_t cu_e_ = (call);                                        \
+        if (cu_e_ != cudaSuccess) {                                        \
+            rc = cuda_err(cu_e_, #call, __FILE__, __LINE__);               \
+            goto fail;                                                     \
+        }                                                                  \
+    } while (0)
+/* after a <<<>>> launch: configuration errors show up here, execution errors later */
+#define CU_LAUNCHED(name) CU_CHECK_NAMED(cudaGetLastError(), name)
+#define CU_CHECK_NAMED(call, name)                                         \
+    do {                                                                   \
+        cudaError_t cu_e_ = (call);                                        \
+        if (cu_e_ != cudaSuccess)                                          \
+            return cuda_err(cu_e_, name, __FILE__, __LINE__);              \
+    } while (0)
+#define BLAS_CHECK(call)                                                   \
+    do {                                                                   \
+        cublasStatus_t bl_s_ = (call);                                     \
+        if (bl_s_ != CUBLAS_STATUS_SUCCESS)                                \
+            return cuda_blas_err(bl_s_, #call, __FILE__, __LINE__);        \
+    } while (0)
+
+/* ---- limits ---- */
+#define CUDA_MV_MAX_TOK 8   /* n_tok <= this: quantised mat-vec kernels; larger: cuBLAS */
+#define CUDA_LORA_MAX_R 64
+#define CUDA_LORA_MAX_K 8
+#define CUDA_HL_STRIDE (CUDA_LORA_MAX_R + CUDA_LORA_MAX_K)  /* floats per token of [h; l] */
+#define CUDA_Z_STRIDE (CUDA_LORA_MAX_R * CUDA_LORA_MAX_K)   /* floats per token of z */
+#define CUDA_GST_STRIDE (CUDA_LORA_MAX_K + 1)               /* gate stats per token / segment */
+
+/* ---- pinned staging ring for per-call metadata (positions, block tables, segments) ---- */
+#define CUDA_STAGE_CHUNK ((size_t)64 * 1024)
+#define CUDA_STAGE_NCHUNK 64 /* 4 MiB pinned */
+
+/* scratch device buffers, grown on demand, owned by the context */
+enum { SCR_META, SCR_XH, SCR_HL, SCR_Z, SCR_GST, SCR_SST, SCR_N };
+
+#define CUDA_ROPE_CACHE 8
+
+typedef struct {
+    void *k, *v;      /* device, from kv_alloc */
+    int64_t n_slots;
+    int slot_elems; /* n_kv_heads * head_dim */
+} cuda_kv_reg;
+
+typedef struct {
+    be base; /* must be first */
+    int device;
+    int sm_count;
+    char name[256];
+    cudaStream_t stream;
+    cublasHandle_t blas;
+
+    uint8_t *stage;                        /* pinned host, CUDA_STAGE_NCHUNK chunks */
+    cudaEvent_t stage_ev[CUDA_STAGE_NCHUNK];
+    int stage_live[CUDA_STAGE_NCHUNK];     /* event recorded and maybe pending */
+    int stage_next;
+    /* the reservation made by cuda_stage_get, consumed by cuda_stage_put */
+    void *cur_host;
+    size_t cur_n;
+    int cur_first, cur_count, cur_heap;
+
+    void *scr[SCR_N];
+    size_t scr_size[SCR_N];
+
+    struct {
+        float *host; /* shadow of the host table (owned) */
+        float *dev;
+        int n;
+    } rope[CUDA_ROPE_CACHE];
+    int rope_next;
+
+    cuda_kv_reg *kv;  /* registered KV caches (for slot validation) */
+    int n_kv, cap_kv;
+
+    int mv_max_tok;   /* CUDA_MV_MAX_TOK unless HY_CUDA_MV_MAX_TOK overrides (benchmarks) */
+} be_cuda;
+
+/* A base-model matrix on the device.
+ * F32 and BF16: f holds fp32 (BF16 is widened once: exact) and cuBLAS SGEMM-class GEMMs run.
+ * F16: q holds the fp16 matrix, h == q.
+ * Quantised (Q4_0/Q4_1/Q8_0/Q4_K/Q6_K): q keeps the GGUF blocks for the decode mat-vec
+ * kernels and embedding rows; h is an fp16 copy dequantised once at upload for cuBLAS
+ * (we keep it resident rather than dequantising per call: simpler and faster prefill,
+ * at the cost of 2 bytes per weight of extra device memory). */
+struct be_weight {
+    uint32_t type;
+    int64_t rows, cols;
+    size_t row_bytes; /* of q */
+    void *q;
+    __half *h;
+    float *f;
+};
+
+/* One HydraLoRA set on the device, fp32. AR = [A; R] ((r + Kr) x in, Kr = K > 1 ? K : 0),
+ * Bcat = [B_0 | ... | B_{K-1}] (out x K*r). */
+struct be_lora {
+    int r, K;
+    int64_t in, out;
+    float scale;
+    float *AR;
+    float *Bcat;
+};
+
+static inline be_cuda *cuda_ctx(be *b) { return (be_cuda *)b; }
+
+/* be_cuda.cu */
+/* Grow scratch buffer `id` to at least `bytes` (contents are not kept); *out is device memory
+ * owned by the context and valid until the next cuda_scratch call for the same id. */
+int cuda_scratch(be_cuda *c, int id, size_t bytes, void **out);
+/* Reserve `n` bytes of pinned host memory for one packed metadata record; the caller fills
+ * *host, then cuda_stage_put copies it to `dev` on the stream. Exactly one put per get. */
+int cuda_stage_get(be_cuda *c, size_t n, void **host);
+int cuda_stage_put(be_cuda *c, void *dev);
+/* get + device scratch SCR_META in one: *host to fill, *dev where it will land. */
+int cuda_meta_get(be_cuda *c, size_t n, void **host, void **dev);
+/* Grid size for a 1-D elementwise launch over n items with `threads` per block. */
+unsigned cuda_grid(int64_t n, int threads);
+const cuda_kv_reg *cuda_kv_find(const be_cuda *c, const void *k);
+
+/* One op per file; each has the be_ops signature. */
+int cuda_weight_create(be *b, uint32_t type, int64_t rows, int64_t cols, const void *data,
+                       be_weight **out);                                   /* cuda_weight.cu */
+void cuda_weight_free(be *b, be_weight *w);
+int cuda_matmul(be *b, const be_weight *w, const float *x, int n_tok, float *y); /* cuda_matmul.cu */
+int cuda_embed(be *b, const be_weight *emb, const int32_t *ids, int n_tok, float *out); /* cuda_embed.cu */
+int cuda_rmsnorm(be *b, const float *x, const float *w, int n_tok, int64_t dim, float eps,
+                 float *y);                                                 /* cuda_rmsnorm.cu */
+int cuda_rope(be *b, float *x, const int32_t *pos, int n_tok, int n_heads, int head_dim,
+              const float *freq);                                           /* cuda_rope.cu */
+int cuda_add(be *b, float *a, const float *x, int64_t n);                   /* cuda_add.cu */
+int cuda_swiglu(be *b, const float *gate, const float *up, int n_tok, int64_t dim,
+                float *out);                                                /* cuda_swiglu.cu */
+int cuda_kv_alloc(be *b, int n_blocks, int n_kv_heads, int head_dim, void **k, void **v); /* cuda_attention.cu */
+int cuda_attention(be *b, const be_attn_meta *m, const float *q, const float *k, const float *v,
+                   void *k_cache, void *v_cache, int n_heads, int n_kv_heads, int head_dim,
+                   float *out);
+int cuda_lora_create(be *b, int r, int K, int64_t in, int64_t out, const float *A, const float *R,
+                     const float *const *B, float scale, be_lora **out_lora); /* cuda_hydra.cu */
+void cuda_lora_free(be *b, be_lora *l);
+int cuda_hydra(be *b, const float *x, int64_t in, float *y, int64_t out, const be_lora_seg *segs,
+               int n_seg);
+
+/* cuda_weight.cu: is `type` one of the block types the mat-vec kernels read? */
+bool cuda_type_quantised(uint32_t type);
+
+/* ---- device helpers shared by the .cu files (header-only, inlined) ---- */
+
+__device__ __forceinline__ float cuda_warp_sum(float v)
+{
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float cuda_warp_max(float v)
+{
+    for (int o = 16; o > 0; o >>= 1)
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+#endif

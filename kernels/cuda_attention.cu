@@ -1,0 +1,226 @@
+/* cuda_attention.cu - paged KV cache (kv_alloc) and causal GQA attention over it.
+ * One warp per (token, query head): lanes score 32 cached positions at a time (fp16 K, fp32
+ * math), an online softmax keeps a running max and sum, and each lane accumulates its
+ * head_dim/32 output dims over V. Prefill uses the same kernel (correctness first; a tiled
+ * prefill kernel would be faster). Block tables have the CPU backend's semantics (backend.h). */
+#include "kernels/cuda.h"
+
+#include <math.h>
+#include <stdlib.h>
+
+#define ATT_WARPS 4
+
+__global__ void cuda_kv_write_kernel(const float *k, const float *v, const int32_t *slot, int n_tok,
+                                     int kvdim, __half *kc, __half *vc)
+{
+    const int64_t total = (int64_t)n_tok * kvdim;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const int t = (int)(i / kvdim);
+        const int j = (int)(i - (int64_t)t * kvdim);
+        const size_t dst = (size_t)slot[t] * kvdim + j;
+        kc[dst] = __float2half_rn(k[i]);
+        vc[dst] = __float2half_rn(v[i]);
+    }
+}
+
+template <int HD>
+__global__ void __launch_bounds__(ATT_WARPS * 32)
+    cuda_attn_kernel(const float *__restrict__ q, const __half *__restrict__ kc,
+                     const __half *__restrict__ vc, const int32_t *__restrict__ pos,
+                     const int32_t *__restrict__ tok_seq, const int32_t *__restrict__ bt,
+                     int max_blocks, int n_tok, int n_heads, int n_kv, float scale,
+                     float *__restrict__ out)
+{
+    constexpr int DPL = HD / 32;
+    __shared__ float qs[ATT_WARPS][HD];
+    const int wid = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t task = (int64_t)blockIdx.x * ATT_WARPS + wid;
+    if (task >= (int64_t)n_tok * n_heads)
+        return; /* per-warp exit; only __syncwarp below */
+    const int t = (int)(task / n_heads), h = (int)(task % n_heads);
+    const int kvh = h / (n_heads / n_kv);
+    const float *qt = q + ((size_t)t * n_heads + h) * HD;
+    for (int d = lane; d < HD; d += 32)
+        qs[wid][d] = qt[d];
+    __syncwarp();
+    const int kvdim = n_kv * HD;
+    const int npos = pos[t] + 1;
+    const int32_t *tbl = bt + (size_t)tok_seq[t] * max_blocks;
+    float m = -INFINITY, l = 0.0f, acc[DPL];
+#pragma unroll
+    for (int i = 0; i < DPL; i++)
+        acc[i] = 0.0f;
+    for (int base = 0; base < npos; base += 32) {
+        const int p = base + lane;
+        const bool valid = p < npos;
+        float s = -INFINITY;
+        int slot = 0;
+        if (valid) {
+            slot = tbl[p / BE_KV_BLOCK] * BE_KV_BLOCK + p % BE_KV_BLOCK;
+            const uint4 *kr = (const uint4 *)(kc + (size_t)slot * kvdim + (size_t)kvh * HD);
+            float dot = 0.0f;
+#pragma unroll
+            for (int i = 0; i < HD / 8; i++) {
+                const uint4 u = kr[i];
+                const __half2 *hp = (const __half2 *)&u;
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const float2 f = __half22float2(hp[j]);
+                    dot += qs[wid][8 * i + 2 * j] * f.x + qs[wid][8 * i + 2 * j + 1] * f.y;
+                }
+            }
+            s = dot * scale;
+        }
+        const float mn = fmaxf(m, cuda_warp_max(s)); /* lane 0 is always valid: finite */
+        const float corr = expf(m - mn);              /* first tile: exp(-inf) = 0 */
+        const float pr = valid ? expf(s - mn) : 0.0f;
+        l = l * corr + cuda_warp_sum(pr);
+#pragma unroll
+        for (int i = 0; i < DPL; i++)
+            acc[i] *= corr;
+        const int nv = min(32, npos - base);
+        for (int j = 0; j < nv; j++) {
+            const float pj = __shfl_sync(0xffffffffu, pr, j);
+            const int sj = __shfl_sync(0xffffffffu, slot, j);
+            const __half *vr = vc + (size_t)sj * kvdim + (size_t)kvh * HD;
+#pragma unroll
+            for (int i = 0; i < DPL; i++)
+                acc[i] += pj * __half2float(vr[lane + 32 * i]);
+        }
+        m = mn;
+    }
+    float *ot = out + ((size_t)t * n_heads + h) * HD;
+    const float inv = 1.0f / l;
+#pragma unroll
+    for (int i = 0; i < DPL; i++)
+        ot[lane + 32 * i] = acc[i] * inv;
+}
+
+/* Both halves are separate allocations so ops->free works on each; the pair is registered
+ * so attention can bounds-check slots against the real cache size. */
+int cuda_kv_alloc(be *b, int n_blocks, int n_kv_heads, int head_dim, void **k, void **v)
+{
+    be_cuda *c = cuda_ctx(b);
+    *k = *v = NULL;
+    size_t slots = 0, elems = 0, bytes = 0;
+    if (n_blocks <= 0 || n_kv_heads <= 0 || head_dim <= 0)
+        return hy_err_set(HY_EINVAL, "CUDA kv_alloc: bad shape");
+    if (hy_mul_size((size_t)n_blocks, BE_KV_BLOCK, &slots) ||
+        hy_mul_size(slots, (size_t)n_kv_heads * head_dim, &elems) ||
+        hy_mul_size(elems, sizeof(__half), &bytes))
+        return hy_err_set(HY_ELIMIT, "CUDA kv_alloc: %d blocks is too large", n_blocks);
+    if (c->n_kv == c->cap_kv) {
+        int cap = c->cap_kv ? 2 * c->cap_kv : 64;
+        cuda_kv_reg *nk = (cuda_kv_reg *)realloc(c->kv, cap * sizeof *nk);
+        if (!nk)
+            return hy_err_set(HY_ENOMEM, "out of memory (KV registry)");
+        c->kv = nk;
+        c->cap_kv = cap;
+    }
+    int rc = b->ops->alloc(b, bytes, k);
+    if (rc)
+        return hy_err_wrap(rc, "KV cache (%zu bytes per half)", bytes);
+    rc = b->ops->alloc(b, bytes, v);
+    if (rc) {
+        b->ops->free(b, *k);
+        *k = NULL;
+        return hy_err_wrap(rc, "KV cache (%zu bytes per half)", bytes);
+    }
+    c->kv[c->n_kv].k = *k;
+    c->kv[c->n_kv].v = *v;
+    c->kv[c->n_kv].n_slots = (int64_t)slots;
+    c->kv[c->n_kv].slot_elems = n_kv_heads * head_dim;
+    c->n_kv++;
+    return HY_OK;
+}
+
+/* Host-side validation: everything the kernels index with must be in range. */
+static int cuda_attn_check(const be_cuda *c, const be_attn_meta *m, const void *k_cache, int kvdim)
+{
+    const cuda_kv_reg *reg = cuda_kv_find(c, k_cache);
+    const int64_t n_slots = reg ? reg->n_slots : INT64_MAX;
+    if (m->n_seq <= 0 || m->max_blocks <= 0 || !m->pos || !m->tok_seq || !m->slot || !m->block_table)
+        return hy_err_set(HY_EINVAL, "CUDA attention: bad metadata");
+    if (reg && reg->slot_elems != kvdim)
+        return hy_err_set(HY_EINVAL, "CUDA attention: KV cache holds %d values per slot, layer wants %d",
+                          reg->slot_elems, kvdim);
+    int run_max = -1;
+    for (int t = 0; t < m->n_tok; t++) {
+        const int s = m->tok_seq[t], p = m->pos[t];
+        if (s < 0 || s >= m->n_seq || p < 0 || p / BE_KV_BLOCK >= m->max_blocks)
+            return hy_err_set(HY_EINVAL, "CUDA attention: token %d has sequence %d position %d "
+                              "outside the batch (%d sequences, %d blocks each)",
+                              t, s, p, m->n_seq, m->max_blocks);
+        if (m->slot[t] < 0 || m->slot[t] >= n_slots)
+            return hy_err_set(HY_EINVAL, "CUDA attention: KV slot %d out of range", m->slot[t]);
+        run_max = HY_MAX(run_max, p);
+        if (t + 1 < m->n_tok && m->tok_seq[t + 1] == s)
+            continue;
+        /* end of a run of this sequence's tokens: every block the run reads */
+        const int32_t *tbl = m->block_table + (size_t)s * m->max_blocks;
+        for (int blk = 0; blk <= run_max / BE_KV_BLOCK; blk++)
+            if (tbl[blk] < 0 || (int64_t)tbl[blk] * BE_KV_BLOCK >= n_slots)
+                return hy_err_set(HY_EINVAL, "CUDA attention: block table entry %d of sequence %d "
+                                  "is %d, outside the KV cache", blk, s, tbl[blk]);
+        run_max = -1;
+    }
+    return HY_OK;
+}
+
+int cuda_attention(be *b, const be_attn_meta *m, const float *q, const float *k, const float *v,
+                   void *k_cache, void *v_cache, int n_heads, int n_kv_heads, int head_dim,
+                   float *out)
+{
+    be_cuda *c = cuda_ctx(b);
+    if (!m || m->n_tok < 0 || n_heads <= 0 || n_kv_heads <= 0 || n_heads % n_kv_heads)
+        return hy_err_set(HY_EINVAL, "CUDA attention: bad arguments (%d heads, %d KV heads)",
+                          n_heads, n_kv_heads);
+    if (head_dim != 32 && head_dim != 64 && head_dim != 96 && head_dim != 128 && head_dim != 256)
+        return hy_err_set(HY_EUNSUPPORTED,
+                          "CUDA attention supports head_dim 32, 64, 96, 128 or 256 (got %d)", head_dim);
+    if (m->n_tok == 0)
+        return HY_OK;
+    int rc = cuda_attn_check(c, m, k_cache, n_kv_heads * head_dim);
+    if (rc)
+        return rc;
+    const int n_tok = m->n_tok;
+    size_t tbl_n = 0, n = 0;
+    if (hy_mul_size((size_t)m->n_seq, (size_t)m->max_blocks, &tbl_n) ||
+        hy_mul_size(3 * (size_t)n_tok + tbl_n, sizeof(int32_t), &n))
+        return hy_err_set(HY_ELIMIT, "CUDA attention: metadata too large");
+    void *host = NULL, *dev = NULL;
+    rc = cuda_meta_get(c, n, &host, &dev);
+    if (rc)
+        return rc;
+    int32_t *h = (int32_t *)host;
+    memcpy(h, m->pos, n_tok * sizeof(int32_t));
+    memcpy(h + n_tok, m->tok_seq, n_tok * sizeof(int32_t));
+    memcpy(h + 2 * n_tok, m->slot, n_tok * sizeof(int32_t));
+    memcpy(h + 3 * n_tok, m->block_table, tbl_n * sizeof(int32_t));
+    rc = cuda_stage_put(c, dev);
+    if (rc)
+        return rc;
+    const int32_t *d = (const int32_t *)dev;
+    const int kvdim = n_kv_heads * head_dim;
+    cuda_kv_write_kernel<<<cuda_grid((int64_t)n_tok * kvdim, 256), 256, 0, c->stream>>>(
+        k, v, d + 2 * n_tok, n_tok, kvdim, (__half *)k_cache, (__half *)v_cache);
+    CU_LAUNCHED("cuda_kv_write_kernel");
+    const int64_t tasks = (int64_t)n_tok * n_heads;
+    const unsigned grid = (unsigned)((tasks + ATT_WARPS - 1) / ATT_WARPS);
+    const float scale = 1.0f / sqrtf((float)head_dim);
+#define ATT_LAUNCH(HD)                                                                             \
+    cuda_attn_kernel<HD><<<grid, ATT_WARPS * 32, 0, c->stream>>>(                                  \
+        q, (const __half *)k_cache, (const __half *)v_cache, d, d + n_tok, d + 3 * n_tok,          \
+        m->max_blocks, n_tok, n_heads, n_kv_heads, scale, out)
+    switch (head_dim) {
+    case 32: ATT_LAUNCH(32); break;
+    case 64: ATT_LAUNCH(64); break;
+    case 96: ATT_LAUNCH(96); break;
+    case 128: ATT_LAUNCH(128); break;
+    default: ATT_LAUNCH(256); break;
+    }
+#undef ATT_LAUNCH
+    CU_LAUNCHED("cuda_attn_kernel");
+    return HY_OK;
+}

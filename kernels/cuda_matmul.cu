@@ -1,0 +1,112 @@
+/* cuda_matmul.cu - y = x W^T for a base-model weight. Quantised weights with n_tok <= 8 use
+ * mat-vec kernels reading the GGUF blocks directly (one warp per output row, fp32 activations,
+ * fp32 accumulation); everything else goes to cuBLAS: fp16 weights x fp16 activations with
+ * fp32 accumulation (cublasGemmEx), or fp32 x fp32 for F32/BF16 weights. */
+#include "kernels/cuda.h"
+#include "kernels/cuda_quant.cuh"
+
+#define MV_WARPS 4 /* rows (warps) per block */
+
+template <int QT, int NT>
+__global__ void __launch_bounds__(MV_WARPS * 32)
+    cuda_matvec_kernel(const uint8_t *__restrict__ W, size_t row_bytes, int rows, int cols,
+                       const float *__restrict__ x, float *__restrict__ y)
+{
+    const int lane = threadIdx.x & 31;
+    const int r = blockIdx.x * MV_WARPS + (threadIdx.x >> 5);
+    if (r >= rows)
+        return; /* whole warp leaves together: no block-wide barrier below */
+    const uint8_t *row = W + (size_t)r * row_bytes;
+    const int nch = cols / 8;
+    float acc[NT];
+#pragma unroll
+    for (int t = 0; t < NT; t++)
+        acc[t] = 0.0f;
+    for (int c = lane; c < nch; c += 32) {
+        float w[8];
+        int idx[8];
+        cq_chunk<QT>(row, c, w, idx);
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            const float *xt = x + (size_t)t * cols;
+            float s = 0.0f;
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                s += w[k] * __ldg(xt + idx[k]);
+            acc[t] += s;
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        const float v = cuda_warp_sum(acc[t]);
+        if (lane == 0)
+            y[(size_t)t * rows + r] = v;
+    }
+}
+
+__global__ void cuda_f32_to_f16_kernel(const float *x, int64_t n, __half *o)
+{
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        o[i] = __float2half_rn(x[i]);
+}
+
+template <int QT>
+static void cuda_matvec_launch(cudaStream_t s, const be_weight *w, const float *x, int n_tok, float *y)
+{
+    const unsigned grid = (unsigned)((w->rows + MV_WARPS - 1) / MV_WARPS);
+    const uint8_t *q = (const uint8_t *)w->q;
+    const int rows = (int)w->rows, cols = (int)w->cols;
+    switch (n_tok) {
+#define MV_CASE(N)                                                                                  \
+    case N:                                                                                         \
+        cuda_matvec_kernel<QT, N><<<grid, MV_WARPS * 32, 0, s>>>(q, w->row_bytes, rows, cols, x, y); \
+        break;
+        MV_CASE(1) MV_CASE(2) MV_CASE(3) MV_CASE(4) MV_CASE(5) MV_CASE(6) MV_CASE(7) MV_CASE(8)
+#undef MV_CASE
+    default: break;
+    }
+}
+
+static int cuda_gemm(be_cuda *c, const be_weight *w, const float *x, int n_tok, float *y)
+{
+    const float one = 1.0f, zero = 0.0f;
+    const int rows = (int)w->rows, cols = (int)w->cols;
+    /* row-major y[n_tok][rows] = x[n_tok][cols] W[rows][cols]^T is, column-major,
+     * Y(rows x n_tok) = W^T' (W stored cols x rows, ld cols, transposed) * X (cols x n_tok) */
+    if (w->f) {
+        BLAS_CHECK(cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, rows, n_tok, cols, &one, w->f,
+                                CUDA_R_32F, cols, x, CUDA_R_32F, cols, &zero, y, CUDA_R_32F, rows,
+                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        return HY_OK;
+    }
+    size_t n = 0, bytes = 0;
+    if (hy_mul_size((size_t)n_tok, (size_t)cols, &n) || hy_mul_size(n, sizeof(__half), &bytes))
+        return hy_err_set(HY_ELIMIT, "CUDA matmul: activation too large");
+    void *xh = NULL;
+    int rc = cuda_scratch(c, SCR_XH, bytes, &xh);
+    if (rc)
+        return rc;
+    cuda_f32_to_f16_kernel<<<cuda_grid((int64_t)n, 256), 256, 0, c->stream>>>(x, (int64_t)n,
+                                                                              (__half *)xh);
+    CU_LAUNCHED("cuda_f32_to_f16_kernel");
+    BLAS_CHECK(cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, rows, n_tok, cols, &one, w->h,
+                            CUDA_R_16F, cols, xh, CUDA_R_16F, cols, &zero, y, CUDA_R_32F, rows,
+                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    return HY_OK;
+}
+
+int cuda_matmul(be *b, const be_weight *w, const float *x, int n_tok, float *y)
+{
+    be_cuda *c = cuda_ctx(b);
+    if (!w || n_tok < 0)
+        return hy_err_set(HY_EINVAL, "CUDA matmul: bad arguments");
+    if (n_tok == 0)
+        return HY_OK;
+    if (cuda_type_quantised(w->type) && n_tok <= c->mv_max_tok) {
+        CQ_DISPATCH(w->type, cuda_matvec_launch<QT>(c->stream, w, x, n_tok, y));
+        CU_LAUNCHED("cuda_matvec_kernel");
+        return HY_OK;
+    }
+    return cuda_gemm(c, w, x, n_tok, y);
+}
