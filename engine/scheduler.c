@@ -42,7 +42,7 @@ struct sched {
     sched_req **inbox;
     int n_inbox, cap_inbox;
     int waiting_reqs;    /* requests in the waiting list (not preempted), updated by the engine */
-    bool stop, stopped, thread_started;
+    bool stop, stopped, thread_started, kick;
     pthread_t thread;
     uint64_t next_req_no;
     /* engine-private */
@@ -139,6 +139,8 @@ void sched_req_release(sched_req *r)
     }
     free(r->choices);
     pthread_mutex_destroy(&r->mu);
+    if (r->notify_free)
+        r->notify_free(r->notify_ctx);
     free(r);
 }
 
@@ -974,6 +976,8 @@ void sched_get_stats(sched *s, sched_stats *out)
 int sched_step(sched *s)
 {
     const sched_ops *ops = s->cfg.ops;
+    if (ops->housekeeping)
+        ops->housekeeping(s->cfg.ops_ctx);
     drain_inbox(s);
     sweep_cancelled(s);
     admit(s);
@@ -1045,9 +1049,10 @@ static void *engine_main(void *arg)
     sched *s = arg;
     for (;;) {
         pthread_mutex_lock(&s->mu);
-        while (!s->stop && s->n_inbox == 0 && s->n_running == 0 && !s->waiting_head)
+        while (!s->stop && !s->kick && s->n_inbox == 0 && s->n_running == 0 && !s->waiting_head)
             pthread_cond_wait(&s->cv, &s->mu);
         bool stop = s->stop;
+        s->kick = false;
         pthread_mutex_unlock(&s->mu);
         if (stop)
             break;
@@ -1070,6 +1075,14 @@ static void *engine_main(void *arg)
     fail_everything(s, "cancelled");
     publish_stats(s);
     return NULL;
+}
+
+void sched_wake(sched *s)
+{
+    pthread_mutex_lock(&s->mu);
+    s->kick = true;
+    pthread_cond_signal(&s->cv);
+    pthread_mutex_unlock(&s->mu);
 }
 
 int sched_start(sched *s)

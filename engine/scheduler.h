@@ -55,6 +55,9 @@ typedef struct {
     int (*adapter_acquire)(void *ctx, void *adapter, const eng_adapter **out);
     void (*adapter_release)(void *ctx, void *adapter, uint64_t n_tokens);
     const char *(*adapter_name)(void *ctx, void *adapter);
+    /* Optional: run at the start of every engine step and whenever sched_wake is called
+     * (free drained adapters, ...). */
+    void (*housekeeping)(void *ctx);
 } sched_ops;
 
 typedef struct {
@@ -99,6 +102,7 @@ typedef struct sched_req {
     void *adapter;         /* NULL = base model; opaque to the scheduler */
     void (*notify)(void *ctx); /* called by the engine thread after new results (no lock held) */
     void *notify_ctx;
+    void (*notify_free)(void *ctx); /* called once when the request is freed (last release) */
     /* results (mu) */
     int n_choices;
     sched_choice *choices;
@@ -131,6 +135,9 @@ void sched_free(sched *s);
 int sched_start(sched *s);
 /* Stop after the current step; unfinished requests end with finish "cancelled". Joins. */
 void sched_stop(sched *s);
+
+/* Wake the engine thread for one housekeeping pass even when idle. */
+void sched_wake(sched *s);
 
 /* Hand r to the engine (takes its own reference). HY_EBUSY when the queue is full,
  * HY_ELIMIT when a prompt cannot fit the KV cache or the context, HY_ECANCELED after stop. */

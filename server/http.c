@@ -1,0 +1,903 @@
+/* http.c - libmicrohttpd routes of the OpenAI-compatible server: auth, body cap, parse with
+ * api/, tokenize, submit to the scheduler, answer whole or stream SSE from suspended
+ * connections; admin adapter endpoints; /health and /metrics. Never runs the model. */
+#include "server/http.h"
+#include "api/api.h"
+#include "engine/hy.h"
+
+#include <arpa/inet.h>
+#include <jansson.h>
+#include <limits.h>
+#include <microhttpd.h>
+#include <openssl/crypto.h>
+#include <openssl/sha.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+enum { R_NONE, R_GEN, R_DONE_WAIT };
+
+typedef struct {
+    int sent_text;          /* bytes of choice text already streamed */
+    int sent_lp;            /* logprob entries already streamed */
+    bool role_sent, finish_sent;
+} stream_choice;
+
+typedef struct conn {
+    srv *s;
+    atomic_int refs;
+    pthread_mutex_t mu;
+    struct MHD_Connection *mc;
+    bool alive, suspended;
+    char *body;
+    size_t len, cap;
+    bool too_big;
+    int state;
+    api_request ar;
+    bool have_ar;
+    sched_req *req;
+    ad_adapter *ad;
+    char id[64];
+    int64_t created;
+    char *model;            /* name echoed in responses */
+    int n_prompt_total;
+    /* streaming */
+    bool stream;
+    stream_choice *sc;
+    char *pend;
+    size_t pend_len, pend_off;
+    bool usage_sent, done_sent, recorded;
+} conn;
+
+static void conn_unref(conn *c)
+{
+    if (!c || atomic_fetch_sub(&c->refs, 1) != 1)
+        return;
+    if (c->ad)
+        ad_reg_unpin(c->s->reg, c->ad);
+    if (c->have_ar)
+        api_request_free(&c->ar);
+    free(c->body);
+    free(c->model);
+    free(c->sc);
+    free(c->pend);
+    pthread_mutex_destroy(&c->mu);
+    free(c);
+}
+
+/* ---------- responses ---------- */
+
+static enum MHD_Result send_buf(conn *c, struct MHD_Connection *mc, int status, const char *ctype, char *buf,
+                                size_t len, const char *retry_after)
+{
+    struct MHD_Response *r = MHD_create_response_from_buffer(len, buf, MHD_RESPMEM_MUST_FREE);
+    if (!r) {
+        free(buf);
+        return MHD_NO;
+    }
+    MHD_add_response_header(r, "Content-Type", ctype);
+    if (retry_after)
+        MHD_add_response_header(r, "Retry-After", retry_after);
+    enum MHD_Result ret = MHD_queue_response(mc, (unsigned)status, r);
+    MHD_destroy_response(r);
+    srv_metrics_status(&c->s->metrics, status);
+    return ret;
+}
+
+static enum MHD_Result send_json(conn *c, struct MHD_Connection *mc, int status, char *json)
+{
+    if (!json)
+        return MHD_NO;
+    return send_buf(c, mc, status, "application/json", json, strlen(json), NULL);
+}
+
+static enum MHD_Result send_err(conn *c, struct MHD_Connection *mc, const api_error *e)
+{
+    char *j = api_error_json(e);
+    if (!j)
+        return MHD_NO;
+    return send_buf(c, mc, e->status, "application/json", j, strlen(j), e->status == 429 ? "1" : NULL);
+}
+
+static enum MHD_Result err(conn *c, struct MHD_Connection *mc, int status, const char *type, const char *param,
+                           const char *code, const char *msg)
+{
+    api_error e;
+    api_error_set(&e, status, type, param, code, "%s", msg);
+    return send_err(c, mc, &e);
+}
+
+/* ---------- auth ---------- */
+
+static bool key_ok(struct MHD_Connection *mc, const char *want)
+{
+    if (!want || !want[0])
+        return true;
+    const char *h = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Authorization");
+    if (!h || strncmp(h, "Bearer ", 7) != 0)
+        return false;
+    /* Compare digests so neither the length nor the content leaks through timing. */
+    unsigned char a[SHA256_DIGEST_LENGTH], b[SHA256_DIGEST_LENGTH];
+    SHA256((const unsigned char *)h + 7, strlen(h + 7), a);
+    SHA256((const unsigned char *)want, strlen(want), b);
+    return CRYPTO_memcmp(a, b, sizeof a) == 0;
+}
+
+/* ---------- adapters ---------- */
+
+static void remember_name(srv *s, const void *ad, const char *name)
+{
+    pthread_mutex_lock(&s->mu);
+    int i = 0;
+    while (i < s->n_names && s->names[i].ad != ad)
+        i++;
+    if (i == s->n_names) {
+        if (s->n_names < (int)HY_ARRAY_LEN(s->names))
+            s->n_names++;
+        else
+            i = (int)(s->created + time(NULL)) % (int)HY_ARRAY_LEN(s->names);
+    }
+    s->names[i].ad = ad;
+    snprintf(s->names[i].name, sizeof s->names[i].name, "%s", name);
+    pthread_mutex_unlock(&s->mu);
+}
+
+const char *srv_adapter_name(srv *s, const void *ad, char *buf, size_t cap)
+{
+    const char *out = NULL;
+    pthread_mutex_lock(&s->mu);
+    for (int i = 0; i < s->n_names; i++)
+        if (s->names[i].ad == ad) {
+            snprintf(buf, cap, "%s", s->names[i].name);
+            out = buf;
+            break;
+        }
+    pthread_mutex_unlock(&s->mu);
+    return out;
+}
+
+static bool is_base_name(srv *s, const char *m)
+{
+    return !m || !m[0] || strcmp(m, s->cfg.served_name) == 0;
+}
+
+/* ---------- generation ---------- */
+
+static int tokenize_request(conn *c, api_error *e, int32_t ***ids_out, int **n_out, int *np_out)
+{
+    srv *s = c->s;
+    api_request *r = &c->ar;
+    int np = r->kind == API_CHAT ? 1 : r->n_prompts;
+    int32_t **ids = calloc((size_t)np, sizeof *ids);
+    int *n = calloc((size_t)np, sizeof *n);
+    if (!ids || !n)
+        goto oom;
+    for (int i = 0; i < np; i++) {
+        int rc;
+        if (r->kind == API_CHAT) {
+            if (!s->chat_ok) {
+                api_error_set(e, 400, "invalid_request_error", "messages", "",
+                              "this model has no supported chat template; use /v1/completions");
+                goto fail;
+            }
+            tok_msg *msgs = calloc((size_t)r->n_msgs, sizeof *msgs);
+            char *text = NULL;
+            if (!msgs)
+                goto oom;
+            for (int k = 0; k < r->n_msgs; k++)
+                msgs[k] = (tok_msg){r->msgs[k].role, r->msgs[k].content};
+            rc = tok_chat_apply(s->chat, msgs, r->n_msgs, true, &text);
+            free(msgs);
+            if (rc) {
+                api_error_set(e, 400, "invalid_request_error", "messages", "", "%s", hy_err_msg());
+                goto fail;
+            }
+            const char *bos = tok_bos(s->vocab) >= 0 ? tok_text(s->vocab, tok_bos(s->vocab)) : NULL;
+            bool add_bos = tok_add_bos(s->vocab) && !(bos && bos[0] && strncmp(text, bos, strlen(bos)) == 0);
+            rc = tok_encode(s->vocab, text, strlen(text), true, add_bos, &ids[i], &n[i]);
+            free(text);
+        } else if (r->prompts[i].text) {
+            rc = tok_encode(s->vocab, r->prompts[i].text, strlen(r->prompts[i].text), true,
+                            tok_add_bos(s->vocab), &ids[i], &n[i]);
+        } else {
+            n[i] = r->prompts[i].n_ids;
+            ids[i] = malloc((size_t)n[i] * sizeof(int32_t));
+            if (!ids[i])
+                goto oom;
+            memcpy(ids[i], r->prompts[i].ids, (size_t)n[i] * sizeof(int32_t));
+            rc = 0;
+            for (int k = 0; k < n[i]; k++)
+                if (ids[i][k] >= tok_n_vocab(s->vocab)) {
+                    api_error_set(e, 400, "invalid_request_error", "prompt", "invalid_value",
+                                  "token id %d is out of the vocabulary (%d)", ids[i][k], tok_n_vocab(s->vocab));
+                    goto fail;
+                }
+        }
+        if (rc) {
+            api_error_set(e, 400, "invalid_request_error", "prompt", "", "%s", hy_err_msg());
+            goto fail;
+        }
+        if (n[i] == 0) {
+            api_error_set(e, 400, "invalid_request_error", r->kind == API_CHAT ? "messages" : "prompt",
+                          "invalid_value", "the prompt is empty");
+            goto fail;
+        }
+        if (n[i] >= s->n_ctx) {
+            api_error_set(e, 400, "invalid_request_error", r->kind == API_CHAT ? "messages" : "prompt",
+                          "context_length_exceeded",
+                          "This model's maximum context length is %d tokens. However, your prompt has %d tokens.",
+                          s->n_ctx, n[i]);
+            goto fail;
+        }
+    }
+    *ids_out = ids;
+    *n_out = n;
+    *np_out = np;
+    return 0;
+oom:
+    api_error_set(e, 500, "server_error", "", "", "out of memory");
+fail:
+    for (int i = 0; ids && i < np; i++)
+        free(ids[i]);
+    free(ids);
+    free(n);
+    return HY_EINVAL;
+}
+
+static void on_engine_event(void *ctx)
+{
+    conn *c = ctx;
+    pthread_mutex_lock(&c->mu);
+    if (c->alive && c->suspended) {
+        c->suspended = false;
+        MHD_resume_connection(c->mc);
+    }
+    pthread_mutex_unlock(&c->mu);
+}
+
+static void on_req_free(void *ctx) { conn_unref(ctx); }
+
+static const char *finish_name(const char *f)
+{
+    if (!f)
+        return NULL;
+    if (!strcmp(f, "stop") || !strcmp(f, "length"))
+        return f;
+    return "abort";
+}
+
+/* Token text for logprobs. */
+static char *piece(srv *s, int32_t id)
+{
+    char *out = NULL;
+    size_t n;
+    if (tok_decode(s->vocab, &id, 1, false, &out, &n))
+        return NULL;
+    return out;
+}
+
+typedef struct {
+    api_tokenlp *lp;
+    char **strs;
+    const char **tops;
+    int n_strs;
+} lp_buf;
+
+static void lp_free(lp_buf *b)
+{
+    for (int i = 0; i < b->n_strs; i++)
+        free(b->strs[i]);
+    free(b->strs);
+    free(b->tops);
+    free(b->lp);
+    memset(b, 0, sizeof *b);
+}
+
+/* Build api_tokenlp entries for lp[from..to) (request locked by caller). */
+static int lp_build(srv *s, const sched_sample *lp, int from, int to, int top, lp_buf *b)
+{
+    int n = to - from;
+    memset(b, 0, sizeof *b);
+    if (n <= 0)
+        return 0;
+    b->lp = calloc((size_t)n, sizeof *b->lp);
+    b->strs = calloc((size_t)n * (size_t)(top + 1), sizeof *b->strs);
+    b->tops = calloc((size_t)n * (size_t)(top + 1), sizeof *b->tops);
+    if (!b->lp || !b->strs || !b->tops)
+        return HY_ENOMEM;
+    for (int i = 0; i < n; i++) {
+        const sched_sample *x = &lp[from + i];
+        api_tokenlp *t = &b->lp[i];
+        t->token = b->strs[b->n_strs++] = piece(s, x->token);
+        t->logprob = x->logprob;
+        t->n_top = HY_MIN(x->n_top, top);
+        t->top_token = &b->tops[(size_t)i * (size_t)(top + 1)];
+        t->top_logprob = x->top_lp;
+        for (int k = 0; k < t->n_top; k++)
+            b->tops[(size_t)i * (size_t)(top + 1) + (size_t)k] = b->strs[b->n_strs++] = piece(s, x->top_id[k]);
+    }
+    return 0;
+}
+
+static void record_finished(conn *c)
+{
+    if (c->recorded)
+        return;
+    c->recorded = true;
+    sched_req *r = c->req;
+    int gen = 0;
+    for (int i = 0; i < r->n_choices; i++)
+        gen += r->choices[i].n_gen;
+    double ttft = r->t_first > 0 ? r->t_first - r->t_arrival : -1.0;
+    srv_metrics_request(&c->s->metrics, ttft, (r->t_done > 0 ? r->t_done : hy_now()) - r->t_arrival,
+                        c->n_prompt_total, gen);
+}
+
+static enum MHD_Result answer_whole(conn *c, struct MHD_Connection *mc)
+{
+    sched_req *r = c->req;
+    sched_req_lock(r);
+    if (r->failed) {
+        char msg[300];
+        snprintf(msg, sizeof msg, "%s", r->error);
+        sched_req_unlock(r);
+        return err(c, mc, 500, "server_error", "", "", msg);
+    }
+    record_finished(c);
+    api_choice *ch = calloc((size_t)r->n_choices, sizeof *ch);
+    lp_buf *lb = calloc((size_t)r->n_choices, sizeof *lb);
+    int gen = 0;
+    char *json = NULL;
+    if (ch && lb) {
+        for (int i = 0; i < r->n_choices; i++) {
+            sched_choice *x = &r->choices[i];
+            ch[i] = (api_choice){i, x->text ? x->text : "", x->len, finish_name(x->finish), 0, NULL};
+            gen += x->n_gen;
+            if (c->ar.logprobs && x->lp && lp_build(c->s, x->lp, 0, x->n_gen, c->ar.top_logprobs, &lb[i]) == 0) {
+                ch[i].n_lp = x->n_gen;
+                ch[i].lp = lb[i].lp;
+            }
+        }
+        api_usage u = {c->n_prompt_total, gen};
+        json = api_format_response(c->ar.kind, c->id, c->created, c->model, ch, r->n_choices, &u, c->ar.logprobs);
+        for (int i = 0; i < r->n_choices; i++)
+            lp_free(&lb[i]);
+    }
+    sched_req_unlock(r);
+    free(ch);
+    free(lb);
+    if (!json)
+        return err(c, mc, 500, "server_error", "", "", "out of memory");
+    return send_json(c, mc, 200, json);
+}
+
+static int pend_add(conn *c, char *chunk)
+{
+    if (!chunk)
+        return HY_ENOMEM;
+    size_t n = strlen(chunk);
+    if (c->pend_off == c->pend_len)
+        c->pend_off = c->pend_len = 0;
+    char *p = realloc(c->pend, c->pend_len + n + 1);
+    if (!p) {
+        free(chunk);
+        return HY_ENOMEM;
+    }
+    memcpy(p + c->pend_len, chunk, n);
+    c->pend = p;
+    c->pend_len += n;
+    free(chunk);
+    return 0;
+}
+
+/* Turn new engine results into SSE text (conn->mu held). */
+static void stream_collect(conn *c)
+{
+    sched_req *r = c->req;
+    api_kind k = c->ar.kind;
+    bool usage_null = c->ar.include_usage;
+    sched_req_lock(r);
+    for (int i = 0; i < r->n_choices; i++) {
+        sched_choice *x = &r->choices[i];
+        stream_choice *sc = &c->sc[i];
+        if (sc->finish_sent)
+            continue;
+        bool new_text = (size_t)sc->sent_text < x->len;
+        bool role = k == API_CHAT && !sc->role_sent;
+        if (new_text || role || (x->done && !r->failed)) {
+            api_choice ch = {i, x->text ? x->text + sc->sent_text : "", x->len - (size_t)sc->sent_text,
+                             x->done ? finish_name(x->finish) : NULL, 0, NULL};
+            lp_buf lb = {0};
+            int n_lp = 0;
+            if (c->ar.logprobs && x->lp && x->n_gen > sc->sent_lp &&
+                lp_build(c->s, x->lp, sc->sent_lp, x->n_gen, c->ar.top_logprobs, &lb) == 0) {
+                n_lp = x->n_gen - sc->sent_lp;
+                ch.n_lp = n_lp;
+                ch.lp = lb.lp;
+            }
+            if (role && x->done && ch.finish_reason) {
+                /* role chunk first, then the text + finish chunk */
+                api_choice rc = {i, "", 0, NULL, 0, NULL};
+                pend_add(c, api_format_chunk(k, c->id, c->created, c->model, &rc, true, c->ar.logprobs, usage_null));
+                role = false;
+            }
+            if (pend_add(c, api_format_chunk(k, c->id, c->created, c->model, &ch, role, c->ar.logprobs, usage_null)) == 0) {
+                sc->sent_text = (int)x->len;
+                sc->sent_lp += n_lp;
+                sc->role_sent = true;
+                if (x->done)
+                    sc->finish_sent = true;
+            }
+            lp_free(&lb);
+        }
+    }
+    bool finished = sched_req_finished(r);
+    if (finished && !c->done_sent) {
+        if (r->failed) {
+            api_error e;
+            api_error_set(&e, 500, "server_error", "", "", "%s", r->error);
+            char *j = api_error_json(&e);
+            if (j) {
+                size_t n = strlen(j);
+                char *ev = malloc(n + 9);
+                if (ev)
+                    snprintf(ev, n + 9, "data: %s\n\n", j);
+                pend_add(c, ev);
+                free(j);
+            }
+        } else {
+            record_finished(c);
+            if (c->ar.include_usage && !c->usage_sent) {
+                int gen = 0;
+                for (int i = 0; i < r->n_choices; i++)
+                    gen += r->choices[i].n_gen;
+                api_usage u = {c->n_prompt_total, gen};
+                pend_add(c, api_format_usage_chunk(k, c->id, c->created, c->model, &u));
+                c->usage_sent = true;
+            }
+        }
+        char *d = strdup(api_sse_done());
+        if (pend_add(c, d) == 0)
+            c->done_sent = true;
+    }
+    sched_req_unlock(r);
+}
+
+static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
+{
+    conn *c = cls;
+    (void)pos;
+    pthread_mutex_lock(&c->mu);
+    if (c->pend_off == c->pend_len)
+        stream_collect(c);
+    ssize_t out;
+    if (c->pend_off < c->pend_len) {
+        size_t n = HY_MIN(max, c->pend_len - c->pend_off);
+        memcpy(buf, c->pend + c->pend_off, n);
+        c->pend_off += n;
+        out = (ssize_t)n;
+    } else if (c->done_sent) {
+        out = MHD_CONTENT_READER_END_OF_STREAM;
+    } else {
+        c->suspended = true;
+        MHD_suspend_connection(c->mc);
+        out = 0;
+    }
+    pthread_mutex_unlock(&c->mu);
+    return out;
+}
+
+static void stream_free(void *cls) { conn_unref(cls); }
+
+static enum MHD_Result start_generation(conn *c, struct MHD_Connection *mc, api_kind kind)
+{
+    srv *s = c->s;
+    api_error e;
+    if (api_parse_request(kind, c->body ? c->body : "", c->len, &c->ar, &e))
+        return send_err(c, mc, &e);
+    c->have_ar = true;
+    api_request *ar = &c->ar;
+    /* model -> base or adapter */
+    if (is_base_name(s, ar->model)) {
+        c->model = strdup(s->cfg.served_name);
+    } else {
+        int rc = s->reg ? ad_reg_pin(s->reg, ar->model, &c->ad) : HY_ENOTFOUND;
+        if (rc) {
+            char msg[600];
+            snprintf(msg, sizeof msg, rc == HY_EBUSY ? "The model `%s` is loading or being unloaded."
+                                                    : "The model `%s` does not exist.", ar->model);
+            return err(c, mc, 404, "invalid_request_error", "model", "model_not_found", msg);
+        }
+        remember_name(s, c->ad, ar->model);
+        c->model = strdup(ar->model);
+    }
+    if (!c->model)
+        return MHD_NO;
+    int32_t **ids = NULL;
+    int *n = NULL, np = 0;
+    if (tokenize_request(c, &e, &ids, &n, &np))
+        return send_err(c, mc, &e);
+    int min_room = INT_MAX;
+    c->n_prompt_total = 0;
+    for (int i = 0; i < np; i++) {
+        min_room = HY_MIN(min_room, s->n_ctx - n[i]);
+        c->n_prompt_total += n[i] * ar->n;
+    }
+    int max_tokens = ar->max_tokens > 0 ? ar->max_tokens : (kind == API_COMPLETION ? 16 : min_room);
+    if (max_tokens > min_room)
+        max_tokens = min_room;
+    sched_sampling sp = {ar->temperature, ar->top_p, ar->min_p, ar->top_k, ar->presence_penalty,
+                         ar->frequency_penalty, ar->repetition_penalty, ar->has_seed, (uint64_t)ar->seed,
+                         ar->top_logprobs, ar->logprobs};
+    sched_req *r = NULL;
+    int rc = sched_req_create(np, (const int32_t *const *)ids, n, ar->n, max_tokens,
+                              (const char *const *)ar->stop, ar->n_stop, ar->ignore_eos, &sp, c->ad, &r);
+    for (int i = 0; i < np; i++)
+        free(ids[i]);
+    free(ids);
+    free(n);
+    if (rc)
+        return err(c, mc, 500, "server_error", "", "", hy_err_msg());
+    r->notify = on_engine_event;
+    r->notify_ctx = c;
+    r->notify_free = on_req_free;
+    atomic_fetch_add(&c->refs, 1); /* held by the request, dropped in on_req_free */
+    c->req = r;
+    c->created = (int64_t)time(NULL);
+    snprintf(c->id, sizeof c->id, "%s-%llx%06llx", kind == API_CHAT ? "chatcmpl" : "cmpl",
+             (unsigned long long)c->created, (unsigned long long)atomic_fetch_add(&s->next_id, 1));
+    c->sc = calloc((size_t)r->n_choices, sizeof *c->sc);
+    if (!c->sc)
+        return err(c, mc, 500, "server_error", "", "", "out of memory");
+    rc = sched_submit(s->sched, r);
+    if (rc == HY_EBUSY)
+        return err(c, mc, 429, "rate_limit_error", "", "rate_limit_exceeded", hy_err_msg());
+    if (rc == HY_ELIMIT)
+        return err(c, mc, 400, "invalid_request_error", "prompt", "context_length_exceeded", hy_err_msg());
+    if (rc == HY_ECANCELED)
+        return err(c, mc, 503, "server_error", "", "", hy_err_msg());
+    if (rc)
+        return err(c, mc, 500, "server_error", "", "", hy_err_msg());
+    if (ar->stream) {
+        c->stream = true;
+        struct MHD_Response *resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384, stream_reader, c, stream_free);
+        if (!resp)
+            return MHD_NO;
+        atomic_fetch_add(&c->refs, 1); /* held by the response, dropped in stream_free */
+        MHD_add_response_header(resp, "Content-Type", "text/event-stream");
+        MHD_add_response_header(resp, "Cache-Control", "no-cache");
+        enum MHD_Result ret = MHD_queue_response(mc, 200, resp);
+        MHD_destroy_response(resp);
+        srv_metrics_status(&s->metrics, 200);
+        return ret;
+    }
+    /* Whole answer: wait suspended until the engine says it is finished. */
+    c->state = R_DONE_WAIT;
+    pthread_mutex_lock(&c->mu);
+    sched_req_lock(r);
+    bool fin = sched_req_finished(r);
+    sched_req_unlock(r);
+    if (!fin) {
+        c->suspended = true;
+        MHD_suspend_connection(mc);
+    }
+    pthread_mutex_unlock(&c->mu);
+    return fin ? answer_whole(c, mc) : MHD_YES;
+}
+
+/* ---------- admin and info ---------- */
+
+static bool path_under_roots(srv *s, const char *path, char *resolved)
+{
+    if (!realpath(path, resolved))
+        return false;
+    for (int i = 0; i < s->cfg.n_roots; i++) {
+        char root[PATH_MAX];
+        if (!realpath(s->cfg.adapter_roots[i], root))
+            continue;
+        size_t n = strlen(root);
+        if (strncmp(resolved, root, n) == 0 && (resolved[n] == '/' || resolved[n] == '\0'))
+            return true;
+    }
+    return false;
+}
+
+static enum MHD_Result load_lora(conn *c, struct MHD_Connection *mc)
+{
+    srv *s = c->s;
+    char *name, *path, *sha;
+    api_error e;
+    if (api_parse_load_lora(c->body ? c->body : "", c->len, &name, &path, &sha, &e))
+        return send_err(c, mc, &e);
+    enum MHD_Result ret;
+    char resolved[PATH_MAX], msg[1400];
+    if (is_base_name(s, name)) {
+        ret = err(c, mc, 400, "invalid_request_error", "lora_name", "", "that name is the base model's");
+    } else if (strncmp(path, "https://", 8) == 0 || strncmp(path, "http://", 7) == 0) {
+        ret = err(c, mc, 400, "invalid_request_error", "lora_path", "",
+                  "loading adapters from URLs is not supported by this build");
+    } else if (s->cfg.n_roots == 0) {
+        ret = err(c, mc, 400, "invalid_request_error", "lora_path", "",
+                  "no --adapter-root is configured; adapters cannot be loaded at run time");
+    } else if (!path_under_roots(s, path, resolved)) {
+        snprintf(msg, sizeof msg, "lora_path '%s' does not exist or is outside every --adapter-root", path);
+        ret = err(c, mc, 400, "invalid_request_error", "lora_path", "", msg);
+    } else {
+        int rc = ad_reg_load(s->reg, name, resolved, &s->shape, NULL);
+        if (rc == 0) {
+            snprintf(msg, sizeof msg, "Success: LoRA adapter '%s' added successfully.", name);
+            json_t *o = json_pack("{s:s,s:s}", "status", "ok", "message", msg);
+            char *j = json_dumps(o, JSON_COMPACT);
+            json_decref(o);
+            ret = send_json(c, mc, 200, j);
+        } else {
+            snprintf(msg, sizeof msg, "%s", hy_err_msg());
+            ret = err(c, mc, rc == HY_EBUSY ? 400 : rc == HY_ELIMIT ? 507 : 400, "invalid_request_error",
+                      rc == HY_EBUSY ? "lora_name" : "lora_path", rc == HY_EBUSY ? "adapter_exists" : "", msg);
+        }
+    }
+    free(name);
+    free(path);
+    free(sha);
+    return ret;
+}
+
+static enum MHD_Result unload_lora(conn *c, struct MHD_Connection *mc)
+{
+    srv *s = c->s;
+    char *name, msg[600];
+    api_error e;
+    if (api_parse_unload_lora(c->body ? c->body : "", c->len, &name, &e))
+        return send_err(c, mc, &e);
+    int rc = ad_reg_unload(s->reg, name);
+    enum MHD_Result ret;
+    if (rc == 0) {
+        sched_wake(s->sched);
+        snprintf(msg, sizeof msg, "Success: LoRA adapter '%s' removed successfully.", name);
+        json_t *o = json_pack("{s:s,s:s}", "status", "ok", "message", msg);
+        char *j = json_dumps(o, JSON_COMPACT);
+        json_decref(o);
+        ret = send_json(c, mc, 200, j);
+    } else {
+        snprintf(msg, sizeof msg, "%s", hy_err_msg());
+        ret = err(c, mc, rc == HY_ENOTFOUND ? 404 : 400, "invalid_request_error", "lora_name",
+                  rc == HY_ENOTFOUND ? "model_not_found" : "", msg);
+    }
+    free(name);
+    return ret;
+}
+
+static enum MHD_Result list_models(conn *c, struct MHD_Connection *mc)
+{
+    srv *s = c->s;
+    ad_reg_info info[256];
+    int n = s->reg ? HY_MIN(ad_reg_list(s->reg, info, 256), 256) : 0;
+    api_model_entry m[257];
+    int k = 0;
+    m[k++] = (api_model_entry){s->cfg.served_name, NULL, NULL, s->created};
+    for (int i = 0; i < n; i++)
+        if (info[i].state == AD_READY)
+            m[k++] = (api_model_entry){info[i].name, s->cfg.served_name, info[i].path, s->created};
+    return send_json(c, mc, 200, api_format_models(m, k));
+}
+
+static enum MHD_Result list_adapters(conn *c, struct MHD_Connection *mc)
+{
+    srv *s = c->s;
+    ad_reg_info *info = calloc(256, sizeof *info);
+    if (!info)
+        return MHD_NO;
+    int n = s->reg ? HY_MIN(ad_reg_list(s->reg, info, 256), 256) : 0;
+    json_t *arr = json_array();
+    for (int i = 0; i < n; i++) {
+        ad_reg_info *x = &info[i];
+        json_t *o = json_pack("{s:s,s:s,s:s,s:i,s:i,s:i,s:I,s:I}", "name", x->name, "path", x->path, "state",
+                              ad_state_name(x->state), "K", x->K, "r", x->r, "refcount", x->refcount,
+                              "requests", (json_int_t)x->pins_total, "host_bytes", (json_int_t)x->host_bytes);
+        pthread_mutex_lock(&s->mu);
+        json_t *router = json_null();
+        for (int k = 0; k < s->n_stats; k++)
+            if (strcmp(s->stats[k].name, x->name) == 0) {
+                json_object_set_new(o, "tokens", json_integer((json_int_t)s->stats[k].tokens));
+                json_object_set_new(o, "resident", json_boolean(s->stats[k].resident));
+                json_t *g = json_array();
+                for (int h = 0; h < s->stats[k].K; h++)
+                    json_array_append_new(g, json_real(s->stats[k].gate[h]));
+                json_decref(router);
+                router = json_pack("{s:o}", "mean_gate", g);
+            }
+        pthread_mutex_unlock(&s->mu);
+        if (!json_object_get(o, "tokens"))
+            json_object_set_new(o, "tokens", json_integer(0));
+        if (!json_object_get(o, "resident"))
+            json_object_set_new(o, "resident", json_false());
+        json_object_set_new(o, "router", router);
+        /* targets from the host copy's config */
+        json_array_append_new(arr, o);
+    }
+    free(info);
+    json_t *root = json_pack("{s:s,s:o}", "object", "list", "data", arr);
+    char *j = json_dumps(root, JSON_COMPACT);
+    json_decref(root);
+    return send_json(c, mc, 200, j);
+}
+
+static enum MHD_Result metrics_page(conn *c, struct MHD_Connection *mc)
+{
+    srv *s = c->s;
+    sched_stats st;
+    sched_get_stats(s->sched, &st);
+    srv_gauges g = {st.waiting_reqs, st.running_seqs, st.kv_used, st.kv_total,
+                    s->reg ? ad_reg_count(s->reg) : 0, s->cfg.max_loras, st.preemptions, st.steps,
+                    st.running_adapters, st.waiting_adapters, s->cfg.served_name};
+    char *t = srv_metrics_render(&s->metrics, &g);
+    if (!t)
+        return MHD_NO;
+    return send_buf(c, mc, 200, "text/plain; version=0.0.4", t, strlen(t), NULL);
+}
+
+/* ---------- dispatch ---------- */
+
+static enum MHD_Result route(conn *c, struct MHD_Connection *mc, const char *url, const char *method)
+{
+    srv *s = c->s;
+    bool get = strcmp(method, "GET") == 0, post = strcmp(method, "POST") == 0;
+    if (strcmp(url, "/health") == 0) {
+        bool ok = atomic_load(&s->ready) && !atomic_load(&s->stopping);
+        return send_json(c, mc, ok ? 200 : 503, strdup(ok ? "{\"status\":\"ok\"}" : "{\"status\":\"starting\"}"));
+    }
+    if (strcmp(url, "/metrics") == 0 && get)
+        return metrics_page(c, mc);
+    bool admin = strcmp(url, "/v1/load_lora_adapter") == 0 || strcmp(url, "/v1/unload_lora_adapter") == 0;
+    const char *want = admin && s->cfg.admin_key ? s->cfg.admin_key : s->cfg.api_key;
+    if (!key_ok(mc, want))
+        return err(c, mc, 401, "authentication_error", "", "invalid_api_key", "Incorrect API key provided.");
+    if (!atomic_load(&s->ready))
+        return err(c, mc, 503, "server_error", "", "", "the model is still loading");
+    if (c->too_big)
+        return err(c, mc, 413, "invalid_request_error", "", "request_too_large", "request body too large");
+    if (get && strcmp(url, "/v1/models") == 0)
+        return list_models(c, mc);
+    if (get && strcmp(url, "/v1/adapters") == 0)
+        return list_adapters(c, mc);
+    if (post && strcmp(url, "/v1/completions") == 0)
+        return start_generation(c, mc, API_COMPLETION);
+    if (post && strcmp(url, "/v1/chat/completions") == 0)
+        return start_generation(c, mc, API_CHAT);
+    if (post && strcmp(url, "/v1/load_lora_adapter") == 0)
+        return load_lora(c, mc);
+    if (post && strcmp(url, "/v1/unload_lora_adapter") == 0)
+        return unload_lora(c, mc);
+    return err(c, mc, 404, "invalid_request_error", "", "not_found", "no such route");
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const char *url, const char *method,
+                                  const char *version, const char *upload, size_t *upload_size, void **con_cls)
+{
+    srv *s = cls;
+    conn *c = *con_cls;
+    (void)version;
+    if (!c) {
+        c = calloc(1, sizeof *c);
+        if (!c)
+            return MHD_NO;
+        c->s = s;
+        atomic_init(&c->refs, 1);
+        pthread_mutex_init(&c->mu, NULL);
+        c->mc = mc;
+        c->alive = true;
+        *con_cls = c;
+        const char *cl = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Content-Length");
+        if (cl && strtoull(cl, NULL, 10) > s->cfg.max_body) {
+            c->too_big = true;
+            return err(c, mc, 413, "invalid_request_error", "", "request_too_large", "request body too large");
+        }
+        return MHD_YES;
+    }
+    if (c->state == R_DONE_WAIT)
+        return answer_whole(c, mc);
+    if (*upload_size) {
+        if (!c->too_big && c->len + *upload_size <= s->cfg.max_body) {
+            if (c->len + *upload_size + 1 > c->cap) {
+                size_t cap = HY_MAX(c->cap * 2, c->len + *upload_size + 1);
+                char *p = realloc(c->body, cap);
+                if (!p)
+                    return MHD_NO;
+                c->body = p;
+                c->cap = cap;
+            }
+            memcpy(c->body + c->len, upload, *upload_size);
+            c->len += *upload_size;
+            c->body[c->len] = '\0';
+        } else {
+            c->too_big = true;
+        }
+        *upload_size = 0;
+        return MHD_YES;
+    }
+    c->state = R_GEN;
+    return route(c, mc, url, method);
+}
+
+static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls, enum MHD_RequestTerminationCode toe)
+{
+    conn *c = *con_cls;
+    (void)cls;
+    (void)mc;
+    (void)toe;
+    if (!c)
+        return;
+    pthread_mutex_lock(&c->mu);
+    c->alive = false;
+    pthread_mutex_unlock(&c->mu);
+    if (c->req) {
+        sched_req_lock(c->req);
+        bool fin = sched_req_finished(c->req);
+        sched_req_unlock(c->req);
+        if (!fin)
+            sched_req_cancel(c->req);
+        sched_req *r = c->req;
+        c->req = NULL;
+        sched_req_release(r); /* may drop the request's conn reference */
+    }
+    *con_cls = NULL;
+    conn_unref(c);
+}
+
+void srv_init(srv *s, const srv_config *cfg)
+{
+    memset(s, 0, sizeof *s);
+    s->cfg = *cfg;
+    if (s->cfg.max_body == 0)
+        s->cfg.max_body = 1 << 20;
+    pthread_mutex_init(&s->mu, NULL);
+    srv_metrics_init(&s->metrics);
+    s->created = (int64_t)time(NULL);
+    atomic_init(&s->ready, false);
+    atomic_init(&s->stopping, false);
+    atomic_init(&s->next_id, 1);
+}
+
+void srv_clear(srv *s)
+{
+    srv_metrics_clear(&s->metrics);
+    pthread_mutex_destroy(&s->mu);
+}
+
+int srv_start(srv *s)
+{
+    struct sockaddr_in addr;
+    memset(&addr, 0, sizeof addr);
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons((uint16_t)s->cfg.port);
+    if (inet_pton(AF_INET, s->cfg.host, &addr.sin_addr) != 1)
+        return hy_err_set(HY_EINVAL, "--host '%s' is not an IPv4 address", s->cfg.host);
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ITC;
+    s->mhd = MHD_start_daemon(flags, (uint16_t)s->cfg.port, NULL, NULL, on_request, s,
+                              MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&addr,
+                              MHD_OPTION_THREAD_POOL_SIZE, (unsigned)HY_MAX(1, s->cfg.http_threads),
+                              MHD_OPTION_CONNECTION_LIMIT, (unsigned)HY_MAX(4, s->cfg.max_conns),
+                              MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)600,
+                              MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_END);
+    if (!s->mhd)
+        return hy_err_set(HY_EIO, "cannot listen on %s:%d (port in use?)", s->cfg.host, s->cfg.port);
+    return HY_OK;
+}
+
+void srv_quiesce(srv *s)
+{
+    if (s->mhd) {
+        MHD_socket fd = MHD_quiesce_daemon(s->mhd);
+        if (fd != MHD_INVALID_SOCKET)
+            close(fd);
+    }
+}
+
+void srv_stop(srv *s)
+{
+    if (s->mhd)
+        MHD_stop_daemon(s->mhd);
+    s->mhd = NULL;
+}

@@ -1,0 +1,84 @@
+/* http.h - the HTTP front end (libmicrohttpd, internal thread pool + epoll): routes, auth,
+ * limits, streaming through suspended connections, admin endpoints, /health, /metrics.
+ * HTTP threads parse, tokenize, enqueue and stream; they never run the model. */
+#ifndef HY_HTTP_H
+#define HY_HTTP_H
+
+#include "adapters/registry.h"
+#include "engine/model.h"
+#include "engine/scheduler.h"
+#include "engine/tokenizer.h"
+#include "server/metrics.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+typedef struct {
+    const char *host;
+    int port;
+    const char *served_name;   /* base model's name in requests and /v1/models */
+    const char *api_key;       /* NULL: no auth */
+    const char *admin_key;     /* NULL: admin endpoints use api_key */
+    int http_threads;
+    int max_conns;
+    size_t max_body;           /* bytes; larger bodies -> 413 */
+    const char *const *adapter_roots;
+    int n_roots;
+    int max_loras;
+} srv_config;
+
+/* Name of each pinned adapter pointer (HTTP threads write, the engine's adapter_name reads). */
+typedef struct {
+    const void *ad;
+    char name[AD_NAME_MAX];
+} srv_ad_name;
+
+/* Router statistics snapshot taken on the engine thread, read by GET /v1/adapters. */
+typedef struct {
+    char name[AD_NAME_MAX];
+    uint64_t tokens;
+    int K;
+    float gate[AD_MAX_K];
+    bool resident;
+} srv_ad_stats;
+
+typedef struct srv {
+    srv_config cfg;
+    struct MHD_Daemon *mhd;
+    atomic_bool ready;
+    atomic_bool stopping;
+    int64_t created;
+    atomic_uint_fast64_t next_id;
+    /* set up by serve.c before srv_start; read-only afterwards */
+    eng_model *model;
+    tok_vocab *vocab;
+    tok_chat_kind chat;
+    bool chat_ok;
+    int n_ctx;
+    sched *sched;
+    ad_registry *reg;
+    ad_shape shape;
+    srv_metrics metrics;
+    /* adapter names and stats (mu) */
+    pthread_mutex_t mu;
+    srv_ad_name names[512];
+    int n_names;
+    srv_ad_stats stats[256];
+    int n_stats;
+} srv;
+
+/* Initialise s (cfg copied by value: its strings must outlive s). */
+void srv_init(srv *s, const srv_config *cfg);
+void srv_clear(srv *s);
+/* Start listening (MHD threads). /health answers 503 until s->ready is set. */
+int srv_start(srv *s);
+/* Stop accepting new connections (in-flight ones go on). */
+void srv_quiesce(srv *s);
+/* Stop the daemon (every suspended connection must have been resumed: stop the scheduler first). */
+void srv_stop(srv *s);
+/* Name of an adapter pointer seen by srv (engine thread's adapter_name); NULL when unknown. */
+const char *srv_adapter_name(srv *s, const void *ad, char *buf, size_t cap);
+
+#endif

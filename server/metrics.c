@@ -1,0 +1,187 @@
+/* metrics.c - Prometheus counters/histograms of the server and their text exposition.
+ * Callers pass engine gauges in; this file reads no engine or adapter state itself. */
+#include "server/metrics.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const double bucket_le[SRV_HIST_BUCKETS] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                                                   1.0,   2.5,  5.0,   10.0, 30.0, 60.0, 120.0};
+
+void srv_metrics_init(srv_metrics *m)
+{
+    memset(m, 0, sizeof *m);
+    pthread_mutex_init(&m->mu, NULL);
+}
+
+void srv_metrics_clear(srv_metrics *m) { pthread_mutex_destroy(&m->mu); }
+
+static void observe(srv_hist *h, double v)
+{
+    int i = 0;
+    while (i < SRV_HIST_BUCKETS && v > bucket_le[i])
+        i++;
+    h->count[i]++;
+    h->sum += v;
+    h->n++;
+}
+
+void srv_metrics_status(srv_metrics *m, int status)
+{
+    if (status < 100 || status >= 600)
+        return;
+    pthread_mutex_lock(&m->mu);
+    m->by_status[status]++;
+    pthread_mutex_unlock(&m->mu);
+}
+
+void srv_metrics_request(srv_metrics *m, double ttft, double e2e, int prompt_tokens, int gen_tokens)
+{
+    pthread_mutex_lock(&m->mu);
+    m->requests_ok++;
+    m->prompt_tokens += (uint64_t)(prompt_tokens > 0 ? prompt_tokens : 0);
+    m->generation_tokens += (uint64_t)(gen_tokens > 0 ? gen_tokens : 0);
+    if (ttft >= 0) {
+        observe(&m->ttft, ttft);
+        if (gen_tokens > 1)
+            observe(&m->tpot, (e2e - ttft) / (gen_tokens - 1));
+    }
+    observe(&m->e2e, e2e);
+    pthread_mutex_unlock(&m->mu);
+}
+
+typedef struct {
+    char *buf;
+    size_t len, cap;
+    int oom;
+} sbuf;
+
+static void sb_printf(sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void sb_printf(sbuf *b, const char *fmt, ...)
+{
+    if (b->oom)
+        return;
+    for (;;) {
+        va_list ap;
+        va_start(ap, fmt);
+        int n = vsnprintf(b->buf + b->len, b->cap - b->len, fmt, ap);
+        va_end(ap);
+        if (n < 0) {
+            b->oom = 1;
+            return;
+        }
+        if ((size_t)n < b->cap - b->len) {
+            b->len += (size_t)n;
+            return;
+        }
+        size_t cap = b->cap * 2 + (size_t)n + 1;
+        char *p = realloc(b->buf, cap);
+        if (!p) {
+            b->oom = 1;
+            return;
+        }
+        b->buf = p;
+        b->cap = cap;
+    }
+}
+
+static void hist(sbuf *b, const char *name, const char *help, const srv_hist *h)
+{
+    uint64_t cum = 0;
+    sb_printf(b, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+    for (int i = 0; i < SRV_HIST_BUCKETS; i++) {
+        cum += h->count[i];
+        sb_printf(b, "%s_bucket{le=\"%g\"} %llu\n", name, bucket_le[i], (unsigned long long)cum);
+    }
+    cum += h->count[SRV_HIST_BUCKETS];
+    sb_printf(b, "%s_bucket{le=\"+Inf\"} %llu\n%s_sum %.6f\n%s_count %llu\n", name,
+              (unsigned long long)cum, name, h->sum, name, (unsigned long long)h->n);
+}
+
+/* Label values: escape backslash, quote and newline. */
+static void label_escape(char *out, size_t cap, const char *s)
+{
+    size_t o = 0;
+    for (; s && *s && o + 3 < cap; s++) {
+        if (*s == '\\' || *s == '"') {
+            out[o++] = '\\';
+            out[o++] = *s;
+        } else if (*s == '\n') {
+            out[o++] = '\\';
+            out[o++] = 'n';
+        } else {
+            out[o++] = *s;
+        }
+    }
+    out[o] = '\0';
+}
+
+char *srv_metrics_render(srv_metrics *m, const srv_gauges *g)
+{
+    sbuf b = {malloc(8192), 0, 8192, 0};
+    if (!b.buf)
+        return NULL;
+    b.buf[0] = '\0';
+    char model[512], run[2100], wait[2100];
+    label_escape(model, sizeof model, g->model_name);
+    label_escape(run, sizeof run, g->running_adapters);
+    label_escape(wait, sizeof wait, g->waiting_adapters);
+    double kv = g->kv_total > 0 ? (double)g->kv_used / g->kv_total : 0.0;
+
+    pthread_mutex_lock(&m->mu);
+    sb_printf(&b, "# HELP hydrad_requests_total HTTP responses by status code.\n"
+                  "# TYPE hydrad_requests_total counter\n");
+    for (int s = 100; s < 600; s++)
+        if (m->by_status[s])
+            sb_printf(&b, "hydrad_requests_total{status=\"%d\"} %llu\n", s, (unsigned long long)m->by_status[s]);
+    sb_printf(&b, "# HELP hydrad_prompt_tokens_total Prompt tokens of finished requests.\n"
+                  "# TYPE hydrad_prompt_tokens_total counter\nhydrad_prompt_tokens_total %llu\n",
+              (unsigned long long)m->prompt_tokens);
+    sb_printf(&b, "# HELP hydrad_generation_tokens_total Generated tokens of finished requests.\n"
+                  "# TYPE hydrad_generation_tokens_total counter\nhydrad_generation_tokens_total %llu\n",
+              (unsigned long long)m->generation_tokens);
+    hist(&b, "hydrad_time_to_first_token_seconds", "Time from arrival to the first generated token.", &m->ttft);
+    hist(&b, "hydrad_time_per_output_token_seconds", "Mean time between output tokens of a request.", &m->tpot);
+    hist(&b, "hydrad_e2e_request_latency_seconds", "Time from arrival to the last token.", &m->e2e);
+    pthread_mutex_unlock(&m->mu);
+
+    sb_printf(&b, "# HELP hydrad_queue_depth Requests waiting for admission.\n# TYPE hydrad_queue_depth gauge\n"
+                  "hydrad_queue_depth %d\n", g->waiting);
+    sb_printf(&b, "# HELP hydrad_running_sequences Sequences in the running batch.\n"
+                  "# TYPE hydrad_running_sequences gauge\nhydrad_running_sequences %d\n", g->running);
+    sb_printf(&b, "# HELP hydrad_kv_blocks_used KV cache blocks in use.\n# TYPE hydrad_kv_blocks_used gauge\n"
+                  "hydrad_kv_blocks_used %d\n", g->kv_used);
+    sb_printf(&b, "# HELP hydrad_kv_blocks_total KV cache blocks.\n# TYPE hydrad_kv_blocks_total gauge\n"
+                  "hydrad_kv_blocks_total %d\n", g->kv_total);
+    sb_printf(&b, "# HELP hydrad_kv_cache_usage_ratio Fraction of KV blocks in use.\n"
+                  "# TYPE hydrad_kv_cache_usage_ratio gauge\nhydrad_kv_cache_usage_ratio %.6f\n", kv);
+    sb_printf(&b, "# HELP hydrad_adapters_loaded Adapters held by the registry.\n"
+                  "# TYPE hydrad_adapters_loaded gauge\nhydrad_adapters_loaded %d\n", g->adapters_loaded);
+    sb_printf(&b, "# HELP hydrad_preemptions_total Sequences preempted for recompute.\n"
+                  "# TYPE hydrad_preemptions_total counter\nhydrad_preemptions_total %llu\n",
+              (unsigned long long)g->preemptions);
+    sb_printf(&b, "# HELP hydrad_engine_steps_total Forward steps run.\n# TYPE hydrad_engine_steps_total counter\n"
+                  "hydrad_engine_steps_total %llu\n", (unsigned long long)g->steps);
+    /* The names vLLM exports and the inference-extension endpoint picker reads. */
+    sb_printf(&b, "# HELP vllm:num_requests_waiting Requests waiting to be processed.\n"
+                  "# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name=\"%s\"} %d\n",
+              model, g->waiting);
+    sb_printf(&b, "# HELP vllm:num_requests_running Requests in the running batch.\n"
+                  "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"%s\"} %d\n",
+              model, g->running);
+    sb_printf(&b, "# HELP vllm:kv_cache_usage_perc KV cache usage (1 means 100 percent).\n"
+                  "# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{model_name=\"%s\"} %.6f\n",
+              model, kv);
+    sb_printf(&b, "# HELP vllm:lora_requests_info Running and waiting adapters.\n"
+                  "# TYPE vllm:lora_requests_info gauge\n"
+                  "vllm:lora_requests_info{running_lora_adapters=\"%s\",waiting_lora_adapters=\"%s\","
+                  "max_lora=\"%d\"} 1\n",
+              run, wait, g->max_loras);
+    if (b.oom) {
+        free(b.buf);
+        return NULL;
+    }
+    return b.buf;
+}

@@ -1,0 +1,45 @@
+/* metrics.h - the server's Prometheus counters and histograms (requests by status, TTFT, TPOT,
+ * end-to-end latency, tokens) and the text exposition of them plus the engine gauges and the
+ * vLLM metric names the Gateway API Inference Extension reads. Thread-safe; no HTTP here. */
+#ifndef HY_METRICS_H
+#define HY_METRICS_H
+
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define SRV_HIST_BUCKETS 14
+
+typedef struct {
+    uint64_t count[SRV_HIST_BUCKETS + 1]; /* last = +Inf */
+    double sum;
+    uint64_t n;
+} srv_hist;
+
+typedef struct {
+    pthread_mutex_t mu;
+    uint64_t by_status[600];
+    uint64_t prompt_tokens, generation_tokens;
+    uint64_t requests_ok;
+    srv_hist ttft, tpot, e2e;
+} srv_metrics;
+
+/* Gauges sampled at scrape time (filled by the caller). */
+typedef struct {
+    int waiting, running;
+    int kv_used, kv_total;
+    int adapters_loaded, max_loras;
+    uint64_t preemptions, steps;
+    const char *running_adapters, *waiting_adapters; /* comma-separated */
+    const char *model_name;
+} srv_gauges;
+
+void srv_metrics_init(srv_metrics *m);
+void srv_metrics_clear(srv_metrics *m);
+void srv_metrics_status(srv_metrics *m, int status);
+/* A finished generation: latencies in seconds (ttft < 0: no token produced). */
+void srv_metrics_request(srv_metrics *m, double ttft, double e2e, int prompt_tokens, int gen_tokens);
+/* Prometheus text format 0.0.4, malloc'ed (caller frees); NULL on ENOMEM. */
+char *srv_metrics_render(srv_metrics *m, const srv_gauges *g);
+
+#endif
