@@ -25,6 +25,8 @@ bool tok_add_bos(const tok_vocab *v);  /* tokenizer.ggml.add_bos_token */
 bool tok_is_eog(const tok_vocab *v, int32_t id);
 /* The token's raw vocabulary string (NUL-terminated), NULL when out of range. */
 const char *tok_text(const tok_vocab *v, int32_t id);
+/* True for control tokens (token_type 3: BOS, EOS, <|im_start|>, ...). */
+bool tok_is_control(const tok_vocab *v, int32_t id);
 
 /* Encode UTF-8 text. parse_special: text of control/user-defined tokens (e.g. "<|im_start|>")
  * becomes those tokens; otherwise it is tokenised as ordinary text. add_bos: prepend BOS
@@ -46,25 +48,47 @@ typedef struct {
     unsigned char pending[8];
     int n_pending;
     bool first;  /* SentencePiece: strip the leading space of the first piece */
+    size_t n_dropped; /* bytes of whole characters that did not fit in `cap` (0 when cap is enough) */
 } tok_detok;
 void tok_detok_init(tok_detok *d, const tok_vocab *v);
-/* Appends to out (cap bytes incl. NUL; at least 64 recommended) and returns bytes written. */
+/* Writes into out (cap bytes incl. NUL, always NUL-terminated) and returns bytes written.
+ * A cap of tok_detok_cap(v) always suffices; with less, characters that do not fit are dropped
+ * whole (counted in n_dropped), never split. Pieces can be longer than 64 bytes: size `out`
+ * with tok_detok_cap. The concatenated output of push..., flush equals
+ * tok_decode(..., skip_special = true). */
 size_t tok_detok_push(tok_detok *d, int32_t id, char *out, size_t cap);
 size_t tok_detok_flush(tok_detok *d, char *out, size_t cap);
+/* Output buffer size that tok_detok_push / tok_detok_flush can never overflow for this vocab. */
+size_t tok_detok_cap(const tok_vocab *v);
 
-/* Chat templates. */
-typedef enum { TOK_CHAT_NONE = 0, TOK_CHAT_CHATML, TOK_CHAT_LLAMA3, TOK_CHAT_LLAMA2, TOK_CHAT_ZEPHYR } tok_chat_kind;
+/* Chat templates.
+ * TOK_CHAT_CHATML is SmolLM2's ChatML: it injects SmolLM2's default system prompt ("You are a
+ * helpful AI assistant named SmolLM, trained by Hugging Face") when the first message is not a
+ * system message. TOK_CHAT_CHATML_PLAIN is ChatML without any default system prompt.
+ * Where a template starts with the BOS text (Llama 3, Llama 2's first turn) the rendered string
+ * leaves it out: encode it with add_bos = tok_add_bos(v) and parse_special = true. */
+typedef enum {
+    TOK_CHAT_NONE = 0, TOK_CHAT_CHATML, TOK_CHAT_LLAMA3, TOK_CHAT_LLAMA2, TOK_CHAT_ZEPHYR,
+    TOK_CHAT_CHATML_PLAIN,
+} tok_chat_kind;
 typedef struct {
-    const char *role;    /* "system", "user", "assistant" */
+    const char *role;    /* "system", "user", "assistant" (ChatML and Llama 3 accept any role) */
     const char *content;
 } tok_msg;
-/* Pick the template matching tokenizer.chat_template (name != NULL overrides: "chatml",
- * "llama3", "llama2", "zephyr"). Unknown template or name -> HY_EUNSUPPORTED, clear message. */
+/* Pick the template matching tokenizer.chat_template by its distinctive text: '<|im_start|>'
+ * ChatML (SmolLM2's when it carries SmolLM2's default system prompt, else plain),
+ * '<|start_header_id|>' Llama 3, '[INST]' Llama 2, '<|user|>' Zephyr. name != NULL overrides:
+ * "chatml", "chatml-plain", "llama3", "llama2", "zephyr". Unknown template or name ->
+ * HY_EUNSUPPORTED; no template in the file and no name -> HY_ENOTFOUND; clear messages. */
 int tok_chat_detect(const gguf_file *f, const char *name, tok_chat_kind *out);
 /* Render messages the way the model's template does (ChatML for SmolLM2 includes its default
  * system prompt when the first message is not a system message), optionally ending with the
- * assistant generation prompt. *out malloc'ed, owned by the caller. */
+ * assistant generation prompt. *out malloc'ed, owned by the caller. HY_EINVAL for messages the
+ * template refuses (Llama 2: roles must alternate user/assistant after an optional system;
+ * Llama 2 and Zephyr: roles other than system/user/assistant). */
 int tok_chat_apply(tok_chat_kind kind, const tok_msg *msgs, int n, bool add_generation_prompt,
                    char **out);
+/* Short name of a kind ("chatml", ...), "none" for TOK_CHAT_NONE. */
+const char *tok_chat_name(tok_chat_kind kind);
 
 #endif
