@@ -166,44 +166,142 @@ void q_avx2_act_quantize(uint32_t type, const float *X, int64_t cols, int n_tok,
  *   y += (dw * da) * dot(u, a) + mw * s     (u: unsigned nibbles; Q4_0: mw = -8 dw; Q8_0: no mw)
  * The mw * s terms of a row are summed at the end as one vector dot product over blocks. */
 
+/* one weight block against NT tokens, accumulated into acc[] */
+QK_AI void kq8_blk(const uint32_t WT, const int NT, const uint8_t *q, const float *dwb,
+                   const int8_t *const *aq, const float *const *ad, int b, __m256 *acc)
+{
+    const __m256i m0f = _mm256_set1_epi8(0x0f), sh = _mm256_setr_epi64x(0, 0, 4, 4);
+    __m256i w = _mm256_setzero_si256(), u;
+    if (WT == Q_Q8_0) {
+        w = ld256(q);
+        u = _mm256_abs_epi8(w);
+    } else {
+        u = _mm256_and_si256(_mm256_srlv_epi64(_mm256_broadcastsi128_si256(ld128(q)), sh), m0f);
+    }
+    __m256 vd = _mm256_broadcast_ss(dwb);
+    _Pragma("GCC unroll 4")
+    for (int t = 0; t < NT; t++) {
+        __m256i a = ld256(aq[t] + 32 * b);
+        if (WT == Q_Q8_0)
+            a = _mm256_sign_epi8(a, w);
+        __m256 sc = _mm256_mul_ps(vd, _mm256_broadcast_ss(ad[t] + b));
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_us(u, a)), sc, acc[t]);
+    }
+}
+
 QK_AI void kq8(const uint32_t WT, const int NT, const uint8_t *wb, const float *dw, const float *mw,
                int nc, const uint8_t *a0, size_t arb, int64_t c0, int64_t nb, float *out)
 {
     const size_t wbb = WT == Q_Q8_0 ? 34 : WT == Q_Q4_0 ? 18 : 20;
     const size_t qoff = WT == Q_Q4_1 ? 4 : 2;
-    const __m256i m0f = _mm256_set1_epi8(0x0f), sh = _mm256_setr_epi64x(0, 0, 4, 4);
     const int8_t *aq[QK_NT];
     const float *ad[QK_NT];
-    __m256 acc[QK_NT];
+    /* two accumulator sets (even and odd blocks) so that one token's chain of dependent
+     * multiply-adds does not set the pace */
+    __m256 acc0[QK_NT], acc1[QK_NT];
+    _Pragma("GCC unroll 4")
     for (int t = 0; t < NT; t++) {
         const uint8_t *row = a0 + arb * (size_t)t;
         aq[t] = (const int8_t *)row + 32 * c0;
         ad[t] = (const float *)(row + nb * 32) + c0;
-        acc[t] = _mm256_setzero_ps();
+        acc0[t] = _mm256_setzero_ps();
+        acc1[t] = _mm256_setzero_ps();
     }
-    for (int b = 0; b < nc; b++) {
-        const uint8_t *q = wb + wbb * (size_t)b + qoff;
-        __m256i w = _mm256_setzero_si256(), u;
-        if (WT == Q_Q8_0) {
-            w = ld256(q);
-            u = _mm256_abs_epi8(w);
-        } else {
-            u = _mm256_and_si256(_mm256_srlv_epi64(_mm256_broadcastsi128_si256(ld128(q)), sh), m0f);
-        }
-        __m256 vd = _mm256_broadcast_ss(dw + b);
-        for (int t = 0; t < NT; t++) {
-            __m256i a = ld256(aq[t] + 32 * b);
-            if (WT == Q_Q8_0)
-                a = _mm256_sign_epi8(a, w);
-            __m256 sc = _mm256_mul_ps(vd, _mm256_broadcast_ss(ad[t] + b));
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_us(u, a)), sc, acc[t]);
-        }
+    int b = 0;
+    for (; b + 1 < nc; b += 2) {
+        kq8_blk(WT, NT, wb + wbb * (size_t)b + qoff, dw + b, aq, ad, b, acc0);
+        kq8_blk(WT, NT, wb + wbb * (size_t)(b + 1) + qoff, dw + b + 1, aq, ad, b + 1, acc1);
     }
+    if (b < nc)
+        kq8_blk(WT, NT, wb + wbb * (size_t)b + qoff, dw + b, aq, ad, b, acc0);
+    _Pragma("GCC unroll 4")
     for (int t = 0; t < NT; t++) {
         float m = WT == Q_Q8_0 ? 0.0f : dotf(mw, ad[t] + nb, nc);
-        out[t] = hsum8(acc[t]) + m;
+        out[t] = hsum8(_mm256_add_ps(acc0[t], acc1[t])) + m;
     }
 }
+
+#if QK_VNNI
+/* Q4_0/Q4_1 with 512-bit VNNI: two weight blocks per vector. The fp16 (d, m) pairs of both
+ * blocks are converted together and multiplied by the tokens' (d, s) pairs in one go:
+ * [dA daA, mA sA, dB daB, mB sB]; lanes 0/2 scale the integer sums, lanes 1/3 are the min terms. */
+QK_AI void kq8z(const uint32_t WT, const int NT, const uint8_t *wb, int nc, const uint8_t *a0,
+                size_t arb, int64_t c0, int64_t nb, float *out)
+{
+    const size_t wbb = WT == Q_Q4_0 ? 18 : 20, qoff = WT == Q_Q4_1 ? 4 : 2;
+    const __m512i m0f = _mm512_set1_epi8(0x0f), sh = _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4);
+    const __m512i pidx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+    const __m128 m8 = _mm_setr_ps(1.0f, -8.0f, 1.0f, -8.0f);
+    const int8_t *aq[QK_NT];
+    const float *ad[QK_NT];
+    __m512 acc[QK_NT];
+    __m128 macc[QK_NT];
+    _Pragma("GCC unroll 4")
+    for (int t = 0; t < NT; t++) {
+        const uint8_t *row = a0 + arb * (size_t)t;
+        aq[t] = (const int8_t *)row + 32 * c0;
+        ad[t] = (const float *)(row + nb * 32) + c0;
+        acc[t] = _mm512_setzero_ps();
+        macc[t] = _mm_setzero_ps();
+    }
+    int b = 0;
+    for (; b + 2 <= nc; b += 2) {
+        const uint8_t *pa = wb + wbb * (size_t)b, *pb = pa + wbb;
+        __m256i ya = _mm256_broadcastsi128_si256(ld128(pa + qoff));
+        __m256i yb = _mm256_broadcastsi128_si256(ld128(pb + qoff));
+        __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(ya), yb, 1);
+        u = _mm512_and_si512(_mm512_srlv_epi64(u, sh), m0f);
+        int32_t xa, xb;
+        __m128 dm;
+        if (WT == Q_Q4_1) {
+            memcpy(&xa, pa, 4);
+            memcpy(&xb, pb, 4);
+            dm = _mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128(xa), xb, 1));
+        } else {
+            uint16_t ha, hb;
+            memcpy(&ha, pa, 2);
+            memcpy(&hb, pb, 2);
+            xa = (int32_t)((uint32_t)ha * 0x10001u);
+            xb = (int32_t)((uint32_t)hb * 0x10001u);
+            dm = _mm_mul_ps(_mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128(xa), xb, 1)), m8);
+        }
+        _Pragma("GCC unroll 4")
+        for (int t = 0; t < NT; t++) {
+            __m128 da2 = _mm_castpd_ps(_mm_load_sd((const double *)(ad[t] + b)));
+            __m128 s2 = _mm_castpd_ps(_mm_load_sd((const double *)(ad[t] + nb + b)));
+            __m128 p = _mm_mul_ps(dm, _mm_unpacklo_ps(da2, s2));
+            macc[t] = _mm_add_ps(macc[t], p);
+            __m512 sc = _mm512_permutexvar_ps(pidx, _mm512_castps128_ps512(p));
+            __m512i a = _mm512_loadu_si512(aq[t] + 32 * b);
+            __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, a);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc[t]);
+        }
+    }
+    float tail[QK_NT] = {0};
+    if (b < nc) {
+        const uint8_t *pa = wb + wbb * (size_t)b;
+        __m256i u = _mm256_and_si256(_mm256_srlv_epi64(_mm256_broadcastsi128_si256(ld128(pa + qoff)),
+                                                       _mm256_setr_epi64x(0, 0, 4, 4)),
+                                     _mm256_set1_epi8(0x0f));
+        float d = ld_h(pa), m = WT == Q_Q4_1 ? ld_h(pa + 2) : -8.0f * d;
+        for (int t = 0; t < NT; t++)
+            tail[t] = (float)hsum8i(dot_us(u, ld256(aq[t] + 32 * b))) * (d * ad[t][b]) + m * ad[t][nb + b];
+    }
+    _Pragma("GCC unroll 4")
+    for (int t = 0; t < NT; t++) {
+        __m128 mm = _mm_add_ps(macc[t], _mm_movehl_ps(macc[t], macc[t]));
+        out[t] = _mm512_reduce_add_ps(acc[t]) + _mm_cvtss_f32(_mm_movehdup_ps(mm)) + tail[t];
+    }
+}
+
+#define KQ8Z_TILE(WT)                                                                  \
+    switch (nt) {                                                                      \
+    case 1: kq8z(WT, 1, wb, nc, a0, arb, c0, nb, out); break;                          \
+    case 2: kq8z(WT, 2, wb, nc, a0, arb, c0, nb, out); break;                          \
+    case 3: kq8z(WT, 3, wb, nc, a0, arb, c0, nb, out); break;                          \
+    default: kq8z(WT, 4, wb, nc, a0, arb, c0, nb, out); break;                         \
+    }
+#endif
 
 #define KQ8_TILE(WT)                                                                   \
     switch (nt) {                                                                      \
@@ -225,7 +323,7 @@ static void mm_q8(uint32_t type, const uint8_t *W, int64_t cols, const uint8_t *
         for (int64_t c0 = 0; c0 < nb; c0 += QK_CH) {
             const int nc = (int)(nb - c0 < QK_CH ? nb - c0 : QK_CH);
             const uint8_t *wb = wr + wbb * (size_t)c0;
-            for (int b = 0; b < nc; b++) {
+            for (int b = 0; b < nc && (!QK_VNNI || type == Q_Q8_0); b++) {
                 const uint8_t *blk = wb + wbb * (size_t)b;
                 if (type == Q_Q4_1) {
                     int32_t dm;
@@ -241,11 +339,19 @@ static void mm_q8(uint32_t type, const uint8_t *W, int64_t cols, const uint8_t *
             for (int t0 = 0; t0 < n_tok; t0 += QK_NT) {
                 const int nt = n_tok - t0 < QK_NT ? n_tok - t0 : QK_NT;
                 const uint8_t *a0 = act + arb * (size_t)t0;
+#if QK_VNNI
+                if (type == Q_Q4_1) {
+                    KQ8Z_TILE(Q_Q4_1)
+                } else if (type == Q_Q4_0) {
+                    KQ8Z_TILE(Q_Q4_0)
+                } else {
+#else
                 if (type == Q_Q4_1) {
                     KQ8_TILE(Q_Q4_1)
                 } else if (type == Q_Q4_0) {
                     KQ8_TILE(Q_Q4_0)
                 } else {
+#endif
                     KQ8_TILE(Q_Q8_0)
                 }
                 for (int t = 0; t < nt; t++) {
@@ -279,6 +385,7 @@ QK_AI void kq4k(const int NT, const uint8_t *wr, int64_t nb, const uint8_t *a0, 
     const float *ad[QK_NT];
     const int16_t *bs[QK_NT];
     __m256 acc[QK_NT];
+    _Pragma("GCC unroll 4")
     for (int t = 0; t < NT; t++) {
         const uint8_t *row = a0 + arb * (size_t)t;
         aq[t] = (const int8_t *)row;
@@ -294,18 +401,22 @@ QK_AI void kq4k(const int NT, const uint8_t *wr, int64_t nb, const uint8_t *a0, 
         __m128i m8 = _mm_loadl_epi64((const __m128i *)mn);
         __m256i mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));
         __m256i is[QK_NT];
+        _Pragma("GCC unroll 4")
         for (int t = 0; t < NT; t++)
             is[t] = _mm256_setzero_si256();
+        _Pragma("GCC unroll 4")
         for (int g = 0; g < 4; g++) {
             __m256i q = ld256(blk + 16 + 32 * g);
             __m256i lo = _mm256_and_si256(q, m0f), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m0f);
             __m256i slo = _mm256_set1_epi16(sc[2 * g]), shi = _mm256_set1_epi16(sc[2 * g + 1]);
+            _Pragma("GCC unroll 4")
             for (int t = 0; t < NT; t++) {
                 const int8_t *a = aq[t] + 256 * b + 64 * g;
                 is[t] = madd_acc(is[t], _mm256_maddubs_epi16(lo, ld256(a)), slo);
                 is[t] = madd_acc(is[t], _mm256_maddubs_epi16(hi, ld256(a + 32)), shi);
             }
         }
+        _Pragma("GCC unroll 4")
         for (int t = 0; t < NT; t++) {
             __m256i ms = _mm256_madd_epi16(ld256(bs[t] + 16 * b), mins);
             float da = ad[t][b];
@@ -313,6 +424,7 @@ QK_AI void kq4k(const int NT, const uint8_t *wr, int64_t nb, const uint8_t *a0, 
             acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(ms), _mm256_set1_ps(dmin * da), acc[t]);
         }
     }
+    _Pragma("GCC unroll 4")
     for (int t = 0; t < NT; t++)
         out[t] = hsum8(acc[t]);
 }
@@ -325,6 +437,7 @@ QK_AI void kq6k(const int NT, const uint8_t *wr, int64_t nb, const uint8_t *a0, 
     const float *ad[QK_NT];
     const int16_t *bs[QK_NT];
     __m256 acc[QK_NT];
+    _Pragma("GCC unroll 4")
     for (int t = 0; t < NT; t++) {
         const uint8_t *row = a0 + arb * (size_t)t;
         aq[t] = (const int8_t *)row;
@@ -337,8 +450,10 @@ QK_AI void kq6k(const int NT, const uint8_t *wr, int64_t nb, const uint8_t *a0, 
         const float d = ld_h(blk + 208);
         const __m128i sc8 = ld128(blk + 192);
         __m256i is[QK_NT];
+        _Pragma("GCC unroll 4")
         for (int t = 0; t < NT; t++)
             is[t] = _mm256_setzero_si256();
+        _Pragma("GCC unroll 2")
         for (int n = 0; n < 2; n++) {
             __m256i ql0 = ld256(blk + 64 * n), ql1 = ld256(blk + 64 * n + 32);
             __m256i qh = ld256(blk + 128 + 32 * n);
@@ -348,18 +463,22 @@ QK_AI void kq6k(const int NT, const uint8_t *wr, int64_t nb, const uint8_t *a0, 
             q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m0f), _mm256_and_si256(qh, m30));
             q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m0f),
                                    _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
+            _Pragma("GCC unroll 4")
             for (int k = 0; k < 4; k++) {
                 char g0 = (char)(8 * n + 2 * k), g1 = (char)(g0 + 1);
                 __m128i idx = _mm_setr_epi8(g0, g0, g0, g0, g0, g0, g0, g0, g1, g1, g1, g1, g1, g1, g1, g1);
                 sv[k] = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, idx));
             }
+            _Pragma("GCC unroll 4")
             for (int t = 0; t < NT; t++) {
                 const int8_t *a = aq[t] + 256 * b + 128 * n;
+                _Pragma("GCC unroll 4")
                 for (int k = 0; k < 4; k++)
                     is[t] = madd_acc(is[t], _mm256_maddubs_epi16(q[k], ld256(a + 32 * k)), sv[k]);
             }
         }
         const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
+        _Pragma("GCC unroll 4")
         for (int t = 0; t < NT; t++) {
             /* the stored values are q + 32: take 32 * sum(scale * bsum) back off */
             __m256i corr = _mm256_madd_epi16(ld256(bs[t] + 16 * b), sc16);
@@ -367,6 +486,7 @@ QK_AI void kq6k(const int NT, const uint8_t *wr, int64_t nb, const uint8_t *a0, 
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(d * ad[t][b]), acc[t]);
         }
     }
+    _Pragma("GCC unroll 4")
     for (int t = 0; t < NT; t++)
         out[t] = hsum8(acc[t]);
 }
@@ -432,6 +552,7 @@ QK_AI void kf(const uint32_t WT, const int NT, const uint8_t *w, int64_t cols, c
 {
     const float *a[QK_NT];
     __m256 acc[QK_NT];
+    _Pragma("GCC unroll 4")
     for (int t = 0; t < NT; t++) {
         a[t] = (const float *)(a0 + arb * (size_t)t);
         acc[t] = _mm256_setzero_ps();
@@ -439,9 +560,11 @@ QK_AI void kf(const uint32_t WT, const int NT, const uint8_t *w, int64_t cols, c
     int64_t c = 0;
     for (; c + 8 <= cols; c += 8) {
         __m256 v = ldw8(WT, w, c);
+        _Pragma("GCC unroll 4")
         for (int t = 0; t < NT; t++)
             acc[t] = _mm256_fmadd_ps(v, _mm256_loadu_ps(a[t] + c), acc[t]);
     }
+    _Pragma("GCC unroll 4")
     for (int t = 0; t < NT; t++) {
         float s = hsum8(acc[t]);
         for (int64_t k = c; k < cols; k++)

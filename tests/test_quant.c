@@ -399,7 +399,7 @@ static void check_matmul_type(uint32_t type)
     /* odd row counts; column counts that cross the kernels' 64-block chunk and, for float types,
      * leave a tail after the 8-wide loop */
     const int64_t rows = 37, r0 = 2, r1 = 35;
-    const int64_t cols = type == Q_Q4_K || type == Q_Q6_K ? 768 : q_block_elems(type) == 32 ? 2240 : 77;
+    const int64_t cols = type == Q_Q4_K || type == Q_Q6_K ? 768 : q_block_elems(type) == 32 ? 2272 : 77; /* 71 blocks: odd tail */
     const int ntoks[] = {1, 3, 4, 7, 33};
     const int64_t ldy = rows + 5;
     size_t wrb;
