@@ -28,6 +28,10 @@
 typedef struct {
     be_cpu cpu;  /* must be first: be_cpu_hydra.c sees the backend as a be_cpu */
     int n_threads;
+    /* HY_CPU_PRECISE=1: weights are also kept dequantised to fp32 and matmuls multiply fp32
+     * activations instead of quantising them (4x the memory; the golden tests use it to check
+     * the model's math to fp32 precision, apart from the fp16 KV cache). */
+    bool precise;
     /* quantised activations of the current matmul (grown, never shrunk) */
     void *act;
     size_t act_cap;
@@ -45,6 +49,7 @@ struct be_weight {
     int64_t rows, cols;
     size_t row_bytes;
     const uint8_t *data; /* not owned: inside the caller's mapping */
+    float *f32;          /* owned; precise mode only: the dequantised matrix */
 };
 
 static cpu_ctx *cpu_of(be *b) { return (cpu_ctx *)b; }
@@ -168,11 +173,26 @@ static int cpu_weight_create(be *b, uint32_t type, int64_t rows, int64_t cols, c
     w->cols = cols;
     w->row_bytes = rb;
     w->data = data;
+    if (cpu_of(b)->precise) {
+        size_t n;
+        if (hy_mul_size((size_t)rows, (size_t)cols, &n) || hy_mul_size(n, sizeof(float), &n) ||
+            !(w->f32 = malloc(n))) {
+            free(w);
+            return hy_err_set(HY_ENOMEM, "out of memory (precise mode keeps fp32 weights)");
+        }
+        for (int64_t r = 0; r < rows; r++)
+            q_dequant_row(type, w->data + (size_t)r * rb, w->f32 + (size_t)r * cols, cols);
+    }
     *out = w;
     return HY_OK;
 }
 
-static void cpu_weight_free(be *b, be_weight *w) { free(w); }
+static void cpu_weight_free(be *b, be_weight *w)
+{
+    if (w)
+        free(w->f32);
+    free(w);
+}
 
 /* ------------------------------------------------------------------ matmul */
 
@@ -212,12 +232,68 @@ static void cpu_mm_rows_fn(void *ctx, int ith, int nth)
     }
 }
 
+static float cpu_dot_scalar(const float *a, const float *b, int64_t n)
+{
+    float s[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++)
+            s[k] += a[i + k] * b[i + k];
+    for (; i < n; i++)
+        s[0] += a[i] * b[i];
+    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+}
+
+#if CPU_X86
+CPU_AVX2 static float cpu_dot_avx2(const float *a, const float *b, int64_t n)
+{
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    float s = v8_hsum(_mm256_add_ps(s0, s1));
+    for (; i < n; i++)
+        s += a[i] * b[i];
+    return s;
+}
+#endif
+
+static void cpu_mm_precise_fn(void *ctx, int ith, int nth)
+{
+    cpu_mm_job *j = ctx;
+    const be_weight *w = j->w;
+    int64_t r0 = ith * j->row_step, r1 = HY_MIN(w->rows, r0 + j->row_step);
+    bool avx = cpu_use_avx2();
+    for (int64_t r = r0; r < r1; r++) {
+        const float *wr = w->f32 + (size_t)r * w->cols;
+        for (int t = 0; t < j->n_tok; t++) {
+            const float *x = j->x + (size_t)t * w->cols;
+#if CPU_X86
+            float v = avx ? cpu_dot_avx2(wr, x, w->cols) : cpu_dot_scalar(wr, x, w->cols);
+#else
+            (void)avx;
+            float v = cpu_dot_scalar(wr, x, w->cols);
+#endif
+            j->y[(size_t)t * w->rows + r] = v;
+        }
+    }
+}
+
 static int cpu_matmul(be *b, const be_weight *w, const float *x, int n_tok, float *y)
 {
     cpu_ctx *c = cpu_of(b);
     if (n_tok <= 0)
         return HY_OK;
     cpu_mm_job j = {.w = w, .x = x, .n_tok = n_tok, .y = y};
+    if (w->f32) {
+        int nth = tp_threads(c->cpu.pool);
+        int64_t step = (w->rows + nth - 1) / nth;
+        j.row_step = (step + 15) & ~(int64_t)15;
+        tp_run(c->cpu.pool, cpu_mm_precise_fn, &j);
+        return HY_OK;
+    }
     j.act_row = q_act_row_bytes(w->type, w->cols);
     int rc = cpu_grow(&c->act, &c->act_cap, q_act_bytes(w->type, w->cols, n_tok));
     if (rc)
@@ -713,7 +789,8 @@ static const be_ops cpu_ops = {
     .hydra = cpu_hydra,
 };
 
-/* n_threads <= 0: one worker per online core. *out is freed with (*out)->ops->destroy. */
+/* n_threads <= 0: one worker per online core. *out is freed with (*out)->ops->destroy.
+ * HY_CPU_PRECISE=1 in the environment selects fp32-activation matmuls (see cpu_ctx). */
 int be_cpu_create(int n_threads, be **out)
 {
     *out = NULL;
@@ -727,6 +804,8 @@ int be_cpu_create(int n_threads, be **out)
     }
     c->cpu.base.ops = &cpu_ops;
     c->n_threads = tp_threads(c->cpu.pool);
+    const char *prec = getenv("HY_CPU_PRECISE");
+    c->precise = prec && prec[0] && strcmp(prec, "0");
     *out = &c->cpu.base;
     return HY_OK;
 }
