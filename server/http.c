@@ -491,6 +491,22 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
 
 static void stream_free(void *cls) { conn_unref(cls); }
 
+/* Whole answer: stay suspended until the engine says the request is finished (each engine
+ * event resumes the connection; the handler then comes back here). */
+static enum MHD_Result wait_or_answer(conn *c, struct MHD_Connection *mc)
+{
+    pthread_mutex_lock(&c->mu);
+    sched_req_lock(c->req);
+    bool fin = sched_req_finished(c->req);
+    sched_req_unlock(c->req);
+    if (!fin) {
+        c->suspended = true;
+        MHD_suspend_connection(mc);
+    }
+    pthread_mutex_unlock(&c->mu);
+    return fin ? answer_whole(c, mc) : MHD_YES;
+}
+
 static enum MHD_Result start_generation(conn *c, struct MHD_Connection *mc, api_kind kind)
 {
     srv *s = c->s;
@@ -573,18 +589,8 @@ static enum MHD_Result start_generation(conn *c, struct MHD_Connection *mc, api_
         srv_metrics_status(&s->metrics, 200);
         return ret;
     }
-    /* Whole answer: wait suspended until the engine says it is finished. */
     c->state = R_DONE_WAIT;
-    pthread_mutex_lock(&c->mu);
-    sched_req_lock(r);
-    bool fin = sched_req_finished(r);
-    sched_req_unlock(r);
-    if (!fin) {
-        c->suspended = true;
-        MHD_suspend_connection(mc);
-    }
-    pthread_mutex_unlock(&c->mu);
-    return fin ? answer_whole(c, mc) : MHD_YES;
+    return wait_or_answer(c, mc);
 }
 
 /* ---------- admin and info ---------- */
@@ -728,7 +734,9 @@ static enum MHD_Result metrics_page(conn *c, struct MHD_Connection *mc)
 {
     srv *s = c->s;
     sched_stats st;
-    sched_get_stats(s->sched, &st);
+    memset(&st, 0, sizeof st);
+    if (atomic_load(&s->ready))
+        sched_get_stats(s->sched, &st);
     srv_gauges g = {st.waiting_reqs, st.running_seqs, st.kv_used, st.kv_total,
                     s->reg ? ad_reg_count(s->reg) : 0, s->cfg.max_loras, st.preemptions, st.steps,
                     st.running_adapters, st.waiting_adapters, s->cfg.served_name};
@@ -797,7 +805,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
         return MHD_YES;
     }
     if (c->state == R_DONE_WAIT)
-        return answer_whole(c, mc);
+        return wait_or_answer(c, mc);
     if (*upload_size) {
         if (!c->too_big && c->len + *upload_size <= s->cfg.max_body) {
             if (c->len + *upload_size + 1 > c->cap) {

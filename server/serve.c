@@ -1,0 +1,600 @@
+/* serve.c - `hydrad serve`: flags, model + tokenizer + KV cache + adapter registry set-up, the
+ * engine glue the scheduler calls (forward, sampling, detokenising, adapter residency with LRU
+ * eviction), then the HTTP server until SIGINT/SIGTERM. Only main-side wiring lives here. */
+#include "adapters/registry.h"
+#include "engine/backend.h"
+#include "engine/gguf.h"
+#include "engine/hy.h"
+#include "engine/model.h"
+#include "engine/scheduler.h"
+#include "engine/tokenizer.h"
+#include "server/cli.h"
+#include "server/http.h"
+
+#include <getopt.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_ADAPTER_ARGS 64
+#define MAX_RESIDENT 64
+
+/* ---------- engine glue (engine thread only, except where noted) ---------- */
+
+typedef struct {
+    ad_adapter *a;
+    int users;
+    double last;
+    bool pinned;         /* the glue's own pin keeps an uploaded adapter alive */
+    char name[AD_NAME_MAX];
+} resident;
+
+typedef struct {
+    srv *s;
+    eng_model *m;
+    eng_kv *kv;
+    be *b;
+    tok_vocab *v;
+    ad_registry *reg;
+    int max_loras;
+    int n_vocab;
+    resident res[MAX_RESIDENT];
+    int n_res;
+    double last_stats;
+    char name_buf[AD_NAME_MAX];
+} glue;
+
+typedef struct {
+    tok_detok dt;
+    sched_sampling sp;
+    uint64_t rng;
+    float *probs;        /* [n_vocab] scratch */
+    int32_t *idx;
+} seq_state;
+
+static int g_forward(void *ctx, const eng_batch *b, float *logits)
+{
+    glue *g = ctx;
+    return eng_forward(g->m, g->kv, b, logits);
+}
+
+static uint64_t splitmix(uint64_t *x)
+{
+    uint64_t z = (*x += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static int g_seq_init(void *ctx, const sched_sampling *p, int choice, void **state)
+{
+    glue *g = ctx;
+    seq_state *st = calloc(1, sizeof *st);
+    if (!st)
+        return hy_err_set(HY_ENOMEM, "out of memory");
+    st->probs = malloc((size_t)g->n_vocab * sizeof(float));
+    st->idx = malloc((size_t)g->n_vocab * sizeof(int32_t));
+    if (!st->probs || !st->idx) {
+        free(st->probs);
+        free(st->idx);
+        free(st);
+        return hy_err_set(HY_ENOMEM, "out of memory");
+    }
+    tok_detok_init(&st->dt, g->v);
+    st->sp = *p;
+    uint64_t seed = p->has_seed ? p->seed : ((uint64_t)time(NULL) ^ (uint64_t)(uintptr_t)st);
+    st->rng = seed + 0x1234567ull * (uint64_t)(choice + 1);
+    *state = st;
+    return HY_OK;
+}
+
+static void g_seq_free(void *ctx, void *state)
+{
+    seq_state *st = state;
+    (void)ctx;
+    if (!st)
+        return;
+    free(st->probs);
+    free(st->idx);
+    free(st);
+}
+
+static const float *g_cmp_base;
+static int cmp_desc(const void *a, const void *b)
+{
+    float x = g_cmp_base[*(const int32_t *)a], y = g_cmp_base[*(const int32_t *)b];
+    return x < y ? 1 : x > y ? -1 : 0;
+}
+
+/* Sampling: penalties, temperature, top-k, top-p, min-p, seeded RNG; logprobs of the
+ * unmodified distribution. (Engine thread only: uses the static comparator base.) */
+static int g_sample(void *ctx, void *state, const float *logits, const int32_t *toks, int n_prompt, int n_toks,
+                    sched_sample *out)
+{
+    glue *g = ctx;
+    seq_state *st = state;
+    const sched_sampling *sp = &st->sp;
+    int V = g->n_vocab;
+    float *p = st->probs;
+    memcpy(p, logits, (size_t)V * sizeof(float));
+    /* penalties over generated tokens (presence/frequency) and all tokens (repetition) */
+    if (sp->repetition_penalty != 1.0 || sp->presence_penalty != 0.0 || sp->frequency_penalty != 0.0) {
+        int32_t *cnt = st->idx;
+        memset(cnt, 0, (size_t)V * sizeof(int32_t));
+        for (int i = n_prompt; i < n_toks; i++)
+            if (toks[i] >= 0 && toks[i] < V)
+                cnt[toks[i]]++;
+        for (int i = 0; i < n_toks; i++) {
+            int t = toks[i];
+            if (t < 0 || t >= V || p[t] != logits[t])
+                continue; /* penalise each token once */
+            if (sp->repetition_penalty != 1.0)
+                p[t] = p[t] > 0 ? p[t] / (float)sp->repetition_penalty : p[t] * (float)sp->repetition_penalty;
+            if (cnt[t])
+                p[t] -= (float)(sp->presence_penalty + sp->frequency_penalty * cnt[t]);
+        }
+    }
+    /* log-softmax of the raw logits for logprobs */
+    float mx = logits[0];
+    for (int i = 1; i < V; i++)
+        mx = logits[i] > mx ? logits[i] : mx;
+    double z = 0;
+    for (int i = 0; i < V; i++)
+        z += exp((double)(logits[i] - mx));
+    float lse = mx + (float)log(z);
+    int32_t best = 0;
+    for (int i = 1; i < V; i++)
+        if (p[i] > p[best])
+            best = i;
+    int32_t tok = best;
+    if (sp->temperature > 0) {
+        for (int i = 0; i < V; i++)
+            st->idx[i] = i;
+        g_cmp_base = p;
+        int k = sp->top_k > 0 && sp->top_k < V ? sp->top_k : V;
+        qsort(st->idx, (size_t)V, sizeof(int32_t), cmp_desc);
+        double sum = 0;
+        float pm = p[st->idx[0]];
+        float *w = malloc((size_t)k * sizeof(float));
+        if (!w)
+            return hy_err_set(HY_ENOMEM, "out of memory");
+        for (int i = 0; i < k; i++) {
+            w[i] = (float)exp((double)(p[st->idx[i]] - pm) / sp->temperature);
+            sum += w[i];
+        }
+        int n = 0;
+        double cum = 0;
+        for (; n < k; n++) {
+            if (sp->min_p > 0 && w[n] < sp->min_p * w[0])
+                break;
+            cum += w[n] / sum;
+            if (cum >= sp->top_p) {
+                n++;
+                break;
+            }
+        }
+        if (n < 1)
+            n = 1;
+        double tot = 0;
+        for (int i = 0; i < n; i++)
+            tot += w[i];
+        double u = (double)(splitmix(&st->rng) >> 11) * (1.0 / 9007199254740992.0) * tot;
+        tok = st->idx[n - 1];
+        for (int i = 0; i < n; i++) {
+            u -= w[i];
+            if (u <= 0) {
+                tok = st->idx[i];
+                break;
+            }
+        }
+        free(w);
+    }
+    out->token = tok;
+    out->logprob = logits[tok] - lse;
+    out->n_top = 0;
+    if (sp->logprobs && sp->top_logprobs > 0) {
+        int n = HY_MIN(sp->top_logprobs, SCHED_MAX_TOP);
+        for (int k = 0; k < n; k++) {
+            int32_t bi = -1;
+            for (int i = 0; i < V; i++) {
+                bool taken = false;
+                for (int j = 0; j < k; j++)
+                    taken |= out->top_id[j] == i;
+                if (!taken && (bi < 0 || logits[i] > logits[bi]))
+                    bi = i;
+            }
+            out->top_id[k] = bi;
+            out->top_lp[k] = logits[bi] - lse;
+        }
+        out->n_top = n;
+    }
+    return HY_OK;
+}
+
+static size_t g_detok(void *ctx, void *state, int32_t tok, char *buf, size_t cap)
+{
+    (void)ctx;
+    return tok_detok_push(&((seq_state *)state)->dt, tok, buf, cap);
+}
+
+static size_t g_detok_flush(void *ctx, void *state, char *buf, size_t cap)
+{
+    (void)ctx;
+    return tok_detok_flush(&((seq_state *)state)->dt, buf, cap);
+}
+
+static bool g_is_eog(void *ctx, int32_t tok) { return tok_is_eog(((glue *)ctx)->v, tok); }
+
+static void unload_resident(glue *g, int i)
+{
+    resident *r = &g->res[i];
+    ad_unupload(r->a);
+    if (r->pinned)
+        ad_reg_unpin(g->reg, r->a);
+    g->res[i] = g->res[--g->n_res];
+}
+
+static int g_acquire(void *ctx, void *adapter, const eng_adapter **out)
+{
+    glue *g = ctx;
+    ad_adapter *a = adapter;
+    int i = 0;
+    while (i < g->n_res && g->res[i].a != a)
+        i++;
+    if (i == g->n_res) {
+        if (g->n_res >= g->max_loras || g->n_res == MAX_RESIDENT) {
+            int lru = -1;
+            for (int k = 0; k < g->n_res; k++)
+                if (g->res[k].users == 0 && (lru < 0 || g->res[k].last < g->res[lru].last))
+                    lru = k;
+            if (lru < 0)
+                return HY_EBUSY;
+            unload_resident(g, lru);
+        }
+        int rc = ad_upload(a, g->b);
+        if (rc)
+            return rc;
+        resident *r = &g->res[g->n_res++];
+        memset(r, 0, sizeof *r);
+        r->a = a;
+        const char *nm = srv_adapter_name(g->s, a, r->name, sizeof r->name);
+        ad_adapter *again = NULL;
+        if (nm && ad_reg_pin(g->reg, r->name, &again) == 0) {
+            if (again == a)
+                r->pinned = true;
+            else
+                ad_reg_unpin(g->reg, again);
+        }
+        i = g->n_res - 1;
+    }
+    g->res[i].users++;
+    g->res[i].last = hy_now();
+    *out = ad_eng(a);
+    return HY_OK;
+}
+
+static void g_release(void *ctx, void *adapter, uint64_t n_tokens)
+{
+    glue *g = ctx;
+    for (int i = 0; i < g->n_res; i++)
+        if (g->res[i].a == adapter) {
+            g->res[i].users--;
+            g->res[i].last = hy_now();
+            ad_count_tokens(g->res[i].a, n_tokens);
+            if (!g->res[i].pinned && g->res[i].users == 0)
+                unload_resident(g, i); /* no pin of ours: it must not outlive the requests' pins */
+            return;
+        }
+}
+
+static const char *g_name(void *ctx, void *adapter)
+{
+    glue *g = ctx;
+    return srv_adapter_name(g->s, adapter, g->name_buf, sizeof g->name_buf);
+}
+
+/* Drop residents being unloaded; snapshot router statistics for GET /v1/adapters. */
+static void g_housekeeping(void *ctx)
+{
+    glue *g = ctx;
+    for (int i = 0; i < g->n_res;) {
+        ad_reg_info info;
+        resident *r = &g->res[i];
+        if (r->users == 0 && (ad_reg_info_get(g->reg, r->name, &info) != 0 || info.state == AD_DRAINING)) {
+            unload_resident(g, i);
+            continue;
+        }
+        i++;
+    }
+    ad_reg_collect(g->reg);
+    double now = hy_now();
+    if (now - g->last_stats < 0.25)
+        return;
+    g->last_stats = now;
+    srv *s = g->s;
+    pthread_mutex_lock(&s->mu);
+    s->n_stats = 0;
+    for (int i = 0; i < g->n_res && s->n_stats < (int)HY_ARRAY_LEN(s->stats); i++) {
+        srv_ad_stats *x = &s->stats[s->n_stats++];
+        memset(x, 0, sizeof *x);
+        snprintf(x->name, sizeof x->name, "%s", g->res[i].name);
+        x->tokens = ad_tokens(g->res[i].a);
+        x->K = HY_MIN(ad_K(g->res[i].a), AD_MAX_K);
+        x->resident = true;
+        float gate[AD_MAX_K] = {0};
+        ad_stats_mean_gate(g->res[i].a, gate);
+        memcpy(x->gate, gate, sizeof x->gate);
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
+static const sched_ops glue_ops = {
+    .forward = g_forward, .seq_init = g_seq_init, .seq_free = g_seq_free, .sample = g_sample,
+    .detok = g_detok, .detok_flush = g_detok_flush, .is_eog = g_is_eog, .adapter_acquire = g_acquire,
+    .adapter_release = g_release, .adapter_name = g_name, .housekeeping = g_housekeeping,
+};
+
+/* ---------- flags ---------- */
+
+typedef struct {
+    const char *model, *host, *served, *api_key, *admin_key, *device;
+    int port, max_seqs, max_batch_tokens, kv_mb, kv_blocks, max_loras, max_cpu_loras, max_queue, threads,
+        http_threads, max_conns, ctx;
+    const char *adapters[MAX_ADAPTER_ARGS];
+    int n_adapters;
+    const char *roots[MAX_ADAPTER_ARGS];
+    int n_roots;
+} serve_opts;
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: hydrad serve -m MODEL.gguf [options]\n"
+            "Serve the model over an OpenAI-compatible HTTP API with HydraLoRA adapters.\n\n"
+            "  -m, --model PATH          base model (GGUF), required\n"
+            "      --host ADDR           IPv4 address to listen on (default 127.0.0.1)\n"
+            "      --port N              TCP port (default 8000)\n"
+            "      --served-model-name S name of the base model in requests and /v1/models\n"
+            "                            (default: the model file name without .gguf)\n"
+            "      --adapter NAME=DIR    load an adapter at start-up (repeatable)\n"
+            "      --adapter-root DIR    directory under which /v1/load_lora_adapter may load\n"
+            "                            adapters (repeatable; none: run-time loading refused)\n"
+            "      --api-key KEY         require 'Authorization: Bearer KEY' on /v1/*\n"
+            "      --admin-key KEY       key for /v1/load_lora_adapter and /v1/unload_lora_adapter\n"
+            "                            (default: the API key)\n"
+            "      --max-seqs N          sequences decoded together at most (default 32)\n"
+            "      --max-batch-tokens N  tokens per forward step, prefill chunks included (default 512)\n"
+            "      --kv-cache-mb N       KV cache size in MiB (default 256)\n"
+            "      --kv-blocks N         KV cache size in blocks of %d tokens (overrides --kv-cache-mb)\n"
+            "      --max-model-len N     context per sequence (default min(model's, 4096))\n"
+            "      --max-loras N         adapters resident on the device at once (default 8)\n"
+            "      --max-cpu-loras N     adapters held in host memory (default 64)\n"
+            "      --max-queue N         requests waiting for admission; more get 429 (default 256)\n"
+            "      --threads N           compute threads of the CPU backend (default: all cores)\n"
+            "      --http-threads N      HTTP worker threads (default 4)\n"
+            "      --max-connections N   open connections at most (default 512)\n"
+            "      --device auto|cpu|cuda  compute device (default auto)\n"
+            "  -h, --help                this text\n",
+            BE_KV_BLOCK);
+}
+
+static int parse_int(const char *name, const char *v, int lo, int *out)
+{
+    char *end;
+    long x = strtol(v, &end, 10);
+    if (*v == '\0' || *end != '\0' || x < lo || x > 1 << 30) {
+        fprintf(stderr, "hydrad serve: --%s needs an integer >= %d (got '%s')\n", name, lo, v);
+        return -1;
+    }
+    *out = (int)x;
+    return 0;
+}
+
+static int parse_flags(int argc, char **argv, serve_opts *o)
+{
+    enum { O_HOST = 256, O_PORT, O_SERVED, O_ADAPTER, O_ROOT, O_API, O_ADMIN, O_SEQS, O_BT, O_KVMB, O_KVB,
+           O_LORAS, O_CPU, O_QUEUE, O_THREADS, O_HTHREADS, O_CONNS, O_DEVICE, O_CTX };
+    static const struct option lo[] = {
+        {"model", required_argument, 0, 'm'}, {"host", required_argument, 0, O_HOST},
+        {"port", required_argument, 0, O_PORT}, {"served-model-name", required_argument, 0, O_SERVED},
+        {"adapter", required_argument, 0, O_ADAPTER}, {"adapter-root", required_argument, 0, O_ROOT},
+        {"api-key", required_argument, 0, O_API}, {"admin-key", required_argument, 0, O_ADMIN},
+        {"max-seqs", required_argument, 0, O_SEQS}, {"max-batch-tokens", required_argument, 0, O_BT},
+        {"kv-cache-mb", required_argument, 0, O_KVMB}, {"kv-blocks", required_argument, 0, O_KVB},
+        {"max-loras", required_argument, 0, O_LORAS}, {"max-cpu-loras", required_argument, 0, O_CPU},
+        {"max-queue", required_argument, 0, O_QUEUE}, {"threads", required_argument, 0, O_THREADS},
+        {"http-threads", required_argument, 0, O_HTHREADS}, {"max-connections", required_argument, 0, O_CONNS},
+        {"device", required_argument, 0, O_DEVICE}, {"max-model-len", required_argument, 0, O_CTX},
+        {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+    int c, rc = 0;
+    optind = 1;
+    while (rc == 0 && (c = getopt_long(argc, argv, "m:h", lo, NULL)) != -1) {
+        switch (c) {
+        case 'm': o->model = optarg; break;
+        case 'h': usage(stdout); return 1;
+        case O_HOST: o->host = optarg; break;
+        case O_PORT: rc = parse_int("port", optarg, 0, &o->port); break;
+        case O_SERVED: o->served = optarg; break;
+        case O_ADAPTER:
+            if (o->n_adapters == MAX_ADAPTER_ARGS || !strchr(optarg, '=')) {
+                fprintf(stderr, "hydrad serve: --adapter needs NAME=DIR (at most %d)\n", MAX_ADAPTER_ARGS);
+                rc = -1;
+            } else {
+                o->adapters[o->n_adapters++] = optarg;
+            }
+            break;
+        case O_ROOT:
+            if (o->n_roots == MAX_ADAPTER_ARGS)
+                rc = -1;
+            else
+                o->roots[o->n_roots++] = optarg;
+            break;
+        case O_API: o->api_key = optarg; break;
+        case O_ADMIN: o->admin_key = optarg; break;
+        case O_SEQS: rc = parse_int("max-seqs", optarg, 1, &o->max_seqs); break;
+        case O_BT: rc = parse_int("max-batch-tokens", optarg, 1, &o->max_batch_tokens); break;
+        case O_KVMB: rc = parse_int("kv-cache-mb", optarg, 1, &o->kv_mb); break;
+        case O_KVB: rc = parse_int("kv-blocks", optarg, 1, &o->kv_blocks); break;
+        case O_LORAS: rc = parse_int("max-loras", optarg, 1, &o->max_loras); break;
+        case O_CPU: rc = parse_int("max-cpu-loras", optarg, 1, &o->max_cpu_loras); break;
+        case O_QUEUE: rc = parse_int("max-queue", optarg, 1, &o->max_queue); break;
+        case O_THREADS: rc = parse_int("threads", optarg, 0, &o->threads); break;
+        case O_HTHREADS: rc = parse_int("http-threads", optarg, 1, &o->http_threads); break;
+        case O_CONNS: rc = parse_int("max-connections", optarg, 1, &o->max_conns); break;
+        case O_DEVICE: o->device = optarg; break;
+        case O_CTX: rc = parse_int("max-model-len", optarg, 16, &o->ctx); break;
+        default: usage(stderr); return -1;
+        }
+    }
+    if (rc)
+        return -1;
+    if (optind < argc) {
+        fprintf(stderr, "hydrad serve: unexpected argument '%s'\n", argv[optind]);
+        return -1;
+    }
+    if (!o->model) {
+        fprintf(stderr, "hydrad serve: -m MODEL is required (see --help)\n");
+        return -1;
+    }
+    return 0;
+}
+
+/* ---------- main ---------- */
+
+static char *default_served_name(const char *path)
+{
+    const char *b = strrchr(path, '/');
+    b = b ? b + 1 : path;
+    char *s = strdup(b);
+    if (s && strlen(s) > 5 && strcmp(s + strlen(s) - 5, ".gguf") == 0)
+        s[strlen(s) - 5] = '\0';
+    return s;
+}
+
+static void wait_drained(srv *s, double seconds)
+{
+    double until = hy_now() + seconds;
+    while (hy_now() < until) {
+        sched_stats st;
+        sched_get_stats(s->sched, &st);
+        if (st.running_seqs == 0 && st.waiting_reqs == 0)
+            return;
+        usleep(20000);
+    }
+}
+
+int cli_serve(int argc, char **argv)
+{
+    serve_opts o = {.host = "127.0.0.1", .port = 8000, .device = "auto", .max_seqs = 32, .max_batch_tokens = 512,
+                    .kv_mb = 256, .max_loras = 8, .max_cpu_loras = 64, .max_queue = 256, .http_threads = 4,
+                    .max_conns = 512, .ctx = 0};
+    int prc = parse_flags(argc, argv, &o);
+    if (prc)
+        return prc > 0 ? 0 : 2;
+
+    /* Signals go to sigwait in this thread only: block them before any thread starts. */
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    int ret = 1, rc;
+    char *served = o.served ? strdup(o.served) : default_served_name(o.model);
+    gguf_file *f = NULL;
+    be *b = NULL;
+    eng_model *m = NULL;
+    eng_kv *kv = NULL;
+    tok_vocab *v = NULL;
+    ad_registry *reg = NULL;
+    sched *sc = NULL;
+    glue g;
+    memset(&g, 0, sizeof g);
+    srv s;
+    srv_config cfg = {o.host, o.port, served, o.api_key, o.admin_key, o.http_threads, o.max_conns, 1u << 20,
+                      o.roots, o.n_roots, o.max_loras};
+    srv_init(&s, &cfg);
+    if (!served)
+        goto done;
+    if ((rc = srv_start(&s))) {
+        fprintf(stderr, "hydrad serve: %s\n", hy_err_msg());
+        goto done;
+    }
+    fprintf(stderr, "hydrad serve: listening on http://%s:%d (loading %s)\n", o.host, o.port, o.model);
+    ret = 2;
+    if ((rc = gguf_open(o.model, &f)) || (rc = be_open(o.device, o.threads, &b)) ||
+        (rc = eng_model_load(f, b, &m)) || (rc = tok_load(f, &v))) {
+        fprintf(stderr, "hydrad serve: %s: %s\n", o.model, hy_err_msg());
+        goto done;
+    }
+    const eng_hparams *hp = eng_model_hparams(m);
+    int n_ctx = o.ctx ? o.ctx : HY_MIN(hp->n_ctx_train > 0 ? hp->n_ctx_train : 4096, 4096);
+    size_t block_bytes = (size_t)hp->n_layer * 2 * (size_t)hp->n_head_kv * (size_t)hp->head_dim * 2 * BE_KV_BLOCK;
+    int n_blocks = o.kv_blocks ? o.kv_blocks : (int)(((size_t)o.kv_mb << 20) / block_bytes);
+    if (n_blocks < 1 || (rc = eng_kv_create(m, n_blocks, &kv))) {
+        fprintf(stderr, "hydrad serve: KV cache of %d blocks: %s\n", n_blocks, hy_err_msg());
+        goto done;
+    }
+    if ((rc = ad_reg_create(o.max_cpu_loras, &reg))) {
+        fprintf(stderr, "hydrad serve: %s\n", hy_err_msg());
+        goto done;
+    }
+    ad_shape_from_model(m, &s.shape);
+    for (int i = 0; i < o.n_adapters; i++) {
+        char name[AD_NAME_MAX];
+        const char *eq = strchr(o.adapters[i], '=');
+        snprintf(name, sizeof name, "%.*s", (int)(eq - o.adapters[i]), o.adapters[i]);
+        if ((rc = ad_reg_load(reg, name, eq + 1, &s.shape, NULL))) {
+            fprintf(stderr, "hydrad serve: adapter %s: %s\n", name, hy_err_msg());
+            goto done;
+        }
+    }
+    g = (glue){.s = &s, .m = m, .kv = kv, .b = b, .v = v, .reg = reg, .max_loras = o.max_loras,
+               .n_vocab = hp->n_vocab};
+    sched_config sc_cfg = {.max_seqs = o.max_seqs, .max_batch_tokens = o.max_batch_tokens, .n_blocks = n_blocks,
+                           .max_queue = o.max_queue, .max_loras = o.max_loras, .n_ctx = n_ctx,
+                           .n_vocab = hp->n_vocab, .ops = &glue_ops, .ops_ctx = &g};
+    if ((rc = sched_create(&sc_cfg, &sc)) || (rc = sched_start(sc))) {
+        fprintf(stderr, "hydrad serve: %s\n", hy_err_msg());
+        goto done;
+    }
+    s.model = m;
+    s.vocab = v;
+    s.chat_ok = tok_chat_detect(f, NULL, &s.chat) == 0;
+    if (!s.chat_ok)
+        fprintf(stderr, "hydrad serve: no chat template (%s); /v1/chat/completions will answer 400\n", hy_err_msg());
+    s.n_ctx = n_ctx;
+    s.sched = sc;
+    s.reg = reg;
+    atomic_store(&s.ready, true);
+    fprintf(stderr, "hydrad serve: ready: model '%s', backend %s, context %d, KV %d blocks (%d tokens), %d adapter(s)\n",
+            served, b->ops->name, n_ctx, n_blocks, n_blocks * BE_KV_BLOCK, o.n_adapters);
+
+    int sig = 0;
+    sigwait(&sigs, &sig);
+    fprintf(stderr, "hydrad serve: signal %d: stopping\n", sig);
+    atomic_store(&s.stopping, true);
+    srv_quiesce(&s);
+    wait_drained(&s, 10.0);
+    sched_stop(sc); /* ends what is left ("abort") and resumes every waiting connection */
+    usleep(200000); /* let the last chunks reach their sockets */
+    ret = 0;
+done:
+    srv_stop(&s);
+    sched_free(sc);
+    ad_reg_free(reg);
+    eng_kv_free(kv);
+    eng_model_free(m);
+    tok_free(v);
+    if (b)
+        b->ops->destroy(b);
+    gguf_close(f);
+    srv_clear(&s);
+    free(served);
+    return ret;
+}
