@@ -400,10 +400,10 @@ QK_AI void kq4k(const int NT, const uint8_t *wr, int64_t nb, const uint8_t *a0, 
         k4_unpack(blk + 4, sc, mn);
         __m128i m8 = _mm_loadl_epi64((const __m128i *)mn);
         __m256i mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));
-        __m256i is[QK_NT];
+        __m256i is[QK_NT], is2[QK_NT]; /* two chains: lo and hi nibbles */
         _Pragma("GCC unroll 4")
         for (int t = 0; t < NT; t++)
-            is[t] = _mm256_setzero_si256();
+            is[t] = is2[t] = _mm256_setzero_si256();
         _Pragma("GCC unroll 4")
         for (int g = 0; g < 4; g++) {
             __m256i q = ld256(blk + 16 + 32 * g);
@@ -413,14 +413,15 @@ QK_AI void kq4k(const int NT, const uint8_t *wr, int64_t nb, const uint8_t *a0, 
             for (int t = 0; t < NT; t++) {
                 const int8_t *a = aq[t] + 256 * b + 64 * g;
                 is[t] = madd_acc(is[t], _mm256_maddubs_epi16(lo, ld256(a)), slo);
-                is[t] = madd_acc(is[t], _mm256_maddubs_epi16(hi, ld256(a + 32)), shi);
+                is2[t] = madd_acc(is2[t], _mm256_maddubs_epi16(hi, ld256(a + 32)), shi);
             }
         }
         _Pragma("GCC unroll 4")
         for (int t = 0; t < NT; t++) {
             __m256i ms = _mm256_madd_epi16(ld256(bs[t] + 16 * b), mins);
             float da = ad[t][b];
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[t]), _mm256_set1_ps(d * da), acc[t]);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(is[t], is2[t])),
+                                     _mm256_set1_ps(d * da), acc[t]);
             acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(ms), _mm256_set1_ps(dmin * da), acc[t]);
         }
     }
@@ -449,10 +450,10 @@ QK_AI void kq6k(const int NT, const uint8_t *wr, int64_t nb, const uint8_t *a0, 
         const uint8_t *blk = wr + 210 * b;
         const float d = ld_h(blk + 208);
         const __m128i sc8 = ld128(blk + 192);
-        __m256i is[QK_NT];
+        __m256i is[QK_NT], is2[QK_NT]; /* two chains: even and odd k */
         _Pragma("GCC unroll 4")
         for (int t = 0; t < NT; t++)
-            is[t] = _mm256_setzero_si256();
+            is[t] = is2[t] = _mm256_setzero_si256();
         _Pragma("GCC unroll 2")
         for (int n = 0; n < 2; n++) {
             __m256i ql0 = ld256(blk + 64 * n), ql1 = ld256(blk + 64 * n + 32);
@@ -473,8 +474,11 @@ QK_AI void kq6k(const int NT, const uint8_t *wr, int64_t nb, const uint8_t *a0, 
             for (int t = 0; t < NT; t++) {
                 const int8_t *a = aq[t] + 256 * b + 128 * n;
                 _Pragma("GCC unroll 4")
-                for (int k = 0; k < 4; k++)
+                for (int k = 0; k < 4; k += 2) {
                     is[t] = madd_acc(is[t], _mm256_maddubs_epi16(q[k], ld256(a + 32 * k)), sv[k]);
+                    is2[t] = madd_acc(is2[t], _mm256_maddubs_epi16(q[k + 1], ld256(a + 32 * k + 32)),
+                                      sv[k + 1]);
+                }
             }
         }
         const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
@@ -482,7 +486,7 @@ QK_AI void kq6k(const int NT, const uint8_t *wr, int64_t nb, const uint8_t *a0, 
         for (int t = 0; t < NT; t++) {
             /* the stored values are q + 32: take 32 * sum(scale * bsum) back off */
             __m256i corr = _mm256_madd_epi16(ld256(bs[t] + 16 * b), sc16);
-            __m256i v = _mm256_sub_epi32(is[t], _mm256_slli_epi32(corr, 5));
+            __m256i v = _mm256_sub_epi32(_mm256_add_epi32(is[t], is2[t]), _mm256_slli_epi32(corr, 5));
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(d * ad[t][b]), acc[t]);
         }
     }
@@ -557,7 +561,19 @@ QK_AI void kf(const uint32_t WT, const int NT, const uint8_t *w, int64_t cols, c
         a[t] = (const float *)(a0 + arb * (size_t)t);
         acc[t] = _mm256_setzero_ps();
     }
+    __m256 acc2[QK_NT]; /* second chain for odd 8-column steps */
+    _Pragma("GCC unroll 4")
+    for (int t = 0; t < NT; t++)
+        acc2[t] = _mm256_setzero_ps();
     int64_t c = 0;
+    for (; c + 16 <= cols; c += 16) {
+        __m256 v = ldw8(WT, w, c), v2 = ldw8(WT, w, c + 8);
+        _Pragma("GCC unroll 4")
+        for (int t = 0; t < NT; t++) {
+            acc[t] = _mm256_fmadd_ps(v, _mm256_loadu_ps(a[t] + c), acc[t]);
+            acc2[t] = _mm256_fmadd_ps(v2, _mm256_loadu_ps(a[t] + c + 8), acc2[t]);
+        }
+    }
     for (; c + 8 <= cols; c += 8) {
         __m256 v = ldw8(WT, w, c);
         _Pragma("GCC unroll 4")
@@ -566,7 +582,7 @@ QK_AI void kf(const uint32_t WT, const int NT, const uint8_t *w, int64_t cols, c
     }
     _Pragma("GCC unroll 4")
     for (int t = 0; t < NT; t++) {
-        float s = hsum8(acc[t]);
+        float s = hsum8(_mm256_add_ps(acc[t], acc2[t]));
         for (int64_t k = c; k < cols; k++)
             s += ldw1(WT, w, k) * a[t][k];
         out[t] = s;
