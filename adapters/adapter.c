@@ -468,6 +468,10 @@ static int ad_collect(const st_file *st, const ad_shape *s, const uint8_t *mask,
             max_head = HY_MAX(max_head, head);
             slot = &f->B[head];
         }
+        if (*slot && (kind == AD_T_B || kind == AD_T_BK) &&
+            (kind == AD_T_B) != (strstr((*slot)->name, ".lora_B.weight") != NULL))
+            return hy_err_set(HY_EFORMAT, "the file mixes plain LoRA and HydraLoRA B tensors ('%s' and '%s')",
+                              (*slot)->name, t->name);
         if (*slot)
             return hy_err_set(HY_EFORMAT, "tensor '%s' duplicates '%s'", t->name, (*slot)->name);
         *slot = t;
