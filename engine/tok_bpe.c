@@ -108,6 +108,9 @@ static size_t contraction(const u8 *p, const u8 *e, bool icase)
         return 0;
     u8 a = p[1], b = p + 2 < e ? p[2] : 0;
     if (icase) {
+        /* Unicode case folding maps U+017F LATIN SMALL LETTER LONG S to 's' */
+        if (a == 0xC5 && b == 0xBF)
+            return 3;
         a = (a >= 'A' && a <= 'Z') ? (u8)(a | 0x20) : a;
         b = (b >= 'A' && b <= 'Z') ? (u8)(b | 0x20) : b;
     }

@@ -590,6 +590,8 @@ static void test_pretok_llama3(void **state)
     expect_split(TOK_PRE_LLAMA3, "Hello world's 12345", "Hello| world|'s| |123|45");
     /* contractions are case-insensitive */
     expect_split(TOK_PRE_LLAMA3, "I'M", "I|'M");
+    /* ... under Unicode case folding, where U+017F LONG S folds to 's' */
+    expect_split(TOK_PRE_LLAMA3, "'\xC5\xBF" "b", "'\xC5\xBF|b");
     /* one non-letter, non-digit, non-newline character may lead a word */
     expect_split(TOK_PRE_LLAMA3, "(hello \tfoo", "(hello| |\tfoo");
     /* '\s*[\r\n]+' ends after the last newline of a white-space run */
