@@ -1,0 +1,732 @@
+/* test_backend_ops.c - every backend op on CUDA against the CPU backend (and, for matmul, an
+ * fp64 reference built from q_dequant_row) on fresh random inputs each run; compared by
+ * normalised mean squared error with a threshold per precision. SKIPs visibly without a GPU.
+ * Seed: time of day unless HY_TEST_SEED is set; it is printed so a failure can be replayed. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include "engine/backend.h"
+#include "engine/gguf_write.h"
+#include "engine/hy.h"
+#include "engine/quant.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* Thresholds (NMSE = sum (a-b)^2 / sum b^2):
+ *  - fp32 math on both sides (embed, rmsnorm, rope, add, swiglu, hydra): 1e-8 (measured ~1e-13)
+ *  - quantised mat-vec (n_tok <= 8, fp32 activations) vs the fp64 dequantised reference: 1e-6
+ *  - cuBLAS with fp16 weights and fp16 activations vs the fp64 reference: 1e-5
+ *  - any CUDA matmul vs the CPU backend, which quantises activations to 8 bit for quantised
+ *    weights: 2e-4 (that quantisation alone measures 3e-5..5e-5 against fp64 on these inputs,
+ *    so this is a 4x margin; fp32/fp16/bf16 weights: 1e-5)
+ *  - attention with fp16 KV on both sides (identical fp16 caches): 1e-5 */
+#define NMSE_F32 1e-8
+#define NMSE_MV 1e-6
+#define NMSE_F16 1e-5
+#define NMSE_VS_CPU_Q 2e-4
+#define NMSE_VS_CPU_F 1e-5
+#define NMSE_ATTN 1e-5
+
+static be *g_cpu, *g_gpu;
+static char g_skip[512];
+static uint64_t g_rng;
+static int g_fake; /* HY_TEST_GPU_IS_CPU */
+
+static uint64_t rnd_u64(void)
+{
+    uint64_t z = (g_rng += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+static float rnd_unif(void) { return (float)((double)(rnd_u64() >> 11) * 0x1p-53); } /* [0,1) */
+static int rnd_int(int n) { return (int)(rnd_u64() % (uint64_t)n); }
+static float rnd_gauss(void)
+{
+    float u = rnd_unif() + 1e-7f, v = rnd_unif();
+    return sqrtf(-2.0f * logf(u)) * cosf(6.2831853f * v);
+}
+static float *rnd_vec(size_t n, float sd)
+{
+    float *x = malloc(n * sizeof *x);
+    assert_non_null(x);
+    for (size_t i = 0; i < n; i++)
+        x[i] = sd * rnd_gauss();
+    return x;
+}
+
+static double nmse(const float *a, const float *ref, size_t n)
+{
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)a[i] - ref[i];
+        num += d * d;
+        den += (double)ref[i] * ref[i];
+    }
+    if (den == 0)
+        return num == 0 ? 0 : INFINITY;
+    return num / den;
+}
+
+#define NEED_GPU()                                                                                 \
+    do {                                                                                           \
+        if (!g_gpu) {                                                                              \
+            printf("SKIP (no CUDA device): %s\n", g_skip);                                        \
+            skip();                                                                                \
+        }                                                                                          \
+    } while (0)
+
+#define CHECK_NMSE(what, val, thr)                                                                 \
+    do {                                                                                           \
+        double v_ = (val);                                                                         \
+        if (!(v_ <= (thr))) {                                                                      \
+            printf("FAIL %s: NMSE %.3g > %.1g\n", what, v_, (double)(thr));                        \
+            fail();                                                                                \
+        }                                                                                          \
+    } while (0)
+
+/* ---- device buffers on either backend ---- */
+
+static void *dev_put(be *b, const void *host, size_t bytes)
+{
+    void *p = NULL;
+    assert_int_equal(b->ops->alloc(b, bytes, &p), 0);
+    if (host)
+        assert_int_equal(b->ops->upload(b, p, host, bytes), 0);
+    return p;
+}
+
+static void dev_get(be *b, void *host, const void *dev, size_t bytes)
+{
+    int rc = b->ops->download(b, host, dev, bytes);
+    if (rc)
+        printf("download failed: %s\n", hy_err_msg());
+    assert_int_equal(rc, 0);
+}
+
+static int g_ok_rc;
+#define OP(b, call)                                                                                \
+    do {                                                                                           \
+        g_ok_rc = (call);                                                                          \
+        if (g_ok_rc)                                                                               \
+            printf("%s op failed: %s\n", (b)->ops->name, hy_err_msg());                            \
+        assert_int_equal(g_ok_rc, 0);                                                              \
+    } while (0)
+
+/* ---- random weights of any type ---- */
+
+static void put_f16(uint8_t *p, float f)
+{
+    uint16_t h = q_f32_to_f16(f);
+    memcpy(p, &h, 2);
+}
+
+/* rows x cols of `type` with values of roughly unit scale times sd. */
+static void *rnd_weight(uint32_t type, int64_t rows, int64_t cols, float sd, size_t *bytes_out)
+{
+    size_t rb = 0;
+    assert_int_equal(q_row_bytes(type, cols, &rb), 0);
+    uint8_t *w = malloc(rb * (size_t)rows);
+    assert_non_null(w);
+    *bytes_out = rb * (size_t)rows;
+    if (type == Q_BF16) {
+        for (int64_t i = 0; i < rows * cols; i++) {
+            float f = sd * rnd_gauss();
+            uint32_t u;
+            memcpy(&u, &f, 4);
+            uint16_t h = (uint16_t)(u >> 16);
+            memcpy(w + 2 * i, &h, 2);
+        }
+        return w;
+    }
+    if (type == Q_Q4_K || type == Q_Q6_K) {
+        /* random block bytes with sane fp16 scales: every bit pattern is a valid block */
+        size_t bb = q_block_bytes(type), nb = rb * (size_t)rows / bb;
+        for (size_t i = 0; i < rb * (size_t)rows; i++)
+            w[i] = (uint8_t)rnd_u64();
+        for (size_t b = 0; b < nb; b++) {
+            uint8_t *blk = w + b * bb;
+            if (type == Q_Q4_K) {
+                /* scale == min for every sub-block and dmin = 7.5 d: w = d*s*(q - 7.5), centred
+                 * like real weights (an offset would make the 8-bit activations of the CPU
+                 * reference look worse than they are) */
+                float d = sd * 0.01f * (0.5f + rnd_unif());
+                put_f16(blk, d);
+                put_f16(blk + 2, 7.5f * d);
+                uint8_t s6[8], *q = blk + 4;
+                for (int j = 0; j < 8; j++)
+                    s6[j] = (uint8_t)(1 + rnd_int(63));
+                for (int j = 0; j < 4; j++) {
+                    q[j] = (uint8_t)(s6[j] | ((s6[j + 4] >> 4) << 6));
+                    q[j + 4] = (uint8_t)(s6[j] | ((s6[j + 4] >> 4) << 6));
+                    q[j + 8] = (uint8_t)((s6[j + 4] & 0xf) | ((s6[j + 4] & 0xf) << 4));
+                }
+            } else {
+                put_f16(blk + 208, sd * 0.003f * (rnd_unif() - 0.5f));
+            }
+        }
+        return w;
+    }
+    float *f = rnd_vec((size_t)cols, sd);
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t c = 0; c < cols; c++)
+            f[c] = sd * rnd_gauss();
+        assert_int_equal(gguf_w_quantize(type, f, w + rb * (size_t)r, cols), 0);
+    }
+    free(f);
+    return w;
+}
+
+/* ---- setup ---- */
+
+static int group_setup(void **state)
+{
+    (void)state;
+    const char *s = getenv("HY_TEST_SEED");
+    uint64_t seed = s && *s ? strtoull(s, NULL, 10) : (uint64_t)time(NULL) ^ ((uint64_t)clock() << 20);
+    g_rng = seed;
+    printf("test_backend_ops: seed %llu (HY_TEST_SEED=%llu replays it)\n", (unsigned long long)seed,
+           (unsigned long long)seed);
+    if (be_cpu_create(0, &g_cpu)) {
+        printf("cannot create the CPU backend: %s\n", hy_err_msg());
+        return -1;
+    }
+    if (getenv("HY_TEST_GPU_IS_CPU")) {
+        /* harness self-check on machines without a GPU: a second CPU backend stands in */
+        g_fake = 1;
+        if (be_cpu_create(0, &g_gpu))
+            return -1;
+        printf("HY_TEST_GPU_IS_CPU: comparing the CPU backend with itself (harness check only)\n");
+    } else if (be_cuda_create(0, &g_gpu)) {
+        snprintf(g_skip, sizeof g_skip, "%s", hy_err_msg());
+        g_gpu = NULL;
+        printf("SKIP (no CUDA device): %s\n", g_skip);
+    }
+    return 0;
+}
+
+static int group_teardown(void **state)
+{
+    (void)state;
+    if (g_gpu)
+        g_gpu->ops->destroy(g_gpu);
+    if (g_cpu)
+        g_cpu->ops->destroy(g_cpu);
+    return 0;
+}
+
+/* ---- matmul ---- */
+
+static void check_matmul(uint32_t type, int64_t rows, int64_t cols, int n_tok)
+{
+    size_t wbytes;
+    void *wh = rnd_weight(type, rows, cols, 0.05f, &wbytes);
+    float *x = rnd_vec((size_t)n_tok * cols, 1.0f);
+    /* fp64 reference from the CPU dequantiser */
+    float *wf = malloc(sizeof(float) * (size_t)(rows * cols));
+    float *ref = malloc(sizeof(float) * (size_t)(rows * n_tok));
+    float *yc = malloc(sizeof(float) * (size_t)(rows * n_tok));
+    float *yg = malloc(sizeof(float) * (size_t)(rows * n_tok));
+    assert_true(wf && ref && yc && yg);
+    size_t rb;
+    assert_int_equal(q_row_bytes(type, cols, &rb), 0);
+    for (int64_t r = 0; r < rows; r++)
+        q_dequant_row(type, (const uint8_t *)wh + rb * (size_t)r, wf + r * cols, cols);
+    for (int t = 0; t < n_tok; t++)
+        for (int64_t r = 0; r < rows; r++) {
+            double s = 0;
+            for (int64_t c = 0; c < cols; c++)
+                s += (double)wf[r * cols + c] * x[(size_t)t * cols + c];
+            ref[(size_t)t * rows + r] = (float)s;
+        }
+    be *bs[2] = {g_cpu, g_gpu};
+    float *outs[2] = {yc, yg};
+    for (int i = 0; i < 2; i++) {
+        be *b = bs[i];
+        be_weight *w = NULL;
+        OP(b, b->ops->weight_create(b, type, rows, cols, wh, &w));
+        float *dx = dev_put(b, x, sizeof(float) * (size_t)(n_tok * cols));
+        float *dy = dev_put(b, NULL, sizeof(float) * (size_t)(n_tok * rows));
+        OP(b, b->ops->matmul(b, w, dx, n_tok, dy));
+        dev_get(b, outs[i], dy, sizeof(float) * (size_t)(n_tok * rows));
+        b->ops->free(b, dx);
+        b->ops->free(b, dy);
+        b->ops->weight_free(b, w);
+    }
+    const bool quant = type != Q_F32 && type != Q_F16 && type != Q_BF16;
+    double e_ref = nmse(yg, ref, (size_t)(rows * n_tok)), e_cpu = nmse(yg, yc, (size_t)(rows * n_tok));
+    double thr_ref = type == Q_F32 || type == Q_BF16 ? NMSE_F32 : quant && n_tok <= 8 ? NMSE_MV : NMSE_F16;
+    printf("  matmul %-5s %5lld x %-5lld n_tok %3d: NMSE vs fp64 %.2e (<= %.0e), vs CPU %.2e\n",
+           q_type_name(type), (long long)rows, (long long)cols, n_tok, e_ref, thr_ref, e_cpu);
+    char what[96];
+    snprintf(what, sizeof what, "matmul %s %lldx%lld n_tok %d vs fp64", q_type_name(type), (long long)rows,
+             (long long)cols, n_tok);
+    CHECK_NMSE(what, e_ref, g_fake && quant ? NMSE_VS_CPU_Q : thr_ref);
+    snprintf(what, sizeof what, "matmul %s %lldx%lld n_tok %d vs CPU", q_type_name(type), (long long)rows,
+             (long long)cols, n_tok);
+    CHECK_NMSE(what, e_cpu, quant ? NMSE_VS_CPU_Q : NMSE_VS_CPU_F);
+    free(wh);
+    free(x);
+    free(wf);
+    free(ref);
+    free(yc);
+    free(yg);
+}
+
+static void test_matmul(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    static const uint32_t types[] = {Q_F32, Q_F16, Q_BF16, Q_Q4_0, Q_Q4_1, Q_Q8_0, Q_Q4_K, Q_Q6_K};
+    static const int toks[] = {1, 5, 8, 9, 64, 300};
+    for (size_t ti = 0; ti < HY_ARRAY_LEN(types); ti++) {
+        uint32_t t = types[ti];
+        bool k = t == Q_Q4_K || t == Q_Q6_K;
+        int64_t cols = k ? 512 : 96 + 32 * rnd_int(20); /* odd block counts included */
+        for (size_t ni = 0; ni < HY_ARRAY_LEN(toks); ni++) {
+            int64_t rows = 32 + rnd_int(300);
+            check_matmul(t, rows, cols, toks[ni]);
+        }
+    }
+    check_matmul(Q_Q4_1, 2048, 576, 1); /* a real decode shape */
+}
+
+/* ---- embed ---- */
+
+static void test_embed(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    static const uint32_t types[] = {Q_F32, Q_F16, Q_BF16, Q_Q4_0, Q_Q4_1, Q_Q8_0, Q_Q4_K, Q_Q6_K};
+    static const int toks[] = {1, 5, 64, 300};
+    for (size_t ti = 0; ti < HY_ARRAY_LEN(types); ti++) {
+        uint32_t type = types[ti];
+        int64_t cols = type == Q_Q4_K || type == Q_Q6_K ? 256 : 160, rows = 50 + rnd_int(100);
+        size_t wb;
+        void *wh = rnd_weight(type, rows, cols, 1.0f, &wb);
+        for (size_t ni = 0; ni < HY_ARRAY_LEN(toks); ni++) {
+            int n = toks[ni];
+            int32_t *ids = malloc(sizeof(int32_t) * (size_t)n);
+            for (int i = 0; i < n; i++)
+                ids[i] = i == 0 ? (int32_t)rows - 1 : rnd_int((int)rows);
+            float *o[2];
+            be *bs[2] = {g_cpu, g_gpu};
+            for (int i = 0; i < 2; i++) {
+                be *b = bs[i];
+                be_weight *w = NULL;
+                OP(b, b->ops->weight_create(b, type, rows, cols, wh, &w));
+                float *d = dev_put(b, NULL, sizeof(float) * (size_t)(n * cols));
+                OP(b, b->ops->embed(b, w, ids, n, d));
+                o[i] = malloc(sizeof(float) * (size_t)(n * cols));
+                dev_get(b, o[i], d, sizeof(float) * (size_t)(n * cols));
+                b->ops->free(b, d);
+                b->ops->weight_free(b, w);
+            }
+            double e = nmse(o[1], o[0], (size_t)(n * cols));
+            printf("  embed %-5s n_tok %3d: NMSE %.2e\n", q_type_name(type), n, e);
+            CHECK_NMSE("embed", e, NMSE_F32);
+            free(o[0]);
+            free(o[1]);
+            free(ids);
+        }
+        free(wh);
+    }
+    /* an id out of range is an error, not a read past the table */
+    be_weight *w = NULL;
+    size_t wb;
+    void *wh = rnd_weight(Q_F32, 4, 32, 1.0f, &wb);
+    OP(g_gpu, g_gpu->ops->weight_create(g_gpu, Q_F32, 4, 32, wh, &w));
+    float *d = dev_put(g_gpu, NULL, 4 * 32);
+    int32_t bad = 4;
+    assert_int_equal(g_gpu->ops->embed(g_gpu, w, &bad, 1, d), HY_EINVAL);
+    g_gpu->ops->free(g_gpu, d);
+    g_gpu->ops->weight_free(g_gpu, w);
+    free(wh);
+}
+
+/* ---- elementwise and norms ---- */
+
+typedef enum { EW_RMS, EW_RMS_INPLACE, EW_ADD, EW_SWIGLU, EW_SWIGLU_INPLACE } ew_kind;
+
+static void check_ew(ew_kind kind, int n_tok, int64_t dim)
+{
+    size_t n = (size_t)n_tok * (size_t)dim;
+    float *a = rnd_vec(n, 2.0f), *x = rnd_vec(n, 1.5f), *w = rnd_vec((size_t)dim, 1.0f);
+    float *o[2];
+    be *bs[2] = {g_cpu, g_gpu};
+    for (int i = 0; i < 2; i++) {
+        be *b = bs[i];
+        float *da = dev_put(b, a, n * 4), *dx = dev_put(b, x, n * 4), *dw = dev_put(b, w, (size_t)dim * 4);
+        float *dy = dev_put(b, NULL, n * 4), *res = dy;
+        switch (kind) {
+        case EW_RMS: OP(b, b->ops->rmsnorm(b, da, dw, n_tok, dim, 1e-5f, dy)); break;
+        case EW_RMS_INPLACE: OP(b, b->ops->rmsnorm(b, da, dw, n_tok, dim, 1e-5f, da)); res = da; break;
+        case EW_ADD: OP(b, b->ops->add(b, da, dx, (int64_t)n)); res = da; break;
+        case EW_SWIGLU: OP(b, b->ops->swiglu(b, da, dx, n_tok, dim, dy)); break;
+        case EW_SWIGLU_INPLACE: OP(b, b->ops->swiglu(b, da, dx, n_tok, dim, da)); res = da; break;
+        }
+        o[i] = malloc(n * 4);
+        dev_get(b, o[i], res, n * 4);
+        b->ops->free(b, da);
+        b->ops->free(b, dx);
+        b->ops->free(b, dw);
+        b->ops->free(b, dy);
+    }
+    static const char *names[] = {"rmsnorm", "rmsnorm(in place)", "add", "swiglu", "swiglu(in place)"};
+    double e = nmse(o[1], o[0], n);
+    printf("  %-17s n_tok %3d dim %5lld: NMSE %.2e\n", names[kind], n_tok, (long long)dim, e);
+    CHECK_NMSE(names[kind], e, NMSE_F32);
+    free(o[0]);
+    free(o[1]);
+    free(a);
+    free(x);
+    free(w);
+}
+
+static void test_elementwise(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    static const int toks[] = {1, 5, 64, 300};
+    static const int64_t dims[] = {1, 577, 2048, 4099};
+    for (int k = EW_RMS; k <= EW_SWIGLU_INPLACE; k++)
+        for (size_t ti = 0; ti < HY_ARRAY_LEN(toks); ti++)
+            check_ew((ew_kind)k, toks[ti], dims[rnd_int((int)HY_ARRAY_LEN(dims))]);
+}
+
+/* ---- rope ---- */
+
+static void test_rope(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    static const int toks[] = {1, 5, 64, 300};
+    static const int hds[] = {32, 64, 128, 6};
+    for (size_t ti = 0; ti < HY_ARRAY_LEN(toks); ti++) {
+        for (size_t hi = 0; hi < HY_ARRAY_LEN(hds); hi++) {
+            int n_tok = toks[ti], hd = hds[hi], nh = 1 + rnd_int(9);
+            float freq[64];
+            float theta = hi & 1 ? 10000.0f : 500000.0f;
+            for (int i = 0; i < hd / 2; i++)
+                freq[i] = powf(theta, -2.0f * i / hd);
+            int32_t *pos = malloc(sizeof(int32_t) * (size_t)n_tok);
+            for (int t = 0; t < n_tok; t++)
+                pos[t] = t == 0 ? 8191 : rnd_int(8192);
+            size_t n = (size_t)n_tok * nh * hd;
+            float *x = rnd_vec(n, 1.0f), *o[2];
+            be *bs[2] = {g_cpu, g_gpu};
+            for (int i = 0; i < 2; i++) {
+                be *b = bs[i];
+                float *d = dev_put(b, x, n * 4);
+                OP(b, b->ops->rope(b, d, pos, n_tok, nh, hd, freq));
+                o[i] = malloc(n * 4);
+                dev_get(b, o[i], d, n * 4);
+                b->ops->free(b, d);
+            }
+            double e = nmse(o[1], o[0], n);
+            printf("  rope n_tok %3d heads %d head_dim %3d: NMSE %.2e\n", n_tok, nh, hd, e);
+            /* angles up to 8191 rad in fp32: sin/cos of the same float argument agree closely */
+            CHECK_NMSE("rope", e, 1e-7);
+            free(o[0]);
+            free(o[1]);
+            free(x);
+            free(pos);
+        }
+    }
+}
+
+/* ---- attention over the paged KV cache ---- */
+
+typedef struct {
+    int n_seq, max_blocks, n_blocks;
+    int32_t *block_table; /* [n_seq * max_blocks], a random permutation of blocks */
+    int *len;             /* tokens already in the cache per sequence */
+} kv_layout;
+
+static void run_attn_step(const kv_layout *L, const int *n_new, int n_heads, int n_kv, int hd, void *kc[2],
+                          void *vc[2])
+{
+    int n_tok = 0;
+    for (int s = 0; s < L->n_seq; s++)
+        n_tok += n_new[s];
+    int32_t *pos = malloc(4 * (size_t)n_tok), *seq = malloc(4 * (size_t)n_tok), *slot = malloc(4 * (size_t)n_tok);
+    int32_t *seq_len = malloc(4 * (size_t)L->n_seq);
+    int t = 0;
+    for (int s = 0; s < L->n_seq; s++) {
+        for (int i = 0; i < n_new[s]; i++, t++) {
+            int p = L->len[s] + i;
+            pos[t] = p;
+            seq[t] = s;
+            slot[t] = L->block_table[s * L->max_blocks + p / BE_KV_BLOCK] * BE_KV_BLOCK + p % BE_KV_BLOCK;
+        }
+        seq_len[s] = L->len[s] + n_new[s];
+    }
+    be_attn_meta m = {n_tok, L->n_seq, pos, seq, slot, seq_len, L->block_table, L->max_blocks};
+    size_t nq = (size_t)n_tok * n_heads * hd, nk = (size_t)n_tok * n_kv * hd;
+    float *q = rnd_vec(nq, 1.0f), *k = rnd_vec(nk, 1.0f), *v = rnd_vec(nk, 1.0f), *o[2];
+    be *bs[2] = {g_cpu, g_gpu};
+    for (int i = 0; i < 2; i++) {
+        be *b = bs[i];
+        float *dq = dev_put(b, q, nq * 4), *dk = dev_put(b, k, nk * 4), *dv = dev_put(b, v, nk * 4);
+        float *dout = dev_put(b, NULL, nq * 4);
+        OP(b, b->ops->attention(b, &m, dq, dk, dv, kc[i], vc[i], n_heads, n_kv, hd, dout));
+        o[i] = malloc(nq * 4);
+        dev_get(b, o[i], dout, nq * 4);
+        b->ops->free(b, dq);
+        b->ops->free(b, dk);
+        b->ops->free(b, dv);
+        b->ops->free(b, dout);
+    }
+    double e = nmse(o[1], o[0], nq);
+    printf("  attention %2d seqs %4d tokens heads %2d/%d head_dim %3d: NMSE %.2e\n", L->n_seq, n_tok, n_heads,
+           n_kv, hd, e);
+    CHECK_NMSE("attention", e, NMSE_ATTN);
+    /* both backends round K/V to fp16 the same way: the caches must match bit for bit */
+    size_t cache = (size_t)L->n_blocks * BE_KV_BLOCK * n_kv * hd * 2;
+    uint8_t *c0 = malloc(cache), *c1 = malloc(cache);
+    dev_get(g_cpu, c0, kc[0], cache);
+    dev_get(g_gpu, c1, kc[1], cache);
+    assert_memory_equal(c0, c1, cache);
+    dev_get(g_cpu, c0, vc[0], cache);
+    dev_get(g_gpu, c1, vc[1], cache);
+    assert_memory_equal(c0, c1, cache);
+    free(c0);
+    free(c1);
+    for (int s = 0; s < L->n_seq; s++)
+        L->len[s] += n_new[s];
+    free(q);
+    free(k);
+    free(v);
+    free(o[0]);
+    free(o[1]);
+    free(pos);
+    free(seq);
+    free(slot);
+    free(seq_len);
+}
+
+static void check_attention(int n_seq, int n_heads, int n_kv, int hd, int prefill_max, int decode_steps)
+{
+    kv_layout L = {.n_seq = n_seq, .max_blocks = (prefill_max + decode_steps) / BE_KV_BLOCK + 2};
+    L.n_blocks = n_seq * L.max_blocks + 3;
+    L.block_table = malloc(4 * (size_t)n_seq * L.max_blocks);
+    L.len = calloc((size_t)n_seq, sizeof(int));
+    int *perm = malloc(sizeof(int) * (size_t)L.n_blocks);
+    for (int i = 0; i < L.n_blocks; i++)
+        perm[i] = i;
+    for (int i = L.n_blocks - 1; i > 0; i--) {
+        int j = rnd_int(i + 1), tmp = perm[i];
+        perm[i] = perm[j];
+        perm[j] = tmp;
+    }
+    for (int i = 0; i < n_seq * L.max_blocks; i++)
+        L.block_table[i] = perm[i];
+    void *kc[2], *vc[2];
+    be *bs[2] = {g_cpu, g_gpu};
+    for (int i = 0; i < 2; i++)
+        OP(bs[i], bs[i]->ops->kv_alloc(bs[i], L.n_blocks, n_kv, hd, &kc[i], &vc[i]));
+    int *n_new = malloc(sizeof(int) * (size_t)n_seq);
+    for (int s = 0; s < n_seq; s++)
+        n_new[s] = s == 0 && n_seq > 1 ? 1 : 1 + rnd_int(prefill_max); /* one-token sequence included */
+    run_attn_step(&L, n_new, n_heads, n_kv, hd, kc, vc);
+    for (int step = 0; step < decode_steps; step++) {
+        for (int s = 0; s < n_seq; s++)
+            n_new[s] = 1;
+        run_attn_step(&L, n_new, n_heads, n_kv, hd, kc, vc);
+    }
+    /* a second chunk of prefill on top of cached context (chunked prefill) */
+    for (int s = 0; s < n_seq; s++)
+        n_new[s] = 1 + rnd_int(BE_KV_BLOCK + 3);
+    run_attn_step(&L, n_new, n_heads, n_kv, hd, kc, vc);
+    for (int i = 0; i < 2; i++) {
+        bs[i]->ops->free(bs[i], kc[i]);
+        bs[i]->ops->free(bs[i], vc[i]);
+    }
+    free(n_new);
+    free(perm);
+    free(L.block_table);
+    free(L.len);
+}
+
+static void test_attention(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    check_attention(1, 9, 3, 64, 300, 2);   /* SmolLM2 heads, one long prefill */
+    check_attention(1, 9, 3, 64, 1, 1);     /* the very first token */
+    check_attention(5, 32, 8, 64, 40, 3);   /* Llama-3.2-1B heads */
+    check_attention(64, 4, 4, 128, 20, 2);  /* 64 sequences, MHA, head_dim 128 */
+    check_attention(3, 6, 2, 32, 70, 1);
+    check_attention(2, 2, 1, 96, 33, 1);
+    check_attention(2, 4, 2, 256, 17, 1);
+}
+
+/* ---- HydraLoRA ---- */
+
+typedef struct {
+    int r, K;
+    float *A, *R, **B;
+    float scale;
+    be_lora *l[2];
+} test_lora;
+
+static void lora_make(test_lora *t, int r, int K, int64_t in, int64_t out)
+{
+    t->r = r;
+    t->K = K;
+    t->A = rnd_vec((size_t)r * in, 1.0f / sqrtf((float)in));
+    t->R = K > 1 ? rnd_vec((size_t)K * in, 2.0f / sqrtf((float)in)) : NULL;
+    t->B = malloc(sizeof(float *) * (size_t)K);
+    for (int k = 0; k < K; k++)
+        t->B[k] = rnd_vec((size_t)out * r, 0.05f);
+    t->scale = 2.0f / (float)r * (1 + rnd_int(4));
+    be *bs[2] = {g_cpu, g_gpu};
+    for (int i = 0; i < 2; i++)
+        OP(bs[i], bs[i]->ops->lora_create(bs[i], r, K, in, out, t->A, t->R, (const float *const *)t->B,
+                                          t->scale, &t->l[i]));
+}
+
+static void lora_drop(test_lora *t)
+{
+    be *bs[2] = {g_cpu, g_gpu};
+    for (int i = 0; i < 2; i++)
+        bs[i]->ops->lora_free(bs[i], t->l[i]);
+    free(t->A);
+    free(t->R);
+    for (int k = 0; k < t->K; k++)
+        free(t->B[k]);
+    free(t->B);
+}
+
+/* n_tok tokens split into segments of random lengths (some empty, some one token, some with
+ * no adapter) over `n_ad` adapters of mixed rank and head count. */
+static void check_hydra(int n_tok, int64_t in, int64_t out, int n_ad)
+{
+    test_lora *ad = calloc((size_t)n_ad, sizeof *ad);
+    static const int ranks[] = {1, 4, 7, 8, 16, 32, 64};
+    for (int a = 0; a < n_ad; a++)
+        lora_make(&ad[a], ranks[rnd_int((int)HY_ARRAY_LEN(ranks))], 1 + (a % 8), in, out);
+    be_lora_seg segs[2][64];
+    float stats[2][64][9];
+    memset(stats, 0, sizeof stats);
+    int n_seg = 0, t = 0;
+    while (t < n_tok && n_seg < 62) {
+        int len = rnd_int(4) == 0 ? rnd_int(2) : 1 + rnd_int(HY_MAX(1, n_tok / 4)); /* 0 and 1 happen */
+        if (len > n_tok - t)
+            len = n_tok - t;
+        int a = rnd_int(n_ad + 1); /* == n_ad: no adapter */
+        bool want_stats = rnd_int(3) != 0;
+        for (int i = 0; i < 2; i++) {
+            segs[i][n_seg].tok_begin = t;
+            segs[i][n_seg].tok_end = t + len;
+            segs[i][n_seg].lora = a < n_ad ? ad[a].l[i] : NULL;
+            segs[i][n_seg].stats = want_stats ? stats[i][n_seg] : NULL;
+        }
+        n_seg++;
+        t += len;
+    }
+    if (t < n_tok) { /* the rest in one last segment with adapter 0 */
+        for (int i = 0; i < 2; i++) {
+            segs[i][n_seg] = (be_lora_seg){t, n_tok, ad[0].l[i], stats[i][n_seg]};
+        }
+        n_seg++;
+    }
+    size_t nx = (size_t)n_tok * in, ny = (size_t)n_tok * out;
+    float *x = rnd_vec(nx, 1.0f), *y0 = rnd_vec(ny, 1.0f), *o[2];
+    be *bs[2] = {g_cpu, g_gpu};
+    for (int i = 0; i < 2; i++) {
+        be *b = bs[i];
+        float *dx = dev_put(b, x, nx * 4), *dy = dev_put(b, y0, ny * 4);
+        OP(b, b->ops->hydra(b, dx, in, dy, out, segs[i], n_seg));
+        o[i] = malloc(ny * 4);
+        dev_get(b, o[i], dy, ny * 4);
+        b->ops->free(b, dx);
+        b->ops->free(b, dy);
+    }
+    /* compare the adapter contribution, not the random y it was added to */
+    for (size_t j = 0; j < ny; j++) {
+        o[0][j] -= y0[j];
+        o[1][j] -= y0[j];
+    }
+    double e = nmse(o[1], o[0], ny);
+    double es = nmse(&stats[1][0][0], &stats[0][0][0], sizeof stats[0] / sizeof(float));
+    printf("  hydra n_tok %3d in %5lld out %5lld, %2d segments over %d adapters: NMSE %.2e, stats %.2e\n",
+           n_tok, (long long)in, (long long)out, n_seg, n_ad, e, es);
+    CHECK_NMSE("hydra output", e, NMSE_F32);
+    CHECK_NMSE("hydra stats", es, NMSE_F32);
+    for (int a = 0; a < n_ad; a++)
+        lora_drop(&ad[a]);
+    free(ad);
+    free(x);
+    free(y0);
+    free(o[0]);
+    free(o[1]);
+}
+
+static void test_hydra(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    static const int toks[] = {1, 5, 64, 300};
+    for (size_t ti = 0; ti < HY_ARRAY_LEN(toks); ti++) {
+        check_hydra(toks[ti], 576, 192, 3);
+        check_hydra(toks[ti], 577, 1001, 8); /* odd sizes: the unvectorised shrink */
+    }
+    check_hydra(64, 2048, 512, 16);
+    if (g_fake)
+        return;
+    /* limits are refused with a clear error */
+    float a[64 * 32] = {0}, r[9 * 32] = {0}, bb[32 * 65] = {0};
+    const float *B[9] = {bb, bb, bb, bb, bb, bb, bb, bb, bb};
+    be_lora *l = NULL;
+    assert_int_equal(g_gpu->ops->lora_create(g_gpu, 65, 1, 32, 32, a, NULL, B, 1.0f, &l), HY_EUNSUPPORTED);
+    assert_non_null(strstr(hy_err_msg(), "rank"));
+    assert_int_equal(g_gpu->ops->lora_create(g_gpu, 4, 9, 32, 32, a, r, B, 1.0f, &l), HY_EUNSUPPORTED);
+    assert_null(l);
+}
+
+/* ---- memory ops ---- */
+
+static void test_memory(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    be *b = g_gpu;
+    size_t n = 1000003;
+    uint8_t *h = malloc(n), *back = malloc(n);
+    for (size_t i = 0; i < n; i++)
+        h[i] = (uint8_t)rnd_u64();
+    void *d = NULL;
+    OP(b, b->ops->alloc(b, n, &d));
+    dev_get(b, back, d, n);
+    for (size_t i = 0; i < n; i++)
+        assert_int_equal(back[i], 0); /* alloc returns zeroed memory */
+    OP(b, b->ops->upload(b, d, h, n));
+    OP(b, b->ops->sync(b));
+    dev_get(b, back, d, n);
+    assert_memory_equal(h, back, n);
+    /* pointer arithmetic on device pointers is allowed */
+    dev_get(b, back, (uint8_t *)d + 17, 100);
+    assert_memory_equal(h + 17, back, 100);
+    b->ops->free(b, d);
+    b->ops->free(b, NULL);
+    free(h);
+    free(back);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_memory),   cmocka_unit_test(test_matmul),    cmocka_unit_test(test_embed),
+        cmocka_unit_test(test_elementwise), cmocka_unit_test(test_rope),   cmocka_unit_test(test_attention),
+        cmocka_unit_test(test_hydra),
+    };
+    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}
