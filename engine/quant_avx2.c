@@ -267,8 +267,8 @@ QK_AI void kq8z(const uint32_t WT, const int NT, const uint8_t *wb, int nc, cons
         }
         _Pragma("GCC unroll 4")
         for (int t = 0; t < NT; t++) {
-            __m128 da2 = _mm_castpd_ps(_mm_load_sd((const double *)(ad[t] + b)));
-            __m128 s2 = _mm_castpd_ps(_mm_load_sd((const double *)(ad[t] + nb + b)));
+            __m128 da2 = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(ad[t] + b)));
+            __m128 s2 = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(ad[t] + nb + b)));
             __m128 p = _mm_mul_ps(dm, _mm_unpacklo_ps(da2, s2));
             macc[t] = _mm_add_ps(macc[t], p);
             __m512 sc = _mm512_permutexvar_ps(pidx, _mm512_castps128_ps512(p));
