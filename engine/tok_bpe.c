@@ -222,6 +222,7 @@ typedef struct {
 typedef struct {
     uint32_t rank;
     int32_t pos, res;
+    int32_t left, right;  /* the pair when queued: a candidate is stale once either changed */
 } bcand;
 
 typedef struct {
@@ -299,9 +300,11 @@ static bcand heap_pop(bpe_ctx *c)
 
 static void push_pair(bpe_ctx *c, int32_t pos)
 {
-    bcand x = {0, pos, 0};
     int32_t next = c->sym[pos].next;
-    if (next >= 0 && merge_find(c->v, c->sym[pos].id, c->sym[next].id, &x.rank, &x.res))
+    if (next < 0)
+        return;
+    bcand x = {0, pos, 0, c->sym[pos].id, c->sym[next].id};
+    if (merge_find(c->v, x.left, x.right, &x.rank, &x.res))
         heap_push(c, x);
 }
 
@@ -394,11 +397,9 @@ static int bpe_word(void *ctx, const char *str, size_t n)
         if (a->id < 0 || a->next < 0)
             continue;
         bsym *b = &c->sym[a->next];
-        uint32_t rank;
-        int32_t res;
-        if (!merge_find(v, a->id, b->id, &rank, &res) || rank != top.rank)
+        if (a->id != top.left || b->id != top.right)
             continue; /* stale: one side changed since the candidate was queued */
-        a->id = res;
+        a->id = top.res;
         b->id = -1;
         a->next = b->next;
         if (b->next >= 0)
