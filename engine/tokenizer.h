@@ -13,7 +13,10 @@
 typedef struct tok_vocab tok_vocab;
 
 /* Build from tokenizer.ggml.* keys. Errors name the key or the unsupported model/pre.
- * The vocab copies what it needs (the gguf may be closed afterwards). Free with tok_free. */
+ * The vocab copies what it needs (the gguf may be closed afterwards). Free with tok_free.
+ * A loaded vocab is never modified: any number of threads may encode and decode with it at once.
+ * Letter/number/space classes follow Unicode 16.0 (engine/unicode_tables.h), the tables of the
+ * Hugging Face `tokenizers` reference. */
 int tok_load(const gguf_file *f, tok_vocab **out);
 void tok_free(tok_vocab *v);
 
