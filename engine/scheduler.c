@@ -5,6 +5,7 @@
 #include "engine/scheduler.h"
 #include "engine/hy.h"
 #include "engine/kv_alloc.h"
+#include "engine/sampler.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -809,33 +810,6 @@ static void build_batch(sched *s, int n_seq, eng_batch *b)
 
 /* ---------- outputs ---------- */
 
-/* Length of the longest suffix of text[0..len) that is a proper prefix of a stop string. */
-static size_t held_back(const sched_req *r, const char *text, size_t len)
-{
-    size_t best = 0;
-    for (int i = 0; i < r->n_stop; i++) {
-        size_t sl = strlen(r->stop[i]);
-        for (size_t k = sl - 1 < len ? sl - 1 : len; k > best; k--)
-            if (memcmp(text + len - k, r->stop[i], k) == 0) {
-                best = k;
-                break;
-            }
-    }
-    return best;
-}
-
-/* Earliest stop-string match starting at or after `from`; (size_t)-1 when none. */
-static size_t find_stop(const sched_req *r, const char *text, size_t len, size_t from)
-{
-    size_t best = (size_t)-1;
-    for (int i = 0; i < r->n_stop; i++) {
-        const char *p = memmem(text + from, len - from, r->stop[i], strlen(r->stop[i]));
-        if (p && (size_t)(p - text) < best)
-            best = (size_t)(p - text);
-    }
-    return best;
-}
-
 /* A token was sampled for q: record it, update text, decide whether q is done. Returns true
  * when q finished (the caller frees it). */
 static bool on_token(sched *s, sched_seq *q, const sched_sample *smp)
@@ -855,13 +829,11 @@ static bool on_token(sched *s, sched_seq *q, const sched_sample *smp)
         return true;
     }
     const char *finish = NULL;
-    size_t longest = 0;
-    for (int i = 0; i < r->n_stop; i++)
-        longest = HY_MAX(longest, strlen(r->stop[i]));
-    size_t from = old_len > longest ? old_len - longest + 1 : 0;
-    size_t at = r->n_stop ? find_stop(r, q->gen, q->gen_len, from < q->shown ? q->shown : from) : (size_t)-1;
-    if (at != (size_t)-1) {
-        q->gen_len = at;
+    size_t hold = 0;
+    long at = r->n_stop ? smp_stop_check(q->gen, q->gen_len, old_len, (const char *const *)r->stop, r->n_stop, &hold)
+                        : -1;
+    if (at >= 0) {
+        q->gen_len = (size_t)at;
         q->gen[at] = '\0';
         finish = "stop";
     } else if (eog) {
@@ -892,7 +864,7 @@ static bool on_token(sched *s, sched_seq *q, const sched_sample *smp)
         if (c->n_gen <= c->lp_cap)
             c->lp[c->n_gen - 1] = *smp;
     }
-    size_t visible = finish ? q->gen_len : q->gen_len - held_back(r, q->gen, q->gen_len);
+    size_t visible = finish ? q->gen_len : q->gen_len - hold;
     if (visible > q->shown && append(&c->text, &c->len, &c->cap, q->gen + q->shown, visible - q->shown) == 0)
         q->shown = visible;
     sched_req_unlock(r);

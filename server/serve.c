@@ -6,13 +6,13 @@
 #include "engine/gguf.h"
 #include "engine/hy.h"
 #include "engine/model.h"
+#include "engine/sampler.h"
 #include "engine/scheduler.h"
 #include "engine/tokenizer.h"
 #include "server/cli.h"
 #include "server/http.h"
 
 #include <getopt.h>
-#include <math.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -50,10 +50,9 @@ typedef struct {
 
 typedef struct {
     tok_detok dt;
-    sched_sampling sp;
-    uint64_t rng;
-    float *probs;        /* [n_vocab] scratch */
-    int32_t *idx;
+    smp_seq *smp;
+    int n_accepted;      /* tokens of the sequence already given to the sampler's penalties */
+    float *logits;       /* [n_vocab] scratch: smp_sample modifies its input */
 } seq_state;
 
 static int g_forward(void *ctx, const eng_batch *b, float *logits)
@@ -62,34 +61,12 @@ static int g_forward(void *ctx, const eng_batch *b, float *logits)
     return eng_forward(g->m, g->kv, b, logits);
 }
 
-static uint64_t splitmix(uint64_t *x)
+static uint64_t splitmix(uint64_t x)
 {
-    uint64_t z = (*x += 0x9E3779B97F4A7C15ull);
+    uint64_t z = x + 0x9E3779B97F4A7C15ull;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     return z ^ (z >> 31);
-}
-
-static int g_seq_init(void *ctx, const sched_sampling *p, int choice, void **state)
-{
-    glue *g = ctx;
-    seq_state *st = calloc(1, sizeof *st);
-    if (!st)
-        return hy_err_set(HY_ENOMEM, "out of memory");
-    st->probs = malloc((size_t)g->n_vocab * sizeof(float));
-    st->idx = malloc((size_t)g->n_vocab * sizeof(int32_t));
-    if (!st->probs || !st->idx) {
-        free(st->probs);
-        free(st->idx);
-        free(st);
-        return hy_err_set(HY_ENOMEM, "out of memory");
-    }
-    tok_detok_init(&st->dt, g->v);
-    st->sp = *p;
-    uint64_t seed = p->has_seed ? p->seed : ((uint64_t)time(NULL) ^ (uint64_t)(uintptr_t)st);
-    st->rng = seed + 0x1234567ull * (uint64_t)(choice + 1);
-    *state = st;
-    return HY_OK;
 }
 
 static void g_seq_free(void *ctx, void *state)
@@ -98,119 +75,66 @@ static void g_seq_free(void *ctx, void *state)
     (void)ctx;
     if (!st)
         return;
-    free(st->probs);
-    free(st->idx);
+    smp_free(st->smp);
+    free(st->logits);
     free(st);
 }
 
-static const float *g_cmp_base;
-static int cmp_desc(const void *a, const void *b)
+static int g_seq_init(void *ctx, const sched_sampling *p, int choice, void **state)
 {
-    float x = g_cmp_base[*(const int32_t *)a], y = g_cmp_base[*(const int32_t *)b];
-    return x < y ? 1 : x > y ? -1 : 0;
+    glue *g = ctx;
+    seq_state *st = calloc(1, sizeof *st);
+    if (!st || !(st->logits = malloc((size_t)g->n_vocab * sizeof(float)))) {
+        free(st);
+        return hy_err_set(HY_ENOMEM, "out of memory");
+    }
+    smp_params sp = smp_default_params();
+    sp.temperature = (float)p->temperature;
+    sp.top_k = p->top_k;
+    sp.top_p = (float)p->top_p;
+    sp.min_p = (float)p->min_p;
+    /* Each choice draws its own stream; without a seed every request gets a fresh one. */
+    uint64_t base = p->has_seed ? p->seed : splitmix((uint64_t)time(NULL) ^ (uint64_t)(uintptr_t)st);
+    sp.seed = choice == 0 ? base : splitmix(base + (uint64_t)choice);
+    sp.repetition_penalty = (float)p->repetition_penalty;
+    sp.frequency_penalty = (float)p->frequency_penalty;
+    sp.presence_penalty = (float)p->presence_penalty;
+    sp.logprobs = p->logprobs;
+    sp.n_logprobs = HY_MIN(p->top_logprobs, SMP_MAX_LOGPROBS);
+    int rc = smp_create(&sp, g->n_vocab, &st->smp);
+    if (rc) {
+        g_seq_free(ctx, st);
+        return rc;
+    }
+    tok_detok_init(&st->dt, g->v);
+    *state = st;
+    return HY_OK;
 }
 
-/* Sampling: penalties, temperature, top-k, top-p, min-p, seeded RNG; logprobs of the
- * unmodified distribution. (Engine thread only: uses the static comparator base.) */
 static int g_sample(void *ctx, void *state, const float *logits, const int32_t *toks, int n_prompt, int n_toks,
                     sched_sample *out)
 {
     glue *g = ctx;
     seq_state *st = state;
-    const sched_sampling *sp = &st->sp;
-    int V = g->n_vocab;
-    float *p = st->probs;
-    memcpy(p, logits, (size_t)V * sizeof(float));
-    /* penalties over generated tokens (presence/frequency) and all tokens (repetition) */
-    if (sp->repetition_penalty != 1.0 || sp->presence_penalty != 0.0 || sp->frequency_penalty != 0.0) {
-        int32_t *cnt = st->idx;
-        memset(cnt, 0, (size_t)V * sizeof(int32_t));
-        for (int i = n_prompt; i < n_toks; i++)
-            if (toks[i] >= 0 && toks[i] < V)
-                cnt[toks[i]]++;
-        for (int i = 0; i < n_toks; i++) {
-            int t = toks[i];
-            if (t < 0 || t >= V || p[t] != logits[t])
-                continue; /* penalise each token once */
-            if (sp->repetition_penalty != 1.0)
-                p[t] = p[t] > 0 ? p[t] / (float)sp->repetition_penalty : p[t] * (float)sp->repetition_penalty;
-            if (cnt[t])
-                p[t] -= (float)(sp->presence_penalty + sp->frequency_penalty * cnt[t]);
-        }
+    int rc = 0;
+    if (st->n_accepted == 0 && n_prompt > 0) {
+        rc = smp_accept_prompt(st->smp, toks, n_prompt);
+        st->n_accepted = n_prompt;
     }
-    /* log-softmax of the raw logits for logprobs */
-    float mx = logits[0];
-    for (int i = 1; i < V; i++)
-        mx = logits[i] > mx ? logits[i] : mx;
-    double z = 0;
-    for (int i = 0; i < V; i++)
-        z += exp((double)(logits[i] - mx));
-    float lse = mx + (float)log(z);
-    int32_t best = 0;
-    for (int i = 1; i < V; i++)
-        if (p[i] > p[best])
-            best = i;
-    int32_t tok = best;
-    if (sp->temperature > 0) {
-        for (int i = 0; i < V; i++)
-            st->idx[i] = i;
-        g_cmp_base = p;
-        int k = sp->top_k > 0 && sp->top_k < V ? sp->top_k : V;
-        qsort(st->idx, (size_t)V, sizeof(int32_t), cmp_desc);
-        double sum = 0;
-        float pm = p[st->idx[0]];
-        float *w = malloc((size_t)k * sizeof(float));
-        if (!w)
-            return hy_err_set(HY_ENOMEM, "out of memory");
-        for (int i = 0; i < k; i++) {
-            w[i] = (float)exp((double)(p[st->idx[i]] - pm) / sp->temperature);
-            sum += w[i];
-        }
-        int n = 0;
-        double cum = 0;
-        for (; n < k; n++) {
-            if (sp->min_p > 0 && w[n] < sp->min_p * w[0])
-                break;
-            cum += w[n] / sum;
-            if (cum >= sp->top_p) {
-                n++;
-                break;
-            }
-        }
-        if (n < 1)
-            n = 1;
-        double tot = 0;
-        for (int i = 0; i < n; i++)
-            tot += w[i];
-        double u = (double)(splitmix(&st->rng) >> 11) * (1.0 / 9007199254740992.0) * tot;
-        tok = st->idx[n - 1];
-        for (int i = 0; i < n; i++) {
-            u -= w[i];
-            if (u <= 0) {
-                tok = st->idx[i];
-                break;
-            }
-        }
-        free(w);
-    }
-    out->token = tok;
-    out->logprob = logits[tok] - lse;
-    out->n_top = 0;
-    if (sp->logprobs && sp->top_logprobs > 0) {
-        int n = HY_MIN(sp->top_logprobs, SCHED_MAX_TOP);
-        for (int k = 0; k < n; k++) {
-            int32_t bi = -1;
-            for (int i = 0; i < V; i++) {
-                bool taken = false;
-                for (int j = 0; j < k; j++)
-                    taken |= out->top_id[j] == i;
-                if (!taken && (bi < 0 || logits[i] > logits[bi]))
-                    bi = i;
-            }
-            out->top_id[k] = bi;
-            out->top_lp[k] = logits[bi] - lse;
-        }
-        out->n_top = n;
+    for (; rc == 0 && st->n_accepted < n_toks; st->n_accepted++)
+        rc = smp_accept(st->smp, toks[st->n_accepted]);
+    if (rc)
+        return rc;
+    memcpy(st->logits, logits, (size_t)g->n_vocab * sizeof(float));
+    smp_result res;
+    if ((rc = smp_sample(st->smp, st->logits, &res)))
+        return rc;
+    out->token = res.id;
+    out->logprob = res.logprob;
+    out->n_top = HY_MIN(res.n_top, SCHED_MAX_TOP);
+    for (int i = 0; i < out->n_top; i++) {
+        out->top_id[i] = res.top_id[i];
+        out->top_lp[i] = res.top_logprob[i];
     }
     return HY_OK;
 }
