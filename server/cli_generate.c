@@ -1,0 +1,324 @@
+/* cli_generate.c - `hydrad generate`: load a GGUF model, run one prompt (optionally through the
+ * model's chat template), stream the generated text to stdout and the speeds to stderr.
+ * It serves no HTTP and keeps no state between runs; the server lives in serve.c. */
+#include "server/cli.h"
+
+#include "engine/backend.h"
+#include "engine/gguf.h"
+#include "engine/hy.h"
+#include "engine/model.h"
+#include "engine/sampler.h"
+#include "engine/tokenizer.h"
+
+#include <errno.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+typedef struct {
+    const char *model, *prompt, *system, *chat_template, *device;
+    bool chat, help;
+    int n_predict, threads, top_k;
+    float temp, top_p, min_p, repeat_penalty;
+    long long seed; /* < 0: from the clock */
+    /* ---- adapters: --adapter DIR / --adapter-scale X are wired here by the adapters work
+     * (add the fields, two rows in gen_table, and the load in cli_generate). ---- */
+} gen_opts;
+
+typedef enum { OPT_FLAG, OPT_STR, OPT_INT, OPT_FLOAT, OPT_LL } opt_kind;
+
+typedef struct {
+    const char *lng, *shrt;
+    opt_kind kind;
+    size_t off;
+    const char *arg, *help;
+} gen_opt;
+
+#define O(f) offsetof(gen_opts, f)
+static const gen_opt gen_table[] = {
+    {"--model", "-m", OPT_STR, O(model), "FILE", "GGUF model (llama architecture)"},
+    {"--prompt", "-p", OPT_STR, O(prompt), "TEXT", "prompt text"},
+    {"--chat", NULL, OPT_FLAG, O(chat), NULL, "wrap the prompt in the model's chat template"},
+    {"--system", NULL, OPT_STR, O(system), "TEXT", "system message (with --chat)"},
+    {"--chat-template", NULL, OPT_STR, O(chat_template), "NAME",
+     "chatml, llama3, llama2 or zephyr instead of the model's own"},
+    {"--n-predict", "-n", OPT_INT, O(n_predict), "N", "tokens to generate at most (256)"},
+    {"--temp", NULL, OPT_FLOAT, O(temp), "T", "temperature; 0 = greedy (0)"},
+    {"--top-k", NULL, OPT_INT, O(top_k), "K", "keep the K most likely tokens (0 = off)"},
+    {"--top-p", NULL, OPT_FLOAT, O(top_p), "P", "nucleus sampling (1 = off)"},
+    {"--min-p", NULL, OPT_FLOAT, O(min_p), "P", "drop tokens below P x the top probability (0)"},
+    {"--repeat-penalty", NULL, OPT_FLOAT, O(repeat_penalty), "R", "repetition penalty (1 = off)"},
+    {"--seed", NULL, OPT_LL, O(seed), "S", "sampling seed (default: from the clock)"},
+    {"--threads", "-t", OPT_INT, O(threads), "N", "CPU threads (default: all cores)"},
+    {"--device", NULL, OPT_STR, O(device), "DEV", "cpu, cuda or auto (auto)"},
+    /* adapters: {"--adapter", ...}, {"--adapter-scale", ...} go here */
+    {"--help", "-h", OPT_FLAG, O(help), NULL, "this help"},
+};
+#undef O
+
+static void gen_usage(FILE *f)
+{
+    fprintf(f, "usage: hydrad generate -m MODEL -p PROMPT [options]\n");
+    for (size_t i = 0; i < HY_ARRAY_LEN(gen_table); i++) {
+        const gen_opt *o = &gen_table[i];
+        char left[64];
+        snprintf(left, sizeof left, "%s%s%s%s%s", o->shrt ? o->shrt : "", o->shrt ? ", " : "",
+                 o->lng, o->arg ? " " : "", o->arg ? o->arg : "");
+        fprintf(f, "  %-28s %s\n", left, o->help);
+    }
+}
+
+static int gen_set(gen_opts *g, const gen_opt *o, const char *val)
+{
+    void *dst = (char *)g + o->off;
+    char *end = NULL;
+    errno = 0;
+    switch (o->kind) {
+    case OPT_FLAG: *(bool *)dst = true; return 0;
+    case OPT_STR: *(const char **)dst = val; return 0;
+    case OPT_INT: {
+        long v = strtol(val, &end, 10);
+        if (errno || end == val || *end || v < -2147483647L || v > 2147483647L)
+            break;
+        *(int *)dst = (int)v;
+        return 0;
+    }
+    case OPT_LL: {
+        long long v = strtoll(val, &end, 10);
+        if (errno || end == val || *end)
+            break;
+        *(long long *)dst = v;
+        return 0;
+    }
+    case OPT_FLOAT: {
+        float v = strtof(val, &end);
+        if (errno || end == val || *end)
+            break;
+        *(float *)dst = v;
+        return 0;
+    }
+    }
+    fprintf(stderr, "hydrad: %s: bad value '%s'\n", o->lng, val);
+    return -1;
+}
+
+/* argv[0] is "generate". Accepts "--opt value" and "--opt=value". */
+static int gen_parse(int argc, char **argv, gen_opts *g)
+{
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *eq = strchr(a, '=');
+        size_t nlen = a[0] == '-' && a[1] == '-' && eq ? (size_t)(eq - a) : strlen(a);
+        const gen_opt *o = NULL;
+        for (size_t k = 0; k < HY_ARRAY_LEN(gen_table) && !o; k++) {
+            const gen_opt *c = &gen_table[k];
+            if ((strlen(c->lng) == nlen && !strncmp(a, c->lng, nlen)) ||
+                (c->shrt && !strcmp(a, c->shrt)))
+                o = c;
+        }
+        if (!o) {
+            fprintf(stderr, "hydrad: generate: unknown option '%s' (see hydrad generate --help)\n", a);
+            return -1;
+        }
+        const char *val = NULL;
+        if (o->kind != OPT_FLAG) {
+            if (eq && nlen != strlen(a))
+                val = eq + 1;
+            else if (i + 1 < argc)
+                val = argv[++i];
+            else {
+                fprintf(stderr, "hydrad: %s needs a value\n", o->lng);
+                return -1;
+            }
+        }
+        if (gen_set(g, o, val))
+            return -1;
+    }
+    return 0;
+}
+
+/* --device auto without the "using the CPU backend" chatter of be_open: a generate run says
+ * which backend it used on its final stats line instead. */
+static int gen_backend(const gen_opts *g, be **out)
+{
+    if (strcmp(g->device, "auto"))
+        return be_open(g->device, g->threads, out);
+    if (be_cuda_compiled() && be_cuda_create(0, out) == HY_OK)
+        return HY_OK;
+    hy_err_clear();
+    return be_cpu_create(g->threads, out);
+}
+
+/* The prompt as token ids, through the chat template when asked. *ids malloc'ed. */
+static int gen_tokenize(const gen_opts *g, const gguf_file *f, const tok_vocab *v, int32_t **ids,
+                        int *n)
+{
+    if (!g->chat)
+        return tok_encode(v, g->prompt, strlen(g->prompt), false, tok_add_bos(v), ids, n);
+    tok_chat_kind kind;
+    int rc = tok_chat_detect(f, g->chat_template, &kind);
+    if (rc)
+        return rc;
+    tok_msg msgs[2];
+    int nm = 0;
+    if (g->system)
+        msgs[nm++] = (tok_msg){"system", g->system};
+    msgs[nm++] = (tok_msg){"user", g->prompt};
+    char *text = NULL;
+    if ((rc = tok_chat_apply(kind, msgs, nm, true, &text)))
+        return rc;
+    rc = tok_encode(v, text, strlen(text), true, tok_add_bos(v), ids, n);
+    free(text);
+    return rc;
+}
+
+typedef struct {
+    gguf_file *f;
+    be *b;
+    eng_model *m;
+    eng_kv *kv;
+    tok_vocab *v;
+    smp_seq *smp;
+    int32_t *ids;
+    float *logits;
+    char *piece;
+} gen_run;
+
+static void gen_free(gen_run *r)
+{
+    free(r->piece);
+    free(r->logits);
+    free(r->ids);
+    smp_free(r->smp);
+    eng_kv_free(r->kv);
+    eng_model_free(r->m);
+    tok_free(r->v);
+    if (r->b)
+        r->b->ops->destroy(r->b);
+    gguf_close(r->f);
+}
+
+/* Decode loop: sample, print, feed back. Returns 0 or an HY_E code. */
+static int gen_decode(const gen_opts *g, gen_run *r, int n_prompt, int *n_gen)
+{
+    const int n_vocab = eng_model_hparams(r->m)->n_vocab;
+    size_t cap = tok_detok_cap(r->v);
+    tok_detok dt;
+    tok_detok_init(&dt, r->v);
+    int pos = n_prompt, rc = HY_OK;
+    *n_gen = 0;
+    while (*n_gen < g->n_predict) {
+        smp_result res;
+        if ((rc = smp_sample(r->smp, r->logits, &res)))
+            return rc;
+        int32_t id = res.id;
+        if (id < 0 || id >= n_vocab || tok_is_eog(r->v, id))
+            break;
+        size_t n = tok_detok_push(&dt, id, r->piece, cap);
+        fwrite(r->piece, 1, n, stdout);
+        fflush(stdout);
+        ++*n_gen;
+        if ((rc = smp_accept(r->smp, id)))
+            return rc;
+        if (*n_gen == g->n_predict)
+            break;
+        if ((rc = eng_forward_seq(r->m, r->kv, &id, 1, pos++, 0, NULL, r->logits)))
+            return rc;
+    }
+    size_t n = tok_detok_flush(&dt, r->piece, cap);
+    fwrite(r->piece, 1, n, stdout);
+    fputc('\n', stdout);
+    fflush(stdout);
+    return HY_OK;
+}
+
+int cli_generate(int argc, char **argv)
+{
+    gen_opts g = {.n_predict = 256, .threads = 0, .top_p = 1.0f, .repeat_penalty = 1.0f,
+                  .seed = -1, .device = "auto"};
+    if (gen_parse(argc, argv, &g))
+        return 2;
+    if (g.help) {
+        gen_usage(stdout);
+        return 0;
+    }
+    if (!g.model || !g.prompt) {
+        gen_usage(stderr);
+        return 2;
+    }
+    if (g.n_predict < 0)
+        g.n_predict = 0;
+    gen_run r = {0};
+    int rc, exit_code = 2;
+    int32_t n_prompt = 0;
+    /* Model problems: exactly one line naming the file, exit code 2. */
+    if ((rc = gguf_open(g.model, &r.f)) || (rc = tok_load(r.f, &r.v)) ||
+        (rc = gen_backend(&g, &r.b)) || (rc = eng_model_load(r.f, r.b, &r.m))) {
+        fprintf(stderr, "hydrad: %s: %s\n", g.model, hy_err_msg());
+        exit_code = rc == HY_EDEVICE || rc == HY_ENOMEM ? 1 : 2;
+        goto out;
+    }
+    const eng_hparams *hp = eng_model_hparams(r.m);
+    if ((rc = gen_tokenize(&g, r.f, r.v, &r.ids, &n_prompt))) {
+        fprintf(stderr, "hydrad: prompt: %s\n", hy_err_msg());
+        goto out;
+    }
+    if (n_prompt == 0) {
+        fprintf(stderr, "hydrad: prompt: the prompt is empty\n");
+        goto out;
+    }
+    int n_ctx = n_prompt + g.n_predict;
+    if (n_ctx > hp->n_ctx_train) {
+        fprintf(stderr, "hydrad: prompt (%d tokens) + %d new tokens exceed the model's context of %d\n",
+                n_prompt, g.n_predict, hp->n_ctx_train);
+        goto out;
+    }
+    exit_code = 1;
+    smp_params sp = smp_default_params();
+    sp.temperature = g.temp;
+    sp.top_k = g.top_k;
+    sp.top_p = g.top_p;
+    sp.min_p = g.min_p;
+    sp.repetition_penalty = g.repeat_penalty;
+    sp.seed = g.seed >= 0 ? (uint64_t)g.seed : (uint64_t)time(NULL) ^ ((uint64_t)clock() << 32);
+    if ((rc = smp_create(&sp, hp->n_vocab, &r.smp)) ||
+        (rc = smp_accept_prompt(r.smp, r.ids, n_prompt))) {
+        fprintf(stderr, "hydrad: %s\n", hy_err_msg());
+        exit_code = 2;
+        goto out;
+    }
+    r.logits = malloc(sizeof(float) * (size_t)hp->n_vocab);
+    r.piece = malloc(tok_detok_cap(r.v));
+    if (!r.logits || !r.piece ||
+        (rc = eng_kv_create(r.m, (n_ctx + BE_KV_BLOCK - 1) / BE_KV_BLOCK, &r.kv))) {
+        fprintf(stderr, "hydrad: %s\n", r.logits && r.piece ? hy_err_msg() : "out of memory");
+        goto out;
+    }
+
+    double t0 = hy_now();
+    if ((rc = eng_forward_seq(r.m, r.kv, r.ids, n_prompt, 0, 512, NULL, r.logits))) {
+        fprintf(stderr, "hydrad: %s\n", hy_err_msg());
+        goto out;
+    }
+    double t1 = hy_now();
+    int n_gen = 0;
+    if ((rc = gen_decode(&g, &r, n_prompt, &n_gen))) {
+        fprintf(stderr, "hydrad: %s\n", hy_err_msg());
+        goto out;
+    }
+    double t2 = hy_now();
+    /* the first generated token comes from the prefill's logits: n_gen - 1 decode steps */
+    int steps = n_gen > 0 ? n_gen - 1 : 0;
+    char thr[32] = "all cores";
+    if (g.threads > 0)
+        snprintf(thr, sizeof thr, "%d threads", g.threads);
+    fprintf(stderr, "hydrad: prefill %d tokens in %.3f s (%.1f tok/s); decode %d tokens in %.3f s "
+            "(%.1f tok/s); backend %s, %s\n", n_prompt, t1 - t0, n_prompt / (t1 - t0), steps,
+            t2 - t1, steps > 0 ? steps / (t2 - t1) : 0.0, r.b->ops->name, thr);
+    exit_code = 0;
+out:
+    gen_free(&r);
+    return exit_code;
+}
