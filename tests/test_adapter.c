@@ -12,6 +12,7 @@
 #include "engine/gguf.h"
 #include "engine/hy.h"
 #include "engine/model.h"
+#include "server/cli.h"
 
 #include <jansson.h>
 #include <math.h>
@@ -1060,6 +1061,47 @@ static void test_mixed_batch_matches_alone(void **state)
         ad_free(ads[k]);
 }
 
+/* hydrad mkadapter (the C twin of make_test_adapter.py) writes adapters this loader accepts and
+ * that change the model's output by about the calibrated amount. */
+static void test_mkadapter_roundtrip(void **state)
+{
+    (void)state;
+    if (!M.ok)
+        skip();
+    const char *model = getenv("HY_MODEL") ? getenv("HY_MODEL") : "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+    char out1[600], out2[600];
+    snprintf(out1, sizeof out1, "%s/mk1", M.adir);
+    snprintf(out2, sizeof out2, "%s/mk2", M.adir);
+    char *av1[] = {"mkadapter", "--out", out1, "--base", (char *)model, "--seed", "5", "--r", "8", "--K", "3",
+                   "--alpha", "16", "--targets", "q_proj,k_proj,down_proj", "--dtype", "bf16"};
+    char *av2[] = {"mkadapter", "--out", out2, "--shape-from", (char *)model, "--seed", "6", "--r", "4",
+                   "--alpha", "8", "--targets", "v_proj,o_proj", "--dtype", "f16"};
+    char *bad[] = {"mkadapter", "--out", out2, "--shape-from", (char *)model, "--targets", "c_attn"};
+    assert_int_equal(cli_mkadapter((int)HY_ARRAY_LEN(av1), av1), 0);
+    assert_int_equal(cli_mkadapter((int)HY_ARRAY_LEN(av2), av2), 0);
+    assert_int_equal(cli_mkadapter((int)HY_ARRAY_LEN(bad), bad), 2);
+    ad_adapter *a = load_gen("mk1"), *b = load_gen("mk2");
+    assert_int_equal(ad_K(a), 3);
+    assert_int_equal(ad_K(b), 1);
+    assert_true(ad_targets(a, 29, ENG_DOWN) && !ad_targets(a, 0, ENG_V) && ad_targets(b, 3, ENG_O));
+    assert_string_equal(ad_cfg(a)->base_model, model);
+    int32_t ids[] = {1, 9690, 198, 504, 3458};
+    float *x = malloc(sizeof(float) * (size_t)M.n_vocab), *y = malloc(sizeof(float) * (size_t)M.n_vocab);
+    assert_int_equal(eng_forward_seq(M.m, M.kv, ids, 5, 0, 0, NULL, x), 0);
+    assert_int_equal(eng_forward_seq(M.m, M.kv, ids, 5, 0, 0, ad_eng(a), y), 0);
+    double d = 0;
+    for (int v = 0; v < M.n_vocab; v++) {
+        assert_true(isfinite(y[v]));
+        d = fmax(d, fabs(x[v] - y[v]));
+    }
+    printf("# mkadapter K=3 adapter moves the logits by max %.3f\n", d);
+    assert_true(d > 0.05 && d < 100);
+    free(x);
+    free(y);
+    ad_free(a);
+    ad_free(b);
+}
+
 static int setup(void **state)
 {
     (void)state;
@@ -1102,6 +1144,7 @@ int main(void)
         cmocka_unit_test_setup(test_golden_logits_and_greedy, model_group_setup),
         cmocka_unit_test(test_k1_equals_plain_and_zero_b_equals_base),
         cmocka_unit_test(test_mixed_batch_matches_alone),
+        cmocka_unit_test(test_mkadapter_roundtrip),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
