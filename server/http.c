@@ -9,15 +9,20 @@
 #include <jansson.h>
 #include <limits.h>
 #include <microhttpd.h>
+#include <curl/curl.h>
+#include <errno.h>
 #include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <sys/stat.h>
 #include <openssl/sha.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 #include <unistd.h>
 
-enum { R_NONE, R_GEN, R_DONE_WAIT };
+enum { R_NONE, R_GEN, R_DONE_WAIT, R_LOAD_WAIT };
 
 typedef struct {
     int sent_text;          /* bytes of choice text already streamed */
@@ -49,6 +54,12 @@ typedef struct conn {
     char *pend;
     size_t pend_len, pend_off;
     bool usage_sent, done_sent, recorded;
+    /* adapter loading on a worker thread (mu) */
+    bool load_done;
+    int load_status;
+    char *load_json;
+    char load_name[AD_NAME_MAX];
+    char *load_path, *load_sha;
 } conn;
 
 static void conn_unref(conn *c)
@@ -63,6 +74,9 @@ static void conn_unref(conn *c)
     free(c->model);
     free(c->sc);
     free(c->pend);
+    free(c->load_json);
+    free(c->load_path);
+    free(c->load_sha);
     pthread_mutex_destroy(&c->mu);
     free(c);
 }
@@ -141,6 +155,33 @@ static void remember_name(srv *s, const void *ad, const char *name)
     }
     s->names[i].ad = ad;
     snprintf(s->names[i].name, sizeof s->names[i].name, "%s", name);
+    pthread_mutex_unlock(&s->mu);
+}
+
+static void count_served(srv *s, const char *name)
+{
+    pthread_mutex_lock(&s->mu);
+    int i = 0;
+    while (i < s->n_served && strcmp(s->served[i].name, name) != 0)
+        i++;
+    if (i == s->n_served && s->n_served < (int)HY_ARRAY_LEN(s->served)) {
+        s->n_served++;
+        snprintf(s->served[i].name, sizeof s->served[i].name, "%s", name);
+        s->served[i].requests = 0;
+    }
+    if (i < s->n_served)
+        s->served[i].requests++;
+    pthread_mutex_unlock(&s->mu);
+}
+
+static void forget_served(srv *s, const char *name)
+{
+    pthread_mutex_lock(&s->mu);
+    for (int i = 0; i < s->n_served; i++)
+        if (strcmp(s->served[i].name, name) == 0) {
+            s->served[i] = s->served[--s->n_served];
+            break;
+        }
     pthread_mutex_unlock(&s->mu);
 }
 
@@ -527,6 +568,7 @@ static enum MHD_Result start_generation(conn *c, struct MHD_Connection *mc, api_
             return err(c, mc, 404, "invalid_request_error", "model", "model_not_found", msg);
         }
         remember_name(s, c->ad, ar->model);
+        count_served(s, ar->model);
         c->model = strdup(ar->model);
     }
     if (!c->model)
@@ -610,6 +652,191 @@ static bool path_under_roots(srv *s, const char *path, char *resolved)
     return false;
 }
 
+/* ---- https:// adapters: download both files into the cache, size-capped, sha256 checked ---- */
+
+typedef struct {
+    FILE *f;
+    size_t n, cap;
+} dl_sink;
+
+static size_t dl_write(char *p, size_t sz, size_t nm, void *ud)
+{
+    dl_sink *d = ud;
+    size_t n = sz * nm;
+    if (d->n + n > d->cap)
+        return 0; /* over the cap: abort the transfer */
+    d->n += n;
+    return fwrite(p, 1, n, d->f);
+}
+
+static int download(const char *url, const char *dst, size_t cap)
+{
+    char tmp[PATH_MAX + 80];
+    snprintf(tmp, sizeof tmp, "%s.part", dst);
+    dl_sink d = {fopen(tmp, "wb"), 0, cap};
+    if (!d.f)
+        return hy_err_set(HY_EIO, "cannot write %s: %s", tmp, strerror(errno));
+    CURL *h = curl_easy_init();
+    if (!h) {
+        fclose(d.f);
+        return hy_err_set(HY_ENOMEM, "libcurl init failed");
+    }
+    curl_easy_setopt(h, CURLOPT_URL, url);
+    curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "https");
+    curl_easy_setopt(h, CURLOPT_REDIR_PROTOCOLS_STR, "https");
+    curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 1L);
+    curl_easy_setopt(h, CURLOPT_MAXREDIRS, 5L);
+    curl_easy_setopt(h, CURLOPT_FAILONERROR, 1L);
+    curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT, 20L);
+    curl_easy_setopt(h, CURLOPT_TIMEOUT, 600L);
+    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, dl_write);
+    curl_easy_setopt(h, CURLOPT_WRITEDATA, &d);
+    CURLcode rc = curl_easy_perform(h);
+    curl_easy_cleanup(h);
+    int ok = fclose(d.f) == 0 && rc == CURLE_OK;
+    if (!ok) {
+        unlink(tmp);
+        if (rc == CURLE_WRITE_ERROR && d.n + 1 > 0)
+            return hy_err_set(HY_ELIMIT, "%s: larger than the %zu-byte cap (or write failed)", url, cap);
+        return hy_err_set(HY_EIO, "%s: %s", url, curl_easy_strerror(rc));
+    }
+    if (rename(tmp, dst) != 0)
+        return hy_err_set(HY_EIO, "cannot rename %s: %s", tmp, strerror(errno));
+    return HY_OK;
+}
+
+static int sha256_file(const char *path, char hex[65])
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return hy_err_set(HY_EIO, "cannot open %s", path);
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    unsigned char buf[1 << 16], md[EVP_MAX_MD_SIZE];
+    unsigned mdlen = 0;
+    int ok = ctx && EVP_DigestInit_ex(ctx, EVP_sha256(), NULL);
+    size_t n;
+    while (ok && (n = fread(buf, 1, sizeof buf, f)) > 0)
+        ok = EVP_DigestUpdate(ctx, buf, n);
+    ok = ok && !ferror(f) && EVP_DigestFinal_ex(ctx, md, &mdlen);
+    EVP_MD_CTX_free(ctx);
+    fclose(f);
+    if (!ok)
+        return hy_err_set(HY_EIO, "cannot hash %s", path);
+    for (unsigned i = 0; i < mdlen; i++)
+        snprintf(hex + 2 * i, 3, "%02x", md[i]);
+    return HY_OK;
+}
+
+/* Fetch <url>/adapter_config.json and <url>/adapter_model.safetensors into
+ * <cache>/<sha256(url)>/ and write that directory to dir. */
+static int fetch_adapter(srv *s, const char *url, const char *want_sha, char *dir, size_t dir_cap)
+{
+    unsigned char md[32];
+    char key[65], path[PATH_MAX + 64], u[4096 + 64];
+    const char *cache = s->cfg.adapter_cache ? s->cfg.adapter_cache : "/tmp/hydrad-adapter-cache";
+    SHA256((const unsigned char *)url, strlen(url), md);
+    for (int i = 0; i < 32; i++)
+        snprintf(key + 2 * i, 3, "%02x", md[i]);
+    if (mkdir(cache, 0700) != 0 && errno != EEXIST)
+        return hy_err_set(HY_EIO, "cannot create the adapter cache %s: %s", cache, strerror(errno));
+    snprintf(dir, dir_cap, "%s/%s", cache, key);
+    if (mkdir(dir, 0700) != 0 && errno != EEXIST)
+        return hy_err_set(HY_EIO, "cannot create %s: %s", dir, strerror(errno));
+    size_t ul = strlen(url);
+    const char *sep = ul && url[ul - 1] == '/' ? "" : "/";
+    const char *files[2] = {"adapter_config.json", "adapter_model.safetensors"};
+    size_t cap = s->cfg.adapter_max_bytes ? s->cfg.adapter_max_bytes : (size_t)1 << 30;
+    for (int i = 0; i < 2; i++) {
+        snprintf(u, sizeof u, "%s%s%s", url, sep, files[i]);
+        snprintf(path, sizeof path, "%s/%s", dir, files[i]);
+        int rc = download(u, path, i == 0 ? (size_t)1 << 20 : cap);
+        if (rc)
+            return rc;
+    }
+    if (want_sha) {
+        char got[65];
+        snprintf(path, sizeof path, "%s/%s", dir, files[1]);
+        int rc = sha256_file(path, got);
+        if (rc)
+            return rc;
+        if (strcasecmp(got, want_sha) != 0) {
+            unlink(path);
+            return hy_err_set(HY_EFORMAT, "sha256 mismatch for %s: got %s, expected %s", files[1], got, want_sha);
+        }
+    }
+    return HY_OK;
+}
+
+static void *load_worker(void *arg)
+{
+    conn *c = arg;
+    srv *s = c->s;
+    char dir[PATH_MAX], msg[1400];
+    int status = 200, rc = 0;
+    const char *param = "lora_path", *code = "";
+    if (strncmp(c->load_path, "https://", 8) == 0) {
+        rc = fetch_adapter(s, c->load_path, c->load_sha, dir, sizeof dir);
+        if (rc)
+            status = 400;
+    } else {
+        snprintf(dir, sizeof dir, "%s", c->load_path);
+    }
+    if (!rc) {
+        rc = ad_reg_load(s->reg, c->load_name, dir, &s->shape, NULL);
+        if (rc) {
+            status = rc == HY_ELIMIT ? 507 : 400;
+            if (rc == HY_EBUSY) {
+                param = "lora_name";
+                code = "adapter_exists";
+            }
+        }
+    }
+    char *json;
+    if (rc) {
+        api_error e;
+        snprintf(msg, sizeof msg, "%s", hy_err_msg());
+        api_error_set(&e, status, "invalid_request_error", param, code, "%s", msg);
+        json = api_error_json(&e);
+    } else {
+        snprintf(msg, sizeof msg, "Success: LoRA adapter '%s' added successfully.", c->load_name);
+        json_t *o = json_pack("{s:s,s:s}", "status", "ok", "message", msg);
+        json = json_dumps(o, JSON_COMPACT);
+        json_decref(o);
+    }
+    pthread_mutex_lock(&c->mu);
+    c->load_json = json;
+    c->load_status = status;
+    c->load_done = true;
+    if (c->alive && c->suspended) {
+        c->suspended = false;
+        MHD_resume_connection(c->mc);
+    }
+    pthread_mutex_unlock(&c->mu);
+    conn_unref(c);
+    return NULL;
+}
+
+static enum MHD_Result load_wait_or_answer(conn *c, struct MHD_Connection *mc)
+{
+    pthread_mutex_lock(&c->mu);
+    bool done = c->load_done;
+    if (!done) {
+        c->suspended = true;
+        MHD_suspend_connection(mc);
+    }
+    char *json = c->load_json;
+    c->load_json = NULL;
+    pthread_mutex_unlock(&c->mu);
+    if (!done)
+        return MHD_YES;
+    if (!json)
+        return MHD_NO;
+    return send_json(c, mc, c->load_status, json);
+}
+
+/* Reading (and maybe downloading) an adapter takes time: it runs on its own thread while the
+ * connection is suspended, so no MHD worker (and no stream it serves) waits on it. */
 static enum MHD_Result load_lora(conn *c, struct MHD_Connection *mc)
 {
     srv *s = c->s;
@@ -617,31 +844,37 @@ static enum MHD_Result load_lora(conn *c, struct MHD_Connection *mc)
     api_error e;
     if (api_parse_load_lora(c->body ? c->body : "", c->len, &name, &path, &sha, &e))
         return send_err(c, mc, &e);
-    enum MHD_Result ret;
+    enum MHD_Result ret = MHD_YES;
     char resolved[PATH_MAX], msg[1400];
+    bool url = strncmp(path, "https://", 8) == 0;
     if (is_base_name(s, name)) {
         ret = err(c, mc, 400, "invalid_request_error", "lora_name", "", "that name is the base model's");
-    } else if (strncmp(path, "https://", 8) == 0 || strncmp(path, "http://", 7) == 0) {
+    } else if (strlen(name) >= AD_NAME_MAX) {
+        ret = err(c, mc, 400, "invalid_request_error", "lora_name", "", "lora_name is too long");
+    } else if (sha && (strlen(sha) != 64 || strspn(sha, "0123456789abcdefABCDEF") != 64)) {
+        ret = err(c, mc, 400, "invalid_request_error", "sha256", "", "sha256 must be 64 hex digits");
+    } else if (strstr(path, "://") && !url) {
+        ret = err(c, mc, 400, "invalid_request_error", "lora_path", "", "only https:// URLs are accepted");
+    } else if (!url && s->cfg.n_roots == 0) {
         ret = err(c, mc, 400, "invalid_request_error", "lora_path", "",
-                  "loading adapters from URLs is not supported by this build");
-    } else if (s->cfg.n_roots == 0) {
-        ret = err(c, mc, 400, "invalid_request_error", "lora_path", "",
-                  "no --adapter-root is configured; adapters cannot be loaded at run time");
-    } else if (!path_under_roots(s, path, resolved)) {
+                  "no --adapter-root is configured; adapters cannot be loaded from paths at run time");
+    } else if (!url && !path_under_roots(s, path, resolved)) {
         snprintf(msg, sizeof msg, "lora_path '%s' does not exist or is outside every --adapter-root", path);
         ret = err(c, mc, 400, "invalid_request_error", "lora_path", "", msg);
     } else {
-        int rc = ad_reg_load(s->reg, name, resolved, &s->shape, NULL);
-        if (rc == 0) {
-            snprintf(msg, sizeof msg, "Success: LoRA adapter '%s' added successfully.", name);
-            json_t *o = json_pack("{s:s,s:s}", "status", "ok", "message", msg);
-            char *j = json_dumps(o, JSON_COMPACT);
-            json_decref(o);
-            ret = send_json(c, mc, 200, j);
+        snprintf(c->load_name, sizeof c->load_name, "%s", name);
+        c->load_path = strdup(url ? path : resolved);
+        c->load_sha = sha;
+        sha = NULL;
+        pthread_t th;
+        atomic_fetch_add(&c->refs, 1); /* held by the worker */
+        c->state = R_LOAD_WAIT;
+        if (!c->load_path || pthread_create(&th, NULL, load_worker, c) != 0) {
+            atomic_fetch_sub(&c->refs, 1);
+            ret = err(c, mc, 500, "server_error", "", "", "cannot start the loader thread");
         } else {
-            snprintf(msg, sizeof msg, "%s", hy_err_msg());
-            ret = err(c, mc, rc == HY_EBUSY ? 400 : rc == HY_ELIMIT ? 507 : 400, "invalid_request_error",
-                      rc == HY_EBUSY ? "lora_name" : "lora_path", rc == HY_EBUSY ? "adapter_exists" : "", msg);
+            pthread_detach(th);
+            ret = load_wait_or_answer(c, mc);
         }
     }
     free(name);
@@ -660,6 +893,7 @@ static enum MHD_Result unload_lora(conn *c, struct MHD_Connection *mc)
     int rc = ad_reg_unload(s->reg, name);
     enum MHD_Result ret;
     if (rc == 0) {
+        forget_served(s, name);
         sched_wake(s->sched);
         snprintf(msg, sizeof msg, "Success: LoRA adapter '%s' removed successfully.", name);
         json_t *o = json_pack("{s:s,s:s}", "status", "ok", "message", msg);
@@ -699,9 +933,29 @@ static enum MHD_Result list_adapters(conn *c, struct MHD_Connection *mc)
     json_t *arr = json_array();
     for (int i = 0; i < n; i++) {
         ad_reg_info *x = &info[i];
+        uint64_t served = 0;
+        pthread_mutex_lock(&s->mu);
+        for (int k = 0; k < s->n_served; k++)
+            if (strcmp(s->served[k].name, x->name) == 0)
+                served = s->served[k].requests;
+        pthread_mutex_unlock(&s->mu);
         json_t *o = json_pack("{s:s,s:s,s:s,s:i,s:i,s:i,s:I,s:I}", "name", x->name, "path", x->path, "state",
                               ad_state_name(x->state), "K", x->K, "r", x->r, "refcount", x->refcount,
-                              "requests", (json_int_t)x->pins_total, "host_bytes", (json_int_t)x->host_bytes);
+                              "requests", (json_int_t)served, "host_bytes", (json_int_t)x->host_bytes);
+        /* targets: the projections the adapter touches in any layer (brief pin to read them) */
+        ad_adapter *a = NULL;
+        json_t *targets = json_array();
+        if (x->state == AD_READY && ad_reg_pin(s->reg, x->name, &a) == 0) {
+            for (int p = 0; p < ENG_N_PROJ; p++) {
+                bool any = false;
+                for (int l = 0; l < ad_n_layer(a) && !any; l++)
+                    any = ad_targets(a, l, p);
+                if (any)
+                    json_array_append_new(targets, json_string(eng_proj_names[p]));
+            }
+            ad_reg_unpin(s->reg, a);
+        }
+        json_object_set_new(o, "targets", targets);
         pthread_mutex_lock(&s->mu);
         json_t *router = json_null();
         for (int k = 0; k < s->n_stats; k++)
@@ -720,7 +974,6 @@ static enum MHD_Result list_adapters(conn *c, struct MHD_Connection *mc)
         if (!json_object_get(o, "resident"))
             json_object_set_new(o, "resident", json_false());
         json_object_set_new(o, "router", router);
-        /* targets from the host copy's config */
         json_array_append_new(arr, o);
     }
     free(info);
@@ -806,6 +1059,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
     }
     if (c->state == R_DONE_WAIT)
         return wait_or_answer(c, mc);
+    if (c->state == R_LOAD_WAIT)
+        return load_wait_or_answer(c, mc);
     if (*upload_size) {
         if (!c->too_big && c->len + *upload_size <= s->cfg.max_body) {
             if (c->len + *upload_size + 1 > c->cap) {

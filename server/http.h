@@ -27,6 +27,8 @@ typedef struct {
     const char *const *adapter_roots;
     int n_roots;
     int max_loras;
+    const char *adapter_cache; /* where https:// adapters are downloaded (created on demand) */
+    size_t adapter_max_bytes;  /* download cap per file */
 } srv_config;
 
 /* Name of each pinned adapter pointer (HTTP threads write, the engine's adapter_name reads). */
@@ -67,6 +69,11 @@ typedef struct srv {
     int n_names;
     srv_ad_stats stats[256];
     int n_stats;
+    struct {
+        char name[AD_NAME_MAX];
+        uint64_t requests;
+    } served[256];           /* requests routed to each adapter name (mu) */
+    int n_served;
 } srv;
 
 /* Initialise s (cfg copied by value: its strings must outlive s). */

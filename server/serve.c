@@ -12,6 +12,7 @@
 #include "server/cli.h"
 #include "server/http.h"
 
+#include <curl/curl.h>
 #include <getopt.h>
 #include <signal.h>
 #include <stdio.h>
@@ -265,9 +266,9 @@ static const sched_ops glue_ops = {
 /* ---------- flags ---------- */
 
 typedef struct {
-    const char *model, *host, *served, *api_key, *admin_key, *device;
+    const char *model, *host, *served, *api_key, *admin_key, *device, *cache;
     int port, max_seqs, max_batch_tokens, kv_mb, kv_blocks, max_loras, max_cpu_loras, max_queue, threads,
-        http_threads, max_conns, ctx;
+        http_threads, max_conns, ctx, adapter_max_mb;
     const char *adapters[MAX_ADAPTER_ARGS];
     int n_adapters;
     const char *roots[MAX_ADAPTER_ARGS];
@@ -287,6 +288,9 @@ static void usage(FILE *f)
             "      --adapter NAME=DIR    load an adapter at start-up (repeatable)\n"
             "      --adapter-root DIR    directory under which /v1/load_lora_adapter may load\n"
             "                            adapters (repeatable; none: run-time loading refused)\n"
+            "      --adapter-cache DIR   download directory for https:// adapters given to\n"
+            "                            /v1/load_lora_adapter (default /tmp/hydrad-adapter-cache)\n"
+            "      --adapter-max-mb N    size cap of a downloaded adapter file (default 1024)\n"
             "      --api-key KEY         require 'Authorization: Bearer KEY' on /v1/*\n"
             "      --admin-key KEY       key for /v1/load_lora_adapter and /v1/unload_lora_adapter\n"
             "                            (default: the API key)\n"
@@ -321,7 +325,7 @@ static int parse_int(const char *name, const char *v, int lo, int *out)
 static int parse_flags(int argc, char **argv, serve_opts *o)
 {
     enum { O_HOST = 256, O_PORT, O_SERVED, O_ADAPTER, O_ROOT, O_API, O_ADMIN, O_SEQS, O_BT, O_KVMB, O_KVB,
-           O_LORAS, O_CPU, O_QUEUE, O_THREADS, O_HTHREADS, O_CONNS, O_DEVICE, O_CTX };
+           O_LORAS, O_CPU, O_QUEUE, O_THREADS, O_HTHREADS, O_CONNS, O_DEVICE, O_CTX, O_CACHE, O_AMB };
     static const struct option lo[] = {
         {"model", required_argument, 0, 'm'}, {"host", required_argument, 0, O_HOST},
         {"port", required_argument, 0, O_PORT}, {"served-model-name", required_argument, 0, O_SERVED},
@@ -333,6 +337,7 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
         {"max-queue", required_argument, 0, O_QUEUE}, {"threads", required_argument, 0, O_THREADS},
         {"http-threads", required_argument, 0, O_HTHREADS}, {"max-connections", required_argument, 0, O_CONNS},
         {"device", required_argument, 0, O_DEVICE}, {"max-model-len", required_argument, 0, O_CTX},
+        {"adapter-cache", required_argument, 0, O_CACHE}, {"adapter-max-mb", required_argument, 0, O_AMB},
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     int c, rc = 0;
     optind = 1;
@@ -370,6 +375,8 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
         case O_HTHREADS: rc = parse_int("http-threads", optarg, 1, &o->http_threads); break;
         case O_CONNS: rc = parse_int("max-connections", optarg, 1, &o->max_conns); break;
         case O_DEVICE: o->device = optarg; break;
+        case O_CACHE: o->cache = optarg; break;
+        case O_AMB: rc = parse_int("adapter-max-mb", optarg, 1, &o->adapter_max_mb); break;
         case O_CTX: rc = parse_int("max-model-len", optarg, 16, &o->ctx); break;
         default: usage(stderr); return -1;
         }
@@ -415,7 +422,7 @@ int cli_serve(int argc, char **argv)
 {
     serve_opts o = {.host = "127.0.0.1", .port = 8000, .device = "auto", .max_seqs = 32, .max_batch_tokens = 512,
                     .kv_mb = 256, .max_loras = 8, .max_cpu_loras = 64, .max_queue = 256, .http_threads = 4,
-                    .max_conns = 512, .ctx = 0};
+                    .max_conns = 512, .ctx = 0, .adapter_max_mb = 1024};
     int prc = parse_flags(argc, argv, &o);
     if (prc)
         return prc > 0 ? 0 : 2;
@@ -441,7 +448,8 @@ int cli_serve(int argc, char **argv)
     memset(&g, 0, sizeof g);
     srv s;
     srv_config cfg = {o.host, o.port, served, o.api_key, o.admin_key, o.http_threads, o.max_conns, 1u << 20,
-                      o.roots, o.n_roots, o.max_loras};
+                      o.roots, o.n_roots, o.max_loras, o.cache, (size_t)o.adapter_max_mb << 20};
+    curl_global_init(CURL_GLOBAL_DEFAULT);
     srv_init(&s, &cfg);
     if (!served)
         goto done;
@@ -519,6 +527,7 @@ done:
         b->ops->destroy(b);
     gguf_close(f);
     srv_clear(&s);
+    curl_global_cleanup();
     free(served);
     return ret;
 }

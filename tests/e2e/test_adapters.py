@@ -66,7 +66,10 @@ def test_load_list_unload(env):
     assert got == [base, boot, two] * 2
     info = {a["name"]: a for a in requests.get(srv.url + "/v1/adapters").json()["data"]}
     assert info["two"]["K"] == 1 and info["two"]["r"] == 4 and info["two"]["state"] == "ready"
-    assert info["boot"]["K"] == 2 and info["boot"]["requests"] >= 2
+    assert info["two"]["targets"] == ["q_proj", "v_proj", "o_proj"]
+    assert info["boot"]["K"] == 2 and info["boot"]["targets"] == ["q_proj", "v_proj"]
+    assert info["boot"]["requests"] >= 4 and info["two"]["requests"] == 3
+    assert info["boot"]["tokens"] > 0 or info["boot"]["resident"] is False
     r = admin(srv, "/v1/unload_lora_adapter", {"lora_name": "two"})
     assert r.status_code == 200, r.text
     with pytest.raises(openai.NotFoundError):
@@ -78,3 +81,14 @@ def test_load_list_unload(env):
     assert gen(c, "two") == two
     m = requests.get(srv.url + "/metrics").text
     assert 'max_lora="2"' in m
+
+
+def test_url_loading_refusals(env):
+    srv, *_ = env
+    r = admin(srv, "/v1/load_lora_adapter", {"lora_name": "u1", "lora_path": "http://127.0.0.1:1/a"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path"
+    r = admin(srv, "/v1/load_lora_adapter", {"lora_name": "u2", "lora_path": "https://127.0.0.1:1/a", "sha256": "xyz"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "sha256"
+    r = admin(srv, "/v1/load_lora_adapter", {"lora_name": "u3", "lora_path": "https://127.0.0.1:1/a"})
+    assert r.status_code == 400 and "127.0.0.1" in r.json()["error"]["message"]
+    assert "u3" not in [m.id for m in srv.client().models.list().data]
