@@ -1,0 +1,516 @@
+/* test_be_cpu.c - every base op of the CPU backend (engine/be_cpu.c) against a naive
+ * double-precision reference written here, on fresh random inputs each run (the seed is printed),
+ * for every instruction set the machine has (q_isa_set) and on both sides of the threading
+ * thresholds. HydraLoRA ops are tested with the adapters. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include "engine/backend.h"
+#include "engine/hy.h"
+#include "engine/quant.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static uint64_t rng_state;
+static be *B;
+
+static uint64_t rnd(void)
+{
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return rng_state;
+}
+static float frand(void) { return (float)((rnd() >> 11) * 0x1.0p-53 * 2.0 - 1.0); }
+static float *rand_vec(size_t n, float scale)
+{
+    float *v = malloc(n * sizeof *v);
+    assert_non_null(v);
+    for (size_t i = 0; i < n; i++)
+        v[i] = frand() * scale;
+    return v;
+}
+
+/* ||a - b|| / ||b|| */
+static double rel_err(const float *a, const double *b, size_t n)
+{
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = a[i] - b[i];
+        num += d * d;
+        den += b[i] * b[i];
+    }
+    if (!(num == num))
+        return INFINITY;
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+static double max_err(const float *a, const double *b, size_t n)
+{
+    double m = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs(a[i] - b[i]);
+        if (!(d <= m))
+            m = d;
+    }
+    return m;
+}
+
+/* Runs body once per available ISA. */
+#define FOR_EACH_ISA(isa)                                                                          \
+    for (int isa = Q_ISA_SCALAR; isa <= Q_ISA_AVX512; isa++)                                       \
+        if (q_isa_available((q_isa)isa) && q_isa_set((q_isa)isa) == 0)
+
+static int setup(void **state)
+{
+    const char *s = getenv("HY_TEST_SEED");
+    rng_state = s ? strtoull(s, NULL, 10) : (uint64_t)time(NULL) * 2654435761u + (uint64_t)clock();
+    if (!rng_state)
+        rng_state = 88172645463325252ULL;
+    printf("test_be_cpu: seed %llu (HY_TEST_SEED to repeat)\n", (unsigned long long)rng_state);
+    return be_cpu_create(2, &B) == 0 ? 0 : -1;
+}
+
+static int teardown(void **state)
+{
+    if (B)
+        B->ops->destroy(B);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ rmsnorm, add, swiglu */
+
+static void check_rmsnorm(int n_tok, int dim, bool in_place)
+{
+    float *x = rand_vec((size_t)n_tok * dim, 3.0f), *w = rand_vec((size_t)dim, 1.5f);
+    float *y = in_place ? x : malloc(sizeof(float) * (size_t)n_tok * dim);
+    double *ref = malloc(sizeof(double) * (size_t)n_tok * dim);
+    const float eps = 1e-5f;
+    for (int t = 0; t < n_tok; t++) {
+        double ss = 0;
+        for (int i = 0; i < dim; i++)
+            ss += (double)x[t * dim + i] * x[t * dim + i];
+        double sc = 1.0 / sqrt(ss / dim + eps);
+        for (int i = 0; i < dim; i++)
+            ref[t * dim + i] = x[t * dim + i] * sc * w[i];
+    }
+    assert_int_equal(B->ops->rmsnorm(B, x, w, n_tok, dim, eps, y), 0);
+    double e = rel_err(y, ref, (size_t)n_tok * dim);
+    if (e > 1e-6)
+        fail_msg("rmsnorm %d x %d: rel err %g", n_tok, dim, e);
+    free(x);
+    free(w);
+    if (!in_place)
+        free(y);
+    free(ref);
+}
+
+static void test_rmsnorm(void **state)
+{
+    FOR_EACH_ISA(isa) {
+        check_rmsnorm(1, 576, false);
+        check_rmsnorm(3, 100, true);   /* dim not a multiple of the vector width */
+        check_rmsnorm(80, 576, false); /* threaded */
+    }
+}
+
+static void test_add(void **state)
+{
+    int64_t sizes[2] = {37, 300001};
+    for (int k = 0; k < 2; k++) {
+        int64_t n = sizes[k];
+        float *a = rand_vec((size_t)n, 2), *x = rand_vec((size_t)n, 2);
+        double *ref = malloc(sizeof(double) * (size_t)n);
+        for (int64_t i = 0; i < n; i++)
+            ref[i] = (double)a[i] + x[i];
+        assert_int_equal(B->ops->add(B, a, x, n), 0);
+        assert_true(max_err(a, ref, (size_t)n) <= 1e-6);
+        free(a);
+        free(x);
+        free(ref);
+    }
+}
+
+static void check_swiglu(int n_tok, int dim, bool in_place)
+{
+    size_t n = (size_t)n_tok * dim;
+    float *g = rand_vec(n, 12.0f), *u = rand_vec(n, 3.0f);
+    g[0] = 95.0f; /* exp overflow/underflow edges */
+    g[1 % n] = -95.0f;
+    float *o = in_place ? g : malloc(sizeof(float) * n);
+    double *ref = malloc(sizeof(double) * n);
+    for (size_t i = 0; i < n; i++)
+        ref[i] = g[i] / (1.0 + exp(-(double)g[i])) * u[i];
+    assert_int_equal(B->ops->swiglu(B, g, u, n_tok, dim, o), 0);
+    for (size_t i = 0; i < n; i++) {
+        double tol = 2e-6 * fabs(ref[i]) + 1e-6;
+        if (!(fabs(o[i] - ref[i]) <= tol))
+            fail_msg("swiglu[%zu]: %g vs %g", i, o[i], ref[i]);
+    }
+    free(g);
+    free(u);
+    if (!in_place)
+        free(o);
+    free(ref);
+}
+
+static void test_swiglu(void **state)
+{
+    FOR_EACH_ISA(isa) {
+        check_swiglu(1, 1536, false);
+        check_swiglu(3, 13, true);
+        check_swiglu(40, 1536, true); /* threaded */
+    }
+}
+
+/* ------------------------------------------------------------------ rope */
+
+static void check_rope(int n_tok, int n_heads, int hd, const float *freq)
+{
+    size_t n = (size_t)n_tok * n_heads * hd;
+    float *x = rand_vec(n, 4.0f);
+    int32_t *pos = malloc(sizeof(int32_t) * (size_t)n_tok);
+    double *ref = malloc(sizeof(double) * n);
+    for (int t = 0; t < n_tok; t++)
+        pos[t] = (int32_t)(rnd() % 5000);
+    for (int t = 0; t < n_tok; t++)
+        for (int h = 0; h < n_heads; h++)
+            for (int i = 0; i < hd / 2; i++) {
+                size_t o = ((size_t)t * n_heads + h) * hd + 2 * i;
+                double a = (double)pos[t] * freq[i], c = cos(a), s = sin(a);
+                ref[o] = x[o] * c - x[o + 1] * s;
+                ref[o + 1] = x[o] * s + x[o + 1] * c;
+            }
+    assert_int_equal(B->ops->rope(B, x, pos, n_tok, n_heads, hd, freq), 0);
+    double e = max_err(x, ref, n);
+    if (e > 1e-5)
+        fail_msg("rope %d tok %d heads hd %d: max err %g", n_tok, n_heads, hd, e);
+    /* same positions again with other data: the backend may reuse its cos/sin table */
+    float *x2 = rand_vec(n, 4.0f);
+    for (int t = 0; t < n_tok; t++)
+        for (int h = 0; h < n_heads; h++)
+            for (int i = 0; i < hd / 2; i++) {
+                size_t o = ((size_t)t * n_heads + h) * hd + 2 * i;
+                double a = (double)pos[t] * freq[i], c = cos(a), s = sin(a);
+                ref[o] = x2[o] * c - x2[o + 1] * s;
+                ref[o + 1] = x2[o] * s + x2[o + 1] * c;
+            }
+    assert_int_equal(B->ops->rope(B, x2, pos, n_tok, n_heads, hd, freq), 0);
+    assert_true(max_err(x2, ref, n) <= 1e-5);
+    free(x);
+    free(x2);
+    free(pos);
+    free(ref);
+}
+
+static void test_rope(void **state)
+{
+    float freq[64], freq2[64];
+    for (int i = 0; i < 32; i++) {
+        freq[i] = (float)pow(10000.0, -2.0 * i / 64);
+        freq2[i] = freq[i] / (i < 8 ? 1.0f : 8.0f); /* a scaled table, same positions */
+    }
+    check_rope(1, 9, 64, freq);
+    check_rope(1, 9, 64, freq2);
+    check_rope(5, 3, 64, freq);
+    check_rope(70, 9, 64, freq2); /* threaded */
+    float f6[3] = {1.0f, 0.1f, 0.01f};
+    check_rope(4, 2, 6, f6);
+    float x[4] = {0};
+    int32_t p = 0;
+    assert_int_equal(B->ops->rope(B, x, &p, 1, 1, 3, f6), HY_EINVAL); /* odd head_dim */
+}
+
+/* ------------------------------------------------------------------ attention */
+
+typedef struct {
+    int n_heads, n_kv, hd;
+    int n_seq;
+    int len_before[3]; /* positions already in the cache */
+    int n_new[3];      /* tokens of this step */
+} attn_case;
+
+static float f16r(float x) { return q_f16_to_f32(q_f32_to_f16(x)); }
+
+static void check_attention(const attn_case *c)
+{
+    const int MB = 16, n_blocks = 64;
+    int H = c->n_heads, KV = c->n_kv, hd = c->hd;
+    size_t qd = (size_t)H * hd, kvd = (size_t)KV * hd;
+    /* scattered, disjoint block tables from a shuffled pool */
+    int32_t perm[64], table[3 * 16];
+    for (int i = 0; i < n_blocks; i++)
+        perm[i] = i;
+    for (int i = n_blocks - 1; i > 0; i--) {
+        int j = (int)(rnd() % (uint64_t)(i + 1)), t = perm[i];
+        perm[i] = perm[j];
+        perm[j] = t;
+    }
+    for (int s = 0; s < c->n_seq; s++)
+        for (int k = 0; k < MB; k++)
+            table[s * MB + k] = perm[s * MB + k];
+    void *kc, *vc;
+    assert_int_equal(B->ops->kv_alloc(B, n_blocks, KV, hd, &kc, &vc), 0);
+    /* full K/V history per sequence in fp32 (the reference's copy) */
+    int total[3];
+    float *hk[3], *hv[3];
+    for (int s = 0; s < c->n_seq; s++) {
+        total[s] = c->len_before[s] + c->n_new[s];
+        assert_true(total[s] <= MB * 16);
+        hk[s] = rand_vec((size_t)total[s] * kvd, 2.0f);
+        hv[s] = rand_vec((size_t)total[s] * kvd, 2.0f);
+    }
+    /* earlier steps: write the history through the op itself, one sequence at a time */
+    for (int s = 0; s < c->n_seq; s++) {
+        int n = c->len_before[s];
+        if (n == 0)
+            continue;
+        int32_t *pos = malloc(sizeof(int32_t) * n), *seq = calloc((size_t)n, sizeof(int32_t));
+        int32_t *slot = malloc(sizeof(int32_t) * n), len = n;
+        for (int p = 0; p < n; p++) {
+            pos[p] = p;
+            slot[p] = table[s * MB + p / 16] * 16 + p % 16;
+        }
+        float *q = rand_vec((size_t)n * qd, 1.0f), *o = malloc(sizeof(float) * (size_t)n * qd);
+        be_attn_meta m = {.n_tok = n, .n_seq = 1, .pos = pos, .tok_seq = seq, .slot = slot,
+                          .seq_len = &len, .block_table = table + s * MB, .max_blocks = MB};
+        assert_int_equal(B->ops->attention(B, &m, q, hk[s], hv[s], kc, vc, H, KV, hd, o), 0);
+        free(pos);
+        free(seq);
+        free(slot);
+        free(q);
+        free(o);
+    }
+    /* this step: all sequences' new tokens in one batch */
+    int n_tok = 0;
+    for (int s = 0; s < c->n_seq; s++)
+        n_tok += c->n_new[s];
+    int32_t *pos = malloc(sizeof(int32_t) * n_tok), *seq = malloc(sizeof(int32_t) * n_tok);
+    int32_t *slot = malloc(sizeof(int32_t) * n_tok), seq_len[3];
+    float *q = rand_vec((size_t)n_tok * qd, 1.5f);
+    float *k = malloc(sizeof(float) * (size_t)n_tok * kvd), *v = malloc(sizeof(float) * (size_t)n_tok * kvd);
+    float *out = malloc(sizeof(float) * (size_t)n_tok * qd);
+    double *ref = malloc(sizeof(double) * (size_t)n_tok * qd);
+    int t = 0;
+    for (int s = 0; s < c->n_seq; s++) {
+        seq_len[s] = total[s];
+        for (int i = 0; i < c->n_new[s]; i++, t++) {
+            int p = c->len_before[s] + i;
+            pos[t] = p;
+            seq[t] = s;
+            slot[t] = table[s * MB + p / 16] * 16 + p % 16;
+            memcpy(k + t * kvd, hk[s] + p * kvd, sizeof(float) * kvd);
+            memcpy(v + t * kvd, hv[s] + p * kvd, sizeof(float) * kvd);
+        }
+    }
+    /* reference: causal GQA over fp16-rounded history, softmax in double */
+    double *sc = malloc(sizeof(double) * MB * 16);
+    for (t = 0; t < n_tok; t++) {
+        int s = seq[t];
+        for (int h = 0; h < H; h++) {
+            int kh = h / (H / KV);
+            const float *qq = q + t * qd + h * hd;
+            double mx = -INFINITY, z = 0;
+            for (int p = 0; p <= pos[t]; p++) {
+                double d = 0;
+                for (int i = 0; i < hd; i++)
+                    d += (double)qq[i] * f16r(hk[s][p * kvd + kh * hd + i]);
+                sc[p] = d / sqrt((double)hd);
+                mx = sc[p] > mx ? sc[p] : mx;
+            }
+            for (int p = 0; p <= pos[t]; p++)
+                z += (sc[p] = exp(sc[p] - mx));
+            for (int i = 0; i < hd; i++) {
+                double acc = 0;
+                for (int p = 0; p <= pos[t]; p++)
+                    acc += sc[p] * f16r(hv[s][p * kvd + kh * hd + i]);
+                ref[t * qd + h * hd + i] = acc / z;
+            }
+        }
+    }
+    be_attn_meta m = {.n_tok = n_tok, .n_seq = c->n_seq, .pos = pos, .tok_seq = seq, .slot = slot,
+                      .seq_len = seq_len, .block_table = table, .max_blocks = MB};
+    assert_int_equal(B->ops->attention(B, &m, q, k, v, kc, vc, H, KV, hd, out), 0);
+    double e = max_err(out, ref, (size_t)n_tok * qd);
+    if (e > 2e-5)
+        fail_msg("attention (H %d KV %d hd %d, %d tokens): max err %g", H, KV, hd, n_tok, e);
+    /* the cache now holds this step's K/V (fp16) in the tokens' slots */
+    for (t = 0; t < n_tok; t++)
+        for (size_t i = 0; i < kvd; i++)
+            assert_true(((uint16_t *)kc)[slot[t] * kvd + i] == q_f32_to_f16(k[t * kvd + i]));
+    B->ops->free(B, kc);
+    B->ops->free(B, vc);
+    for (int s = 0; s < c->n_seq; s++) {
+        free(hk[s]);
+        free(hv[s]);
+    }
+    free(pos);
+    free(seq);
+    free(slot);
+    free(q);
+    free(k);
+    free(v);
+    free(out);
+    free(ref);
+    free(sc);
+}
+
+static void test_attention(void **state)
+{
+    const attn_case cases[] = {
+        /* 3 sequences: fresh prefill, a chunk after history, one decode token (GQA 9/3) */
+        {9, 3, 64, 3, {0, 30, 69}, {5, 7, 1}},
+        {8, 2, 64, 3, {16, 0, 200}, {17, 1, 1}}, /* block boundaries, long history: threaded */
+        {4, 4, 20, 3, {3, 40, 0}, {2, 1, 33}},   /* head_dim not a multiple of 8: scalar path */
+        {6, 1, 32, 1, {0}, {1}},                 /* a single position */
+    };
+    FOR_EACH_ISA(isa) {
+        for (size_t i = 0; i < HY_ARRAY_LEN(cases); i++)
+            check_attention(&cases[i]);
+    }
+}
+
+/* ------------------------------------------------------------------ matmul, embed */
+
+/* Random valid blocks of a quantised type: scales in a sane range, any quant bytes. */
+static void *rand_weight(uint32_t type, int64_t rows, int64_t cols)
+{
+    size_t rb;
+    assert_int_equal(q_row_bytes(type, cols, &rb), 0);
+    uint8_t *w = malloc(rb * (size_t)rows);
+    assert_non_null(w);
+    for (size_t i = 0; i < rb * (size_t)rows; i++)
+        w[i] = (uint8_t)rnd();
+    int64_t nb = cols / q_block_elems(type);
+    size_t bb = q_block_bytes(type);
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *blk = w + rb * (size_t)r + bb * (size_t)b;
+            uint16_t d = q_f32_to_f16(0.01f + 0.02f * fabsf(frand())), mn = q_f32_to_f16(-0.1f * fabsf(frand()));
+            switch (type) {
+            case Q_Q8_0:
+            case Q_Q4_0: memcpy(blk, &d, 2); break;
+            case Q_Q4_1: memcpy(blk, &d, 2); memcpy(blk + 2, &mn, 2); break;
+            case Q_F32:
+                for (int j = 0; j < 1; j++) {
+                    float f = frand();
+                    memcpy(blk, &f, 4);
+                }
+                break;
+            case Q_F16: memcpy(blk, &d, 2); break;
+            default: fail_msg("rand_weight: type %u not handled", type);
+            }
+        }
+    return w;
+}
+
+static void check_matmul(uint32_t type, int64_t rows, int64_t cols, int n_tok)
+{
+    void *wd = rand_weight(type, rows, cols);
+    be_weight *w;
+    assert_int_equal(B->ops->weight_create(B, type, rows, cols, wd, &w), 0);
+    float *x = rand_vec((size_t)n_tok * cols, 1.0f), *y = malloc(sizeof(float) * (size_t)n_tok * rows);
+    double *ref = malloc(sizeof(double) * (size_t)n_tok * rows);
+    float *row = malloc(sizeof(float) * (size_t)cols);
+    size_t rb;
+    q_row_bytes(type, cols, &rb);
+    for (int64_t r = 0; r < rows; r++) {
+        q_dequant_row(type, (uint8_t *)wd + rb * (size_t)r, row, cols);
+        for (int t = 0; t < n_tok; t++) {
+            double acc = 0;
+            for (int64_t c = 0; c < cols; c++)
+                acc += (double)row[c] * x[t * cols + c];
+            ref[t * rows + r] = acc;
+        }
+    }
+    assert_int_equal(B->ops->matmul(B, w, x, n_tok, y), 0);
+    /* quantised types multiply 8-bit activations: ~0.5% error; float types are exact-ish */
+    double tol = (type == Q_F32 || type == Q_F16) ? 1e-6 : 1.5e-2;
+    double e = rel_err(y, ref, (size_t)n_tok * rows);
+    if (e > tol)
+        fail_msg("matmul %s %lld x %lld, %d tokens: rel err %g", q_type_name(type),
+                 (long long)rows, (long long)cols, n_tok, e);
+    B->ops->weight_free(B, w);
+    free(wd);
+    free(x);
+    free(y);
+    free(ref);
+    free(row);
+}
+
+static void test_matmul(void **state)
+{
+    const uint32_t types[] = {Q_Q4_1, Q_Q8_0, Q_Q4_0, Q_F32, Q_F16};
+    FOR_EACH_ISA(isa) {
+        for (size_t i = 0; i < HY_ARRAY_LEN(types); i++) {
+            check_matmul(types[i], 8, 64, 1);     /* too small to thread */
+            check_matmul(types[i], 100, 256, 1);  /* rows not a multiple of 16 */
+            check_matmul(types[i], 192, 576, 70); /* token tiles + threaded quantising */
+        }
+    }
+}
+
+static void test_embed(void **state)
+{
+    const int64_t rows = 50, cols = 96;
+    void *wd = rand_weight(Q_Q8_0, rows, cols);
+    be_weight *w;
+    assert_int_equal(B->ops->weight_create(B, Q_Q8_0, rows, cols, wd, &w), 0);
+    int32_t ids[4] = {49, 0, 7, 7};
+    float out[4 * 96], row[96];
+    assert_int_equal(B->ops->embed(B, w, ids, 4, out), 0);
+    size_t rb;
+    q_row_bytes(Q_Q8_0, cols, &rb);
+    for (int t = 0; t < 4; t++) {
+        q_dequant_row(Q_Q8_0, (uint8_t *)wd + rb * (size_t)ids[t], row, cols);
+        assert_memory_equal(out + t * cols, row, sizeof row);
+    }
+    ids[2] = 50;
+    assert_int_equal(B->ops->embed(B, w, ids, 4, out), HY_EINVAL);
+    B->ops->weight_free(B, w);
+    assert_int_equal(B->ops->weight_create(B, 77, rows, cols, wd, &w), HY_EUNSUPPORTED);
+    free(wd);
+}
+
+static void test_memory(void **state)
+{
+    uint8_t *p;
+    assert_int_equal(B->ops->alloc(B, 1000, (void **)&p), 0);
+    assert_true(((uintptr_t)p & 63) == 0);
+    for (int i = 0; i < 1000; i++)
+        assert_int_equal(p[i], 0);
+    uint8_t src[100], dst[100];
+    for (int i = 0; i < 100; i++)
+        src[i] = (uint8_t)rnd();
+    assert_int_equal(B->ops->upload(B, p, src, 100), 0);
+    assert_int_equal(B->ops->download(B, dst, p, 100), 0);
+    assert_memory_equal(src, dst, 100);
+    assert_int_equal(B->ops->sync(B), 0);
+    B->ops->free(B, p);
+    void *k, *v;
+    assert_int_equal(B->ops->kv_alloc(B, 0, 3, 64, &k, &v), HY_EINVAL);
+    assert_int_equal(B->ops->kv_alloc(B, INT32_MAX, 1 << 20, 1 << 12, &k, &v), HY_ELIMIT);
+    assert_string_equal(B->ops->name, "cpu");
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_memory),
+        cmocka_unit_test(test_rmsnorm),
+        cmocka_unit_test(test_add),
+        cmocka_unit_test(test_swiglu),
+        cmocka_unit_test(test_rope),
+        cmocka_unit_test(test_attention),
+        cmocka_unit_test(test_matmul),
+        cmocka_unit_test(test_embed),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
