@@ -57,7 +57,9 @@ static double max_err(const float *a, const double *b, size_t n)
     double m = 0;
     for (size_t i = 0; i < n; i++) {
         double d = fabs(a[i] - b[i]);
-        if (!(d <= m))
+        if (isnan(d))
+            return INFINITY;
+        if (d > m)
             m = d;
     }
     return m;

@@ -189,7 +189,9 @@ static double max_abs_diff(const float *a, const float *b, int n)
     double m = 0;
     for (int i = 0; i < n; i++) {
         double d = fabs((double)a[i] - (double)b[i]);
-        if (!(d <= m)) /* NaN propagates as failure */
+        if (isnan(d))
+            return INFINITY;
+        if (d > m)
             m = d;
     }
     return m;
