@@ -1046,6 +1046,8 @@ static void *engine_main(void *arg)
     }
     fail_everything(s, "cancelled");
     publish_stats(s);
+    if (s->cfg.ops->thread_exit)
+        s->cfg.ops->thread_exit(s->cfg.ops_ctx);
     return NULL;
 }
 

@@ -58,6 +58,8 @@ typedef struct {
     /* Optional: run at the start of every engine step and whenever sched_wake is called
      * (free drained adapters, ...). */
     void (*housekeeping)(void *ctx);
+    /* Optional: the engine thread is about to exit (release per-thread scratch). */
+    void (*thread_exit)(void *ctx);
 } sched_ops;
 
 typedef struct {

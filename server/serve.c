@@ -257,10 +257,17 @@ static void g_housekeeping(void *ctx)
     pthread_mutex_unlock(&s->mu);
 }
 
+static void g_thread_exit(void *ctx)
+{
+    (void)ctx;
+    smp_thread_cleanup();
+}
+
 static const sched_ops glue_ops = {
     .forward = g_forward, .seq_init = g_seq_init, .seq_free = g_seq_free, .sample = g_sample,
     .detok = g_detok, .detok_flush = g_detok_flush, .is_eog = g_is_eog, .adapter_acquire = g_acquire,
     .adapter_release = g_release, .adapter_name = g_name, .housekeeping = g_housekeeping,
+    .thread_exit = g_thread_exit,
 };
 
 /* ---------- flags ---------- */
