@@ -352,8 +352,6 @@ static int parse_sampling(json_t *root, api_request *r, api_error *err)
             return api_error_set(err, 400, "invalid_request_error", "stream_options.include_usage",
                                  "invalid_type", "'stream_options.include_usage' must be a boolean");
     }
-    if (r->kind == API_COMPLETION && get_bool(root, "echo", &r->echo, err))
-        return HY_EINVAL;
     return 0;
 }
 

@@ -67,7 +67,6 @@ typedef struct {
     double presence_penalty, frequency_penalty; /* 0 */
     double repetition_penalty; /* 1.0 */
     bool ignore_eos;
-    bool echo;                /* completions only; accepted, echo of the prompt text */
 } api_request;
 
 /* Parse a POST /v1/completions (kind API_COMPLETION) or /v1/chat/completions body.
