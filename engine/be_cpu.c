@@ -7,6 +7,7 @@
 #include "quant.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -203,7 +204,8 @@ typedef struct {
     float *y;
     void *act;
     size_t act_row;
-    int64_t row_step; /* rows per worker, a multiple of 16 so y rows do not share lines */
+    int64_t row_step; /* rows per chunk, a multiple of 16 so y rows do not share lines */
+    atomic_long next; /* next chunk to take: workers that run late (a busy machine) take less */
 } cpu_mm_job;
 
 static void cpu_mm_quant_fn(void *ctx, int ith, int nth)
@@ -220,15 +222,17 @@ static void cpu_mm_rows_fn(void *ctx, int ith, int nth)
 {
     cpu_mm_job *j = ctx;
     const be_weight *w = j->w;
-    int64_t r0 = ith * j->row_step, r1 = HY_MIN(w->rows, r0 + j->row_step);
-    if (ith == nth - 1)
-        r1 = w->rows;
-    if (r1 <= r0)
-        return;
-    for (int t0 = 0; t0 < j->n_tok; t0 += CPU_MM_TOK_TILE) {
-        int nt = HY_MIN(CPU_MM_TOK_TILE, j->n_tok - t0);
-        q_matmul_rows(w->type, w->data, w->cols, (const uint8_t *)j->act + (size_t)t0 * j->act_row,
-                      nt, j->y + (int64_t)t0 * w->rows, w->rows, r0, r1);
+    for (;;) {
+        int64_t r0 = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed) * j->row_step;
+        if (r0 >= w->rows)
+            return;
+        int64_t r1 = HY_MIN(w->rows, r0 + j->row_step);
+        for (int t0 = 0; t0 < j->n_tok; t0 += CPU_MM_TOK_TILE) {
+            int nt = HY_MIN(CPU_MM_TOK_TILE, j->n_tok - t0);
+            q_matmul_rows(w->type, w->data, w->cols,
+                          (const uint8_t *)j->act + (size_t)t0 * j->act_row, nt,
+                          j->y + (int64_t)t0 * w->rows, w->rows, r0, r1);
+        }
     }
 }
 
@@ -306,8 +310,10 @@ static int cpu_matmul(be *b, const be_weight *w, const float *x, int n_tok, floa
         tp_run(pool, cpu_mm_quant_fn, &j);
     else
         cpu_mm_quant_fn(&j, 0, 1);
-    int64_t step = (w->rows + nth - 1) / nth;
+    /* about 8 chunks per thread, whole cache lines of y each */
+    int64_t step = (w->rows + 8 * nth - 1) / (8 * nth);
     j.row_step = (step + 15) & ~(int64_t)15;
+    atomic_init(&j.next, 0);
     tp_run(pool, cpu_mm_rows_fn, &j);
     return HY_OK;
 }
