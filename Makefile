@@ -83,8 +83,9 @@ bench-adapters: setup all
 	bash bench/bench_adapters.sh
 
 # ASan + UBSan build of the library and C tests, in its own tree, then run them.
-asan:
-	$(MAKE) BUILD=build-asan BIN=bin-asan NO_CUDA=1 CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer" \
+asan: setup
+	$(MAKE) BUILD=build-asan BIN=bin-asan NO_CUDA=1 \
+	  EXTRA_CFLAGS="-O1 -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" \
 	  EXTRA_LDFLAGS="-fsanitize=address,undefined" test-c
 
 clean:
