@@ -141,6 +141,40 @@ static int mk_rms_row_norm(const gguf_file *f, int layer, int p, double *out)
     return HY_OK;
 }
 
+/* Router std (as make_test_adapter.py): 3 / (sqrt(in) * rms(norm weight)) for the modules fed by an
+ * RMSNorm (q, k, v: attn_norm; gate, up: ffn_norm), so router logits have std ~3 and gates are far
+ * from uniform; 4 / sqrt(in) for o_proj and down_proj. Without base weights rms(norm) = 1. */
+static int mk_router_std(const gguf_file *f, int use_weights, int layer, int p, int64_t in, double *out)
+{
+    const char *norm = p <= ENG_V ? "attn_norm" : (p == ENG_GATE || p == ENG_UP) ? "ffn_norm" : NULL;
+    if (!norm) {
+        *out = 4.0 / sqrt((double)in);
+        return HY_OK;
+    }
+    double rms = 1.0;
+    if (use_weights) {
+        char name[96];
+        snprintf(name, sizeof name, "blk.%d.%s.weight", layer, norm);
+        const gguf_tensor *t = gguf_find_tensor(f, name);
+        size_t rb;
+        if (!t || !q_supported(t->type) || q_row_bytes(t->type, (int64_t)t->ne[0], &rb) || rb > t->nbytes)
+            return hy_err_set(HY_EFORMAT, "mkadapter: norm weight %s missing or unreadable", name);
+        float *w = malloc((size_t)t->ne[0] * sizeof(float));
+        if (!w)
+            return hy_err_set(HY_ENOMEM, "out of memory");
+        q_dequant_row(t->type, t->data, w, (int64_t)t->ne[0]);
+        double ss = 0;
+        for (uint64_t i = 0; i < t->ne[0]; i++)
+            ss += (double)w[i] * w[i];
+        free(w);
+        rms = sqrt(ss / (double)t->ne[0]);
+        if (!(rms > 0))
+            return hy_err_set(HY_EFORMAT, "mkadapter: norm weight %s is zero", name);
+    }
+    *out = 3.0 / (sqrt((double)in) * rms);
+    return HY_OK;
+}
+
 typedef struct {
     char *name;
     int64_t sh[2];
@@ -274,8 +308,10 @@ static int mk_run(const mk_args *a)
                     goto done;
             }
             if (a->K) {
+                double rstd = 0;
                 snprintf(key, sizeof key, "%s.%d.%s.%s.lora_route.weight", pre, l, mk_parent[p], mk_proj[p]);
-                if ((rc = mk_add(&ts, &n, &cap, key, a->K, in, &g, 2.0 / sqrt((double)in))))
+                if ((rc = mk_router_std(f, a->base != NULL, l, p, in, &rstd)) ||
+                    (rc = mk_add(&ts, &n, &cap, key, a->K, in, &g, rstd)))
                     goto done;
             }
         }
