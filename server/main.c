@@ -13,8 +13,9 @@ static void usage(FILE *f)
             "commands:\n"
             "  generate    run one prompt through a GGUF model and stream the text\n"
             "              (hydrad generate -m MODEL -p PROMPT [--chat] ...; --help for all)\n"
-            "\n"
-            "not built yet: serve, mkmodel, mkadapter\n");
+            "  serve       OpenAI-compatible HTTP server with hot-swapped adapters (--help)\n"
+            "  mkmodel     write a llama GGUF with seeded random weights (--help)\n"
+            "  mkadapter   write a seeded test LoRA/HydraLoRA adapter directory (--help)\n");
 }
 
 int main(int argc, char **argv)
@@ -26,6 +27,12 @@ int main(int argc, char **argv)
     }
     if (!strcmp(argv[1], "generate"))
         return cli_generate(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "serve"))
+        return cli_serve(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "mkmodel"))
+        return cli_mkmodel(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "mkadapter"))
+        return cli_mkadapter(argc - 1, argv + 1);
     fprintf(stderr, "hydrad: unknown command '%s'\n", argv[1]);
     usage(stderr);
     return 2;
