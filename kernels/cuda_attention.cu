@@ -1,7 +1,7 @@
 /* cuda_attention.cu - paged KV cache (kv_alloc) and causal GQA attention over it.
- * One warp per (token, query head): lanes score 32 cached positions at a time (fp16 K, fp32
- * math), an online softmax keeps a running max and sum, and each lane accumulates its
- * head_dim/32 output dims over V. Prefill uses the same kernel (correctness first; a tiled
+ * One block per (token, query head), 4 warps over interleaved tiles of the context: lanes score
+ * 32 cached positions at a time (fp16 K, fp32 math), an online softmax keeps a running max and
+ * sum, each lane accumulates its head_dim/32 output dims over V, and the warps merge at the end. Prefill uses the same kernel (correctness first; a tiled
  * prefill kernel would be faster). Block tables have the CPU backend's semantics (backend.h). */
 #include "kernels/cuda.h"
 
@@ -24,26 +24,27 @@ __global__ void cuda_kv_write_kernel(const float *k, const float *v, const int32
     }
 }
 
+/* One block per (token, query head); its ATT_WARPS warps take interleaved 32-position tiles of
+ * the context (so a long decode context is walked by 4 warps, not 1), each with its own
+ * online softmax, merged through shared memory at the end. */
 template <int HD>
 __global__ void __launch_bounds__(ATT_WARPS * 32)
     cuda_attn_kernel(const float *__restrict__ q, const __half *__restrict__ kc,
                      const __half *__restrict__ vc, const int32_t *__restrict__ pos,
                      const int32_t *__restrict__ tok_seq, const int32_t *__restrict__ bt,
-                     int max_blocks, int n_tok, int n_heads, int n_kv, float scale,
-                     float *__restrict__ out)
+                     int max_blocks, int n_heads, int n_kv, float scale, float *__restrict__ out)
 {
     constexpr int DPL = HD / 32;
-    __shared__ float qs[ATT_WARPS][HD];
+    __shared__ float qs[HD];
+    __shared__ float part_acc[ATT_WARPS][HD];
+    __shared__ float part_m[ATT_WARPS], part_l[ATT_WARPS];
     const int wid = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int64_t task = (int64_t)blockIdx.x * ATT_WARPS + wid;
-    if (task >= (int64_t)n_tok * n_heads)
-        return; /* per-warp exit; only __syncwarp below */
-    const int t = (int)(task / n_heads), h = (int)(task % n_heads);
+    const int t = blockIdx.x / n_heads, h = blockIdx.x % n_heads;
     const int kvh = h / (n_heads / n_kv);
     const float *qt = q + ((size_t)t * n_heads + h) * HD;
-    for (int d = lane; d < HD; d += 32)
-        qs[wid][d] = qt[d];
-    __syncwarp();
+    for (int d = threadIdx.x; d < HD; d += ATT_WARPS * 32)
+        qs[d] = qt[d];
+    __syncthreads();
     const int kvdim = n_kv * HD;
     const int npos = pos[t] + 1;
     const int32_t *tbl = bt + (size_t)tok_seq[t] * max_blocks;
@@ -51,7 +52,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
 #pragma unroll
     for (int i = 0; i < DPL; i++)
         acc[i] = 0.0f;
-    for (int base = 0; base < npos; base += 32) {
+    for (int base = wid * 32; base < npos; base += ATT_WARPS * 32) {
         const int p = base + lane;
         const bool valid = p < npos;
         float s = -INFINITY;
@@ -67,12 +68,12 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
 #pragma unroll
                 for (int j = 0; j < 4; j++) {
                     const float2 f = __half22float2(hp[j]);
-                    dot += qs[wid][8 * i + 2 * j] * f.x + qs[wid][8 * i + 2 * j + 1] * f.y;
+                    dot += qs[8 * i + 2 * j] * f.x + qs[8 * i + 2 * j + 1] * f.y;
                 }
             }
             s = dot * scale;
         }
-        const float mn = fmaxf(m, cuda_warp_max(s)); /* lane 0 is always valid: finite */
+        const float mn = fmaxf(m, cuda_warp_max(s)); /* lane 0 of a visited tile is valid: finite */
         const float corr = expf(m - mn);              /* first tile: exp(-inf) = 0 */
         const float pr = valid ? expf(s - mn) : 0.0f;
         l = l * corr + cuda_warp_sum(pr);
@@ -80,6 +81,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
         for (int i = 0; i < DPL; i++)
             acc[i] *= corr;
         const int nv = min(32, npos - base);
+#pragma unroll 4
         for (int j = 0; j < nv; j++) {
             const float pj = __shfl_sync(0xffffffffu, pr, j);
             const int sj = __shfl_sync(0xffffffffu, slot, j);
@@ -90,11 +92,33 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
         }
         m = mn;
     }
-    float *ot = out + ((size_t)t * n_heads + h) * HD;
-    const float inv = 1.0f / l;
+    /* merge the warps' partial softmaxes; a warp that saw no position has m = -inf, l = 0 */
 #pragma unroll
     for (int i = 0; i < DPL; i++)
-        ot[lane + 32 * i] = acc[i] * inv;
+        part_acc[wid][lane + 32 * i] = acc[i];
+    if (lane == 0) {
+        part_m[wid] = m;
+        part_l[wid] = l;
+    }
+    __syncthreads();
+    float M = part_m[0]; /* warp 0 always holds position 0: finite */
+#pragma unroll
+    for (int w = 1; w < ATT_WARPS; w++)
+        M = fmaxf(M, part_m[w]);
+    float L = 0.0f, wsc[ATT_WARPS];
+#pragma unroll
+    for (int w = 0; w < ATT_WARPS; w++) {
+        wsc[w] = expf(part_m[w] - M);
+        L += part_l[w] * wsc[w];
+    }
+    float *ot = out + ((size_t)t * n_heads + h) * HD;
+    for (int d = threadIdx.x; d < HD; d += ATT_WARPS * 32) {
+        float o = 0.0f;
+#pragma unroll
+        for (int w = 0; w < ATT_WARPS; w++)
+            o += part_acc[w][d] * wsc[w];
+        ot[d] = o / L;
+    }
 }
 
 /* Both halves are separate allocations so ops->free works on each; the pair is registered
@@ -207,12 +231,14 @@ int cuda_attention(be *b, const be_attn_meta *m, const float *q, const float *k,
         k, v, d + 2 * n_tok, n_tok, kvdim, (__half *)k_cache, (__half *)v_cache);
     CU_LAUNCHED("cuda_kv_write_kernel");
     const int64_t tasks = (int64_t)n_tok * n_heads;
-    const unsigned grid = (unsigned)((tasks + ATT_WARPS - 1) / ATT_WARPS);
+    if (tasks > INT32_MAX)
+        return hy_err_set(HY_ELIMIT, "CUDA attention: %lld (token, head) pairs is too many", (long long)tasks);
+    const unsigned grid = (unsigned)tasks;
     const float scale = 1.0f / sqrtf((float)head_dim);
 #define ATT_LAUNCH(HD)                                                                             \
     cuda_attn_kernel<HD><<<grid, ATT_WARPS * 32, 0, c->stream>>>(                                  \
         q, (const __half *)k_cache, (const __half *)v_cache, d, d + n_tok, d + 3 * n_tok,          \
-        m->max_blocks, n_tok, n_heads, n_kv_heads, scale, out)
+        m->max_blocks, n_heads, n_kv_heads, scale, out)
     switch (head_dim) {
     case 32: ATT_LAUNCH(32); break;
     case 64: ATT_LAUNCH(64); break;

@@ -22,6 +22,7 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
 #pragma unroll
     for (int t = 0; t < NT; t++)
         acc[t] = 0.0f;
+#pragma unroll 4
     for (int c = lane; c < nch; c += 32) {
         float w[8];
         int idx[8];

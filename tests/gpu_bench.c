@@ -2,7 +2,7 @@
  * Decode step time of a llama-1b-shaped Q4_1 model (written here by mkmodel's code) at batch
  * 1/16/64 against the bandwidth floor measured in the same run (device-to-device copy), the
  * HydraLoRA op's achieved bandwidth, and batch-64 steps with 64 / 1 / no adapters.
- * Usage: gpu_bench [--model FILE.gguf] [--ctx N] [--iters N] */
+ * Usage: gpu_bench [--model FILE.gguf] [--ctx N] [--iters N] | gpu_bench --probe */
 #include "engine/backend.h"
 #include "engine/gguf.h"
 #include "engine/hy.h"
@@ -173,10 +173,91 @@ static void bench_hydra(be *b, const float *pool, double bw)
     }
 }
 
+/* per-op timings: where a decode step's time goes */
+static void bench_ops(be *b, double bw)
+{
+    static const int64_t shapes[][2] = {{2048, 2048}, {8192, 2048}, {2048, 8192}, {128256, 2048}};
+    static const int toks[] = {1, 8, 16, 64};
+    printf("\nmatmul alone (Q4_1 weights; n_tok <= 8 mat-vec on the blocks, else cuBLAS on fp16)\n");
+    printf("  %-14s %6s %10s %12s %8s\n", "rows x cols", "n_tok", "us/call", "weight GB/s", "of copy");
+    size_t maxw = (size_t)128256 * 2048 / 32 * 20;
+    uint8_t *wh = malloc(maxw);
+    for (size_t i = 0; i < maxw; i++)
+        wh[i] = (uint8_t)(i * 131 + (i >> 7));
+    for (size_t i = 0; i < maxw; i += 20) { /* sane fp16 d = 0.001, m = -0.01 */
+        wh[i] = 0x19; wh[i + 1] = 0x14; wh[i + 2] = 0x1f; wh[i + 3] = 0xa1;
+    }
+    float *x, *y;
+    if (b->ops->alloc(b, sizeof(float) * 64 * 8192, (void **)&x) ||
+        b->ops->alloc(b, sizeof(float) * 64 * (size_t)128256, (void **)&y))
+        DIE("alloc");
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+        be_weight *w;
+        if (b->ops->weight_create(b, 3 /* Q4_1 */, shapes[si][0], shapes[si][1], wh, &w))
+            DIE("weight_create");
+        double wb = (double)shapes[si][0] * shapes[si][1] / 32 * 20;
+        for (size_t ti = 0; ti < sizeof toks / sizeof toks[0]; ti++) {
+            int n = toks[ti];
+            for (int i = 0; i < 3; i++)
+                b->ops->matmul(b, w, x, n, y);
+            b->ops->sync(b);
+            const int it = 50;
+            double t0 = hy_now();
+            for (int i = 0; i < it; i++)
+                if (b->ops->matmul(b, w, x, n, y))
+                    DIE("matmul");
+            b->ops->sync(b);
+            double dt = (hy_now() - t0) / it, rd = n <= 8 ? wb : wb * 3.2; /* fp16 copy: 2 B vs 0.625 B */
+            char sh[32];
+            snprintf(sh, sizeof sh, "%lldx%lld", (long long)shapes[si][0], (long long)shapes[si][1]);
+            printf("  %-14s %6d %10.1f %12.0f %7.0f%%\n", sh, n, dt * 1e6, rd / dt / 1e9, 100 * rd / dt / bw);
+        }
+        b->ops->weight_free(b, w);
+    }
+    free(wh);
+    /* attention alone, llama-1b heads, context 512 */
+    printf("\nattention alone (32/8 heads, head_dim 64, context 512, fp16 KV)\n");
+    const int ctx = 512, mb = ctx / BE_KV_BLOCK;
+    void *kc, *vc;
+    if (b->ops->kv_alloc(b, 64 * mb, 8, 64, &kc, &vc))
+        DIE("kv_alloc");
+    for (int nseq = 1; nseq <= 64; nseq *= 4) {
+        dec_batch d;
+        dec_init(&d, nseq, ctx);
+        be_attn_meta m = {nseq, nseq, d.pos, d.seq, d.slot, d.seq_len, d.bt, d.max_blocks};
+        for (int i = 0; i < 3; i++)
+            b->ops->attention(b, &m, x, x, x, kc, vc, 32, 8, 64, y);
+        b->ops->sync(b);
+        const int it = 50;
+        double t0 = hy_now();
+        for (int i = 0; i < it; i++)
+            if (b->ops->attention(b, &m, x, x, x, kc, vc, 32, 8, 64, y))
+                DIE("attention");
+        b->ops->sync(b);
+        double dt = (hy_now() - t0) / it, kvb = 2.0 * nseq * ctx * 8 * 64 * 2;
+        printf("  %2d sequences: %8.1f us/call, KV read %6.0f GB/s\n", nseq, dt * 1e6, kvb / dt / 1e9);
+    }
+    b->ops->free(b, kc);
+    b->ops->free(b, vc);
+    b->ops->free(b, x);
+    b->ops->free(b, y);
+}
+
 int main(int argc, char **argv)
 {
     const char *model = NULL;
     int ctx = 512;
+    if (argc == 2 && !strcmp(argv[1], "--probe")) {
+        /* can this binary drive this machine's GPU? (used by gpu-check to decide on a rebuild) */
+        be *pb = NULL;
+        if (be_cuda_create(0, &pb)) {
+            printf("probe: %s\n", hy_err_msg());
+            return 1;
+        }
+        printf("probe: CUDA backend OK\n");
+        pb->ops->destroy(pb);
+        return 0;
+    }
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--model")) model = argv[i + 1];
         else if (!strcmp(argv[i], "--ctx")) ctx = atoi(argv[i + 1]);
@@ -267,6 +348,7 @@ int main(int argc, char **argv)
     printf("  64 distinct vs 1 adapter: %.2fx\n", t_all / t_one);
 
     bench_hydra(b, hpool, bw);
+    bench_ops(b, bw);
 
     for (int a = 0; a < 64; a++) {
         for (int j = 0; j < hp->n_layer * ENG_N_PROJ; j++)

@@ -1,6 +1,12 @@
 /* test_cuda_model.c - the whole llama forward on CUDA against the CPU backend, on a synthetic
  * SmolLM2-135M-shaped Q4_1 GGUF written by mkmodel into a temp file: teacher-forced tokens,
  * per-step logits NMSE and top-1 agreement; then 64 sequences over 16 HydraLoRA adapters.
+ * Three models run every step:
+ *   [0] CPU on an F32 copy of the same (dequantised) weights: the reference, exact activations
+ *   [1] CUDA on the Q4_1 file                                  (what is tested)
+ *   [2] CPU on the Q4_1 file, whose matmuls quantise activations to 8 bit
+ * CUDA must match [0] within the brief's limits; against [2] only a looser bound holds, because
+ * [2] itself sits about as far from [0] (both distances are printed).
  * SKIPs visibly without a GPU. Seed from the time unless HY_TEST_SEED is set (printed). */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -10,8 +16,10 @@
 
 #include "engine/backend.h"
 #include "engine/gguf.h"
+#include "engine/gguf_write.h"
 #include "engine/hy.h"
 #include "engine/model.h"
+#include "engine/quant.h"
 #include "server/cli.h"
 
 #include <math.h>
@@ -26,12 +34,17 @@
  * them in fp32 (mat-vec) or fp16 (cuBLAS), so the two differ by about 3e-5 per matmul. */
 #define MODEL_NMSE 1e-4
 #define MODEL_TOP1 0.99
+/* CUDA vs the CPU on Q4_1 (8-bit activations): measured 1.6e-4..3.2e-4 and 97 % on an H100 */
+#define LOOSE_NMSE 2e-3
+#define LOOSE_TOP1 0.90
+#define NM 3
+static const int g_mbe[NM] = {0, 1, 0}; /* backend of each model */
 
 static be *g_be[2]; /* 0: CPU, 1: CUDA (or a second CPU with HY_TEST_GPU_IS_CPU) */
 static char g_skip[512];
-static char g_path[256];
-static gguf_file *g_f;
-static eng_model *g_m[2];
+static char g_path[256], g_path32[256];
+static gguf_file *g_f, *g_f32;
+static eng_model *g_m[NM];
 static uint64_t g_rng;
 
 static uint64_t rnd_u64(void)
@@ -51,6 +64,43 @@ static float rnd_sym(void) { return (float)((double)(rnd_u64() >> 11) * 0x1p-52 
             skip();                                                                                \
         }                                                                                          \
     } while (0)
+
+/* Write an F32 copy of `src` (every matrix dequantised) to path. */
+static int write_f32_copy(const gguf_file *src, const char *path)
+{
+    gguf_w *w = NULL;
+    float *buf = NULL;
+    int rc = gguf_w_create(&w);
+    for (uint64_t i = 0; !rc && i < gguf_n_kv(src); i++)
+        if (!gguf_str_eq(gguf_kv_at(src, i)->key, "general.file_type"))
+            rc = gguf_w_kv_copy(w, gguf_kv_at(src, i));
+    for (uint64_t i = 0; !rc && i < gguf_n_tensors(src); i++) {
+        const gguf_tensor *t = gguf_tensor_at(src, i);
+        char name[128];
+        snprintf(name, sizeof name, "%.*s", (int)t->name.len, t->name.ptr);
+        rc = gguf_w_add_tensor(w, name, t->n_dims, t->ne, Q_F32);
+    }
+    if (!rc)
+        rc = gguf_w_begin(w, path);
+    for (uint64_t i = 0; !rc && i < gguf_n_tensors(src); i++) {
+        const gguf_tensor *t = gguf_tensor_at(src, i);
+        size_t n = gguf_w_tensor_bytes(w, i) / sizeof(float), rb;
+        free(buf);
+        buf = malloc(n * sizeof(float));
+        if (!buf || q_row_bytes(t->type, (int64_t)t->ne[0], &rb)) {
+            rc = HY_ENOMEM;
+            break;
+        }
+        for (size_t r = 0; r < n / t->ne[0]; r++)
+            q_dequant_row(t->type, (const uint8_t *)t->data + r * rb, buf + r * t->ne[0], (int64_t)t->ne[0]);
+        rc = gguf_w_tensor_data(w, buf, n * sizeof(float));
+    }
+    if (!rc)
+        rc = gguf_w_finish(w);
+    free(buf);
+    gguf_w_free(w);
+    return rc;
+}
 
 static int group_setup(void **state)
 {
@@ -89,13 +139,24 @@ static int group_setup(void **state)
         printf("gguf_open: %s\n", hy_err_msg());
         return -1;
     }
-    for (int i = 0; i < 2; i++) {
+    snprintf(g_path32, sizeof g_path32, "/tmp/hydrad-cuda-model-f32-XXXXXX");
+    fd = mkstemp(g_path32);
+    if (fd < 0)
+        return -1;
+    close(fd);
+    if (write_f32_copy(g_f, g_path32) || gguf_open(g_path32, &g_f32)) {
+        printf("F32 reference copy: %s\n", hy_err_msg());
+        return -1;
+    }
+    const gguf_file *files[NM] = {g_f32, g_f, g_f};
+    static const char *names[NM] = {"CPU F32 reference", "CUDA Q4_1", "CPU Q4_1"};
+    for (int i = 0; i < NM; i++) {
         double t0 = hy_now();
-        if (eng_model_load(g_f, g_be[i], &g_m[i])) {
-            printf("eng_model_load on %s: %s\n", g_be[i]->ops->name, hy_err_msg());
+        if (eng_model_load(files[i], g_be[g_mbe[i]], &g_m[i])) {
+            printf("eng_model_load (%s): %s\n", names[i], hy_err_msg());
             return -1;
         }
-        printf("loaded on %s in %.2f s\n", g_be[i]->ops->name, hy_now() - t0);
+        printf("loaded %s in %.2f s\n", names[i], hy_now() - t0);
     }
     return 0;
 }
@@ -103,14 +164,17 @@ static int group_setup(void **state)
 static int group_teardown(void **state)
 {
     (void)state;
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i < NM; i++)
         eng_model_free(g_m[i]);
+    for (int i = 0; i < 2; i++)
         if (g_be[i])
             g_be[i]->ops->destroy(g_be[i]);
-    }
     gguf_close(g_f);
+    gguf_close(g_f32);
     if (g_path[0])
         unlink(g_path);
+    if (g_path32[0])
+        unlink(g_path32);
     return 0;
 }
 
@@ -128,11 +192,43 @@ typedef struct {
     double max_nmse, sum_nmse;
     long agree, rows;
     int steps;
+} cmp_one;
+
+/* comparisons made every step: CUDA vs reference, CUDA vs CPU Q4_1, CPU Q4_1 vs reference */
+enum { CMP_GPU_REF, CMP_GPU_CPUQ, CMP_CPUQ_REF, CMP_N };
+static const int g_cmp[CMP_N][2] = {{1, 0}, {1, 2}, {2, 0}};
+typedef struct {
+    cmp_one c[CMP_N];
 } cmp_stats;
 
-/* Run one step (n_new[s] tokens of each sequence) on both backends; compare the logits of the
- * last new token of every sequence (all_logits: of every new token). */
-static void step(seqset *S, const int *n_new, bool all_logits, eng_adapter *const *ads[2], eng_kv *kv[2],
+static void compare(const float *a, const float *ref, int rows, int n_vocab, cmp_one *st)
+{
+    double num = 0, den = 0;
+    for (int r = 0; r < rows; r++) {
+        const float *x = a + (size_t)r * n_vocab, *y = ref + (size_t)r * n_vocab;
+        int am = 0, bm = 0;
+        for (int v = 0; v < n_vocab; v++) {
+            double d = (double)x[v] - y[v];
+            num += d * d;
+            den += (double)y[v] * y[v];
+            if (x[v] > x[am])
+                am = v;
+            if (y[v] > y[bm])
+                bm = v;
+        }
+        st->agree += am == bm;
+        st->rows++;
+    }
+    double e = den > 0 ? num / den : 0;
+    st->max_nmse = HY_MAX(st->max_nmse, e);
+    st->sum_nmse += e;
+    st->steps++;
+}
+
+/* Run one step (n_new[s] tokens of each sequence) on every model; compare the logits of the
+ * last new token of every sequence (all_logits: of every new token). ads[i]: model i's
+ * adapters by index (NULL: none). */
+static void step(seqset *S, const int *n_new, bool all_logits, eng_adapter *const *ads[NM], eng_kv *kv[NM],
                  cmp_stats *st)
 {
     const eng_hparams *hp = eng_model_hparams(g_m[0]);
@@ -143,13 +239,14 @@ static void step(seqset *S, const int *n_new, bool all_logits, eng_adapter *cons
     int32_t *seq = malloc(4 * (size_t)n_tok), *slot = malloc(4 * (size_t)n_tok);
     int32_t *seq_len = malloc(4 * (size_t)S->n_seq), *lt = malloc(4 * (size_t)n_tok);
     int32_t *seg_begin = malloc(4 * ((size_t)S->n_seq + 1));
-    const eng_adapter **seg_ad[2] = {malloc(sizeof(void *) * (size_t)S->n_seq),
-                                     malloc(sizeof(void *) * (size_t)S->n_seq)};
+    const eng_adapter **seg_ad[NM];
+    for (int i = 0; i < NM; i++)
+        seg_ad[i] = malloc(sizeof(void *) * (size_t)S->n_seq);
     int t = 0, n_lt = 0, n_seg = 0;
     for (int s = 0; s < S->n_seq; s++) {
         if (s == 0 || S->adapter[s] != S->adapter[s - 1]) {
             seg_begin[n_seg] = t;
-            for (int i = 0; i < 2; i++)
+            for (int i = 0; i < NM; i++)
                 seg_ad[i][n_seg] = S->adapter[s] < 0 || !ads[i] ? NULL : ads[i][S->adapter[s]];
             n_seg++;
         }
@@ -165,8 +262,8 @@ static void step(seqset *S, const int *n_new, bool all_logits, eng_adapter *cons
         seq_len[s] = S->len[s] + n_new[s];
     }
     seg_begin[n_seg] = n_tok;
-    float *lg[2];
-    for (int i = 0; i < 2; i++) {
+    float *lg[NM];
+    for (int i = 0; i < NM; i++) {
         eng_batch b = {.n_tok = n_tok,
                        .tokens = tokens,
                        .attn = {n_tok, S->n_seq, pos, seq, slot, seq_len, S->bt, S->max_blocks},
@@ -178,33 +275,17 @@ static void step(seqset *S, const int *n_new, bool all_logits, eng_adapter *cons
         lg[i] = malloc(sizeof(float) * (size_t)n_lt * hp->n_vocab);
         int rc = eng_forward(g_m[i], kv[i], &b, lg[i]);
         if (rc)
-            printf("eng_forward on %s: %s\n", g_be[i]->ops->name, hy_err_msg());
+            printf("eng_forward (model %d): %s\n", i, hy_err_msg());
         assert_int_equal(rc, 0);
     }
-    double num = 0, den = 0;
-    for (int r = 0; r < n_lt; r++) {
-        const float *a = lg[1] + (size_t)r * hp->n_vocab, *ref = lg[0] + (size_t)r * hp->n_vocab;
-        int am = 0, bm = 0;
-        for (int v = 0; v < hp->n_vocab; v++) {
-            double d = (double)a[v] - ref[v];
-            num += d * d;
-            den += (double)ref[v] * ref[v];
-            if (a[v] > a[am])
-                am = v;
-            if (ref[v] > ref[bm])
-                bm = v;
-        }
-        st->agree += am == bm;
-        st->rows++;
-    }
-    double e = den > 0 ? num / den : 0;
-    st->max_nmse = HY_MAX(st->max_nmse, e);
-    st->sum_nmse += e;
-    st->steps++;
+    for (int c = 0; c < CMP_N; c++)
+        compare(lg[g_cmp[c][0]], lg[g_cmp[c][1]], n_lt, hp->n_vocab, &st->c[c]);
     for (int s = 0; s < S->n_seq; s++)
         S->len[s] += n_new[s];
-    free(lg[0]);
-    free(lg[1]);
+    for (int i = 0; i < NM; i++) {
+        free(lg[i]);
+        free(seg_ad[i]);
+    }
     free(tokens);
     free(pos);
     free(seq);
@@ -212,8 +293,6 @@ static void step(seqset *S, const int *n_new, bool all_logits, eng_adapter *cons
     free(seq_len);
     free(lt);
     free(seg_begin);
-    free(seg_ad[0]);
-    free(seg_ad[1]);
 }
 
 static void seqset_init(seqset *S, int n_seq, int max_len, int n_blocks)
@@ -256,20 +335,32 @@ static void seqset_free(seqset *S)
     free(S->adapter);
 }
 
-static void report(const char *what, const cmp_stats *st)
+static int g_failures;
+
+static void report_one(const char *label, const cmp_one *c, double lim_nmse, double lim_top1)
 {
-    double agree = st->rows ? (double)st->agree / st->rows : 1.0;
-    printf("  %-40s %4d steps: logits NMSE max %.2e mean %.2e (<= %.0e), top-1 agreement %.2f %% "
-           "(%ld/%ld, >= %.0f %%)\n",
-           what, st->steps, st->max_nmse, st->steps ? st->sum_nmse / st->steps : 0, MODEL_NMSE, 100 * agree,
-           st->agree, st->rows, 100 * MODEL_TOP1);
-    assert_true(st->max_nmse <= MODEL_NMSE);
-    assert_true(agree >= MODEL_TOP1);
+    double agree = c->rows ? (double)c->agree / c->rows : 1.0;
+    bool ok = lim_nmse <= 0 || (c->max_nmse <= lim_nmse && agree >= lim_top1);
+    printf("    %-22s NMSE max %.2e mean %.2e, top-1 %6.2f %% (%ld/%ld)", label, c->max_nmse,
+           c->steps ? c->sum_nmse / c->steps : 0, 100 * agree, c->agree, c->rows);
+    if (lim_nmse > 0)
+        printf("  limits %.0e / %.0f %%: %s", lim_nmse, 100 * lim_top1, ok ? "ok" : "FAIL");
+    printf("\n");
+    if (!ok)
+        g_failures++;
 }
 
-static void kv_pair(int n_blocks, eng_kv *kv[2])
+static void report(const char *what, const cmp_stats *st)
 {
-    for (int i = 0; i < 2; i++) {
+    printf("  %s (%d steps)\n", what, st->c[0].steps);
+    report_one("CUDA vs CPU F32 ref", &st->c[CMP_GPU_REF], MODEL_NMSE, MODEL_TOP1);
+    report_one("CUDA vs CPU Q4_1", &st->c[CMP_GPU_CPUQ], LOOSE_NMSE, LOOSE_TOP1);
+    report_one("(CPU Q4_1 vs F32 ref)", &st->c[CMP_CPUQ_REF], 0, 0);
+}
+
+static void kv_all(int n_blocks, eng_kv *kv[NM])
+{
+    for (int i = 0; i < NM; i++) {
         int rc = eng_kv_create(g_m[i], n_blocks, &kv[i]);
         if (rc)
             printf("eng_kv_create: %s\n", hy_err_msg());
@@ -284,16 +375,17 @@ static void test_single_sequence(void **state)
     (void)state;
     NEED_GPU();
     const int n = 256;
-    eng_kv *kv[2];
-    eng_adapter *const *no_ads[2] = {NULL, NULL};
+    eng_kv *kv[NM];
+    eng_adapter *const *no_ads[NM] = {NULL, NULL, NULL};
     seqset S;
     seqset_init(&S, 1, n, n / BE_KV_BLOCK + 4);
-    kv_pair(n / BE_KV_BLOCK + 4, kv);
+    kv_all(n / BE_KV_BLOCK + 4, kv);
+    g_failures = 0;
     cmp_stats st = {0};
     int nn = n;
     step(&S, &nn, true, no_ads, kv, &st);
-    report("prefill 256 tokens (all logits)", &st);
-    /* decode: same tokens, fresh positions from 0 (the cache is overwritten slot by slot) */
+    report("prefill 256 tokens in one batch, every token's logits", &st);
+    /* decode: same tokens, positions from 0 again (the cache is overwritten slot by slot) */
     memset(&st, 0, sizeof st);
     S.len[0] = 0;
     for (int i = 0; i < n; i++) {
@@ -301,17 +393,18 @@ static void test_single_sequence(void **state)
         step(&S, &nn, false, no_ads, kv, &st);
     }
     report("decode 256 steps, one token each", &st);
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < NM; i++)
         eng_kv_free(kv[i]);
     seqset_free(&S);
+    assert_int_equal(g_failures, 0);
 }
 
 /* ---- adapters made directly with ops->lora_create ---- */
 
 typedef struct {
     be_lora **lora[2]; /* [n_layer * ENG_N_PROJ] per backend */
-    eng_adapter ad[2];
-    float *stats[2];
+    eng_adapter ad[NM];
+    float *stats[NM];
     int K, r;
 } test_adapter;
 
@@ -321,10 +414,11 @@ static void adapter_make(test_adapter *ta, int r, int K)
     const int n = hp->n_layer * ENG_N_PROJ;
     ta->K = K;
     ta->r = r;
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i < 2; i++)
         ta->lora[i] = calloc((size_t)n, sizeof(be_lora *));
+    for (int i = 0; i < NM; i++) {
         ta->stats[i] = calloc((size_t)n * (K + 1), sizeof(float));
-        ta->ad[i] = (eng_adapter){ta->lora[i], K, ta->stats[i]};
+        ta->ad[i] = (eng_adapter){ta->lora[g_mbe[i]], K, ta->stats[i]};
     }
     for (int il = 0; il < hp->n_layer; il++) {
         for (int p = 0; p < ENG_N_PROJ; p++) {
@@ -368,8 +462,22 @@ static void adapter_drop(test_adapter *ta)
         for (int j = 0; j < hp->n_layer * ENG_N_PROJ; j++)
             g_be[i]->ops->lora_free(g_be[i], ta->lora[i][j]);
         free(ta->lora[i]);
-        free(ta->stats[i]);
     }
+    for (int i = 0; i < NM; i++)
+        free(ta->stats[i]);
+}
+
+static double stats_nmse(test_adapter *ad, int n_ad, int a_model, int ref_model)
+{
+    const eng_hparams *hp = eng_model_hparams(g_m[0]);
+    double num = 0, den = 0;
+    for (int a = 0; a < n_ad; a++)
+        for (int j = 0; j < hp->n_layer * ENG_N_PROJ * (ad[a].K + 1); j++) {
+            double d = (double)ad[a].stats[a_model][j] - ad[a].stats[ref_model][j];
+            num += d * d;
+            den += (double)ad[a].stats[ref_model][j] * ad[a].stats[ref_model][j];
+        }
+    return den > 0 ? num / den : INFINITY;
 }
 
 /* 64 sequences over 16 adapters (mixed rank and K) plus base-model sequences: a prefill
@@ -385,51 +493,49 @@ static void test_many_adapters(void **state)
     test_adapter ad[16];
     for (int a = 0; a < n_ad; a++)
         adapter_make(&ad[a], ranks[a % 4], 1 + a % 8);
-    eng_adapter *ads_cpu[16], *ads_gpu[16];
-    for (int a = 0; a < n_ad; a++) {
-        ads_cpu[a] = &ad[a].ad[0];
-        ads_gpu[a] = &ad[a].ad[1];
+    eng_adapter *ads_m[NM][16];
+    eng_adapter *const *ads[NM];
+    for (int i = 0; i < NM; i++) {
+        for (int a = 0; a < n_ad; a++)
+            ads_m[i][a] = &ad[a].ad[i];
+        ads[i] = ads_m[i];
     }
-    eng_adapter *const *ads[2] = {ads_cpu, ads_gpu};
     const int max_len = prefill + decode + 1;
     const int per_seq = (max_len + BE_KV_BLOCK - 1) / BE_KV_BLOCK;
-    eng_kv *kv[2];
-    kv_pair(n_seq * per_seq + 7, kv);
+    eng_kv *kv[NM];
+    kv_all(n_seq * per_seq + 7, kv);
     seqset S;
     seqset_init(&S, n_seq, max_len, n_seq * per_seq + 7);
-    /* sequences 0..3 run the base model; then four sequences per adapter... in adapter order */
+    /* sequences 0..3 run the base model, the other 60 spread over the adapters in order */
     for (int s = 0; s < n_seq; s++)
         S.adapter[s] = s < 4 ? -1 : (s - 4) * n_ad / (n_seq - 4);
     int *n_new = malloc(sizeof(int) * n_seq);
     for (int s = 0; s < n_seq; s++)
         n_new[s] = s == 5 ? 1 : 1 + rnd_int(prefill); /* one-token prefill included */
+    g_failures = 0;
     cmp_stats st = {0};
     step(&S, n_new, false, ads, kv, &st);
-    report("64 seqs / 16 adapters: prefill chunk", &st);
+    report("64 seqs / 16 adapters: one prefill batch", &st);
     memset(&st, 0, sizeof st);
     for (int i = 0; i < decode; i++) {
         for (int s = 0; s < n_seq; s++)
             n_new[s] = 1;
         step(&S, n_new, false, ads, kv, &st);
     }
-    report("64 seqs / 16 adapters: decode, 64 tok/step", &st);
+    report("64 seqs / 16 adapters: decode, 64 tokens per step", &st);
     /* router statistics accumulated by the forward passes */
-    double num = 0, den = 0;
-    const eng_hparams *hp = eng_model_hparams(g_m[0]);
-    for (int a = 0; a < n_ad; a++)
-        for (int j = 0; j < hp->n_layer * ENG_N_PROJ * (ad[a].K + 1); j++) {
-            double d = (double)ad[a].stats[1][j] - ad[a].stats[0][j];
-            num += d * d;
-            den += (double)ad[a].stats[0][j] * ad[a].stats[0][j];
-        }
-    printf("  router stats NMSE %.2e (<= 1e-4)\n", den > 0 ? num / den : 0.0);
-    assert_true(den > 0 && num / den <= 1e-4);
+    double e_ref = stats_nmse(ad, n_ad, 1, 0), e_q = stats_nmse(ad, n_ad, 1, 2);
+    printf("  router stats NMSE: CUDA vs F32 ref %.2e (<= 1e-4), CUDA vs CPU Q4_1 %.2e (<= 1e-3), "
+           "CPU Q4_1 vs ref %.2e\n", e_ref, e_q, stats_nmse(ad, n_ad, 2, 0));
+    if (!(e_ref <= 1e-4) || !(e_q <= 1e-3))
+        g_failures++;
     free(n_new);
     seqset_free(&S);
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < NM; i++)
         eng_kv_free(kv[i]);
     for (int a = 0; a < n_ad; a++)
         adapter_drop(&ad[a]);
+    assert_int_equal(g_failures, 0);
 }
 
 int main(void)
