@@ -4,6 +4,7 @@
 #include "hy.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -119,8 +120,11 @@ void tp_run(tp_pool *p, tp_fn fn, void *ctx)
     pthread_cond_broadcast(&p->cv);
     pthread_mutex_unlock(&p->mu);
     fn(ctx, 0, p->n);
-    while (atomic_load_explicit(&p->pending, memory_order_acquire) > 0) {
-    }
+    /* spin briefly (workers usually finish together), then yield so an oversubscribed
+     * machine can run the worker we are waiting for */
+    for (int spins = 0; atomic_load_explicit(&p->pending, memory_order_acquire) > 0; spins++)
+        if (spins > 2000)
+            sched_yield();
 }
 
 void tp_split(long n, int ith, int nth, long *begin, long *end)

@@ -3,6 +3,8 @@
  * It serves no HTTP and keeps no state between runs; the server lives in serve.c. */
 #include "server/cli.h"
 
+#include "adapters/adapter.h"
+
 #include "engine/backend.h"
 #include "engine/gguf.h"
 #include "engine/hy.h"
@@ -20,12 +22,12 @@
 
 typedef struct {
     const char *model, *prompt, *system, *chat_template, *device;
-    bool chat, help;
+    bool chat, help, ignore_eos;
+    const char *adapter;
+    float adapter_scale;
     int n_predict, threads, top_k;
     float temp, top_p, min_p, repeat_penalty;
     long long seed; /* < 0: from the clock */
-    /* ---- adapters: --adapter DIR / --adapter-scale X are wired here by the adapters work
-     * (add the fields, two rows in gen_table, and the load in cli_generate). ---- */
 } gen_opts;
 
 typedef enum { OPT_FLAG, OPT_STR, OPT_INT, OPT_FLOAT, OPT_LL } opt_kind;
@@ -54,7 +56,9 @@ static const gen_opt gen_table[] = {
     {"--seed", NULL, OPT_LL, O(seed), "S", "sampling seed (default: from the clock)"},
     {"--threads", "-t", OPT_INT, O(threads), "N", "CPU threads (default: all cores)"},
     {"--device", NULL, OPT_STR, O(device), "DEV", "cpu, cuda or auto (auto)"},
-    /* adapters: {"--adapter", ...}, {"--adapter-scale", ...} go here */
+    {"--adapter", NULL, OPT_STR, O(adapter), "DIR", "apply a LoRA/HydraLoRA adapter directory (PEFT format)"},
+    {"--adapter-scale", NULL, OPT_FLOAT, O(adapter_scale), "X", "multiply the adapter's scale s by X (1)"},
+    {"--ignore-eos", NULL, OPT_FLAG, O(ignore_eos), NULL, "keep generating past end-of-generation tokens"},
     {"--help", "-h", OPT_FLAG, O(help), NULL, "this help"},
 };
 #undef O
@@ -181,6 +185,7 @@ typedef struct {
     eng_kv *kv;
     tok_vocab *v;
     smp_seq *smp;
+    ad_adapter *ad;
     int32_t *ids;
     float *logits;
     char *piece;
@@ -192,12 +197,31 @@ static void gen_free(gen_run *r)
     free(r->logits);
     free(r->ids);
     smp_free(r->smp);
+    ad_free(r->ad);
     eng_kv_free(r->kv);
     eng_model_free(r->m);
     tok_free(r->v);
     if (r->b)
         r->b->ops->destroy(r->b);
     gguf_close(r->f);
+}
+
+static const eng_adapter *gen_eng_adapter(const gen_run *r) { return r->ad ? ad_eng(r->ad) : NULL; }
+
+/* --adapter: read, validate against the model, upload (this thread owns the backend). */
+static int gen_adapter(const gen_opts *g, gen_run *r)
+{
+    if (!g->adapter)
+        return HY_OK;
+    ad_shape shape;
+    ad_shape_from_model(r->m, &shape);
+    ad_opts o = {.scale_mult = g->adapter_scale};
+    int rc = ad_read(g->adapter, &shape, &o, &r->ad);
+    if (!rc)
+        rc = ad_upload(r->ad, r->b);
+    if (rc)
+        fprintf(stderr, "hydrad: %s: %s\n", g->adapter, hy_err_msg());
+    return rc;
 }
 
 /* Decode loop: sample, print, feed back. Returns 0 or an HY_E code. */
@@ -214,7 +238,7 @@ static int gen_decode(const gen_opts *g, gen_run *r, int n_prompt, int *n_gen)
         if ((rc = smp_sample(r->smp, r->logits, &res)))
             return rc;
         int32_t id = res.id;
-        if (id < 0 || id >= n_vocab || tok_is_eog(r->v, id))
+        if (id < 0 || id >= n_vocab || (!g->ignore_eos && tok_is_eog(r->v, id)))
             break;
         size_t n = tok_detok_push(&dt, id, r->piece, cap);
         fwrite(r->piece, 1, n, stdout);
@@ -224,7 +248,7 @@ static int gen_decode(const gen_opts *g, gen_run *r, int n_prompt, int *n_gen)
             return rc;
         if (*n_gen == g->n_predict)
             break;
-        if ((rc = eng_forward_seq(r->m, r->kv, &id, 1, pos++, 0, NULL, r->logits)))
+        if ((rc = eng_forward_seq(r->m, r->kv, &id, 1, pos++, 0, gen_eng_adapter(r), r->logits)))
             return rc;
     }
     size_t n = tok_detok_flush(&dt, r->piece, cap);
@@ -261,6 +285,8 @@ int cli_generate(int argc, char **argv)
         goto out;
     }
     const eng_hparams *hp = eng_model_hparams(r.m);
+    if ((rc = gen_adapter(&g, &r)))
+        goto out;
     if ((rc = gen_tokenize(&g, r.f, r.v, &r.ids, &n_prompt))) {
         fprintf(stderr, "hydrad: prompt: %s\n", hy_err_msg());
         goto out;
@@ -298,7 +324,7 @@ int cli_generate(int argc, char **argv)
     }
 
     double t0 = hy_now();
-    if ((rc = eng_forward_seq(r.m, r.kv, r.ids, n_prompt, 0, 512, NULL, r.logits))) {
+    if ((rc = eng_forward_seq(r.m, r.kv, r.ids, n_prompt, 0, 512, gen_eng_adapter(&r), r.logits))) {
         fprintf(stderr, "hydrad: %s\n", hy_err_msg());
         goto out;
     }
