@@ -11,11 +11,15 @@ Tensors (HF row order, PEFT key names, prefix base_model.model.model.layers.{i}.
     {self_attn|mlp}.{mod}.lora_A.weight      [r, in]     A ~ N(0, 1/sqrt(in))
     ... .lora_B.weight                        [out, r]    plain LoRA (--K 0 / absent)
     ... .lora_B{k}.weight, k = 0..K-1         [out, r]    HydraLoRA heads (--K >= 1)
-    ... .lora_route.weight                    [K, in]     R ~ N(0, 2/sqrt(in)) (HydraLoRA)
+    ... .lora_route.weight                    [K, in]     R ~ N(0, rho) (HydraLoRA)
 B ~ N(0, b) with b = ratio * rms_row_norm(W) / (s * sqrt(r)), s = alpha / r, where W is the
 base weight of that projection (dequantised from the GGUF) and rms_row_norm(W) =
 ||W||_F / sqrt(out): for an input x with iid entries this makes rms(s B A x) about
 ratio * rms(W x), i.e. the adapter moves each projection by ~ratio of its output.
+Router: rho = 3 / (sqrt(in) * rms(norm weight)) for the modules fed by an RMSNorm (q, k, v
+use blk.i.attn_norm, gate, up use blk.i.ffn_norm; the normalised input then has rms about
+rms(norm weight), so router logits have std about 3 and gates are far from uniform), and
+rho = 4 / sqrt(in) for o_proj and down_proj (inputs of rms ~0.03-0.7 in SmolLM2).
 Draw order (one numpy default_rng(seed), float64 standard normals, then scaled and cast):
 for layer 0..n-1, for module in q,k,v,o,gate,up,down order if targeted: A, B_0..B_{K-1}
 (or B), R. --zero-b multiplies every B by 0 after drawing (same A and R as without it).
@@ -94,6 +98,18 @@ def weight_rms_row_norm(reader_tensors, layer: int, mod: str) -> float:
     return float(np.sqrt(np.sum(w * w) / rows))
 
 
+NORM_OF = {"q_proj": "attn_norm", "k_proj": "attn_norm", "v_proj": "attn_norm",
+           "gate_proj": "ffn_norm", "up_proj": "ffn_norm"}
+
+
+def router_std(reader_tensors, layer: int, mod: str, din: int) -> float:
+    if mod not in NORM_OF:
+        return 4.0 / np.sqrt(din)
+    t = reader_tensors[f"blk.{layer}.{NORM_OF[mod]}.weight"]
+    w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float64)
+    return 3.0 / (np.sqrt(din) * float(np.sqrt(np.mean(w * w))))
+
+
 def make_adapter(out: str, seed: int, r: int, K: int, alpha: float, targets, dtype: str,
                  base: str, zero_b: bool = False, ratio: float = 0.2) -> None:
     reader = GGUFReader(base)
@@ -122,7 +138,7 @@ def make_adapter(out: str, seed: int, r: int, K: int, alpha: float, targets, dty
                 name = "lora_B.weight" if K == 0 else f"lora_B{k}.weight"
                 tensors[key + name] = b.astype(np.float32)
             if K >= 1:
-                route = rng.standard_normal((K, din)) * (2.0 / np.sqrt(din))
+                route = rng.standard_normal((K, din)) * router_std(rt, i, mod, din)
                 tensors[key + "lora_route.weight"] = route.astype(np.float32)
     os.makedirs(out, exist_ok=True)
     cfg = {
