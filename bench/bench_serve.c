@@ -46,7 +46,7 @@ static const char *const k_words[] = {
 typedef struct {
     const char *url, *endpoint, *model, *api_key, *admin_key, *dataset, *make_dir, *base_gguf, *hydrad;
     const char *targets, *prefix, *goodput, *result_json, *label;
-    int num_prompts, max_conc, input_len, output_len, num_adapters, ad_r, ad_K, quiet, no_ignore_eos;
+    int num_prompts, max_conc, input_len, output_len, num_adapters, ad_r, ad_K, quiet, no_ignore_eos, round_robin;
     double rate, burstiness, duration, range_ratio, zipf, timeout, temperature;
     uint64_t seed;
 } sv_opts;
@@ -657,7 +657,8 @@ static void print_table(const sv_opts *o, const char *model, int n_adapters, con
     printf("| setting | value |\n|---|---|\n");
     printf("| server | %s (%s) |\n", o->url, is_chat(o) ? "/v1/chat/completions" : "/v1/completions");
     printf("| model | %s |\n", model);
-    printf("| adapters | %d%s |\n", n_adapters, n_adapters ? (o->zipf > 0 ? " (Zipf)" : " (uniform)") : "");
+    printf("| adapters | %d%s |\n", n_adapters,
+           !n_adapters ? "" : o->round_robin ? " (round robin)" : o->zipf > 0 ? " (Zipf)" : " (uniform)");
     if (isinf(o->rate))
         printf("| request rate | inf |\n");
     else
@@ -791,6 +792,7 @@ static void usage(FILE *f)
             "  --num-adapters N       spread requests over N adapters (default 0: base model)\n"
             "                         named by --make-adapters, else the first N of GET /v1/adapters\n"
             "  --zipf ALPHA           adapter popularity ~ 1/rank^ALPHA (default 0: uniform)\n"
+            "  --round-robin          request i uses adapter i mod N (N in-flight requests: N adapters)\n"
             "  --make-adapters DIR    write N adapters under DIR with `hydrad mkadapter` (kept for\n"
             "                         later runs) and load them via POST /v1/load_lora_adapter;\n"
             "                         the server needs --adapter-root DIR and --max-cpu-loras >= N\n"
@@ -814,7 +816,7 @@ static void usage(FILE *f)
 enum {
     O_URL = 256, O_ENDPOINT, O_MODEL, O_KEY, O_ADMIN, O_NUM, O_DUR, O_RATE, O_BURST, O_CONC, O_IN, O_OUT,
     O_RANGE, O_DATA, O_NOEOS, O_TEMP, O_NAD, O_ZIPF, O_MAKE, O_AR, O_AK, O_ATGT, O_APFX, O_BASE, O_HYDRAD,
-    O_GOOD, O_JSON, O_LABEL, O_SEED, O_TIMEOUT, O_QUIET
+    O_GOOD, O_JSON, O_LABEL, O_SEED, O_TIMEOUT, O_QUIET, O_RR
 };
 
 static int num_arg(const char *name, const char *v, double lo, double hi, double *out)
@@ -842,7 +844,8 @@ static int parse_opts(int argc, char **argv, sv_opts *o)
         {"adapter-targets", 1, 0, O_ATGT}, {"adapter-prefix", 1, 0, O_APFX}, {"base", 1, 0, O_BASE},
         {"hydrad", 1, 0, O_HYDRAD},    {"goodput", 1, 0, O_GOOD},         {"result-json", 1, 0, O_JSON},
         {"label", 1, 0, O_LABEL},      {"seed", 1, 0, O_SEED},            {"timeout", 1, 0, O_TIMEOUT},
-        {"quiet", 0, 0, O_QUIET},      {"help", 0, 0, 'h'},               {0, 0, 0, 0},
+        {"quiet", 0, 0, O_QUIET},      {"round-robin", 0, 0, O_RR},       {"help", 0, 0, 'h'},
+        {0, 0, 0, 0},
     };
     double x;
     int c;
@@ -889,6 +892,7 @@ static int parse_opts(int argc, char **argv, sv_opts *o)
         case O_SEED: bad = num_arg("seed", optarg, 0, 9e15, &x); o->seed = (uint64_t)x; break;
         case O_TIMEOUT: bad = num_arg("timeout", optarg, 0.001, 1e6, &o->timeout); break;
         case O_QUIET: o->quiet = 1; break;
+        case O_RR: o->round_robin = 1; break;
         case 'h': usage(stdout); return 1;
         default: usage(stderr); return -1;
         }
@@ -951,8 +955,8 @@ int bench_serve_main(int argc, char **argv)
         fprintf(stderr, "hydrad-bench serve: %s\n", hy_err_msg());
         return 2;
     }
-    if (o.zipf > 0 && o.num_adapters < 1) {
-        fprintf(stderr, "hydrad-bench serve: --zipf needs --num-adapters\n");
+    if ((o.zipf > 0 || o.round_robin) && o.num_adapters < 1) {
+        fprintf(stderr, "hydrad-bench serve: --zipf and --round-robin need --num-adapters\n");
         return 2;
     }
 
@@ -1001,7 +1005,12 @@ int bench_serve_main(int argc, char **argv)
         arrive[i] = t_acc;
         q[i].id = i;
         q[i].prompt_tokens = -1;
-        q[i].model = o.num_adapters > 0 ? names[bench_zipf_draw(&zipf, &rng)] : model;
+        if (o.num_adapters > 0) {
+            int a = bench_zipf_draw(&zipf, &rng); /* drawn in every mode so the seed's stream stays put */
+            q[i].model = names[o.round_robin ? i % o.num_adapters : a];
+        } else {
+            q[i].model = model;
+        }
         char *prompt;
         if (data) {
             const sv_prompt *p = &data[i % n_data];
