@@ -120,6 +120,64 @@ int cuda_meta_get(be_cuda *c, size_t n, void **host, void **dev)
     return cuda_stage_get(c, n, host);
 }
 
+int cuda_meta_cached(be_cuda *c, cuda_meta_cache *mc, const void *const *parts, const size_t *sizes,
+                     int n_parts, void **dev)
+{
+    size_t total = 0;
+    for (int i = 0; i < n_parts; i++) {
+        if (sizes[i] > SIZE_MAX - total)
+            return hy_err_set(HY_ELIMIT, "CUDA metadata too large");
+        total += sizes[i];
+    }
+    if (mc->dev && total == mc->n) {
+        const uint8_t *h = (const uint8_t *)mc->host;
+        size_t off = 0;
+        int same = 1;
+        for (int i = 0; i < n_parts && same; i++) {
+            same = !sizes[i] || !memcmp(h + off, parts[i], sizes[i]);
+            off += sizes[i];
+        }
+        if (same) {
+            *dev = mc->dev;
+            return HY_OK;
+        }
+    }
+    if (total > mc->cap || !mc->dev) {
+        size_t want = total ? total + total / 4 : 64;
+        void *nh = realloc(mc->host, want);
+        if (!nh)
+            return hy_err_set(HY_ENOMEM, "out of memory (CUDA metadata cache)");
+        mc->host = nh;
+        /* queued kernels may still read the old device copy */
+        CU_CHECK(cudaStreamSynchronize(c->stream));
+        if (mc->dev)
+            CU_CHECK(cudaFree(mc->dev));
+        mc->dev = NULL;
+        mc->n = mc->cap = 0;
+        CU_CHECK(cudaMalloc(&mc->dev, want));
+        mc->cap = want;
+    }
+    mc->n = 0; /* not valid until the copy is queued */
+    void *host = NULL;
+    int rc = cuda_stage_get(c, total, &host);
+    if (rc)
+        return rc;
+    size_t off = 0;
+    for (int i = 0; i < n_parts; i++) {
+        if (sizes[i]) {
+            memcpy((uint8_t *)host + off, parts[i], sizes[i]);
+            memcpy((uint8_t *)mc->host + off, parts[i], sizes[i]);
+        }
+        off += sizes[i];
+    }
+    rc = cuda_stage_put(c, mc->dev);
+    if (rc)
+        return rc;
+    mc->n = total;
+    *dev = mc->dev;
+    return HY_OK;
+}
+
 const cuda_kv_reg *cuda_kv_find(const be_cuda *c, const void *k)
 {
     for (int i = 0; i < c->n_kv; i++)
@@ -177,19 +235,32 @@ static int cu_upload(be *b, void *dst, const void *src_host, size_t n)
     return HY_OK;
 }
 
+/* Every download and sync also brings the step's HydraLoRA router stats home (one copy, the
+ * same synchronisation), so host stats are current whenever the caller sees device results. */
 static int cu_download(be *b, void *dst_host, const void *src, size_t n)
 {
     be_cuda *c = cuda_ctx(b);
-    if (!n)
-        return HY_OK;
-    CU_CHECK(cudaMemcpyAsync(dst_host, src, n, cudaMemcpyDeviceToHost, c->stream));
-    CU_CHECK(cudaStreamSynchronize(c->stream));
+    int n_gst = 0;
+    int rc = cuda_gst_enqueue(c, &n_gst);
+    if (rc)
+        return rc;
+    if (n)
+        CU_CHECK(cudaMemcpyAsync(dst_host, src, n, cudaMemcpyDeviceToHost, c->stream));
+    if (n || n_gst)
+        CU_CHECK(cudaStreamSynchronize(c->stream));
+    cuda_gst_finish(c, n_gst);
     return HY_OK;
 }
 
 static int cu_sync(be *b)
 {
-    CU_CHECK(cudaStreamSynchronize(cuda_ctx(b)->stream));
+    be_cuda *c = cuda_ctx(b);
+    int n_gst = 0;
+    int rc = cuda_gst_enqueue(c, &n_gst);
+    if (rc)
+        return rc;
+    CU_CHECK(cudaStreamSynchronize(c->stream));
+    cuda_gst_finish(c, n_gst);
     return HY_OK;
 }
 
@@ -213,6 +284,18 @@ static void cu_destroy(be *b)
             cudaEventDestroy(c->stage_ev[i]);
     if (c->stage)
         cudaFreeHost(c->stage);
+    for (int i = 0; i < MC_N; i++) {
+        if (c->mc[i].dev)
+            cudaFree(c->mc[i].dev);
+        free(c->mc[i].host);
+    }
+    /* pending router stats are dropped: their host arrays may already be gone */
+    if (c->gst_dev)
+        cudaFree(c->gst_dev);
+    if (c->gst_host)
+        cudaFreeHost(c->gst_host);
+    free(c->gst_dst);
+    free(c->gst_k);
     if (c->blas)
         cublasDestroy(c->blas);
     if (c->stream)
@@ -293,6 +376,8 @@ extern "C" int be_cuda_create(int device, be **out)
     c->base.ops = &cuda_ops;
     c->device = device;
     c->mv_max_tok = CUDA_MV_MAX_TOK;
+    const char *leg = getenv("HY_CUDA_MV_LEGACY");
+    c->mv_legacy = leg && *leg == '1';
     const char *env = getenv("HY_CUDA_MV_MAX_TOK");
     if (env && *env) {
         int v = atoi(env);
@@ -322,6 +407,19 @@ extern "C" int be_cuda_create(int device, be **out)
                           cudaHostAllocDefault));
     for (int i = 0; i < CUDA_STAGE_NCHUNK; i++)
         CU_GOTO(cudaEventCreateWithFlags(&c->stage_ev[i], cudaEventDisableTiming));
+    {
+        const size_t gb = (size_t)CUDA_GST_CAP * CUDA_GST_STRIDE * sizeof(float);
+        c->gst_dst = (float **)calloc(CUDA_GST_CAP, sizeof *c->gst_dst);
+        c->gst_k = (int *)calloc(CUDA_GST_CAP, sizeof *c->gst_k);
+        if (!c->gst_dst || !c->gst_k) {
+            rc = hy_err_set(HY_ENOMEM, "out of memory creating the CUDA backend");
+            goto fail;
+        }
+        CU_GOTO(cudaMalloc((void **)&c->gst_dev, gb));
+        CU_GOTO(cudaMemsetAsync(c->gst_dev, 0, gb, c->stream));
+        CU_GOTO(cudaHostAlloc((void **)&c->gst_host, gb, cudaHostAllocDefault));
+        CU_GOTO(cudaStreamSynchronize(c->stream));
+    }
     *out = &c->base;
     return HY_OK;
 fail:

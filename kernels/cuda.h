@@ -67,7 +67,7 @@ int cuda_blas_err(cublasStatus_t s, const char *what, const char *file, int line
 #define CUDA_STAGE_NCHUNK 64 /* 4 MiB pinned */
 
 /* scratch device buffers, grown on demand, owned by the context */
-enum { SCR_META, SCR_XH, SCR_HL, SCR_Z, SCR_GST, SCR_SST, SCR_N };
+enum { SCR_META, SCR_XH, SCR_HL, SCR_N };
 
 #define CUDA_ROPE_CACHE 8
 
@@ -76,6 +76,16 @@ typedef struct {
     int64_t n_slots;
     int slot_elems; /* n_kv_heads * head_dim */
 } cuda_kv_reg;
+
+/* Per-step metadata that every layer sends again unchanged (RoPE positions, attention tables):
+ * the device copy is kept and reused while the host bytes are the same (compared each call). */
+typedef struct {
+    void *dev;   /* device, owned */
+    void *host;  /* shadow of what dev holds (malloc, owned) */
+    size_t n, cap;
+} cuda_meta_cache;
+
+enum { MC_ROPE, MC_ATTN, MC_N };
 
 typedef struct {
     be base; /* must be first */
@@ -108,7 +118,22 @@ typedef struct {
     int n_kv, cap_kv;
 
     int mv_max_tok;   /* CUDA_MV_MAX_TOK unless HY_CUDA_MV_MAX_TOK overrides (benchmarks) */
+    int mv_legacy;    /* HY_CUDA_MV_LEGACY=1: the first mat-vec kernel for every type (A/B runs) */
+
+    /* HydraLoRA router stats stay on the device during a step: each (call, segment) that asked
+     * for stats gets an entry of CUDA_GST_STRIDE floats in gst_dev (kernels atomically add to
+     * it); gst_dst remembers the host array each entry is added to. cuda_gst_flush (called by
+     * download, sync and lora_free) copies them down once and adds them in. */
+    float *gst_dev;   /* [CUDA_GST_CAP][CUDA_GST_STRIDE], zero between flushes */
+    float *gst_host;  /* pinned, same size */
+    float **gst_dst;  /* [CUDA_GST_CAP] host destinations (not owned) */
+    int *gst_k;       /* [CUDA_GST_CAP] K of each entry */
+    int gst_n;
+
+    cuda_meta_cache mc[MC_N];
 } be_cuda;
+
+#define CUDA_GST_CAP 16384
 
 /* A base-model matrix on the device.
  * F32 and BF16: f holds fp32 (BF16 is widened once: exact) and cuBLAS SGEMM-class GEMMs run.
@@ -127,13 +152,14 @@ struct be_weight {
 };
 
 /* One HydraLoRA set on the device, fp32. AR = [A; R] ((r + Kr) x in, Kr = K > 1 ? K : 0),
- * Bcat = [B_0 | ... | B_{K-1}] (out x K*r). */
+ * BT = [B_0 | ... | B_{K-1}]^T (K*r x out: transposed so that threads owning consecutive
+ * outputs read consecutive addresses in the expand kernel). */
 struct be_lora {
     int r, K;
     int64_t in, out;
     float scale;
     float *AR;
-    float *Bcat;
+    float *BT;
 };
 
 static inline be_cuda *cuda_ctx(be *b) { return (be_cuda *)b; }
@@ -148,6 +174,11 @@ int cuda_stage_get(be_cuda *c, size_t n, void **host);
 int cuda_stage_put(be_cuda *c, void *dev);
 /* get + device scratch SCR_META in one: *host to fill, *dev where it will land. */
 int cuda_meta_get(be_cuda *c, size_t n, void **host, void **dev);
+/* The concatenation of parts[0..n_parts) (host) as device memory at *dev: the cached copy when
+ * the bytes equal the last call's, else a fresh asynchronous upload. *dev stays valid until the
+ * next call with the same cache (stream order makes reuse by queued kernels safe). */
+int cuda_meta_cached(be_cuda *c, cuda_meta_cache *mc, const void *const *parts, const size_t *sizes,
+                     int n_parts, void **dev);
 /* Grid size for a 1-D elementwise launch over n items with `threads` per block. */
 unsigned cuda_grid(int64_t n, int threads);
 const cuda_kv_reg *cuda_kv_find(const be_cuda *c, const void *k);
@@ -174,6 +205,11 @@ int cuda_lora_create(be *b, int r, int K, int64_t in, int64_t out, const float *
 void cuda_lora_free(be *b, be_lora *l);
 int cuda_hydra(be *b, const float *x, int64_t in, float *y, int64_t out, const be_lora_seg *segs,
                int n_seg);
+/* Router stats kept on the device: enqueue their download (returns how many entries), and after
+ * the stream has been synchronised add them to their host arrays. cuda_gst_flush does both. */
+int cuda_gst_enqueue(be_cuda *c, int *n);
+void cuda_gst_finish(be_cuda *c, int n);
+int cuda_gst_flush(be_cuda *c);
 
 /* cuda_weight.cu: is `type` one of the block types the mat-vec kernels read? */
 bool cuda_type_quantised(uint32_t type);

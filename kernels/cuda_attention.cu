@@ -8,7 +8,8 @@
 #include <math.h>
 #include <stdlib.h>
 
-#define ATT_WARPS 4
+#define ATT_WARPS 4       /* warps per (token, head) when there are many of them */
+#define ATT_WARPS_WIDE 16 /* few (token, head) pairs (small decode batches): more warps each */
 
 __global__ void cuda_kv_write_kernel(const float *k, const float *v, const int32_t *slot, int n_tok,
                                      int kvdim, __half *kc, __half *vc)
@@ -27,8 +28,8 @@ __global__ void cuda_kv_write_kernel(const float *k, const float *v, const int32
 /* One block per (token, query head); its ATT_WARPS warps take interleaved 32-position tiles of
  * the context (so a long decode context is walked by 4 warps, not 1), each with its own
  * online softmax, merged through shared memory at the end. */
-template <int HD>
-__global__ void __launch_bounds__(ATT_WARPS * 32)
+template <int HD, int ATT_W>
+__global__ void __launch_bounds__(ATT_W * 32)
     cuda_attn_kernel(const float *__restrict__ q, const __half *__restrict__ kc,
                      const __half *__restrict__ vc, const int32_t *__restrict__ pos,
                      const int32_t *__restrict__ tok_seq, const int32_t *__restrict__ bt,
@@ -36,13 +37,13 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
 {
     constexpr int DPL = HD / 32;
     __shared__ float qs[HD];
-    __shared__ float part_acc[ATT_WARPS][HD];
-    __shared__ float part_m[ATT_WARPS], part_l[ATT_WARPS];
+    __shared__ float part_acc[ATT_W][HD];
+    __shared__ float part_m[ATT_W], part_l[ATT_W];
     const int wid = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int t = blockIdx.x / n_heads, h = blockIdx.x % n_heads;
     const int kvh = h / (n_heads / n_kv);
     const float *qt = q + ((size_t)t * n_heads + h) * HD;
-    for (int d = threadIdx.x; d < HD; d += ATT_WARPS * 32)
+    for (int d = threadIdx.x; d < HD; d += ATT_W * 32)
         qs[d] = qt[d];
     __syncthreads();
     const int kvdim = n_kv * HD;
@@ -52,7 +53,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
 #pragma unroll
     for (int i = 0; i < DPL; i++)
         acc[i] = 0.0f;
-    for (int base = wid * 32; base < npos; base += ATT_WARPS * 32) {
+    for (int base = wid * 32; base < npos; base += ATT_W * 32) {
         const int p = base + lane;
         const bool valid = p < npos;
         float s = -INFINITY;
@@ -103,19 +104,19 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
     __syncthreads();
     float M = part_m[0]; /* warp 0 always holds position 0: finite */
 #pragma unroll
-    for (int w = 1; w < ATT_WARPS; w++)
+    for (int w = 1; w < ATT_W; w++)
         M = fmaxf(M, part_m[w]);
-    float L = 0.0f, wsc[ATT_WARPS];
+    float L = 0.0f, wsc[ATT_W];
 #pragma unroll
-    for (int w = 0; w < ATT_WARPS; w++) {
+    for (int w = 0; w < ATT_W; w++) {
         wsc[w] = expf(part_m[w] - M);
         L += part_l[w] * wsc[w];
     }
     float *ot = out + ((size_t)t * n_heads + h) * HD;
-    for (int d = threadIdx.x; d < HD; d += ATT_WARPS * 32) {
+    for (int d = threadIdx.x; d < HD; d += ATT_W * 32) {
         float o = 0.0f;
 #pragma unroll
-        for (int w = 0; w < ATT_WARPS; w++)
+        for (int w = 0; w < ATT_W; w++)
             o += part_acc[w][d] * wsc[w];
         ot[d] = o / L;
     }
@@ -213,16 +214,13 @@ int cuda_attention(be *b, const be_attn_meta *m, const float *q, const float *k,
     if (hy_mul_size((size_t)m->n_seq, (size_t)m->max_blocks, &tbl_n) ||
         hy_mul_size(3 * (size_t)n_tok + tbl_n, sizeof(int32_t), &n))
         return hy_err_set(HY_ELIMIT, "CUDA attention: metadata too large");
-    void *host = NULL, *dev = NULL;
-    rc = cuda_meta_get(c, n, &host, &dev);
-    if (rc)
-        return rc;
-    int32_t *h = (int32_t *)host;
-    memcpy(h, m->pos, n_tok * sizeof(int32_t));
-    memcpy(h + n_tok, m->tok_seq, n_tok * sizeof(int32_t));
-    memcpy(h + 2 * n_tok, m->slot, n_tok * sizeof(int32_t));
-    memcpy(h + 3 * n_tok, m->block_table, tbl_n * sizeof(int32_t));
-    rc = cuda_stage_put(c, dev);
+    void *dev = NULL;
+    (void)n;
+    const void *parts[4] = {m->pos, m->tok_seq, m->slot, m->block_table};
+    const size_t sizes[4] = {n_tok * sizeof(int32_t), n_tok * sizeof(int32_t), n_tok * sizeof(int32_t),
+                             tbl_n * sizeof(int32_t)};
+    /* every layer of a step sends the same tables: uploaded once per step */
+    rc = cuda_meta_cached(c, &c->mc[MC_ATTN], parts, sizes, 4, &dev);
     if (rc)
         return rc;
     const int32_t *d = (const int32_t *)dev;
@@ -235,10 +233,20 @@ int cuda_attention(be *b, const be_attn_meta *m, const float *q, const float *k,
         return hy_err_set(HY_ELIMIT, "CUDA attention: %lld (token, head) pairs is too many", (long long)tasks);
     const unsigned grid = (unsigned)tasks;
     const float scale = 1.0f / sqrtf((float)head_dim);
-#define ATT_LAUNCH(HD)                                                                             \
-    cuda_attn_kernel<HD><<<grid, ATT_WARPS * 32, 0, c->stream>>>(                                  \
+    /* a block per (token, head): with fewer blocks than the GPU holds, widen each one so a
+     * long context is walked by 16 warps at once instead of 4 */
+    const bool wide = tasks < (int64_t)c->sm_count * 8;
+#define ATT_LAUNCH_W(HD, W)                                                                        \
+    cuda_attn_kernel<HD, W><<<grid, W * 32, 0, c->stream>>>(                                       \
         q, (const __half *)k_cache, (const __half *)v_cache, d, d + n_tok, d + 3 * n_tok,          \
         m->max_blocks, n_heads, n_kv_heads, scale, out)
+#define ATT_LAUNCH(HD)                                                                             \
+    do {                                                                                           \
+        if (wide)                                                                                  \
+            ATT_LAUNCH_W(HD, ATT_WARPS_WIDE);                                                      \
+        else                                                                                       \
+            ATT_LAUNCH_W(HD, ATT_WARPS);                                                           \
+    } while (0)
     switch (head_dim) {
     case 32: ATT_LAUNCH(32); break;
     case 64: ATT_LAUNCH(64); break;
@@ -247,6 +255,7 @@ int cuda_attention(be *b, const be_attn_meta *m, const float *q, const float *k,
     default: ATT_LAUNCH(256); break;
     }
 #undef ATT_LAUNCH
+#undef ATT_LAUNCH_W
     CU_LAUNCHED("cuda_attn_kernel");
     return HY_OK;
 }

@@ -1,143 +1,226 @@
-/* cuda_hydra.cu - HydraLoRA on the device: lora_create / lora_free and the batched op
- *   shrink  [h; l] = [A; R] x      one launch for every segment (each token finds its segment)
- *   gate    g = softmax(l) (fp32), z = g (x) h, plus per-token gate stats
- *   expand  y += scale * Bcat z    one launch, grid over (token, 64-row output chunk)
- * Segment descriptors and the token->segment map travel in one packed copy per call. */
+/* cuda_hydra.cu - HydraLoRA on the device: lora_create / lora_free and the batched op, two
+ * launches per call and no copies or synchronisation:
+ *   shrink  [h; l] = [A; R] x     grid (token group, 8-row slice of [A; R]); a group is up to
+ *                                 HY_TT consecutive tokens of one segment, so each row of
+ *                                 [A; R] is read once per group (SGMV), once per token in decode
+ *   expand  g = softmax(l), z = g (x) h, y += scale * Bcat z
+ *                                 grid (token group, 256-output tile); every tile recomputes the
+ *                                 K-way softmax of its tokens (cheap), reads its slice of Bcat^T
+ *                                 once for the whole group, coalesced across output threads.
+ * Segment descriptors travel as a __grid_constant__ kernel parameter (HY_P_SEGS per launch;
+ * more segments take more launches). Router stats are atomically added to per-call entries in
+ * device memory and brought home by the next download/sync (cuda_gst_*), never per call. */
 #include "kernels/cuda.h"
 
 #include <math.h>
 #include <stdlib.h>
 
+#define HY_TT 8          /* tokens of one segment handled together */
+#define HY_P_SEGS 64     /* segments per launch (kernel parameter space is 4 KiB) */
 #define HY_SHRINK_WARPS 8
-#define HY_EXPAND_WARPS 8
-#define HY_EXPAND_ROWS 64
+#define HY_EX_THREADS 256
 
 typedef struct {
     const float *AR;
-    const float *Bcat;
-    int r, K, rk, begin, end;
+    const float *BT;
+    int begin, end; /* tokens */
+    int g0;         /* first group of this segment in the launch */
+    int gst;        /* router stats entry in gst_dev, or -1 */
+    short r, K;
     float scale;
-} cuda_seg_desc;
+} hy_seg;
+
+typedef struct {
+    int n_seg, n_group;
+    int in, out;
+    hy_seg s[HY_P_SEGS];
+} hy_params;
+
+/* the segment that owns group g: the last one with g0 <= g (g0 ascending) */
+__device__ __forceinline__ int hy_find(const hy_params &p, int g)
+{
+    int lo = 0, hi = p.n_seg - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (p.s[mid].g0 <= g)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    return lo;
+}
 
 template <bool VEC>
 __global__ void __launch_bounds__(HY_SHRINK_WARPS * 32)
-    cuda_hydra_shrink_kernel(const float *__restrict__ x, int in, const cuda_seg_desc *__restrict__ segs,
-                             const int32_t *__restrict__ tok_seg, float *__restrict__ hl)
+    cuda_hydra_shrink_kernel(const __grid_constant__ hy_params p, const float *__restrict__ x,
+                             float *__restrict__ hl)
 {
-    const int t = blockIdx.x;
-    const int si = tok_seg[t];
-    if (si < 0)
-        return;
-    const cuda_seg_desc sd = segs[si];
-    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    const float *xt = x + (size_t)t * in;
-    for (int j = wid; j < sd.rk; j += HY_SHRINK_WARPS) {
-        const float *row = sd.AR + (size_t)j * in;
-        float s = 0.0f;
-        if (VEC) {
-            const float4 *r4 = (const float4 *)row, *x4 = (const float4 *)xt;
-            for (int i = lane; i < in / 4; i += 32) {
-                const float4 a = __ldg(r4 + i), b = __ldg(x4 + i);
-                s += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+    const int si = hy_find(p, blockIdx.x);
+    const hy_seg &s = p.s[si];
+    const int rk = s.r + (s.K > 1 ? s.K : 0);
+    const int lane = threadIdx.x & 31;
+    const int j = blockIdx.y * HY_SHRINK_WARPS + (threadIdx.x >> 5);
+    if (j >= rk)
+        return; /* whole warp; no block barrier below */
+    const int t0 = s.begin + ((int)blockIdx.x - s.g0) * HY_TT;
+    const int cnt = min(HY_TT, s.end - t0);
+    const int in = p.in;
+    const float *row = s.AR + (size_t)j * in;
+    float acc[HY_TT];
+#pragma unroll
+    for (int t = 0; t < HY_TT; t++)
+        acc[t] = 0.0f;
+    if (VEC) {
+        const float4 *r4 = (const float4 *)row;
+        const float4 *x4 = (const float4 *)(x + (size_t)t0 * in);
+        const int n4 = in / 4;
+        for (int i = lane; i < n4; i += 32) {
+            const float4 a = __ldg(r4 + i);
+#pragma unroll
+            for (int t = 0; t < HY_TT; t++) {
+                if (t < cnt) {
+                    const float4 b = __ldg(x4 + (size_t)t * n4 + i);
+                    acc[t] += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+                }
             }
-        } else {
-            for (int i = lane; i < in; i += 32)
-                s += __ldg(row + i) * __ldg(xt + i);
         }
-        s = cuda_warp_sum(s);
-        if (lane == 0)
-            hl[(size_t)t * CUDA_HL_STRIDE + j] = s;
-    }
-}
-
-__global__ void cuda_hydra_gate_kernel(const cuda_seg_desc *__restrict__ segs,
-                                       const int32_t *__restrict__ tok_seg, const float *__restrict__ hl,
-                                       float *__restrict__ z, float *__restrict__ gst)
-{
-    const int t = blockIdx.x;
-    const int si = tok_seg[t];
-    if (si < 0)
-        return;
-    const int r = segs[si].r, K = segs[si].K;
-    const float *h = hl + (size_t)t * CUDA_HL_STRIDE;
-    float g[CUDA_LORA_MAX_K];
-    if (K == 1) {
-        g[0] = 1.0f;
     } else {
-        float mx = -INFINITY, sum = 0.0f;
-        for (int k = 0; k < K; k++)
-            mx = fmaxf(mx, h[r + k]);
-        for (int k = 0; k < K; k++) {
-            g[k] = expf(h[r + k] - mx);
-            sum += g[k];
+        const float *xt = x + (size_t)t0 * in;
+        for (int i = lane; i < in; i += 32) {
+            const float a = __ldg(row + i);
+#pragma unroll
+            for (int t = 0; t < HY_TT; t++)
+                if (t < cnt)
+                    acc[t] += a * __ldg(xt + (size_t)t * in + i);
         }
-        for (int k = 0; k < K; k++)
-            g[k] /= sum;
     }
-    float *zt = z + (size_t)t * CUDA_Z_STRIDE;
-    for (int i = threadIdx.x; i < K * r; i += blockDim.x)
-        zt[i] = g[i / r] * h[i % r];
-    if (threadIdx.x == 0) {
-        float ent = 0.0f;
-        for (int k = 0; k < K; k++) {
-            gst[(size_t)t * CUDA_GST_STRIDE + k] = g[k];
-            if (g[k] > 0.0f)
-                ent -= g[k] * logf(g[k]);
+#pragma unroll
+    for (int t = 0; t < HY_TT; t++) {
+        if (t < cnt) { /* cnt is warp-uniform */
+            const float v = cuda_warp_sum(acc[t]);
+            if (lane == 0)
+                hl[(size_t)(t0 + t) * CUDA_HL_STRIDE + j] = v;
         }
-        gst[(size_t)t * CUDA_GST_STRIDE + K] = ent;
     }
 }
 
-__global__ void __launch_bounds__(HY_EXPAND_WARPS * 32)
-    cuda_hydra_expand_kernel(const cuda_seg_desc *__restrict__ segs, const int32_t *__restrict__ tok_seg,
-                             const float *__restrict__ z, float *__restrict__ y, int out)
+__global__ void __launch_bounds__(HY_EX_THREADS)
+    cuda_hydra_expand_kernel(const __grid_constant__ hy_params p, const float *__restrict__ hl,
+                             float *__restrict__ y, float *__restrict__ gst)
 {
-    __shared__ float zs[CUDA_Z_STRIDE];
-    const int t = blockIdx.x;
-    const int si = tok_seg[t];
-    if (si < 0)
-        return; /* whole block leaves before the barrier */
-    const cuda_seg_desc sd = segs[si];
-    const int kr = sd.K * sd.r;
-    for (int i = threadIdx.x; i < kr; i += blockDim.x)
-        zs[i] = z[(size_t)t * CUDA_Z_STRIDE + i];
+    __shared__ float zs[HY_TT][CUDA_Z_STRIDE];
+    __shared__ float gs[HY_TT][CUDA_LORA_MAX_K];
+    const int si = hy_find(p, blockIdx.x);
+    const hy_seg &s = p.s[si];
+    const int r = s.r, K = s.K, kr = r * K;
+    const int t0 = s.begin + ((int)blockIdx.x - s.g0) * HY_TT;
+    const int cnt = min(HY_TT, s.end - t0);
+    const int tid = threadIdx.x;
+    if (tid < cnt) {
+        const float *h = hl + (size_t)(t0 + tid) * CUDA_HL_STRIDE;
+        float g[CUDA_LORA_MAX_K];
+        if (K == 1) {
+            g[0] = 1.0f;
+        } else {
+            float mx = -INFINITY, sum = 0.0f;
+            for (int k = 0; k < K; k++)
+                mx = fmaxf(mx, h[r + k]);
+            for (int k = 0; k < K; k++) {
+                g[k] = expf(h[r + k] - mx);
+                sum += g[k];
+            }
+            for (int k = 0; k < K; k++)
+                g[k] /= sum;
+        }
+        for (int k = 0; k < K; k++)
+            gs[tid][k] = g[k];
+        if (blockIdx.y == 0 && s.gst >= 0) {
+            float *st = gst + (size_t)s.gst * CUDA_GST_STRIDE;
+            float ent = 0.0f;
+            for (int k = 0; k < K; k++) {
+                atomicAdd(st + k, g[k]);
+                if (g[k] > 0.0f)
+                    ent -= g[k] * logf(g[k]);
+            }
+            atomicAdd(st + K, ent);
+        }
+    }
     __syncthreads();
-    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    const int o0 = blockIdx.y * HY_EXPAND_ROWS;
-    const int o1 = min(o0 + HY_EXPAND_ROWS, out);
-    for (int o = o0 + wid; o < o1; o += HY_EXPAND_WARPS) {
-        const float *row = sd.Bcat + (size_t)o * kr;
-        float s = 0.0f;
-        for (int i = lane; i < kr; i += 32)
-            s += __ldg(row + i) * zs[i];
-        s = cuda_warp_sum(s);
-        if (lane == 0)
-            y[(size_t)t * out + o] += sd.scale * s;
+    for (int idx = tid; idx < cnt * kr; idx += HY_EX_THREADS) {
+        const int t = idx / kr, i = idx - t * kr;
+        zs[t][i] = gs[t][i / r] * hl[(size_t)(t0 + t) * CUDA_HL_STRIDE + i % r];
+    }
+    __syncthreads();
+    const int out = p.out;
+    const int o = blockIdx.y * HY_EX_THREADS + tid;
+    if (o >= out)
+        return;
+    const float *col = s.BT + o;
+    float acc[HY_TT];
+#pragma unroll
+    for (int t = 0; t < HY_TT; t++)
+        acc[t] = 0.0f;
+#pragma unroll 4
+    for (int i = 0; i < kr; i++) {
+        const float w = __ldg(col + (size_t)i * out);
+#pragma unroll
+        for (int t = 0; t < HY_TT; t++)
+            if (t < cnt)
+                acc[t] += w * zs[t][i];
+    }
+#pragma unroll
+    for (int t = 0; t < HY_TT; t++)
+        if (t < cnt)
+            y[(size_t)(t0 + t) * out + o] += s.scale * acc[t];
+}
+
+/* ---- router stats: device entries, one download per step ---- */
+
+int cuda_gst_enqueue(be_cuda *c, int *n)
+{
+    *n = c->gst_n;
+    if (!c->gst_n)
+        return HY_OK;
+    const size_t bytes = (size_t)c->gst_n * CUDA_GST_STRIDE * sizeof(float);
+    c->gst_n = 0;
+    CU_CHECK(cudaMemcpyAsync(c->gst_host, c->gst_dev, bytes, cudaMemcpyDeviceToHost, c->stream));
+    CU_CHECK(cudaMemsetAsync(c->gst_dev, 0, bytes, c->stream));
+    return HY_OK;
+}
+
+/* the stream must have been synchronised since cuda_gst_enqueue returned n */
+void cuda_gst_finish(be_cuda *c, int n)
+{
+    for (int e = 0; e < n; e++) {
+        float *dst = c->gst_dst[e];
+        const float *src = c->gst_host + (size_t)e * CUDA_GST_STRIDE;
+        for (int k = 0; k <= c->gst_k[e]; k++)
+            dst[k] += src[k];
     }
 }
 
-__global__ void cuda_hydra_stats_kernel(const cuda_seg_desc *__restrict__ segs, const float *__restrict__ gst,
-                                        float *__restrict__ sst)
+int cuda_gst_flush(be_cuda *c)
 {
-    const cuda_seg_desc sd = segs[blockIdx.x];
-    const int k = threadIdx.x;
-    if (!sd.AR || k > sd.K)
-        return;
-    float s = 0.0f;
-    for (int t = sd.begin; t < sd.end; t++)
-        s += gst[(size_t)t * CUDA_GST_STRIDE + k];
-    sst[(size_t)blockIdx.x * CUDA_GST_STRIDE + k] = s;
+    int n = 0;
+    int rc = cuda_gst_enqueue(c, &n);
+    if (rc || !n)
+        return rc;
+    CU_CHECK(cudaStreamSynchronize(c->stream));
+    cuda_gst_finish(c, n);
+    return HY_OK;
 }
 
 void cuda_lora_free(be *b, be_lora *l)
 {
-    (void)b;
     if (!l)
         return;
+    /* pending stats may point into the arrays of the adapter being dropped: deliver them now */
+    if (b && cuda_ctx(b)->gst_n)
+        (void)cuda_gst_flush(cuda_ctx(b));
     if (l->AR)
         cudaFree(l->AR);
-    if (l->Bcat)
-        cudaFree(l->Bcat);
+    if (l->BT)
+        cudaFree(l->BT);
     free(l);
 }
 
@@ -178,13 +261,17 @@ int cuda_lora_create(be *b, int r, int K, int64_t in, int64_t out, const float *
     memcpy(hAR, A, (size_t)r * in * sizeof(float));
     if (K > 1)
         memcpy(hAR + (size_t)r * in, R, (size_t)K * in * sizeof(float));
-    for (int64_t o = 0; o < out; o++)
-        for (int k = 0; k < K; k++)
-            memcpy(hB + (size_t)o * K * r + (size_t)k * r, B[k] + (size_t)o * r, r * sizeof(float));
+    /* BT[k*r + i][o] = B_k[o][i] */
+    for (int k = 0; k < K; k++)
+        for (int i = 0; i < r; i++) {
+            float *dst = hB + (size_t)(k * r + i) * out;
+            for (int64_t o = 0; o < out; o++)
+                dst[o] = B[k][(size_t)o * r + i];
+        }
     CU_GOTO(cudaMalloc((void **)&l->AR, n_ar * sizeof(float)));
-    CU_GOTO(cudaMalloc((void **)&l->Bcat, n_b * sizeof(float)));
+    CU_GOTO(cudaMalloc((void **)&l->BT, n_b * sizeof(float)));
     CU_GOTO(cudaMemcpyAsync(l->AR, hAR, n_ar * sizeof(float), cudaMemcpyHostToDevice, c->stream));
-    CU_GOTO(cudaMemcpyAsync(l->Bcat, hB, n_b * sizeof(float), cudaMemcpyHostToDevice, c->stream));
+    CU_GOTO(cudaMemcpyAsync(l->BT, hB, n_b * sizeof(float), cudaMemcpyHostToDevice, c->stream));
     CU_GOTO(cudaStreamSynchronize(c->stream));
     free(hAR);
     free(hB);
@@ -202,10 +289,10 @@ fail:
 }
 
 static int cuda_hydra_check(int64_t in, int64_t out, const be_lora_seg *segs, int n_seg, int *n_tok,
-                            int *any, int *any_stats)
+                            int *any)
 {
     int end = 0;
-    *any = *any_stats = 0;
+    *any = 0;
     for (int i = 0; i < n_seg; i++) {
         const be_lora_seg *s = &segs[i];
         if (s->tok_begin < end || s->tok_end < s->tok_begin)
@@ -219,93 +306,79 @@ static int cuda_hydra_check(int64_t in, int64_t out, const be_lora_seg *segs, in
                               i, (long long)s->lora->out, (long long)s->lora->in, (long long)out,
                               (long long)in);
         *any = 1;
-        if (s->stats)
-            *any_stats = 1;
     }
     *n_tok = end;
+    return HY_OK;
+}
+
+static int cuda_hydra_launch(be_cuda *c, const hy_params *p, int max_rk, const float *x, float *hl,
+                             float *y, bool vec)
+{
+    if (!p->n_seg)
+        return HY_OK;
+    const dim3 sg((unsigned)p->n_group, (unsigned)((max_rk + HY_SHRINK_WARPS - 1) / HY_SHRINK_WARPS));
+    if (vec)
+        cuda_hydra_shrink_kernel<true><<<sg, HY_SHRINK_WARPS * 32, 0, c->stream>>>(*p, x, hl);
+    else
+        cuda_hydra_shrink_kernel<false><<<sg, HY_SHRINK_WARPS * 32, 0, c->stream>>>(*p, x, hl);
+    CU_LAUNCHED("cuda_hydra_shrink_kernel");
+    const dim3 eg((unsigned)p->n_group, (unsigned)((p->out + HY_EX_THREADS - 1) / HY_EX_THREADS));
+    cuda_hydra_expand_kernel<<<eg, HY_EX_THREADS, 0, c->stream>>>(*p, hl, y, c->gst_dev);
+    CU_LAUNCHED("cuda_hydra_expand_kernel");
     return HY_OK;
 }
 
 int cuda_hydra(be *b, const float *x, int64_t in, float *y, int64_t out, const be_lora_seg *segs, int n_seg)
 {
     be_cuda *c = cuda_ctx(b);
-    int n_tok = 0, any = 0, any_stats = 0;
+    int n_tok = 0, any = 0;
     if (in <= 0 || out <= 0 || in > INT32_MAX || out > INT32_MAX || n_seg < 0 || (n_seg && !segs))
         return hy_err_set(HY_EINVAL, "hydra: bad arguments");
-    int rc = cuda_hydra_check(in, out, segs, n_seg, &n_tok, &any, &any_stats);
+    int rc = cuda_hydra_check(in, out, segs, n_seg, &n_tok, &any);
     if (rc || !any)
         return rc;
-    const size_t meta = (size_t)n_seg * sizeof(cuda_seg_desc) + (size_t)n_tok * sizeof(int32_t);
-    void *host = NULL, *dev = NULL, *hl = NULL, *z = NULL, *gst = NULL, *sst = NULL;
-    if ((rc = cuda_scratch(c, SCR_HL, (size_t)n_tok * CUDA_HL_STRIDE * sizeof(float), &hl)) ||
-        (rc = cuda_scratch(c, SCR_Z, (size_t)n_tok * CUDA_Z_STRIDE * sizeof(float), &z)) ||
-        (rc = cuda_scratch(c, SCR_GST, (size_t)n_tok * CUDA_GST_STRIDE * sizeof(float), &gst)) ||
-        (rc = cuda_scratch(c, SCR_SST, (size_t)n_seg * CUDA_GST_STRIDE * sizeof(float), &sst)) ||
-        (rc = cuda_meta_get(c, meta, &host, &dev)))
-        return rc;
-    cuda_seg_desc *sd = (cuda_seg_desc *)host;
-    int32_t *ts = (int32_t *)(sd + n_seg);
-    for (int t = 0; t < n_tok; t++)
-        ts[t] = -1;
-    for (int i = 0; i < n_seg; i++) {
-        const be_lora *l = segs[i].lora;
-        const bool on = l && segs[i].tok_end > segs[i].tok_begin;
-        sd[i].AR = on ? l->AR : NULL;
-        sd[i].Bcat = on ? l->Bcat : NULL;
-        sd[i].r = on ? l->r : 0;
-        sd[i].K = on ? l->K : 0;
-        sd[i].rk = on ? l->r + (l->K > 1 ? l->K : 0) : 0;
-        sd[i].begin = segs[i].tok_begin;
-        sd[i].end = segs[i].tok_end;
-        sd[i].scale = on ? l->scale : 0.0f;
-        if (on)
-            for (int t = segs[i].tok_begin; t < segs[i].tok_end; t++)
-                ts[t] = i;
-    }
-    rc = cuda_stage_put(c, dev);
-    if (rc)
-        return rc;
-    const cuda_seg_desc *dsd = (const cuda_seg_desc *)dev;
-    const int32_t *dts = (const int32_t *)(dsd + n_seg);
-    const bool vec = (in % 4) == 0 && ((uintptr_t)x % 16) == 0;
-    if (vec)
-        cuda_hydra_shrink_kernel<true><<<n_tok, HY_SHRINK_WARPS * 32, 0, c->stream>>>(
-            x, (int)in, dsd, dts, (float *)hl);
-    else
-        cuda_hydra_shrink_kernel<false><<<n_tok, HY_SHRINK_WARPS * 32, 0, c->stream>>>(
-            x, (int)in, dsd, dts, (float *)hl);
-    CU_LAUNCHED("cuda_hydra_shrink_kernel");
-    cuda_hydra_gate_kernel<<<n_tok, 128, 0, c->stream>>>(dsd, dts, (const float *)hl, (float *)z,
-                                                         (float *)gst);
-    CU_LAUNCHED("cuda_hydra_gate_kernel");
-    const dim3 eg((unsigned)n_tok, (unsigned)((out + HY_EXPAND_ROWS - 1) / HY_EXPAND_ROWS));
-    if (eg.y > 65535)
+    if ((out + HY_EX_THREADS - 1) / HY_EX_THREADS > 65535)
         return hy_err_set(HY_EUNSUPPORTED, "hydra: output dimension %lld too large", (long long)out);
-    cuda_hydra_expand_kernel<<<eg, HY_EXPAND_WARPS * 32, 0, c->stream>>>(dsd, dts, (const float *)z, y,
-                                                                        (int)out);
-    CU_LAUNCHED("cuda_hydra_expand_kernel");
-    if (!any_stats)
-        return HY_OK;
-    cuda_hydra_stats_kernel<<<n_seg, 32, 0, c->stream>>>(dsd, (const float *)gst, (float *)sst);
-    CU_LAUNCHED("cuda_hydra_stats_kernel");
-    float *hs = (float *)malloc((size_t)n_seg * CUDA_GST_STRIDE * sizeof(float));
-    if (!hs)
-        return hy_err_set(HY_ENOMEM, "out of memory (hydra stats)");
-    cudaError_t e = cudaMemcpyAsync(hs, sst, (size_t)n_seg * CUDA_GST_STRIDE * sizeof(float),
-                                    cudaMemcpyDeviceToHost, c->stream);
-    if (e == cudaSuccess)
-        e = cudaStreamSynchronize(c->stream);
-    if (e != cudaSuccess) {
-        free(hs);
-        return cuda_err(e, "hydra stats download", __FILE__, __LINE__);
-    }
+    void *hl = NULL;
+    if ((rc = cuda_scratch(c, SCR_HL, (size_t)n_tok * CUDA_HL_STRIDE * sizeof(float), &hl)))
+        return rc;
+    const bool vec = (in % 4) == 0 && ((uintptr_t)x % 16) == 0;
+    hy_params p;
+    memset(&p, 0, sizeof p);
+    p.in = (int)in;
+    p.out = (int)out;
+    int max_rk = 0;
     for (int i = 0; i < n_seg; i++) {
         const be_lora *l = segs[i].lora;
-        if (!segs[i].stats || !l || segs[i].tok_end == segs[i].tok_begin)
+        if (!l || segs[i].tok_end == segs[i].tok_begin)
             continue;
-        for (int k = 0; k <= l->K; k++)
-            segs[i].stats[k] += hs[(size_t)i * CUDA_GST_STRIDE + k];
+        const bool want = segs[i].stats != NULL;
+        if (p.n_seg == HY_P_SEGS || (want && c->gst_n == CUDA_GST_CAP)) {
+            if ((rc = cuda_hydra_launch(c, &p, max_rk, x, (float *)hl, y, vec)))
+                return rc;
+            p.n_seg = p.n_group = 0;
+            max_rk = 0;
+            if (want && c->gst_n == CUDA_GST_CAP && (rc = cuda_gst_flush(c)))
+                return rc; /* rare: more stats entries than fit between two downloads */
+        }
+        hy_seg *s = &p.s[p.n_seg++];
+        s->AR = l->AR;
+        s->BT = l->BT;
+        s->begin = segs[i].tok_begin;
+        s->end = segs[i].tok_end;
+        s->g0 = p.n_group;
+        s->r = (short)l->r;
+        s->K = (short)l->K;
+        s->scale = l->scale;
+        s->gst = -1;
+        if (want) {
+            s->gst = c->gst_n;
+            c->gst_dst[c->gst_n] = segs[i].stats;
+            c->gst_k[c->gst_n] = l->K;
+            c->gst_n++;
+        }
+        p.n_group += (s->end - s->begin + HY_TT - 1) / HY_TT;
+        max_rk = HY_MAX(max_rk, l->r + (l->K > 1 ? l->K : 0));
     }
-    free(hs);
-    return HY_OK;
+    return cuda_hydra_launch(c, &p, max_rk, x, (float *)hl, y, vec);
 }

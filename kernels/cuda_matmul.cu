@@ -1,7 +1,11 @@
 /* cuda_matmul.cu - y = x W^T for a base-model weight. Quantised weights with n_tok <= 8 use
- * mat-vec kernels reading the GGUF blocks directly (one warp per output row, fp32 activations,
- * fp32 accumulation); everything else goes to cuBLAS: fp16 weights x fp16 activations with
- * fp32 accumulation (cublasGemmEx), or fp32 x fp32 for F32/BF16 weights. */
+ * mat-vec kernels reading the GGUF blocks directly (fp32 activations, fp32 accumulation);
+ * everything else goes to cuBLAS: fp16 weights x fp16 activations with fp32 accumulation
+ * (cublasGemmEx), or fp32 x fp32 for F32/BF16 weights.
+ * Two mat-vec kernels: cuda_mv_rows_kernel (Q4_0, Q4_1, Q8_0, Q4_K) gives each warp R rows so
+ * every activation load (two float4 per 8 weights per token) serves R rows; the first kernel,
+ * cuda_matvec_kernel (one warp per row, scalar activation loads), serves Q6_K, unaligned
+ * activations and HY_CUDA_MV_LEGACY=1 runs that compare the two. */
 #include "kernels/cuda.h"
 #include "kernels/cuda_quant.cuh"
 
@@ -42,6 +46,81 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
         const float v = cuda_warp_sum(acc[t]);
         if (lane == 0)
             y[(size_t)t * rows + r] = v;
+    }
+}
+
+/* Chunk c of a row is 8 weights whose columns are two runs of 4 (idx[0..3] and idx[4..7]
+ * consecutive, both multiples of 4) for these types; see cuda_quant.cuh. */
+template <int QT> struct mv_x4 { enum { OK = (QT == 2 || QT == 3 || QT == 8 || QT == 12) }; };
+
+template <int QT, int NT, int R>
+__global__ void __launch_bounds__(MV_WARPS * 32)
+    cuda_mv_rows_kernel(const uint8_t *__restrict__ W, size_t row_bytes, int rows, int cols,
+                        const float *__restrict__ x, float *__restrict__ y)
+{
+    const int lane = threadIdx.x & 31;
+    const int r0 = (blockIdx.x * MV_WARPS + (threadIdx.x >> 5)) * R;
+    if (r0 >= rows)
+        return; /* whole warp leaves together: no block-wide barrier below */
+    const uint8_t *rowp[R];
+#pragma unroll
+    for (int i = 0; i < R; i++)
+        rowp[i] = W + (size_t)min(r0 + i, rows - 1) * row_bytes; /* a missing row re-reads the last */
+    const int nch = cols / 8;
+    float acc[R][NT];
+#pragma unroll
+    for (int i = 0; i < R; i++)
+#pragma unroll
+        for (int t = 0; t < NT; t++)
+            acc[i][t] = 0.0f;
+#pragma unroll(NT == 1 ? 4 : 2)
+    for (int c = lane; c < nch; c += 32) {
+        float w[R][8];
+        int idx[8];
+#pragma unroll
+        for (int i = 0; i < R; i++)
+            cq_chunk<QT>(rowp[i], c, w[i], idx);
+        const int o0 = idx[0], o1 = idx[4];
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            const float *xt = x + (size_t)t * cols;
+            const float4 a = __ldg((const float4 *)(xt + o0));
+            const float4 b = __ldg((const float4 *)(xt + o1));
+#pragma unroll
+            for (int i = 0; i < R; i++)
+                acc[i][t] += w[i][0] * a.x + w[i][1] * a.y + w[i][2] * a.z + w[i][3] * a.w +
+                             w[i][4] * b.x + w[i][5] * b.y + w[i][6] * b.z + w[i][7] * b.w;
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < R; i++)
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            const float v = cuda_warp_sum(acc[i][t]);
+            if (lane == 0 && r0 + i < rows)
+                y[(size_t)t * rows + r0 + i] = v;
+        }
+}
+
+template <int QT, int NT>
+static void cuda_mv_rows_launch1(cudaStream_t s, const be_weight *w, const float *x, float *y)
+{
+    constexpr int R = NT == 1 ? 2 : 4;
+    const unsigned grid = (unsigned)((w->rows + MV_WARPS * R - 1) / (MV_WARPS * R));
+    cuda_mv_rows_kernel<QT, NT, R><<<grid, MV_WARPS * 32, 0, s>>>(
+        (const uint8_t *)w->q, w->row_bytes, (int)w->rows, (int)w->cols, x, y);
+}
+
+template <int QT>
+static void cuda_mv_rows_launch(cudaStream_t s, const be_weight *w, const float *x, int n_tok, float *y)
+{
+    if constexpr (mv_x4<QT>::OK) {
+        switch (n_tok) {
+#define MV_CASE(N) case N: cuda_mv_rows_launch1<QT, N>(s, w, x, y); break;
+            MV_CASE(1) MV_CASE(2) MV_CASE(3) MV_CASE(4) MV_CASE(5) MV_CASE(6) MV_CASE(7) MV_CASE(8)
+#undef MV_CASE
+        default: break;
+        }
     }
 }
 
@@ -105,6 +184,13 @@ int cuda_matmul(be *b, const be_weight *w, const float *x, int n_tok, float *y)
     if (n_tok == 0)
         return HY_OK;
     if (cuda_type_quantised(w->type) && n_tok <= c->mv_max_tok) {
+        const bool rows_ok = (w->type == Q_Q4_0 || w->type == Q_Q4_1 || w->type == Q_Q8_0 ||
+                              w->type == Q_Q4_K) && ((uintptr_t)x % 16) == 0 && !c->mv_legacy;
+        if (rows_ok) {
+            CQ_DISPATCH(w->type, cuda_mv_rows_launch<QT>(c->stream, w, x, n_tok, y));
+            CU_LAUNCHED("cuda_mv_rows_kernel");
+            return HY_OK;
+        }
         CQ_DISPATCH(w->type, cuda_matvec_launch<QT>(c->stream, w, x, n_tok, y));
         CU_LAUNCHED("cuda_matvec_kernel");
         return HY_OK;

@@ -1,6 +1,6 @@
 /* cuda_rope.cu - in-place RoPE, adjacent-pair ("normal" GGUF) layout: elements (2i, 2i+1) of
  * each head rotate by pos * freq[i]. The host frequency table is copied once and cached by
- * content; positions travel per call through the staging ring. */
+ * content; positions are uploaded when they change (once per step, not per call). */
 #include "kernels/cuda.h"
 
 #include <stdlib.h>
@@ -77,13 +77,11 @@ int cuda_rope(be *b, float *x, const int32_t *pos, int n_tok, int n_heads, int h
     int rc = cuda_rope_freq(c, freq, head_dim / 2, &fd);
     if (rc)
         return rc;
-    void *host = NULL, *dev = NULL;
-    const size_t n = (size_t)n_tok * sizeof(int32_t);
-    rc = cuda_meta_get(c, n, &host, &dev);
-    if (rc)
-        return rc;
-    memcpy(host, pos, n);
-    rc = cuda_stage_put(c, dev);
+    void *dev = NULL;
+    const void *parts[1] = {pos};
+    const size_t sizes[1] = {(size_t)n_tok * sizeof(int32_t)};
+    /* q and k of every layer rotate by the same positions: one upload per step */
+    rc = cuda_meta_cached(c, &c->mc[MC_ROPE], parts, sizes, 1, &dev);
     if (rc)
         return rc;
     const int64_t total = (int64_t)n_tok * n_heads * (head_dim / 2);
