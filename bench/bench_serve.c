@@ -997,17 +997,20 @@ int bench_serve_main(int argc, char **argv)
         hy_err_set(HY_ENOMEM, "out of memory for %d requests", n);
         goto fail;
     }
-    bench_rng rng;
+    /* separate streams, so the same seed gives the same arrivals and prompts whatever the
+     * adapter count or choice: runs of a suite differ only in what they are meant to */
+    bench_rng rng, arr_rng, ad_rng;
     bench_rng_seed(&rng, o.seed);
+    bench_rng_seed(&arr_rng, o.seed ^ 0xA5A5A5A5u);
+    bench_rng_seed(&ad_rng, o.seed ^ 0x5A5A5A5A00u);
     double t_acc = 0;
     for (int i = 0; i < n; i++) {
-        t_acc += i ? bench_arrival_gap(&rng, o.rate, o.burstiness) : 0.0;
+        t_acc += i ? bench_arrival_gap(&arr_rng, o.rate, o.burstiness) : 0.0;
         arrive[i] = t_acc;
         q[i].id = i;
         q[i].prompt_tokens = -1;
         if (o.num_adapters > 0) {
-            int a = bench_zipf_draw(&zipf, &rng); /* drawn in every mode so the seed's stream stays put */
-            q[i].model = names[o.round_robin ? i % o.num_adapters : a];
+            q[i].model = names[o.round_robin ? i % o.num_adapters : bench_zipf_draw(&zipf, &ad_rng)];
         } else {
             q[i].model = model;
         }
