@@ -17,6 +17,13 @@ stamp "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null || echo "(nvidia-smi not available)"
 [ -n "$NVCC" ] && "$NVCC" --version | tail -1
 
+# The GPU machine has no cmocka: carry its shared library in bin/lib (ignored path), e.g.
+#   mkdir -p bin/lib && cp -L /usr/lib/x86_64-linux-gnu/libcmocka.so.0 bin/lib/
+# and name bin/lib in the run's carry list together with the binaries.
+if [ -d bin/lib ]; then
+    export LD_LIBRARY_PATH="$PWD/bin/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+
 status=0
 if [ -z "${GPU_CHECK_NO_BUILD:-}" ]; then
     stamp "build (make -j16)"
