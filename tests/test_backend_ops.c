@@ -50,8 +50,11 @@ static float rnd_unif(void) { return (float)((double)(rnd_u64() >> 11) * 0x1p-53
 static int rnd_int(int n) { return (int)(rnd_u64() % (uint64_t)n); }
 static float rnd_gauss(void)
 {
-    float u = rnd_unif() + 1e-7f, v = rnd_unif();
-    return sqrtf(-2.0f * logf(u)) * cosf(6.2831853f * v);
+    /* u in (0, 1] computed in double: a float [0,1) draw can round up to 1.0f, and 1.0f plus
+     * a small offset made logf positive and the sqrt NaN (seen as random NaN NMSEs) */
+    double u = 1.0 - (double)(rnd_u64() >> 11) * 0x1p-53;
+    float v = rnd_unif();
+    return (float)sqrt(-2.0 * log(u)) * cosf(6.2831853f * v);
 }
 static float *rnd_vec(size_t n, float sd)
 {
