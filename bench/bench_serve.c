@@ -229,6 +229,7 @@ static int spawn_mkadapter(const sv_opts *o, const char *dir, int seed, pid_t *p
     posix_spawn_file_actions_t fa;
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+    posix_spawn_file_actions_addopen(&fa, 2, "/dev/null", O_WRONLY, 0); /* its "wrote DIR" line; failures show in the status */
     int e = posix_spawn(pid, o->hydrad, &fa, NULL, argv, environ);
     posix_spawn_file_actions_destroy(&fa);
     if (e)

@@ -38,7 +38,11 @@ run() { # run LABEL RATE URL [extra args...]: one load-generator run into $WORK/
     n=$($PY -c "import math; print(max(4, math.ceil($rate * $DURATION)))" 2>/dev/null || echo 8)
     [ "$rate" = max ] && { load=(--max-concurrency "$SEQS"); n=$SAT_PROMPTS; }
     load+=(--num-prompts "$n")
-    bin/hydrad-bench serve --url "$url" --input-len "$IN_LEN" --output-len "$OUT_LEN" --seed 1 --quiet \
+    # the seed follows the rate: every server sees the same prompts at a given rate, and no prompt
+    # is sent twice to one server (llama-server would answer a repeated prompt from its cache)
+    local seed=1 k=1
+    for x in $RATES max; do [ "$x" = "$rate" ] && seed=$k; k=$((k + 1)); done
+    bin/hydrad-bench serve --url "$url" --input-len "$IN_LEN" --output-len "$OUT_LEN" --seed "$seed" --quiet \
         --label "$label @ $rate" --result-json "$WORK/$label-$rate.json" "${load[@]}" "$@" >"$WORK/$label-$rate.md" ||
         echo "bench_serve: $label @ $rate had failed requests (see $WORK/$label-$rate.md)" >&2
     echo "$label $rate $(loadavg | cut -d' ' -f1)" >>"$WORK/loads.txt"
