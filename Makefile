@@ -32,7 +32,7 @@ LIB     := $(BUILD)/libhydrad.a
 TESTS   := $(patsubst tests/%.c,$(BIN)/tests/%,$(wildcard tests/test_*.c))
 BENCH_C := $(wildcard bench/*.c)
 
-.PHONY: all test test-c test-py run bench bench-cpu bench-adapters asan clean setup
+.PHONY: all test test-c test-py run bench bench-cpu bench-adapters bench-serve asan clean setup
 all: $(BIN)/hydrad $(BIN)/hydrad-bench
 
 $(BUILD)/%.o: %.c
@@ -76,11 +76,13 @@ test-py:
 run: setup all
 	bash scripts/run.sh
 
-bench: bench-cpu bench-adapters
+bench: bench-cpu bench-adapters bench-serve
 bench-cpu: setup all
 	bash bench/bench_cpu.sh
 bench-adapters: setup all
 	bash bench/bench_adapters.sh
+bench-serve: setup all
+	bash bench/bench_serve.sh
 
 # ASan + UBSan build of the library and C tests, in its own tree, then run them.
 asan: setup

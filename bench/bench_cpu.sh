@@ -15,8 +15,7 @@ TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 
 # A prompt of common words, one token each with SmolLM2's BPE (the run prints the real count).
-# hydrad generate has no flag to ignore end-of-sequence: a word salad keeps the model talking,
-# and decode tok/s is taken over however many tokens it generated (printed below).
+# --ignore-eos makes hydrad decode exactly NG tokens, as llama-bench's tg does.
 PROMPT=$($PY - "$NP" <<'PY'
 import random, sys
 words = ("the of and to in is that for it as was with be by on not he this are or his from at which "
@@ -30,7 +29,7 @@ PY
 LOAD0=$(loadavg)
 echo "bench_cpu: $(cpu_model), $(cpu_cores) cores, $THREADS threads, model $MODEL, load $LOAD0" >&2
 for i in $(seq "$REPS"); do
-    bin/hydrad generate -m "$MODEL" -p "$PROMPT" -n "$NG" --threads "$THREADS" --temp 0 >/dev/null 2>"$TMP/hy.err" ||
+    bin/hydrad generate -m "$MODEL" -p "$PROMPT" -n "$NG" --ignore-eos --threads "$THREADS" --temp 0 >/dev/null 2>"$TMP/hy.err" ||
         { cat "$TMP/hy.err" >&2; exit 1; }
     line=$(grep -E 'prefill [0-9]+ tokens' "$TMP/hy.err" | tail -1)
     echo "$line" | sed -E 's/.*prefill ([0-9]+) tokens.*\(([0-9.]+) tok\/s\).*decode ([0-9]+) tokens.*\(([0-9.]+) tok\/s\).*/\1 \2 \3 \4/' >>"$TMP/hy.txt"
@@ -70,7 +69,7 @@ results_init
     echo "| llama.cpp llama-bench (pp$NP, tg$NG @ depth $NP) | $LL_P | $LL_G |"
     echo "| **hydrad / llama.cpp** | **$RP** | **$RG** |"
     echo
-    echo "hydrad's prompt was $HY_PN tokens and it decoded $HY_GN tokens (median): \`hydrad generate\` has no"
-    echo "flag to force the prompt length or to ignore end-of-sequence, so decode tok/s is over the tokens it made."
+    echo "hydrad's prompt was $HY_PN tokens (common words, one token each); it decoded $HY_GN steps after the"
+    echo "first sampled token (--ignore-eos), timed like llama-bench's tg at depth $NP."
 } | tee -a "$RESULTS"
 echo "bench_cpu: appended to $RESULTS" >&2
