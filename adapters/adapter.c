@@ -669,6 +669,10 @@ static int ad_build(ad_config *cfg, const st_file *st, const ad_shape *s, const 
     memset(cfg, 0, sizeof *cfg);
     if ((rc = ad_check_shape(s)))
         goto fail;
+    if (opts && !isfinite(opts->scale_mult)) {
+        rc = hy_err_set(HY_EINVAL, "adapter scale multiplier %g is not a finite number", (double)opts->scale_mult);
+        goto fail;
+    }
     size_t n = (size_t)s->n_layer * ENG_N_PROJ;
     mask = calloc(n, 1);
     found = calloc(n, sizeof *found);
@@ -690,7 +694,7 @@ static int ad_build(ad_config *cfg, const st_file *st, const ad_shape *s, const 
     if ((rc = ad_check_found(s, mask, a->r, a->K, plain, a->cfg.fan_in_fan_out, found)))
         goto fail;
     double sc = a->cfg.alpha / (a->cfg.use_rslora ? sqrt((double)a->r) : (double)a->r);
-    if (opts && opts->scale_mult != 0.0f)
+    if (opts)
         sc *= opts->scale_mult;
     a->scale = (float)sc;
     if ((rc = ad_alloc_arena(a, mask)) || (rc = ad_fill(a, s, mask, found)))

@@ -59,8 +59,11 @@ void ad_config_clear(ad_config *c);
  * that matches no module of this model, or a regex matching none, is an error naming it. */
 int ad_config_targets(const ad_config *c, const ad_shape *s, uint8_t *mask);
 
+/* Reading options. Callers that want the adapter as its config says pass opts == NULL (or
+ * scale_mult = 1): there is no "unset" value, so scale_mult = 0 really scales s to 0 (the
+ * adapter then adds nothing and the output is the base model's). */
 typedef struct {
-    float scale_mult; /* --adapter-scale: multiplies s (0 means 1) */
+    float scale_mult; /* --adapter-scale: multiplies s; finite */
 } ad_opts;
 
 typedef struct ad_adapter ad_adapter;

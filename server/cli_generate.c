@@ -57,7 +57,7 @@ static const gen_opt gen_table[] = {
     {"--threads", "-t", OPT_INT, O(threads), "N", "CPU threads (default: all cores)"},
     {"--device", NULL, OPT_STR, O(device), "DEV", "cpu, cuda or auto (auto)"},
     {"--adapter", NULL, OPT_STR, O(adapter), "DIR", "apply a LoRA/HydraLoRA adapter directory (PEFT format)"},
-    {"--adapter-scale", NULL, OPT_FLOAT, O(adapter_scale), "X", "multiply the adapter's scale s by X (1)"},
+    {"--adapter-scale", NULL, OPT_FLOAT, O(adapter_scale), "X", "multiply the adapter's scale s by X (1; 0 = base model output)"},
     {"--ignore-eos", NULL, OPT_FLAG, O(ignore_eos), NULL, "keep generating past end-of-generation tokens"},
     {"--help", "-h", OPT_FLAG, O(help), NULL, "this help"},
 };
@@ -261,7 +261,7 @@ static int gen_decode(const gen_opts *g, gen_run *r, int n_prompt, int *n_gen)
 int cli_generate(int argc, char **argv)
 {
     gen_opts g = {.n_predict = 256, .threads = 0, .top_p = 1.0f, .repeat_penalty = 1.0f,
-                  .seed = -1, .device = "auto"};
+                  .adapter_scale = 1.0f, .seed = -1, .device = "auto"};
     if (gen_parse(argc, argv, &g))
         return 2;
     if (g.help) {

@@ -14,6 +14,7 @@
 
 #include <curl/curl.h>
 #include <getopt.h>
+#include <math.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -278,6 +279,8 @@ typedef struct {
         http_threads, max_conns, ctx, adapter_max_mb;
     const char *adapters[MAX_ADAPTER_ARGS];
     int n_adapters;
+    const char *scales[MAX_ADAPTER_ARGS]; /* NAME=X, X parsed in scale_of */
+    int n_scales;
     const char *roots[MAX_ADAPTER_ARGS];
     int n_roots;
 } serve_opts;
@@ -293,6 +296,8 @@ static void usage(FILE *f)
             "      --served-model-name S name of the base model in requests and /v1/models\n"
             "                            (default: the model file name without .gguf)\n"
             "      --adapter NAME=DIR    load an adapter at start-up (repeatable)\n"
+            "      --adapter-scale NAME=X  multiply start-up adapter NAME's scale s by X\n"
+            "                            (repeatable; 0 = the base model's output)\n"
             "      --adapter-root DIR    directory under which /v1/load_lora_adapter may load\n"
             "                            adapters (repeatable; none: run-time loading refused)\n"
             "      --adapter-cache DIR   download directory for https:// adapters given to\n"
@@ -329,14 +334,55 @@ static int parse_int(const char *name, const char *v, int lo, int *out)
     return 0;
 }
 
+/* Length of NAME in "NAME=..." */
+static int arg_name_len(const char *arg) { return (int)(strchr(arg, '=') - arg); }
+
+/* Every --adapter-scale names a start-up --adapter (once) and carries a finite number. */
+static int check_scales(const serve_opts *o)
+{
+    for (int i = 0; i < o->n_scales; i++) {
+        const char *a = o->scales[i], *val = strchr(a, '=') + 1;
+        int n = arg_name_len(a), found = 0;
+        char *end;
+        double x = strtod(val, &end);
+        if (*val == '\0' || *end != '\0' || !isfinite(x)) {
+            fprintf(stderr, "hydrad serve: --adapter-scale %s: '%s' is not a number\n", a, val);
+            return -1;
+        }
+        for (int k = 0; k < o->n_adapters; k++)
+            found += arg_name_len(o->adapters[k]) == n && strncmp(o->adapters[k], a, (size_t)n) == 0;
+        for (int k = 0; k < i; k++)
+            if (arg_name_len(o->scales[k]) == n && strncmp(o->scales[k], a, (size_t)n) == 0)
+                found = -1;
+        if (found != 1) {
+            fprintf(stderr, "hydrad serve: --adapter-scale %.*s: %s\n", n, a,
+                    found < 0 ? "given twice" : "no --adapter of that name");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* The reading options of start-up adapter `name`: its --adapter-scale, else 1. */
+static ad_opts opts_of(const serve_opts *o, const char *name)
+{
+    ad_opts r = {.scale_mult = 1.0f};
+    size_t n = strlen(name);
+    for (int i = 0; i < o->n_scales; i++)
+        if ((size_t)arg_name_len(o->scales[i]) == n && strncmp(o->scales[i], name, n) == 0)
+            r.scale_mult = strtof(o->scales[i] + n + 1, NULL);
+    return r;
+}
+
 static int parse_flags(int argc, char **argv, serve_opts *o)
 {
     enum { O_HOST = 256, O_PORT, O_SERVED, O_ADAPTER, O_ROOT, O_API, O_ADMIN, O_SEQS, O_BT, O_KVMB, O_KVB,
-           O_LORAS, O_CPU, O_QUEUE, O_THREADS, O_HTHREADS, O_CONNS, O_DEVICE, O_CTX, O_CACHE, O_AMB };
+           O_LORAS, O_CPU, O_QUEUE, O_THREADS, O_HTHREADS, O_CONNS, O_DEVICE, O_CTX, O_CACHE, O_AMB, O_SCALE };
     static const struct option lo[] = {
         {"model", required_argument, 0, 'm'}, {"host", required_argument, 0, O_HOST},
         {"port", required_argument, 0, O_PORT}, {"served-model-name", required_argument, 0, O_SERVED},
         {"adapter", required_argument, 0, O_ADAPTER}, {"adapter-root", required_argument, 0, O_ROOT},
+        {"adapter-scale", required_argument, 0, O_SCALE},
         {"api-key", required_argument, 0, O_API}, {"admin-key", required_argument, 0, O_ADMIN},
         {"max-seqs", required_argument, 0, O_SEQS}, {"max-batch-tokens", required_argument, 0, O_BT},
         {"kv-cache-mb", required_argument, 0, O_KVMB}, {"kv-blocks", required_argument, 0, O_KVB},
@@ -361,6 +407,14 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
                 rc = -1;
             } else {
                 o->adapters[o->n_adapters++] = optarg;
+            }
+            break;
+        case O_SCALE:
+            if (o->n_scales == MAX_ADAPTER_ARGS || !strchr(optarg, '=')) {
+                fprintf(stderr, "hydrad serve: --adapter-scale needs NAME=X (at most %d)\n", MAX_ADAPTER_ARGS);
+                rc = -1;
+            } else {
+                o->scales[o->n_scales++] = optarg;
             }
             break;
         case O_ROOT:
@@ -398,7 +452,7 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
         fprintf(stderr, "hydrad serve: -m MODEL is required (see --help)\n");
         return -1;
     }
-    return 0;
+    return check_scales(o);
 }
 
 /* ---------- main ---------- */
@@ -488,7 +542,8 @@ int cli_serve(int argc, char **argv)
         char name[AD_NAME_MAX];
         const char *eq = strchr(o.adapters[i], '=');
         snprintf(name, sizeof name, "%.*s", (int)(eq - o.adapters[i]), o.adapters[i]);
-        if ((rc = ad_reg_load(reg, name, eq + 1, &s.shape, NULL))) {
+        ad_opts ao = opts_of(&o, name);
+        if ((rc = ad_reg_load(reg, name, eq + 1, &s.shape, &ao))) {
             fprintf(stderr, "hydrad serve: adapter %s: %s\n", name, hy_err_msg());
             goto done;
         }

@@ -259,6 +259,14 @@ static void test_scales(void **state)
     assert_float_equal(ad_scale(a), 1.0f, 1e-6); /* 8 / 4 * 0.5 */
     assert_int_equal(ad_K(a), 2);                 /* inferred from keys without lora_nums */
     ad_free(a);
+    /* 0 switches the adapter off; it is not a stand-in for "unset" (NULL opts is) */
+    o.scale_mult = 0.0f;
+    assert_int_equal(ad_read(dir, &S, &o, &a), 0);
+    assert_true(ad_scale(a) == 0.0f);
+    ad_free(a);
+    o.scale_mult = NAN;
+    assert_int_equal(ad_read(dir, &S, &o, &a), HY_EINVAL);
+    assert_null(a);
     tfree(&ts);
 }
 

@@ -1,16 +1,18 @@
 """test_adapters.py - adapters over HTTP against a real hydrad serve: start-up --adapter, admin
 load/unload (admin key, --adapter-root confinement), /v1/models and /v1/adapters listings,
-requests routed by `model`, mixed base/adapter concurrency, 404 after unload."""
+requests routed by `model`, mixed base/adapter concurrency, 404 after unload, token counts in
+/v1/adapters, and --adapter-scale 0 (server and `hydrad generate`) giving the base model's text."""
 from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import subprocess
 
 import openai
 import pytest
 import requests
 
-from conftest import SERVED, make_adapter
+from conftest import BIN, MODEL, SERVED, make_adapter
 
 PROMPT = "The capital of France is"
 
@@ -22,8 +24,8 @@ def env(start_server, tmp_path_factory):
     a2 = make_adapter(root / "a2", seed=2, r=4, K=1, targets="q_proj,v_proj,o_proj")
     outside = make_adapter(tmp_path_factory.mktemp("outside") / "x", seed=3)
     os.symlink(outside, root / "escape")
-    srv = start_server("--adapter", f"boot={a1}", "--adapter-root", str(root), "--admin-key", "adm",
-                       "--max-loras", "2", "--max-seqs", "8")
+    srv = start_server("--adapter", f"boot={a1}", "--adapter", f"off={a1}", "--adapter-scale", "off=0",
+                       "--adapter-root", str(root), "--admin-key", "adm", "--max-loras", "2", "--max-seqs", "8")
     return srv, root, a1, a2, outside
 
 
@@ -92,3 +94,24 @@ def test_url_loading_refusals(env):
     r = admin(srv, "/v1/load_lora_adapter", {"lora_name": "u3", "lora_path": "https://127.0.0.1:1/a"})
     assert r.status_code == 400 and "127.0.0.1" in r.json()["error"]["message"]
     assert "u3" not in [m.id for m in srv.client().models.list().data]
+
+
+def test_scale_zero_is_base(env):
+    srv, root, a1, *_ = env
+    c = srv.client()
+    assert gen(c, "off") == gen(c, SERVED) != gen(c, "boot")  # same weights as boot, scaled by 0
+
+
+def test_generate_adapter_scale(env):
+    _, _, a1, *_ = env
+
+    def run(*extra):
+        p = subprocess.run([BIN, "generate", "-m", MODEL, "-p", PROMPT, "-n", "8", "--temp", "0", "--threads", "2",
+                            *extra], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    base = run()
+    assert run("--adapter", a1) != base
+    assert run("--adapter", a1, "--adapter-scale", "0") == base
+    assert run("--adapter", a1, "--adapter-scale", "1") == run("--adapter", a1)
