@@ -942,10 +942,14 @@ static enum MHD_Result list_adapters(conn *c, struct MHD_Connection *mc)
         json_t *o = json_pack("{s:s,s:s,s:s,s:i,s:i,s:i,s:I,s:I}", "name", x->name, "path", x->path, "state",
                               ad_state_name(x->state), "K", x->K, "r", x->r, "refcount", x->refcount,
                               "requests", (json_int_t)served, "host_bytes", (json_int_t)x->host_bytes);
-        /* targets: the projections the adapter touches in any layer (brief pin to read them) */
+        /* targets: the projections the adapter touches in any layer, and tokens run through it
+         * (a brief pin to read them; the engine's snapshot below lags and forgets evicted ones) */
         ad_adapter *a = NULL;
         json_t *targets = json_array();
+        bool have_tokens = false;
         if (x->state == AD_READY && ad_reg_pin(s->reg, x->name, &a) == 0) {
+            json_object_set_new(o, "tokens", json_integer((json_int_t)ad_tokens(a)));
+            have_tokens = true;
             for (int p = 0; p < ENG_N_PROJ; p++) {
                 bool any = false;
                 for (int l = 0; l < ad_n_layer(a) && !any; l++)
@@ -960,7 +964,8 @@ static enum MHD_Result list_adapters(conn *c, struct MHD_Connection *mc)
         json_t *router = json_null();
         for (int k = 0; k < s->n_stats; k++)
             if (strcmp(s->stats[k].name, x->name) == 0) {
-                json_object_set_new(o, "tokens", json_integer((json_int_t)s->stats[k].tokens));
+                if (!have_tokens)
+                    json_object_set_new(o, "tokens", json_integer((json_int_t)s->stats[k].tokens));
                 json_object_set_new(o, "resident", json_boolean(s->stats[k].resident));
                 json_t *g = json_array();
                 for (int h = 0; h < s->stats[k].K; h++)

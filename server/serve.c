@@ -203,6 +203,37 @@ static int g_acquire(void *ctx, void *adapter, const eng_adapter **out)
     return HY_OK;
 }
 
+/* Router statistics of resident i into srv's table for GET /v1/adapters (s->mu held). */
+static void stats_fill(glue *g, int i, srv_ad_stats *x)
+{
+    memset(x, 0, sizeof *x);
+    snprintf(x->name, sizeof x->name, "%s", g->res[i].name);
+    x->tokens = ad_tokens(g->res[i].a);
+    x->K = HY_MIN(ad_K(g->res[i].a), AD_MAX_K);
+    x->resident = true;
+    float gate[AD_MAX_K] = {0};
+    ad_stats_mean_gate(g->res[i].a, gate);
+    memcpy(x->gate, gate, sizeof x->gate);
+}
+
+/* Refresh (or add) the entry of resident i, so a finished request's router statistics show at
+ * once rather than at the next engine step (an idle engine runs none). */
+static void stats_publish_one(glue *g, int i, bool resident)
+{
+    srv *s = g->s;
+    pthread_mutex_lock(&s->mu);
+    int k = 0;
+    while (k < s->n_stats && strcmp(s->stats[k].name, g->res[i].name) != 0)
+        k++;
+    if (k < (int)HY_ARRAY_LEN(s->stats)) {
+        stats_fill(g, i, &s->stats[k]);
+        s->stats[k].resident = resident;
+        if (k == s->n_stats)
+            s->n_stats++;
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
 static void g_release(void *ctx, void *adapter, uint64_t n_tokens)
 {
     glue *g = ctx;
@@ -211,7 +242,9 @@ static void g_release(void *ctx, void *adapter, uint64_t n_tokens)
             g->res[i].users--;
             g->res[i].last = hy_now();
             ad_count_tokens(g->res[i].a, n_tokens);
-            if (!g->res[i].pinned && g->res[i].users == 0)
+            bool drop = !g->res[i].pinned && g->res[i].users == 0;
+            stats_publish_one(g, i, !drop);
+            if (drop)
                 unload_resident(g, i); /* no pin of ours: it must not outlive the requests' pins */
             return;
         }
@@ -244,17 +277,8 @@ static void g_housekeeping(void *ctx)
     srv *s = g->s;
     pthread_mutex_lock(&s->mu);
     s->n_stats = 0;
-    for (int i = 0; i < g->n_res && s->n_stats < (int)HY_ARRAY_LEN(s->stats); i++) {
-        srv_ad_stats *x = &s->stats[s->n_stats++];
-        memset(x, 0, sizeof *x);
-        snprintf(x->name, sizeof x->name, "%s", g->res[i].name);
-        x->tokens = ad_tokens(g->res[i].a);
-        x->K = HY_MIN(ad_K(g->res[i].a), AD_MAX_K);
-        x->resident = true;
-        float gate[AD_MAX_K] = {0};
-        ad_stats_mean_gate(g->res[i].a, gate);
-        memcpy(x->gate, gate, sizeof x->gate);
-    }
+    for (int i = 0; i < g->n_res && s->n_stats < (int)HY_ARRAY_LEN(s->stats); i++)
+        stats_fill(g, i, &s->stats[s->n_stats++]);
     pthread_mutex_unlock(&s->mu);
 }
 
