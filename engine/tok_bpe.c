@@ -260,42 +260,11 @@ static bool merge_find(const tok_vocab *v, int32_t a, int32_t b, uint32_t *rank,
     }
 }
 
-static bool cand_less(const bcand *x, const bcand *y)
+/* Lowest merge rank first; on a tie the leftmost pair. */
+static bool cand_first(const void *a, const void *b)
 {
+    const bcand *x = a, *y = b;
     return x->rank < y->rank || (x->rank == y->rank && x->pos < y->pos);
-}
-
-static void heap_push(bpe_ctx *c, bcand x)
-{
-    int i = c->nheap++;
-    while (i > 0) {
-        int parent = (i - 1) / 2;
-        if (!cand_less(&x, &c->heap[parent]))
-            break;
-        c->heap[i] = c->heap[parent];
-        i = parent;
-    }
-    c->heap[i] = x;
-}
-
-static bcand heap_pop(bpe_ctx *c)
-{
-    bcand top = c->heap[0], x = c->heap[--c->nheap];
-    int i = 0, n = c->nheap;
-    for (;;) {
-        int k = 2 * i + 1;
-        if (k >= n)
-            break;
-        if (k + 1 < n && cand_less(&c->heap[k + 1], &c->heap[k]))
-            k++;
-        if (!cand_less(&c->heap[k], &x))
-            break;
-        c->heap[i] = c->heap[k];
-        i = k;
-    }
-    if (n)
-        c->heap[i] = x;
-    return top;
 }
 
 static void push_pair(bpe_ctx *c, int32_t pos)
@@ -305,7 +274,7 @@ static void push_pair(bpe_ctx *c, int32_t pos)
         return;
     bcand x = {0, pos, 0, c->sym[pos].id, c->sym[next].id};
     if (merge_find(c->v, x.left, x.right, &x.rank, &x.res))
-        heap_push(c, x);
+        tok_heap_push(c->heap, &c->nheap, sizeof x, &x, cand_first);
 }
 
 static int scratch_reserve(bpe_ctx *c, size_t n)
@@ -392,7 +361,8 @@ static int bpe_word(void *ctx, const char *str, size_t n)
     for (int32_t i = 0; i + 1 < ns; i++)
         push_pair(c, i);
     while (c->nheap) {
-        bcand top = heap_pop(c);
+        bcand top;
+        tok_heap_pop(c->heap, &c->nheap, sizeof top, &top, cand_first);
         bsym *a = &c->sym[top.pos];
         if (a->id < 0 || a->next < 0)
             continue;

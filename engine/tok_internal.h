@@ -10,6 +10,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 /* tokenizer.ggml.token_type values (llama.cpp's convention). */
 enum {
@@ -62,6 +63,50 @@ typedef struct {
     int n, cap;
 } tok_ids;
 int tok_ids_push(tok_ids *o, int32_t id);
+
+/* A binary heap of `size`-byte entries in caller-owned storage (the BPE and SPM merge queues):
+ * first(a, b) is true when a must come out before b. pop needs *n > 0. Inline so that each
+ * caller's comparison and copy size are compiled in (the merge loop is the encoder's hot path). */
+typedef bool (*tok_heap_first)(const void *a, const void *b);
+#define HEAP_AT(i) ((char *)heap + (size_t)(i) * size)
+
+static inline void tok_heap_push(void *heap, int *n, size_t size, const void *x, tok_heap_first first)
+{
+    int i = (*n)++;
+    while (i > 0) {
+        int parent = (i - 1) / 2;
+        if (!first(x, HEAP_AT(parent)))
+            break;
+        memcpy(HEAP_AT(i), HEAP_AT(parent), size);
+        i = parent;
+    }
+    memcpy(HEAP_AT(i), x, size);
+}
+
+static inline void tok_heap_pop(void *heap, int *n, size_t size, void *top, tok_heap_first first)
+{
+    memcpy(top, heap, size);
+    int m = --*n;
+    /* the last entry sifts down from the root; it stays put at index m, which the loop never writes */
+    const void *x = HEAP_AT(m);
+    int i = 0;
+    for (;;) {
+        int k = 2 * i + 1;
+        if (k >= m)
+            break;
+        if (k + 1 < m && first(HEAP_AT(k + 1), HEAP_AT(k)))
+            k++;
+        if (!first(HEAP_AT(k), x))
+            break;
+        memcpy(HEAP_AT(i), HEAP_AT(k), size);
+        i = k;
+    }
+    if (m)
+        memcpy(HEAP_AT(i), x, size);
+}
+
+#undef HEAP_AT
+
 
 /* Id of the token whose text is exactly s[0..len), or -1. */
 int32_t tok_lookup(const tok_vocab *v, const char *s, size_t len);

@@ -37,42 +37,10 @@ static int32_t spm_lookup(const tok_vocab *v, const char *s, size_t n)
 }
 
 /* Higher score first; on a tie the leftmost pair. */
-static int cand_better(const scand *x, const scand *y)
+static bool cand_first(const void *a, const void *b)
 {
+    const scand *x = a, *y = b;
     return x->score > y->score || (x->score == y->score && x->left < y->left);
-}
-
-static void heap_push(spm_ctx *c, scand x)
-{
-    int i = c->nheap++;
-    while (i > 0) {
-        int parent = (i - 1) / 2;
-        if (!cand_better(&x, &c->heap[parent]))
-            break;
-        c->heap[i] = c->heap[parent];
-        i = parent;
-    }
-    c->heap[i] = x;
-}
-
-static scand heap_pop(spm_ctx *c)
-{
-    scand top = c->heap[0], x = c->heap[--c->nheap];
-    int i = 0, n = c->nheap;
-    for (;;) {
-        int k = 2 * i + 1;
-        if (k >= n)
-            break;
-        if (k + 1 < n && cand_better(&c->heap[k + 1], &c->heap[k]))
-            k++;
-        if (!cand_better(&c->heap[k], &x))
-            break;
-        c->heap[i] = c->heap[k];
-        i = k;
-    }
-    if (n)
-        c->heap[i] = x;
-    return top;
 }
 
 static void try_pair(spm_ctx *c, int32_t left)
@@ -87,7 +55,8 @@ static void try_pair(spm_ctx *c, int32_t left)
     int32_t id = spm_lookup(c->v, c->s + c->sym[left].off, len);
     if (id < 0)
         return;
-    heap_push(c, (scand){c->v->score[id], left, right, len, id});
+    scand x = {c->v->score[id], left, right, len, id};
+    tok_heap_push(c->heap, &c->nheap, sizeof x, &x, cand_first);
 }
 
 static int emit_symbol(const tok_vocab *v, const char *p, size_t n, tok_ids *out)
@@ -151,7 +120,8 @@ int tok_spm_encode(const tok_vocab *v, const char *s, size_t len, tok_ids *out)
     for (int32_t i = 0; i + 1 < ns; i++)
         try_pair(&c, i);
     while (c.nheap) {
-        scand top = heap_pop(&c);
+        scand top;
+        tok_heap_pop(c.heap, &c.nheap, sizeof top, &top, cand_first);
         ssym *a = &c.sym[top.left], *b = &c.sym[top.right];
         if (!a->len || !b->len || a->len + b->len != top.len || a->next != top.right)
             continue; /* stale: a side was merged elsewhere since this pair was queued */
