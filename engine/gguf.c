@@ -97,7 +97,7 @@ static void *file_alloc(gguf_file *f, uint64_t n, size_t size)
     return p;
 }
 
-static size_t scalar_size(gguf_vtype t)
+size_t gguf_vtype_size(gguf_vtype t)
 {
     switch (t) {
     case GGUF_VT_U8: case GGUF_VT_I8: case GGUF_VT_BOOL: return 1;
@@ -121,7 +121,7 @@ static int parse_array(gguf_cur *c, gguf_arr *a, int depth)
         return rc;
     a->elem = (gguf_vtype)elem;
     a->n = n;
-    size_t ss = scalar_size(a->elem);
+    size_t ss = gguf_vtype_size(a->elem);
     if (ss) {
         if (n > (c->f->size - c->off) / ss)
             return hy_err_set(HY_EFORMAT, "array of %llu elements at offset %zu runs past the end of the file",
@@ -162,7 +162,7 @@ static int parse_array(gguf_cur *c, gguf_arr *a, int depth)
 static int parse_value(gguf_cur *c, gguf_vtype type, gguf_value *out, int depth)
 {
     out->type = type;
-    size_t ss = scalar_size(type);
+    size_t ss = gguf_vtype_size(type);
     if (ss) {
         int rc = cur_need(c, ss, "value");
         if (rc)
@@ -413,11 +413,28 @@ const gguf_tensor *gguf_find_tensor(const gguf_file *f, const char *name)
     return NULL;
 }
 
+/* The value of `key`, or HY_ENOTFOUND with the message every getter gives. */
+static int find_value(const gguf_file *f, const char *key, const gguf_value **v)
+{
+    *v = gguf_find(f, key);
+    return *v ? HY_OK : hy_err_set(HY_ENOTFOUND, "metadata key '%s' is missing", key);
+}
+
+/* The value of `key` when it has type t (what names the type in the message). */
+static int find_typed(const gguf_file *f, const char *key, gguf_vtype t, const char *what, const gguf_value **v)
+{
+    int rc = find_value(f, key, v);
+    if (!rc && (*v)->type != t)
+        rc = hy_err_set(HY_EFORMAT, "metadata '%s' is not %s", key, what);
+    return rc;
+}
+
 static int get_int(const gguf_file *f, const char *key, int64_t lo, int64_t hi, int64_t *out)
 {
-    const gguf_value *v = gguf_find(f, key);
-    if (!v)
-        return hy_err_set(HY_ENOTFOUND, "metadata key '%s' is missing", key);
+    const gguf_value *v;
+    int rc = find_value(f, key, &v);
+    if (rc)
+        return rc;
     switch (v->type) {
     case GGUF_VT_U8: case GGUF_VT_U16: case GGUF_VT_U32: case GGUF_VT_U64:
         if (v->v.u > (uint64_t)hi)
@@ -455,16 +472,16 @@ int gguf_get_i32(const gguf_file *f, const char *key, int32_t *out)
 
 int gguf_get_f32(const gguf_file *f, const char *key, float *out)
 {
-    const gguf_value *v = gguf_find(f, key);
-    if (!v)
-        return hy_err_set(HY_ENOTFOUND, "metadata key '%s' is missing", key);
+    const gguf_value *v;
+    int rc = find_value(f, key, &v);
+    if (rc)
+        return rc;
     if (v->type == GGUF_VT_F32 || v->type == GGUF_VT_F64) {
         *out = (float)v->v.f;
         return HY_OK;
     }
     int64_t i;
-    int rc = get_int(f, key, INT32_MIN, INT32_MAX, &i);
-    if (rc)
+    if (get_int(f, key, INT32_MIN, INT32_MAX, &i))
         return hy_err_set(HY_EFORMAT, "metadata '%s' is not a number", key);
     *out = (float)i;
     return HY_OK;
@@ -472,42 +489,36 @@ int gguf_get_f32(const gguf_file *f, const char *key, float *out)
 
 int gguf_get_bool(const gguf_file *f, const char *key, bool *out)
 {
-    const gguf_value *v = gguf_find(f, key);
-    if (!v)
-        return hy_err_set(HY_ENOTFOUND, "metadata key '%s' is missing", key);
-    if (v->type != GGUF_VT_BOOL)
-        return hy_err_set(HY_EFORMAT, "metadata '%s' is not a bool", key);
-    *out = v->v.b;
-    return HY_OK;
+    const gguf_value *v;
+    int rc = find_typed(f, key, GGUF_VT_BOOL, "a bool", &v);
+    if (!rc)
+        *out = v->v.b;
+    return rc;
 }
 
 int gguf_get_str(const gguf_file *f, const char *key, gguf_str *out)
 {
-    const gguf_value *v = gguf_find(f, key);
-    if (!v)
-        return hy_err_set(HY_ENOTFOUND, "metadata key '%s' is missing", key);
-    if (v->type != GGUF_VT_STRING)
-        return hy_err_set(HY_EFORMAT, "metadata '%s' is not a string", key);
-    *out = v->v.s;
-    return HY_OK;
+    const gguf_value *v;
+    int rc = find_typed(f, key, GGUF_VT_STRING, "a string", &v);
+    if (!rc)
+        *out = v->v.s;
+    return rc;
 }
 
 int gguf_get_arr(const gguf_file *f, const char *key, gguf_arr *out)
 {
-    const gguf_value *v = gguf_find(f, key);
-    if (!v)
-        return hy_err_set(HY_ENOTFOUND, "metadata key '%s' is missing", key);
-    if (v->type != GGUF_VT_ARRAY)
-        return hy_err_set(HY_EFORMAT, "metadata '%s' is not an array", key);
-    *out = v->v.arr;
-    return HY_OK;
+    const gguf_value *v;
+    int rc = find_typed(f, key, GGUF_VT_ARRAY, "an array", &v);
+    if (!rc)
+        *out = v->v.arr;
+    return rc;
 }
 
 int gguf_arr_int(const gguf_arr *a, uint64_t i, int64_t *out)
 {
     if (i >= a->n || !a->data)
         return hy_err_set(HY_EINVAL, "array index %llu out of range", (unsigned long long)i);
-    const uint8_t *p = (const uint8_t *)a->data + i * scalar_size(a->elem);
+    const uint8_t *p = (const uint8_t *)a->data + i * gguf_vtype_size(a->elem);
     uint16_t u16; uint32_t u32; uint64_t u64;
     switch (a->elem) {
     case GGUF_VT_U8: case GGUF_VT_BOOL: *out = p[0]; return HY_OK;
@@ -525,7 +536,7 @@ float gguf_arr_f32(const gguf_arr *a, uint64_t i)
 {
     if (i >= a->n || !a->data)
         return 0.0f;
-    const uint8_t *p = (const uint8_t *)a->data + i * scalar_size(a->elem);
+    const uint8_t *p = (const uint8_t *)a->data + i * gguf_vtype_size(a->elem);
     if (a->elem == GGUF_VT_F32) {
         float f;
         memcpy(&f, p, 4);

@@ -96,6 +96,9 @@ int gguf_get_arr(const gguf_file *f, const char *key, gguf_arr *out);
 int gguf_arr_int(const gguf_arr *a, uint64_t i, int64_t *out);
 float gguf_arr_f32(const gguf_arr *a, uint64_t i);
 
+/* Bytes of one scalar of type t (U8..F64, BOOL); 0 for STRING, ARRAY and unknown types. */
+size_t gguf_vtype_size(gguf_vtype t);
+
 /* Compare a gguf_str with a C string. */
 bool gguf_str_eq(gguf_str s, const char *c);
 

@@ -168,23 +168,12 @@ int gguf_w_kv_arr_f32(gguf_w *w, const char *key, const float *v, uint64_t n)
     return rc ? rc : w_put(w, v, (size_t)n * 4);
 }
 
-static size_t w_scalar_size(gguf_vtype t)
-{
-    switch (t) {
-    case GGUF_VT_U8: case GGUF_VT_I8: case GGUF_VT_BOOL: return 1;
-    case GGUF_VT_U16: case GGUF_VT_I16: return 2;
-    case GGUF_VT_U32: case GGUF_VT_I32: case GGUF_VT_F32: return 4;
-    case GGUF_VT_U64: case GGUF_VT_I64: case GGUF_VT_F64: return 8;
-    default: return 0;
-    }
-}
-
 /* A value's payload (after its type tag). */
 static int w_value(gguf_w *w, const gguf_value *v, int depth)
 {
     if (depth > 8)
         return hy_err_set(HY_EFORMAT, "GGUF writer: arrays nested too deeply");
-    size_t sz = w_scalar_size(v->type);
+    size_t sz = gguf_vtype_size(v->type);
     if (v->type == GGUF_VT_STRING)
         return w_strn(w, v->v.s.ptr, v->v.s.len);
     if (v->type == GGUF_VT_F32) {
@@ -218,7 +207,7 @@ static int w_value(gguf_w *w, const gguf_value *v, int depth)
             rc = w_value(w, &a->items[i], depth + 1);
         return rc;
     }
-    sz = w_scalar_size(a->elem);
+    sz = gguf_vtype_size(a->elem);
     if (!sz)
         return hy_err_set(HY_EFORMAT, "GGUF writer: unknown array element type %d", (int)a->elem);
     if (a->n > SIZE_MAX / sz)
