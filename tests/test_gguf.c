@@ -13,81 +13,55 @@
 #include "engine/gguf.h"
 #include "engine/hy.h"
 #include "engine/quant.h"
+#include "tests/testutil.h"
 
-/* A growable byte buffer used to build GGUF files by hand. */
-typedef struct {
-    unsigned char *p;
-    size_t n, cap;
-} buf;
-
-static void put(buf *b, const void *src, size_t n)
-{
-    if (b->n + n > b->cap) {
-        b->cap = (b->n + n) * 2 + 64;
-        b->p = realloc(b->p, b->cap);
-        assert_non_null(b->p);
-    }
-    memcpy(b->p + b->n, src, n);
-    b->n += n;
-}
-static void put_u32(buf *b, uint32_t v) { put(b, &v, 4); }
-static void put_u64(buf *b, uint64_t v) { put(b, &v, 8); }
-static void put_str(buf *b, const char *s)
-{
-    put_u64(b, strlen(s));
-    put(b, s, strlen(s));
-}
-static void pad_to(buf *b, size_t align)
-{
-    while (b->n % align)
-        put(b, "", 1);
-}
+typedef tu_buf buf;
 
 /* A small valid v3 file: scalar kvs of every type, a string array, a nested array,
  * and two tensors (F32 [4], Q8_0 [32 x 2]). */
 static buf build_valid(uint32_t align, int misalign_second)
 {
     buf b = {0};
-    put_u32(&b, 0x46554747u);
-    put_u32(&b, 3);
-    put_u64(&b, 2);  /* tensors */
-    put_u64(&b, 16); /* kvs */
+    tu_put_u32(&b, 0x46554747u);
+    tu_put_u32(&b, 3);
+    tu_put_u64(&b, 2);  /* tensors */
+    tu_put_u64(&b, 16); /* kvs */
     uint8_t u8 = 200; int8_t i8 = -5; uint16_t u16 = 60000; int16_t i16 = -30000;
     uint32_t u32 = 4000000000u; int32_t i32 = -2000000000; float f32 = 1.5f;
     uint64_t u64 = 1ull << 40; int64_t i64 = -(1ll << 40); double f64 = 2.25;
-    put_str(&b, "t.u8"); put_u32(&b, GGUF_VT_U8); put(&b, &u8, 1);
-    put_str(&b, "t.i8"); put_u32(&b, GGUF_VT_I8); put(&b, &i8, 1);
-    put_str(&b, "t.u16"); put_u32(&b, GGUF_VT_U16); put(&b, &u16, 2);
-    put_str(&b, "t.i16"); put_u32(&b, GGUF_VT_I16); put(&b, &i16, 2);
-    put_str(&b, "t.u32"); put_u32(&b, GGUF_VT_U32); put(&b, &u32, 4);
-    put_str(&b, "t.i32"); put_u32(&b, GGUF_VT_I32); put(&b, &i32, 4);
-    put_str(&b, "t.f32"); put_u32(&b, GGUF_VT_F32); put(&b, &f32, 4);
-    put_str(&b, "t.bool"); put_u32(&b, GGUF_VT_BOOL); put(&b, "\1", 1);
-    put_str(&b, "t.str"); put_u32(&b, GGUF_VT_STRING); put_str(&b, "héllo");
-    put_str(&b, "t.u64"); put_u32(&b, GGUF_VT_U64); put(&b, &u64, 8);
-    put_str(&b, "t.i64"); put_u32(&b, GGUF_VT_I64); put(&b, &i64, 8);
-    put_str(&b, "t.f64"); put_u32(&b, GGUF_VT_F64); put(&b, &f64, 8);
-    put_str(&b, "t.strs"); put_u32(&b, GGUF_VT_ARRAY); put_u32(&b, GGUF_VT_STRING); put_u64(&b, 3);
-    put_str(&b, "a"); put_str(&b, ""); put_str(&b, "ccc");
+    tu_put_str(&b, "t.u8"); tu_put_u32(&b, GGUF_VT_U8); tu_put(&b, &u8, 1);
+    tu_put_str(&b, "t.i8"); tu_put_u32(&b, GGUF_VT_I8); tu_put(&b, &i8, 1);
+    tu_put_str(&b, "t.u16"); tu_put_u32(&b, GGUF_VT_U16); tu_put(&b, &u16, 2);
+    tu_put_str(&b, "t.i16"); tu_put_u32(&b, GGUF_VT_I16); tu_put(&b, &i16, 2);
+    tu_put_str(&b, "t.u32"); tu_put_u32(&b, GGUF_VT_U32); tu_put(&b, &u32, 4);
+    tu_put_str(&b, "t.i32"); tu_put_u32(&b, GGUF_VT_I32); tu_put(&b, &i32, 4);
+    tu_put_str(&b, "t.f32"); tu_put_u32(&b, GGUF_VT_F32); tu_put(&b, &f32, 4);
+    tu_put_str(&b, "t.bool"); tu_put_u32(&b, GGUF_VT_BOOL); tu_put(&b, "\1", 1);
+    tu_put_str(&b, "t.str"); tu_put_u32(&b, GGUF_VT_STRING); tu_put_str(&b, "héllo");
+    tu_put_str(&b, "t.u64"); tu_put_u32(&b, GGUF_VT_U64); tu_put(&b, &u64, 8);
+    tu_put_str(&b, "t.i64"); tu_put_u32(&b, GGUF_VT_I64); tu_put(&b, &i64, 8);
+    tu_put_str(&b, "t.f64"); tu_put_u32(&b, GGUF_VT_F64); tu_put(&b, &f64, 8);
+    tu_put_str(&b, "t.strs"); tu_put_u32(&b, GGUF_VT_ARRAY); tu_put_u32(&b, GGUF_VT_STRING); tu_put_u64(&b, 3);
+    tu_put_str(&b, "a"); tu_put_str(&b, ""); tu_put_str(&b, "ccc");
     /* [[1,2],[3]] of i32 */
-    put_str(&b, "t.nested"); put_u32(&b, GGUF_VT_ARRAY); put_u32(&b, GGUF_VT_ARRAY); put_u64(&b, 2);
-    put_u32(&b, GGUF_VT_I32); put_u64(&b, 2); put_u32(&b, 1); put_u32(&b, 2);
-    put_u32(&b, GGUF_VT_I32); put_u64(&b, 1); put_u32(&b, 3);
-    put_str(&b, "t.f32s"); put_u32(&b, GGUF_VT_ARRAY); put_u32(&b, GGUF_VT_F32); put_u64(&b, 2);
-    put(&b, &f32, 4); put(&b, &f32, 4);
-    put_str(&b, "general.alignment"); put_u32(&b, GGUF_VT_U32); put_u32(&b, align);
+    tu_put_str(&b, "t.nested"); tu_put_u32(&b, GGUF_VT_ARRAY); tu_put_u32(&b, GGUF_VT_ARRAY); tu_put_u64(&b, 2);
+    tu_put_u32(&b, GGUF_VT_I32); tu_put_u64(&b, 2); tu_put_u32(&b, 1); tu_put_u32(&b, 2);
+    tu_put_u32(&b, GGUF_VT_I32); tu_put_u64(&b, 1); tu_put_u32(&b, 3);
+    tu_put_str(&b, "t.f32s"); tu_put_u32(&b, GGUF_VT_ARRAY); tu_put_u32(&b, GGUF_VT_F32); tu_put_u64(&b, 2);
+    tu_put(&b, &f32, 4); tu_put(&b, &f32, 4);
+    tu_put_str(&b, "general.alignment"); tu_put_u32(&b, GGUF_VT_U32); tu_put_u32(&b, align);
     /* tensor infos */
-    put_str(&b, "a.f32"); put_u32(&b, 1); put_u64(&b, 4); put_u32(&b, Q_F32); put_u64(&b, 0);
-    put_str(&b, "b.q8"); put_u32(&b, 2); put_u64(&b, 32); put_u64(&b, 2); put_u32(&b, Q_Q8_0);
-    put_u64(&b, align + (misalign_second ? 4 : 0));
-    pad_to(&b, align);
+    tu_put_str(&b, "a.f32"); tu_put_u32(&b, 1); tu_put_u64(&b, 4); tu_put_u32(&b, Q_F32); tu_put_u64(&b, 0);
+    tu_put_str(&b, "b.q8"); tu_put_u32(&b, 2); tu_put_u64(&b, 32); tu_put_u64(&b, 2); tu_put_u32(&b, Q_Q8_0);
+    tu_put_u64(&b, align + (misalign_second ? 4 : 0));
+    tu_pad_to(&b, align);
     float vals[4] = {1, 2, 3, 4};
-    put(&b, vals, sizeof vals);
-    pad_to(&b, align);
+    tu_put(&b, vals, sizeof vals);
+    tu_pad_to(&b, align);
     if (misalign_second)
-        put(&b, "\0\0\0\0", 4);
+        tu_put(&b, "\0\0\0\0", 4);
     unsigned char q8[68] = {0};
-    put(&b, q8, sizeof q8);
+    tu_put(&b, q8, sizeof q8);
     return b;
 }
 
@@ -199,14 +173,14 @@ static void test_huge_counts(void **state)
     expect_error(&b, HY_EFORMAT, "");
     /* a string array claiming 2^62 elements */
     buf c = {0};
-    put_u32(&c, 0x46554747u); put_u32(&c, 3); put_u64(&c, 0); put_u64(&c, 1);
-    put_str(&c, "k"); put_u32(&c, GGUF_VT_ARRAY); put_u32(&c, GGUF_VT_STRING); put_u64(&c, huge);
-    put_str(&c, "x");
+    tu_put_u32(&c, 0x46554747u); tu_put_u32(&c, 3); tu_put_u64(&c, 0); tu_put_u64(&c, 1);
+    tu_put_str(&c, "k"); tu_put_u32(&c, GGUF_VT_ARRAY); tu_put_u32(&c, GGUF_VT_STRING); tu_put_u64(&c, huge);
+    tu_put_str(&c, "x");
     expect_error(&c, HY_EFORMAT, "runs past the end");
     /* a string whose length runs past the end */
     c = (buf){0};
-    put_u32(&c, 0x46554747u); put_u32(&c, 3); put_u64(&c, 0); put_u64(&c, 1);
-    put_u64(&c, 1ull << 63); put(&c, "abcdefghijklmnop", 16);
+    tu_put_u32(&c, 0x46554747u); tu_put_u32(&c, 3); tu_put_u64(&c, 0); tu_put_u64(&c, 1);
+    tu_put_u64(&c, 1ull << 63); tu_put(&c, "abcdefghijklmnop", 16);
     expect_error(&c, HY_EFORMAT, "truncated");
 }
 
@@ -225,11 +199,11 @@ static void test_offsets_and_alignment(void **state)
 static void test_unsupported_type_named(void **state)
 {
     buf b = {0};
-    put_u32(&b, 0x46554747u); put_u32(&b, 2); put_u64(&b, 1); put_u64(&b, 0);
-    put_str(&b, "w"); put_u32(&b, 1); put_u64(&b, 256); put_u32(&b, 10 /* Q2_K */); put_u64(&b, 0);
-    pad_to(&b, 32);
+    tu_put_u32(&b, 0x46554747u); tu_put_u32(&b, 2); tu_put_u64(&b, 1); tu_put_u64(&b, 0);
+    tu_put_str(&b, "w"); tu_put_u32(&b, 1); tu_put_u64(&b, 256); tu_put_u32(&b, 10 /* Q2_K */); tu_put_u64(&b, 0);
+    tu_pad_to(&b, 32);
     char zeros[256] = {0};
-    put(&b, zeros, sizeof zeros);
+    tu_put(&b, zeros, sizeof zeros);
     expect_error(&b, HY_EUNSUPPORTED, "'w'");
 }
 

@@ -18,72 +18,52 @@
 #include "engine/hy.h"
 #include "engine/tok_internal.h"
 #include "engine/tokenizer.h"
+#include "tests/testutil.h"
 
 #define GOLDEN "tests/golden/tokenizer/smollm2.jsonl"
 
 /* ---- a GGUF writer for tiny vocabularies ---- */
 
-typedef struct {
-    unsigned char *p;
-    size_t n, cap;
-    uint64_t n_kv;
-} gw;
+typedef tu_buf gw;
 
-static void put(gw *b, const void *src, size_t n)
-{
-    if (b->n + n > b->cap) {
-        b->cap = (b->n + n) * 2 + 64;
-        b->p = realloc(b->p, b->cap);
-        assert_non_null(b->p);
-    }
-    memcpy(b->p + b->n, src, n);
-    b->n += n;
-}
-static void put_u32(gw *b, uint32_t v) { put(b, &v, 4); }
-static void put_u64(gw *b, uint64_t v) { put(b, &v, 8); }
-static void put_s(gw *b, const char *s)
-{
-    put_u64(b, strlen(s));
-    put(b, s, strlen(s));
-}
 static void gw_begin(gw *b)
 {
     memset(b, 0, sizeof *b);
-    put_u32(b, 0x46554747u);
-    put_u32(b, 3);
-    put_u64(b, 0); /* tensors */
-    put_u64(b, 0); /* kvs, patched by gw_end */
+    tu_put_u32(b, 0x46554747u);
+    tu_put_u32(b, 3);
+    tu_put_u64(b, 0); /* tensors */
+    tu_put_u64(b, 0); /* kvs, patched by gw_end */
 }
 static void kv_str(gw *b, const char *k, const char *v)
 {
-    put_s(b, k), put_u32(b, GGUF_VT_STRING), put_s(b, v), b->n_kv++;
+    tu_put_str(b, k), tu_put_u32(b, GGUF_VT_STRING), tu_put_str(b, v), b->n_kv++;
 }
 static void kv_u32(gw *b, const char *k, uint32_t v)
 {
-    put_s(b, k), put_u32(b, GGUF_VT_U32), put_u32(b, v), b->n_kv++;
+    tu_put_str(b, k), tu_put_u32(b, GGUF_VT_U32), tu_put_u32(b, v), b->n_kv++;
 }
 static void kv_bool(gw *b, const char *k, bool v)
 {
     unsigned char c = v;
-    put_s(b, k), put_u32(b, GGUF_VT_BOOL), put(b, &c, 1), b->n_kv++;
+    tu_put_str(b, k), tu_put_u32(b, GGUF_VT_BOOL), tu_put(b, &c, 1), b->n_kv++;
 }
 static void kv_strs(gw *b, const char *k, const char *const *v, int n)
 {
-    put_s(b, k), put_u32(b, GGUF_VT_ARRAY), put_u32(b, GGUF_VT_STRING), put_u64(b, (uint64_t)n);
+    tu_put_str(b, k), tu_put_u32(b, GGUF_VT_ARRAY), tu_put_u32(b, GGUF_VT_STRING), tu_put_u64(b, (uint64_t)n);
     for (int i = 0; i < n; i++)
-        put_s(b, v[i]);
+        tu_put_str(b, v[i]);
     b->n_kv++;
 }
 static void kv_i32s(gw *b, const char *k, const int32_t *v, int n)
 {
-    put_s(b, k), put_u32(b, GGUF_VT_ARRAY), put_u32(b, GGUF_VT_I32), put_u64(b, (uint64_t)n);
-    put(b, v, (size_t)n * 4);
+    tu_put_str(b, k), tu_put_u32(b, GGUF_VT_ARRAY), tu_put_u32(b, GGUF_VT_I32), tu_put_u64(b, (uint64_t)n);
+    tu_put(b, v, (size_t)n * 4);
     b->n_kv++;
 }
 static void kv_f32s(gw *b, const char *k, const float *v, int n)
 {
-    put_s(b, k), put_u32(b, GGUF_VT_ARRAY), put_u32(b, GGUF_VT_F32), put_u64(b, (uint64_t)n);
-    put(b, v, (size_t)n * 4);
+    tu_put_str(b, k), tu_put_u32(b, GGUF_VT_ARRAY), tu_put_u32(b, GGUF_VT_F32), tu_put_u64(b, (uint64_t)n);
+    tu_put(b, v, (size_t)n * 4);
     b->n_kv++;
 }
 /* In-memory files and the buffers they live in, released together by mem_close. */
@@ -109,8 +89,7 @@ static void mem_close(gguf_file *f)
 static gguf_file *gw_end(gw *b)
 {
     memcpy(b->p + 16, &b->n_kv, 8);
-    while (b->n % 32)
-        put(b, "", 1);
+    tu_pad_to(b, 32);
     gguf_file *f = NULL;
     int rc = gguf_open_mem(b->p, b->n, &f);
     if (rc)

@@ -1,0 +1,42 @@
+/* testutil.h - helpers shared by the C tests: a growable byte buffer for building GGUF (and other
+ * little-endian binary) files by hand, independently of hydrad's own writer. Header-only, to be
+ * included after <cmocka.h>; not a test itself (the Makefile builds tests/test_*.c). */
+#ifndef HY_TESTUTIL_H
+#define HY_TESTUTIL_H
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    unsigned char *p; /* malloc'ed; the test frees it (or hands it to whoever does) */
+    size_t n, cap;
+    uint64_t n_kv;    /* key/values written so far, for builders that patch the GGUF header */
+} tu_buf;
+
+static inline void tu_put(tu_buf *b, const void *src, size_t n)
+{
+    if (b->n + n > b->cap) {
+        b->cap = (b->n + n) * 2 + 64;
+        b->p = realloc(b->p, b->cap);
+        assert_non_null(b->p);
+    }
+    memcpy(b->p + b->n, src, n);
+    b->n += n;
+}
+static inline void tu_put_u32(tu_buf *b, uint32_t v) { tu_put(b, &v, 4); }
+static inline void tu_put_u64(tu_buf *b, uint64_t v) { tu_put(b, &v, 8); }
+/* A GGUF string: u64 length, then the bytes (no NUL). */
+static inline void tu_put_str(tu_buf *b, const char *s)
+{
+    tu_put_u64(b, strlen(s));
+    tu_put(b, s, strlen(s));
+}
+/* Zero bytes up to the next multiple of align. */
+static inline void tu_pad_to(tu_buf *b, size_t align)
+{
+    while (b->n % align)
+        tu_put(b, "", 1);
+}
+
+#endif
