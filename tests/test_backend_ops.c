@@ -535,7 +535,8 @@ static void check_attention(int n_seq, int n_heads, int n_kv, int hd, int prefil
     be *bs[2] = {g_cpu, g_gpu};
     for (int i = 0; i < 2; i++)
         OP(bs[i], bs[i]->ops->kv_alloc(bs[i], L.n_blocks, n_kv, hd, &kc[i], &vc[i]));
-    int *n_new = malloc(sizeof(int) * (size_t)n_seq);
+    int *n_new = calloc((size_t)n_seq, sizeof(int));
+    assert_non_null(n_new);
     for (int s = 0; s < n_seq; s++)
         n_new[s] = s == 0 && n_seq > 1 ? 1 : 1 + rnd_int(prefill_max); /* one-token sequence included */
     run_attn_step(&L, n_new, n_heads, n_kv, hd, kc, vc);
