@@ -92,6 +92,18 @@ static ad_entry *reg_find_adapter(ad_registry *r, const ad_adapter *a)
     return NULL;
 }
 
+/* Under mu: e at the end of the load order. */
+static void reg_append(ad_registry *r, ad_entry *e)
+{
+    e->next = NULL;
+    if (r->tail)
+        r->tail->next = e;
+    else
+        r->head = e;
+    r->tail = e;
+    r->n++;
+}
+
 /* Under mu: unlink e (does not free it). */
 static void reg_unlink(ad_registry *r, ad_entry *e)
 {
@@ -128,14 +140,8 @@ int ad_reg_begin(ad_registry *r, const char *name, const char *path)
     else if (r->n >= r->max)
         rc = hy_err_set(HY_ELIMIT, "cannot load adapter '%s': %d adapters are loaded (max_cpu_loras = %d)", name,
                         r->n, r->max);
-    if (!rc) {
-        if (r->tail)
-            r->tail->next = e;
-        else
-            r->head = e;
-        r->tail = e;
-        r->n++;
-    }
+    if (!rc)
+        reg_append(r, e);
     pthread_mutex_unlock(&r->mu);
     if (rc)
         free(e);
@@ -174,49 +180,51 @@ int ad_reg_load(ad_registry *r, const char *name, const char *path, const ad_sha
     return rc;
 }
 
+/* Under mu: a draining entry lost its last pin. A never-uploaded adapter is unlinked and
+ * returned in *free_now (free it after unlocking, with the entry returned); an uploaded one goes
+ * to the graveyard for the engine thread. Without memory for a grave the entry stays listed
+ * (draining, unpinned) and ad_reg_collect frees it. Returns the entry to free, or NULL. */
+static ad_entry *reg_retire(ad_registry *r, ad_entry *e, ad_adapter **free_now)
+{
+    *free_now = NULL;
+    if (ad_uploaded(e->a)) {
+        ad_grave *g = malloc(sizeof *g);
+        if (!g)
+            return NULL;
+        g->a = e->a;
+        g->next = r->graves;
+        r->graves = g;
+    } else {
+        *free_now = e->a;
+    }
+    reg_unlink(r, e);
+    return e;
+}
+
+/* Under mu: the READY entry called name, or an error naming what is wrong (absent: `missing`). */
+static int reg_find_ready(ad_registry *r, const char *name, const char *missing, ad_entry **out)
+{
+    ad_entry *e = *out = name ? reg_find(r, name) : NULL;
+    if (!e)
+        return hy_err_set(HY_ENOTFOUND, "adapter '%s' %s", name ? name : "", missing);
+    if (e->state != AD_READY)
+        return hy_err_set(HY_EBUSY, "adapter '%s' is %s", name, ad_state_name(e->state));
+    return HY_OK;
+}
+
 int ad_reg_unload(ad_registry *r, const char *name)
 {
     ad_adapter *free_now = NULL;
-    ad_entry *drop = NULL;
-    int rc = HY_OK;
+    ad_entry *e, *drop = NULL;
     pthread_mutex_lock(&r->mu);
-    ad_entry *e = name ? reg_find(r, name) : NULL;
-    if (!e)
-        rc = hy_err_set(HY_ENOTFOUND, "adapter '%s' is not loaded", name ? name : "");
-    else if (e->state != AD_READY)
-        rc = hy_err_set(HY_EBUSY, "adapter '%s' is %s", name, ad_state_name(e->state));
-    else {
+    int rc = reg_find_ready(r, name, "is not loaded", &e);
+    if (!rc) {
         e->state = AD_DRAINING;
-        if (e->refcount == 0) {
-            reg_unlink(r, e);
-            drop = e;
-        }
-    }
-    if (drop) {
-        if (ad_uploaded(drop->a)) {
-            ad_grave *g = malloc(sizeof *g);
-            if (g) {
-                g->a = drop->a;
-                g->next = r->graves;
-                r->graves = g;
-            } else {
-                /* cannot queue it: keep the entry (draining, unpinned) for ad_reg_collect */
-                e->next = NULL;
-                if (r->tail)
-                    r->tail->next = e;
-                else
-                    r->head = e;
-                r->tail = e;
-                r->n++;
-                drop = NULL;
-            }
-        } else {
-            free_now = drop->a;
-        }
+        if (e->refcount == 0)
+            drop = reg_retire(r, e, &free_now);
     }
     pthread_mutex_unlock(&r->mu);
-    if (drop)
-        free(drop);
+    free(drop);
     ad_free(free_now);
     return rc;
 }
@@ -224,14 +232,10 @@ int ad_reg_unload(ad_registry *r, const char *name)
 int ad_reg_pin(ad_registry *r, const char *name, ad_adapter **out)
 {
     *out = NULL;
-    int rc = HY_OK;
+    ad_entry *e;
     pthread_mutex_lock(&r->mu);
-    ad_entry *e = name ? reg_find(r, name) : NULL;
-    if (!e)
-        rc = hy_err_set(HY_ENOTFOUND, "adapter '%s' does not exist", name ? name : "");
-    else if (e->state != AD_READY)
-        rc = hy_err_set(HY_EBUSY, "adapter '%s' is %s", name, ad_state_name(e->state));
-    else {
+    int rc = reg_find_ready(r, name, "does not exist", &e);
+    if (!rc) {
         e->refcount++;
         e->pins_total++;
         e->last_used = hy_now();
@@ -249,23 +253,8 @@ void ad_reg_unpin(ad_registry *r, ad_adapter *a)
     ad_entry *drop = NULL;
     pthread_mutex_lock(&r->mu);
     ad_entry *e = reg_find_adapter(r, a);
-    if (e && e->refcount > 0) {
-        e->refcount--;
-        if (e->refcount == 0 && e->state == AD_DRAINING) {
-            ad_grave *g = ad_uploaded(a) ? malloc(sizeof *g) : NULL;
-            if (!ad_uploaded(a)) {
-                free_now = a;
-            } else if (g) {
-                g->a = a;
-                g->next = r->graves;
-                r->graves = g;
-            }
-            if (free_now || g) {
-                reg_unlink(r, e);
-                drop = e;
-            }
-        }
-    }
+    if (e && e->refcount > 0 && --e->refcount == 0 && e->state == AD_DRAINING)
+        drop = reg_retire(r, e, &free_now);
     pthread_mutex_unlock(&r->mu);
     free(drop);
     ad_free(free_now);
