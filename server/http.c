@@ -24,6 +24,8 @@
 
 enum { R_NONE, R_GEN, R_DONE_WAIT, R_LOAD_WAIT };
 
+#define API_MAX_URL 4096 /* longest https:// adapter URL (fetch_adapter's buffers hold it and a file name) */
+
 typedef struct {
     int sent_text;          /* bytes of choice text already streamed */
     int sent_lp;            /* logprob entries already streamed */
@@ -657,14 +659,17 @@ static bool path_under_roots(srv *s, const char *path, char *resolved)
 typedef struct {
     FILE *f;
     size_t n, cap;
+    bool over;  /* the transfer was cut at the cap */
 } dl_sink;
 
 static size_t dl_write(char *p, size_t sz, size_t nm, void *ud)
 {
     dl_sink *d = ud;
     size_t n = sz * nm;
-    if (d->n + n > d->cap)
+    if (n > d->cap - d->n) {
+        d->over = true;
         return 0; /* over the cap: abort the transfer */
+    }
     d->n += n;
     return fwrite(p, 1, n, d->f);
 }
@@ -673,7 +678,7 @@ static int download(const char *url, const char *dst, size_t cap)
 {
     char tmp[PATH_MAX + 80];
     snprintf(tmp, sizeof tmp, "%s.part", dst);
-    dl_sink d = {fopen(tmp, "wb"), 0, cap};
+    dl_sink d = {fopen(tmp, "wb"), 0, cap, false};
     if (!d.f)
         return hy_err_set(HY_EIO, "cannot write %s: %s", tmp, strerror(errno));
     CURL *h = curl_easy_init();
@@ -697,8 +702,8 @@ static int download(const char *url, const char *dst, size_t cap)
     int ok = fclose(d.f) == 0 && rc == CURLE_OK;
     if (!ok) {
         unlink(tmp);
-        if (rc == CURLE_WRITE_ERROR && d.n + 1 > 0)
-            return hy_err_set(HY_ELIMIT, "%s: larger than the %zu-byte cap (or write failed)", url, cap);
+        if (d.over)
+            return hy_err_set(HY_ELIMIT, "%s: larger than the %zu-byte cap", url, cap);
         return hy_err_set(HY_EIO, "%s: %s", url, curl_easy_strerror(rc));
     }
     if (rename(tmp, dst) != 0)
@@ -733,7 +738,7 @@ static int sha256_file(const char *path, char hex[65])
 static int fetch_adapter(srv *s, const char *url, const char *want_sha, char *dir, size_t dir_cap)
 {
     unsigned char md[32];
-    char key[65], path[PATH_MAX + 64], u[4096 + 64];
+    char key[65], path[PATH_MAX + 64], u[API_MAX_URL + 64];
     const char *cache = s->cfg.adapter_cache ? s->cfg.adapter_cache : "/tmp/hydrad-adapter-cache";
     SHA256((const unsigned char *)url, strlen(url), md);
     for (int i = 0; i < 32; i++)
@@ -853,6 +858,8 @@ static enum MHD_Result load_lora(conn *c, struct MHD_Connection *mc)
         ret = err(c, mc, 400, "invalid_request_error", "lora_name", "", "lora_name is too long");
     } else if (sha && (strlen(sha) != 64 || strspn(sha, "0123456789abcdefABCDEF") != 64)) {
         ret = err(c, mc, 400, "invalid_request_error", "sha256", "", "sha256 must be 64 hex digits");
+    } else if (url && strlen(path) > API_MAX_URL) {
+        ret = err(c, mc, 400, "invalid_request_error", "lora_path", "", "the URL is too long");
     } else if (strstr(path, "://") && !url) {
         ret = err(c, mc, 400, "invalid_request_error", "lora_path", "", "only https:// URLs are accepted");
     } else if (!url && s->cfg.n_roots == 0) {
@@ -909,27 +916,60 @@ static enum MHD_Result unload_lora(conn *c, struct MHD_Connection *mc)
     return ret;
 }
 
+/* Every registry entry (malloc'ed into *out, caller frees; NULL with *n = 0 when there are none).
+ * Retries when adapters are loaded between counting and copying. */
+static int reg_snapshot(srv *s, ad_reg_info **out, int *n)
+{
+    *out = NULL;
+    *n = 0;
+    int want = s->reg ? ad_reg_count(s->reg) : 0;
+    while (want > 0) {
+        ad_reg_info *info = calloc((size_t)want, sizeof *info);
+        if (!info)
+            return HY_ENOMEM;
+        int got = ad_reg_list(s->reg, info, want);
+        if (got <= want) {
+            *out = info;
+            *n = got;
+            return HY_OK;
+        }
+        free(info);
+        want = got;
+    }
+    return HY_OK;
+}
+
 static enum MHD_Result list_models(conn *c, struct MHD_Connection *mc)
 {
     srv *s = c->s;
-    ad_reg_info info[256];
-    int n = s->reg ? HY_MIN(ad_reg_list(s->reg, info, 256), 256) : 0;
-    api_model_entry m[257];
-    int k = 0;
-    m[k++] = (api_model_entry){s->cfg.served_name, NULL, NULL, s->created};
-    for (int i = 0; i < n; i++)
-        if (info[i].state == AD_READY)
-            m[k++] = (api_model_entry){info[i].name, s->cfg.served_name, info[i].path, s->created};
-    return send_json(c, mc, 200, api_format_models(m, k));
+    ad_reg_info *info;
+    int n;
+    if (reg_snapshot(s, &info, &n))
+        return err(c, mc, 500, "server_error", "", "", "out of memory");
+    api_model_entry *m = calloc((size_t)n + 1, sizeof *m);
+    char *json = NULL;
+    if (m) {
+        int k = 0;
+        m[k++] = (api_model_entry){s->cfg.served_name, NULL, NULL, s->created};
+        for (int i = 0; i < n; i++)
+            if (info[i].state == AD_READY)
+                m[k++] = (api_model_entry){info[i].name, s->cfg.served_name, info[i].path, s->created};
+        json = api_format_models(m, k);
+    }
+    free(m);
+    free(info);
+    if (!json)
+        return err(c, mc, 500, "server_error", "", "", "out of memory");
+    return send_json(c, mc, 200, json);
 }
 
 static enum MHD_Result list_adapters(conn *c, struct MHD_Connection *mc)
 {
     srv *s = c->s;
-    ad_reg_info *info = calloc(256, sizeof *info);
-    if (!info)
-        return MHD_NO;
-    int n = s->reg ? HY_MIN(ad_reg_list(s->reg, info, 256), 256) : 0;
+    ad_reg_info *info;
+    int n;
+    if (reg_snapshot(s, &info, &n))
+        return err(c, mc, 500, "server_error", "", "", "out of memory");
     json_t *arr = json_array();
     for (int i = 0; i < n; i++) {
         ad_reg_info *x = &info[i];

@@ -99,6 +99,23 @@ def test_url_loading_refusals(env):
     r = admin(srv, "/v1/load_lora_adapter", {"lora_name": "u3", "lora_path": "https://127.0.0.1:1/a"})
     assert r.status_code == 400 and "127.0.0.1" in r.json()["error"]["message"]
     assert "u3" not in [m.id for m in srv.client().models.list().data]
+    r = admin(srv, "/v1/load_lora_adapter", {"lora_name": "u4", "lora_path": "https://127.0.0.1:1/" + "a" * 5000})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path"
+
+
+def test_many_adapters_listed(start_server, tmp_path_factory):
+    """More adapters than the listings once held (256) all show in /v1/models and /v1/adapters."""
+    root = tmp_path_factory.mktemp("many")
+    a = make_adapter(root / "a", seed=5, r=2, K=1, targets="v_proj")
+    srv = start_server("--adapter-root", str(root), "--admin-key", "adm", "--max-cpu-loras", "300")
+    names = [f"m{i}" for i in range(300)]
+    for n in names:
+        assert admin(srv, "/v1/load_lora_adapter", {"lora_name": n, "lora_path": a}).status_code == 200
+    assert admin(srv, "/v1/load_lora_adapter", {"lora_name": "one-too-many", "lora_path": a}).status_code == 507
+    models = [m.id for m in srv.client().models.list().data]
+    assert models == [SERVED] + names
+    listed = [x["name"] for x in requests.get(srv.url + "/v1/adapters").json()["data"]]
+    assert listed == names
 
 
 def test_scale_zero_is_base(env):
