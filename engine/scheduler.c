@@ -464,9 +464,8 @@ static void drain_inbox(sched *s)
         for (int c = 0; c < r->n_choices; c++) {
             int p = c / r->n;
             sched_seq *q = calloc(1, sizeof *q);
-            int cap = r->n_prompt[p] + r->max_tokens + 1;
-            if (cap > s->cfg.n_ctx)
-                cap = s->cfg.n_ctx;
+            /* in 64 bits: max_tokens may be INT_MAX from a caller that leaves the cut to n_ctx */
+            int cap = (int)HY_MIN((int64_t)r->n_prompt[p] + r->max_tokens + 1, (int64_t)s->cfg.n_ctx);
             if (q) {
                 q->toks = malloc((size_t)cap * sizeof(int32_t));
                 q->blocks = malloc((size_t)s->max_blocks_seq * sizeof(int32_t));
@@ -927,8 +926,10 @@ static void publish_stats(sched *s)
                 seen[n_seen++] = a;
                 const char *name = ops->adapter_name(s->cfg.ops_ctx, a);
                 int w2 = snprintf(out + len, cap - len, "%s%s", len ? "," : "", name ? name : "?");
-                if (w2 < 0 || (size_t)w2 >= cap - len)
+                if (w2 < 0 || (size_t)w2 >= cap - len) {
+                    out[len] = '\0'; /* list whole names only */
                     break;
+                }
                 len += (size_t)w2;
             }
         }

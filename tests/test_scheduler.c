@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <limits.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -209,6 +210,28 @@ static void run_until_done(sched *s, sched_req **rs, int n, int max_steps)
         assert_true(sched_step(s) >= 0);
     }
     fail_msg("requests did not finish in %d steps", max_steps);
+}
+
+/* max_tokens may exceed the context (callers leave the cut to n_ctx): the sequence runs to n_ctx
+ * and ends with "length" (the buffer size prompt + max_tokens + 1 must not overflow). */
+static void test_max_tokens_huge(void **st)
+{
+    (void)st;
+    fake *f = fake_new(64);
+    sched *s = mk(f, 2, 64, 64, 4, 1);
+    sched_req *r = mkreq(0, 10, 3, 1, INT_MAX, NULL);
+    assert_int_equal(sched_submit(s, r), 0);
+    run_until_done(s, &r, 1, 2000);
+    char want[600];
+    ref_text(r, 512 - 10, want);
+    assert_false(r->failed);
+    assert_string_equal(r->choices[0].finish, "length");
+    assert_int_equal(r->choices[0].n_gen, 512 - 10);
+    assert_string_equal(r->choices[0].text, want);
+    assert_int_equal(f->errors, 0);
+    sched_req_release(r);
+    sched_free(s);
+    fake_free(f);
 }
 
 static void test_kv_alloc(void **st)
@@ -474,7 +497,8 @@ static void test_thread(void **st)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_kv_alloc),         cmocka_unit_test(test_batching_chunked),
+        cmocka_unit_test(test_kv_alloc),         cmocka_unit_test(test_max_tokens_huge),
+        cmocka_unit_test(test_batching_chunked),
         cmocka_unit_test(test_preemption),       cmocka_unit_test(test_stop_and_eog),
         cmocka_unit_test(test_cancel_and_limits), cmocka_unit_test(test_adapters_and_n),
         cmocka_unit_test(test_fairness_max_loras), cmocka_unit_test(test_thread),
