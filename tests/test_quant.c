@@ -500,6 +500,61 @@ static void test_matmul_q4_1(void **s) { (void)s; check_matmul_type(Q_Q4_1); }
 static void test_matmul_q4_k(void **s) { (void)s; check_matmul_type(Q_Q4_K); }
 static void test_matmul_q6_k(void **s) { (void)s; check_matmul_type(Q_Q6_K); }
 
+/* Single-token mat-vec (the decode path: 512-bit kernels on AVX-512 machines take several rows
+ * and several blocks per step) on the shapes that leave every kind of tail: 1..5 blocks per row,
+ * row counts that are not a multiple of the rows per step, and a range that ends at the last
+ * row of an exactly sized matrix (no read past it). Checked against the reference and the
+ * scalar path like check_matmul_type. */
+static void test_matvec_shapes(void **state)
+{
+    (void)state;
+    static const uint32_t types[] = {Q_Q8_0, Q_Q4_0, Q_Q4_1};
+    static const int64_t colss[] = {32, 64, 96, 128, 160, 576};
+    const int64_t rows = 11;
+    for (size_t ti = 0; ti < HY_ARRAY_LEN(types); ti++) {
+        for (size_t ci = 0; ci < HY_ARRAY_LEN(colss); ci++) {
+            const uint32_t type = types[ti];
+            const int64_t cols = colss[ci];
+            size_t wrb;
+            uint8_t *W = rand_weights(type, rows, cols, &wrb);
+            float *X = malloc((size_t)cols * 4), *Y = malloc((size_t)rows * 4), *Ys = malloc((size_t)rows * 4);
+            assert_true(X && Y && Ys);
+            for (int64_t i = 0; i < cols; i++)
+                X[i] = rnd_normal();
+            ref_val *ref = reference(type, W, wrb, rows, cols, X, 1);
+            void *acts = act_alloc(type, cols, 1);
+            q_act_quantize_scalar(type, X, cols, 1, acts);
+            q_matmul_rows_scalar(type, W, cols, acts, 1, Ys, rows, 0, rows);
+            for (int isa = Q_ISA_SCALAR; isa <= Q_ISA_AVX512; isa++) {
+                if (!q_isa_available((q_isa)isa))
+                    continue;
+                assert_int_equal(q_isa_set((q_isa)isa), 0);
+                void *act = act_alloc(type, cols, 1);
+                q_act_quantize(type, X, cols, 1, act);
+                for (int64_t r = 0; r < rows; r++)
+                    Y[r] = NAN;
+                q_matmul_rows(type, W, cols, act, 1, Y, rows, 0, 5);
+                q_matmul_rows(type, W, cols, act, 1, Y, rows, 5, rows);
+                for (int64_t r = 0; r < rows; r++) {
+                    double err = fabs((double)Y[r] - ref[r].ref);
+                    if (!(err <= ref[r].bound) || !(fabs((double)Y[r] - Ys[r]) <= 3e-5 * ref[r].absdot + 1e-30))
+                        fail_msg("%s/%s cols %lld: y[%lld] = %.9g, scalar %.9g, reference %.9g (bound %.3g)",
+                                 q_type_name(type), q_isa_name((q_isa)isa), (long long)cols, (long long)r,
+                                 (double)Y[r], (double)Ys[r], ref[r].ref, ref[r].bound);
+                }
+                free(act);
+            }
+            q_isa_set(Q_ISA_SCALAR);
+            free(acts);
+            free(ref);
+            free(X);
+            free(Y);
+            free(Ys);
+            free(W);
+        }
+    }
+}
+
 static void test_isa(void **state)
 {
     (void)state;
@@ -535,6 +590,7 @@ int main(void)
         cmocka_unit_test(test_matmul_q4_1),
         cmocka_unit_test(test_matmul_q4_k),
         cmocka_unit_test(test_matmul_q6_k),
+        cmocka_unit_test(test_matvec_shapes),
     };
     return cmocka_run_group_tests(tests, setup_seed, NULL);
 }
