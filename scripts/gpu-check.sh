@@ -57,5 +57,8 @@ stamp "gpu_bench again with the first mat-vec kernel (HY_CUDA_MV_LEGACY=1), for 
 HY_CUDA_MV_LEGACY=1 timeout 120 bin/gpu_bench --ctx 512 | sed -n '/^decode step/,/^$/p;/^matmul alone/,/^$/p' ||
     echo "(legacy comparison run failed)"
 
+stamp "generate and serve with --device cuda (scripts/gpu-serve-check.sh)"
+timeout 120 bash scripts/gpu-serve-check.sh || { echo "gpu-serve-check FAILED"; status=1; }
+
 stamp "done, status $status"
 exit $status

@@ -6,6 +6,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ -d bin/lib ] && export LD_LIBRARY_PATH="$PWD/bin/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# carried libraries are for bin/hydrad only: the system curl must not load our older libcurl
+curl() { env -u LD_LIBRARY_PATH curl "$@"; }
 T=$(mktemp -d)
 PORT=${PORT:-8317}
 fail=0
