@@ -147,47 +147,65 @@ static int seg_of(const hydra_job *j, long lt, int lo)
     return s;
 }
 
-/* Shrink + gate for a range of adapter tokens. */
+/* Tokens of one segment handled together, so each adapter row read from memory serves up to
+ * HYDRA_TILE tokens (a 8192-wide [A;R] does not stay in cache from one token to the next). */
+#define HYDRA_TILE 8
+
+/* Softmax gate and z = g (x) h for one token whose [h; l] is in hl. */
+static void hydra_gate(const be_lora *l, const float *hl, float *z, float *g)
+{
+    if (l->K == 1) {
+        memcpy(z, hl, (size_t)l->r * sizeof(float));
+        g[0] = 1.0f;
+        g[1] = 0.0f;
+        return;
+    }
+    const float *lg = hl + l->r;
+    float m = lg[0];
+    for (int k = 1; k < l->K; k++)
+        m = lg[k] > m ? lg[k] : m;
+    float sum = 0.0f;
+    for (int k = 0; k < l->K; k++) {
+        g[k] = expf(lg[k] - m);
+        sum += g[k];
+    }
+    float inv = 1.0f / sum, lsum = logf(sum), ent = 0.0f;
+    for (int k = 0; k < l->K; k++) {
+        g[k] *= inv;
+        ent -= g[k] * ((lg[k] - m) - lsum); /* -g ln g without log(0) */
+        for (int c = 0; c < l->r; c++)
+            z[k * l->r + c] = g[k] * hl[c];
+    }
+    g[l->K] = ent;
+}
+
+/* Shrink + gate for a range of adapter tokens, in tiles that never cross a segment. */
 static void hydra_shrink(void *ctx, int ith, int nth)
 {
     hydra_job *j = ctx;
     long b0, b1;
     tp_split(j->n_lt, ith, nth, &b0, &b1);
-    float *hl = j->hl + (size_t)ith * (size_t)j->max_rows;
+    float *hl = j->hl + (size_t)ith * (size_t)j->max_rows * HYDRA_TILE;
     int s = seg_of(j, b0, 0);
-    for (long lt = b0; lt < b1; lt++) {
+    for (long lt = b0; lt < b1;) {
         s = seg_of(j, lt, s);
         const be_lora_seg *sg = &j->segs[s];
         const be_lora *l = sg->lora;
-        long i = lt - j->seg_lt[s];
-        const float *xt = j->x + (size_t)(sg->tok_begin + i) * (size_t)j->in;
-        for (int rw = 0; rw < l->rows; rw++)
-            hl[rw] = j->dot(l->AR + (size_t)rw * (size_t)l->in, xt, l->in);
-        float *z = j->zbuf + j->seg_z[s] + (size_t)i * (size_t)l->K * (size_t)l->r;
-        float *g = j->gbuf + j->seg_g[s] + (size_t)i * (size_t)(l->K + 1);
-        if (l->K == 1) {
-            memcpy(z, hl, (size_t)l->r * sizeof(float));
-            g[0] = 1.0f;
-            g[1] = 0.0f;
-            continue;
+        long i0 = lt - j->seg_lt[s];
+        long nt = HY_MIN((long)HYDRA_TILE, HY_MIN(b1, j->seg_lt[s + 1]) - lt);
+        const float *x0 = j->x + (size_t)(sg->tok_begin + i0) * (size_t)j->in;
+        for (int rw = 0; rw < l->rows; rw++) {
+            const float *arow = l->AR + (size_t)rw * (size_t)l->in;
+            for (long t = 0; t < nt; t++)
+                hl[t * l->rows + rw] = j->dot(arow, x0 + (size_t)t * (size_t)j->in, l->in);
         }
-        const float *lg = hl + l->r;
-        float m = lg[0];
-        for (int k = 1; k < l->K; k++)
-            m = lg[k] > m ? lg[k] : m;
-        float sum = 0.0f;
-        for (int k = 0; k < l->K; k++) {
-            g[k] = expf(lg[k] - m);
-            sum += g[k];
+        for (long t = 0; t < nt; t++) {
+            long i = i0 + t;
+            float *z = j->zbuf + j->seg_z[s] + (size_t)i * (size_t)l->K * (size_t)l->r;
+            float *g = j->gbuf + j->seg_g[s] + (size_t)i * (size_t)(l->K + 1);
+            hydra_gate(l, hl + t * l->rows, z, g);
         }
-        float inv = 1.0f / sum, lsum = logf(sum), ent = 0.0f;
-        for (int k = 0; k < l->K; k++) {
-            g[k] *= inv;
-            ent -= g[k] * ((lg[k] - m) - lsum); /* -g ln g without log(0) */
-            for (int c = 0; c < l->r; c++)
-                z[k * l->r + c] = g[k] * hl[c];
-        }
-        g[l->K] = ent;
+        lt += nt;
     }
 }
 
@@ -205,11 +223,16 @@ static void hydra_expand(void *ctx, int ith, int nth)
         int64_t kr = (int64_t)l->K * l->r;
         const float *zs = j->zbuf + j->seg_z[s];
         int n = sg->tok_end - sg->tok_begin;
-        for (long o = o0; o < o1; o++) {
-            const float *brow = l->Bcat + (size_t)o * (size_t)kr;
-            for (int i = 0; i < n; i++)
-                j->y[(size_t)(sg->tok_begin + i) * (size_t)j->out + (size_t)o] +=
-                    l->scale * j->dot(brow, zs + (size_t)i * (size_t)kr, kr);
+        /* token tiles keep the y rows being written few (column-order writes over 64 rows
+         * thrashed the cache) while each Bcat row serves the whole tile */
+        for (int i0 = 0; i0 < n; i0 += HYDRA_TILE) {
+            int i1 = HY_MIN(n, i0 + HYDRA_TILE);
+            for (long o = o0; o < o1; o++) {
+                const float *brow = l->Bcat + (size_t)o * (size_t)kr;
+                for (int i = i0; i < i1; i++)
+                    j->y[(size_t)(sg->tok_begin + i) * (size_t)j->out + (size_t)o] +=
+                        l->scale * j->dot(brow, zs + (size_t)i * (size_t)kr, kr);
+            }
         }
     }
 }
@@ -270,7 +293,7 @@ int cpu_hydra(be *b, const float *x, int64_t in, float *y, int64_t out, const be
     seg_lt[n_seg] = n_lt;
     if (n_lt == 0)
         goto done;
-    hl = malloc((size_t)nth * (size_t)max_rows * sizeof(float));
+    hl = malloc((size_t)nth * (size_t)max_rows * HYDRA_TILE * sizeof(float));
     zbuf = malloc(nz * sizeof(float));
     gbuf = malloc(ng * sizeof(float));
     acc = malloc(((size_t)max_K + 1) * sizeof *acc);
