@@ -32,7 +32,7 @@ LIB     := $(BUILD)/libhydrad.a
 TESTS   := $(patsubst tests/%.c,$(BIN)/tests/%,$(wildcard tests/test_*.c))
 BENCH_C := $(wildcard bench/*.c)
 
-.PHONY: all test test-c test-py run bench bench-cpu bench-adapters bench-serve asan clean setup
+.PHONY: fixtures all test test-c test-py run bench bench-cpu bench-adapters bench-serve asan clean setup
 all: $(BIN)/hydrad $(BIN)/hydrad-bench
 
 $(BUILD)/%.o: %.c
@@ -62,9 +62,17 @@ $(BIN)/tests/%: $(BUILD)/tests/%.o $(LIB)
 setup:
 	bash scripts/bootstrap.sh
 
+# A HydraLoRA test adapter (K 4, r 16, all seven projections) a user can point --adapter at; the
+# same argv as "hydra_k4_all" in tests/golden/adapters/adapters.json, so it is that golden adapter.
+K4R16 := tests/fixtures/adapters/k4r16
+fixtures: $(K4R16)/adapter_model.safetensors
+$(K4R16)/adapter_model.safetensors: scripts/make_test_adapter.py
+	$(PY) scripts/make_test_adapter.py --out $(K4R16) --seed 13 --r 16 --K 4 --alpha 8 \
+	  --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --dtype f16 --base $(MODEL)
+
 # Every C test binary, then the Python end-to-end tests. HY_MODEL points tests at the model.
 test: setup
-	$(MAKE) all $(TESTS)
+	$(MAKE) all $(TESTS) fixtures
 	$(MAKE) test-c test-py
 
 test-c: $(TESTS)
