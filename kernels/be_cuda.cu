@@ -1,5 +1,6 @@
 /* be_cuda.cu - the CUDA backend's ops table, constructor and plumbing: device memory, the
- * stream, cuBLAS, scratch buffers and the pinned staging ring for per-call metadata.
+ * stream, cuBLAS, scratch buffers and the pinned staging ring for per-call metadata (adapter
+ * memory and its copy stream: cuda_lpool.cu).
  * The ops themselves live one per file (cuda_*.cu); this file launches no compute. */
 #include "kernels/cuda.h"
 
@@ -271,6 +272,7 @@ static void cu_destroy(be *b)
         return;
     if (c->stream)
         cudaStreamSynchronize(c->stream);
+    cuda_lpool_destroy(c); /* adapters not yet freed lose their memory here */
     for (int i = 0; i < SCR_N; i++)
         if (c->scr[i])
             cudaFree(c->scr[i]);
@@ -388,6 +390,8 @@ extern "C" int be_cuda_create(int device, be **out)
     if (rc)
         goto fail;
     CU_GOTO(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
+    if ((rc = cuda_lpool_init(c)))
+        goto fail;
     {
         cublasStatus_t s = cublasCreate(&c->blas);
         if (s != CUBLAS_STATUS_SUCCESS) {

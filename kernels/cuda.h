@@ -87,6 +87,36 @@ typedef struct {
 
 enum { MC_ROPE, MC_ATTN, MC_N };
 
+/* ---- adapter pool (cuda_lpool.cu) ----
+ * Device memory for lora_create comes from chunks of CUDA_LPOOL_CHUNK bytes (or one chunk of
+ * exactly the request when it is larger), split first-fit into ranges of CUDA_LPOOL_ALIGN bytes.
+ * HY_CUDA_LORA_CHUNK_MB overrides the chunk size (tests use it to force many chunks). */
+#define CUDA_LPOOL_CHUNK ((size_t)64 << 20)
+#define CUDA_LPOOL_ALIGN ((size_t)256)
+#define CUDA_LSTAGE_N 2 /* pinned staging buffers: pack one adapter while the last one copies */
+
+typedef struct {
+    uintptr_t p; /* device address */
+    size_t n;
+    int chunk;   /* ranges of different chunks never merge, even when adjacent */
+} cuda_lrange;
+
+typedef struct {
+    void **chunk;        /* cudaMalloc'd, owned; freed only by cuda_lpool_destroy */
+    int n_chunk, cap_chunk;
+    cuda_lrange *free;   /* free ranges sorted by address */
+    int n_free, cap_free;
+    size_t chunk_bytes;  /* CUDA_LPOOL_CHUNK unless overridden */
+    size_t total;        /* bytes in all chunks */
+} cuda_lpool;
+
+typedef struct {
+    void *host;      /* pinned (cudaHostAlloc), owned */
+    size_t cap;
+    cudaEvent_t ev;  /* recorded on copy_stream after the copy out of host */
+    int live;        /* ev recorded and maybe pending: sync before overwriting host */
+} cuda_lstage;
+
 typedef struct {
     be base; /* must be first */
     int device;
@@ -131,6 +161,15 @@ typedef struct {
     int gst_n;
 
     cuda_meta_cache mc[MC_N];
+
+    /* HydraLoRA adapter matrices (cuda_lpool.cu): one device range per be_lora, carved out of
+     * large chunks; packed in pinned staging and copied on copy_stream; the compute stream waits
+     * on the latest copy's event before the next hydra launch (lst_wait, -1 when none pending). */
+    cudaStream_t copy_stream;
+    cuda_lpool lp;
+    cuda_lstage lst[CUDA_LSTAGE_N];
+    int lst_next;
+    int lst_wait;
 } be_cuda;
 
 #define CUDA_GST_CAP 16384
@@ -158,8 +197,11 @@ struct be_lora {
     int r, K;
     int64_t in, out;
     float scale;
-    float *AR;
-    float *BT;
+    float *AR;  /* == mem */
+    float *BT;  /* inside mem, CUDA_LPOOL_ALIGN-aligned */
+    void *mem;  /* the pool range holding both (cuda_lpool_alloc), NULL if none */
+    size_t bytes;
+    int chunk;
 };
 
 static inline be_cuda *cuda_ctx(be *b) { return (be_cuda *)b; }
@@ -210,6 +252,24 @@ int cuda_hydra(be *b, const float *x, int64_t in, float *y, int64_t out, const b
 int cuda_gst_enqueue(be_cuda *c, int *n);
 void cuda_gst_finish(be_cuda *c, int n);
 int cuda_gst_flush(be_cuda *c);
+
+/* cuda_lpool.cu. init/destroy are called by be_cuda_create / cu_destroy. */
+int cuda_lpool_init(be_cuda *c);
+void cuda_lpool_destroy(be_cuda *c);
+/* A device range of at least `bytes` (rounded up to CUDA_LPOOL_ALIGN, written to *bytes_out):
+ * first fit among free ranges, else a new chunk. Return it with cuda_lpool_release. */
+int cuda_lpool_alloc(be_cuda *c, size_t bytes, void **out, size_t *bytes_out, int *chunk);
+/* Waits until no queued kernel or copy can touch the range, then makes it free again. If that
+ * wait fails (a broken device) the range is leaked rather than reused. */
+void cuda_lpool_release(be_cuda *c, void *p, size_t bytes, int chunk);
+/* A pinned staging buffer of at least `bytes` that no queued copy still reads (*slot names it
+ * for cuda_lstage_put). */
+int cuda_lstage_get(be_cuda *c, size_t bytes, int *slot, void **host);
+/* Queue the copy of `bytes` from staging `slot` to `dev` on the copy stream; the next
+ * cuda_lpool_wait orders it before compute. On error nothing is left pending. */
+int cuda_lstage_put(be_cuda *c, int slot, void *dev, size_t bytes);
+/* Make the compute stream wait for every adapter copy queued so far (a no-op when none is). */
+int cuda_lpool_wait(be_cuda *c);
 
 /* cuda_weight.cu: is `type` one of the block types the mat-vec kernels read? */
 bool cuda_type_quantised(uint32_t type);

@@ -1,5 +1,5 @@
 /* cuda_hydra.cu - HydraLoRA on the device: lora_create / lora_free and the batched op, two
- * launches per call and no copies or synchronisation:
+ * launches per call and no copies or host synchronisation:
  *   shrink  [h; l] = [A; R] x     grid (token group, 8-row slice of [A; R]); a group is up to
  *                                 HY_TT consecutive tokens of one segment, so each row of
  *                                 [A; R] is read once per group (SGMV), once per token in decode
@@ -7,6 +7,8 @@
  *                                 grid (token group, 256-output tile); every tile recomputes the
  *                                 K-way softmax of its tokens (cheap), reads its slice of Bcat^T
  *                                 once for the whole group, coalesced across output threads.
+ * Adapter matrices live in the pool of cuda_lpool.cu; each hydra call first makes the stream
+ * wait for adapter copies still in flight (free when there are none).
  * Segment descriptors travel as a __grid_constant__ kernel parameter (HY_P_SEGS per launch;
  * more segments take more launches). Router stats are atomically added to per-call entries in
  * device memory and brought home by the next download/sync (cuda_gst_*), never per call. */
@@ -214,23 +216,41 @@ void cuda_lora_free(be *b, be_lora *l)
 {
     if (!l)
         return;
-    /* pending stats may point into the arrays of the adapter being dropped: deliver them now */
-    if (b && cuda_ctx(b)->gst_n)
-        (void)cuda_gst_flush(cuda_ctx(b));
-    if (l->AR)
-        cudaFree(l->AR);
-    if (l->BT)
-        cudaFree(l->BT);
+    if (b) {
+        be_cuda *c = cuda_ctx(b);
+        /* pending stats may point into the arrays of the adapter being dropped: deliver them now */
+        if (c->gst_n)
+            (void)cuda_gst_flush(c);
+        cuda_lpool_release(c, l->mem, l->bytes, l->chunk); /* waits for queued users first */
+    }
     free(l);
 }
 
-/* Copies A, R and B (host) to the device; *out_lora is freed with cuda_lora_free. */
+/* [A; R] at offset 0 and BT at *bt_off of one pool range; sizes checked for overflow */
+static int lora_layout(int r, int K, int64_t in, int64_t out, size_t *ar_bytes, size_t *bt_off,
+                       size_t *total)
+{
+    const int kr_rows = r + (K > 1 ? K : 0);
+    size_t n_ar = 0, n_b = 0;
+    if (hy_mul_size((size_t)kr_rows, (size_t)in, &n_ar) || hy_mul_size((size_t)out, (size_t)K * r, &n_b) ||
+        hy_mul_size(n_ar, sizeof(float), ar_bytes) || hy_mul_size(n_b, sizeof(float), &n_b) ||
+        *ar_bytes > SIZE_MAX / 2 || n_b > SIZE_MAX / 2 - CUDA_LPOOL_ALIGN)
+        return hy_err_set(HY_ELIMIT, "CUDA lora_create: too large");
+    *bt_off = (*ar_bytes + CUDA_LPOOL_ALIGN - 1) / CUDA_LPOOL_ALIGN * CUDA_LPOOL_ALIGN;
+    *total = *bt_off + n_b;
+    return HY_OK;
+}
+
+/* Copies A, R and B (host) into a pool range through pinned staging on the copy stream and
+ * returns without waiting: the next hydra orders the copy before its kernels. The caller's
+ * arrays may be reused as soon as this returns. *out_lora is freed with cuda_lora_free. */
 int cuda_lora_create(be *b, int r, int K, int64_t in, int64_t out, const float *A, const float *R,
                      const float *const *B, float scale, be_lora **out_lora)
 {
     be_cuda *c = cuda_ctx(b);
-    int rc = HY_OK;
-    float *hAR = NULL, *hB = NULL;
+    int rc = HY_OK, slot = 0;
+    void *host = NULL;
+    size_t ar_bytes = 0, bt_off = 0, total = 0;
     *out_lora = NULL;
     if (r < 1 || K < 1 || r > CUDA_LORA_MAX_R || K > CUDA_LORA_MAX_K)
         return hy_err_set(HY_EUNSUPPORTED,
@@ -241,48 +261,41 @@ int cuda_lora_create(be *b, int r, int K, int64_t in, int64_t out, const float *
     for (int k = 0; k < K; k++)
         if (!B[k])
             return hy_err_set(HY_EINVAL, "CUDA lora_create: B%d is missing", k);
-    const int kr_rows = r + (K > 1 ? K : 0);
-    size_t n_ar = 0, n_b = 0;
-    if (hy_mul_size((size_t)kr_rows, (size_t)in, &n_ar) || hy_mul_size((size_t)out, (size_t)K * r, &n_b) ||
-        n_ar > SIZE_MAX / sizeof(float) || n_b > SIZE_MAX / sizeof(float))
-        return hy_err_set(HY_ELIMIT, "CUDA lora_create: too large");
+    if ((rc = lora_layout(r, K, in, out, &ar_bytes, &bt_off, &total)))
+        return rc;
     be_lora *l = (be_lora *)calloc(1, sizeof *l);
-    hAR = (float *)malloc(n_ar * sizeof(float));
-    hB = (float *)malloc(n_b * sizeof(float));
-    if (!l || !hAR || !hB) {
-        rc = hy_err_set(HY_ENOMEM, "out of memory (LoRA staging)");
-        goto fail;
-    }
+    if (!l)
+        return hy_err_set(HY_ENOMEM, "out of memory (LoRA)");
     l->r = r;
     l->K = K;
     l->in = in;
     l->out = out;
     l->scale = scale;
-    memcpy(hAR, A, (size_t)r * in * sizeof(float));
-    if (K > 1)
-        memcpy(hAR + (size_t)r * in, R, (size_t)K * in * sizeof(float));
-    /* BT[k*r + i][o] = B_k[o][i] */
-    for (int k = 0; k < K; k++)
-        for (int i = 0; i < r; i++) {
-            float *dst = hB + (size_t)(k * r + i) * out;
-            for (int64_t o = 0; o < out; o++)
-                dst[o] = B[k][(size_t)o * r + i];
-        }
-    CU_GOTO(cudaMalloc((void **)&l->AR, n_ar * sizeof(float)));
-    CU_GOTO(cudaMalloc((void **)&l->BT, n_b * sizeof(float)));
-    CU_GOTO(cudaMemcpyAsync(l->AR, hAR, n_ar * sizeof(float), cudaMemcpyHostToDevice, c->stream));
-    CU_GOTO(cudaMemcpyAsync(l->BT, hB, n_b * sizeof(float), cudaMemcpyHostToDevice, c->stream));
-    CU_GOTO(cudaStreamSynchronize(c->stream));
-    free(hAR);
-    free(hB);
+    if ((rc = cuda_lpool_alloc(c, total, &l->mem, &l->bytes, &l->chunk)))
+        goto fail;
+    l->AR = (float *)l->mem;
+    l->BT = (float *)((char *)l->mem + bt_off);
+    if ((rc = cuda_lstage_get(c, total, &slot, &host)))
+        goto fail;
+    {
+        float *hAR = (float *)host, *hB = (float *)((char *)host + bt_off);
+        memcpy(hAR, A, (size_t)r * in * sizeof(float));
+        if (K > 1)
+            memcpy(hAR + (size_t)r * in, R, (size_t)K * in * sizeof(float));
+        /* BT[k*r + i][o] = B_k[o][i] */
+        for (int k = 0; k < K; k++)
+            for (int i = 0; i < r; i++) {
+                float *dst = hB + (size_t)(k * r + i) * out;
+                for (int64_t o = 0; o < out; o++)
+                    dst[o] = B[k][(size_t)o * r + i];
+            }
+    }
+    if ((rc = cuda_lstage_put(c, slot, l->mem, total)))
+        goto fail;
     *out_lora = l;
     return HY_OK;
 fail:
-    if (c->stream)
-        cudaStreamSynchronize(c->stream);
-    free(hAR);
-    free(hB);
-    cuda_lora_free(b, l);
+    cuda_lora_free(b, l); /* nothing of ours is queued: the range goes straight back */
     if (rc == HY_EDEVICE)
         cudaGetLastError();
     return rc;
@@ -336,6 +349,8 @@ int cuda_hydra(be *b, const float *x, int64_t in, float *y, int64_t out, const b
         return hy_err_set(HY_EINVAL, "hydra: bad arguments");
     int rc = cuda_hydra_check(in, out, segs, n_seg, &n_tok, &any);
     if (rc || !any)
+        return rc;
+    if ((rc = cuda_lpool_wait(c))) /* adapter copies still in flight on the copy stream */
         return rc;
     if ((out + HY_EX_THREADS - 1) / HY_EX_THREADS > 65535)
         return hy_err_set(HY_EUNSUPPORTED, "hydra: output dimension %lld too large", (long long)out);
