@@ -696,6 +696,104 @@ static void test_hydra(void **state)
     assert_null(l);
 }
 
+/* Adapter memory reuse (the CUDA pool of kernels/cuda_lpool.cu): 40 adapters, one hydra call
+ * over all of them left queued on the device while every other adapter is freed and 20 of other
+ * ranks are created in their place (their copies must not land under the queued kernels), then
+ * hydra over the 40 now live. Both results against the CPU backend. */
+static void hydra_arena_segs(test_lora *ad, int n, int per, be_lora_seg segs[2][64], float stats[2][64][9])
+{
+    memset(stats, 0, sizeof(float) * 2 * 64 * 9);
+    for (int a = 0; a < n; a++)
+        for (int i = 0; i < 2; i++)
+            segs[i][a] = (be_lora_seg){a * per, (a + 1) * per, ad[a].l[i], a % 2 ? stats[i][a] : NULL};
+}
+
+static void hydra_arena_check(const char *what, float *o[2], const float *y0, size_t ny, float stats[2][64][9])
+{
+    for (size_t j = 0; j < ny; j++) {
+        o[0][j] -= y0[j];
+        o[1][j] -= y0[j];
+    }
+    double e = nmse(o[1], o[0], ny), es = nmse(&stats[1][0][0], &stats[0][0][0], 64 * 9);
+    printf("  hydra arena, %s: NMSE %.2e, stats %.2e\n", what, e, es);
+    CHECK_NMSE(what, e, NMSE_F32);
+    CHECK_NMSE(what, es, NMSE_F32);
+}
+
+static void hydra_arena(int64_t in, int64_t out)
+{
+    enum { N = 40, PER = 2 };
+    static const int ranks0[] = {1, 4, 8, 16, 32, 64}, ranks1[] = {2, 3, 5, 12, 24, 48};
+    test_lora ad[N];
+    memset(ad, 0, sizeof ad);
+    for (int a = 0; a < N; a++)
+        lora_make(&ad[a], ranks0[a % 6], 1 + a % 8, in, out);
+    const int n_tok = N * PER;
+    const size_t nx = (size_t)n_tok * in, ny = (size_t)n_tok * out;
+    float *x = rnd_vec(nx, 1.0f), *y0 = rnd_vec(ny, 1.0f), *o[2];
+    be_lora_seg segs[2][64];
+    static float stats[2][64][9];
+    be *bs[2] = {g_cpu, g_gpu};
+    void *dx[2], *dy[2];
+
+    hydra_arena_segs(ad, N, PER, segs, stats);
+    for (int i = 0; i < 2; i++) {
+        dx[i] = dev_put(bs[i], x, nx * 4);
+        dy[i] = dev_put(bs[i], y0, ny * 4);
+        OP(bs[i], bs[i]->ops->hydra(bs[i], dx[i], in, dy[i], out, segs[i], N));
+    }
+    /* no download yet: the GPU call may still be running */
+    for (int a = 1; a < N; a += 2) {
+        lora_drop(&ad[a]);
+        lora_make(&ad[a], ranks1[(a / 2) % 6], 1 + (a * 3) % 8, in, out);
+    }
+    for (int i = 0; i < 2; i++) {
+        o[i] = malloc(ny * 4);
+        dev_get(bs[i], o[i], dy[i], ny * 4);
+    }
+    hydra_arena_check("queued over 20 freed adapters", o, y0, ny, stats);
+
+    hydra_arena_segs(ad, N, PER, segs, stats);
+    for (int i = 0; i < 2; i++) {
+        OP(bs[i], bs[i]->ops->upload(bs[i], dy[i], y0, ny * 4));
+        OP(bs[i], bs[i]->ops->hydra(bs[i], dx[i], in, dy[i], out, segs[i], N));
+        dev_get(bs[i], o[i], dy[i], ny * 4);
+    }
+    hydra_arena_check("20 old + 20 new in reused memory", o, y0, ny, stats);
+
+    for (int i = 0; i < 2; i++) {
+        bs[i]->ops->free(bs[i], dx[i]);
+        bs[i]->ops->free(bs[i], dy[i]);
+        free(o[i]);
+    }
+    for (int a = 0; a < N; a++)
+        lora_drop(&ad[a]);
+    free(x);
+    free(y0);
+}
+
+static void test_hydra_arena(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    hydra_arena(1024, 1024); /* default chunks: everything fits in one */
+    if (g_fake)
+        return;
+    /* 1 MiB chunks: many chunks, adapters larger than a chunk, no merging across chunks */
+    setenv("HY_CUDA_LORA_CHUNK_MB", "1", 1);
+    be *small = NULL;
+    int rc = be_cuda_create(0, &small);
+    unsetenv("HY_CUDA_LORA_CHUNK_MB");
+    if (rc)
+        printf("be_cuda_create: %s\n", hy_err_msg());
+    assert_int_equal(rc, 0);
+    be *keep = g_gpu;
+    g_gpu = small;
+    hydra_arena(1024, 1024);
+    g_gpu = keep;
+    small->ops->destroy(small);
+}
+
 /* ---- memory ops ---- */
 
 static void test_memory(void **state)
@@ -730,7 +828,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_memory),   cmocka_unit_test(test_matmul),    cmocka_unit_test(test_embed),
         cmocka_unit_test(test_elementwise), cmocka_unit_test(test_rope),   cmocka_unit_test(test_attention),
-        cmocka_unit_test(test_hydra),
+        cmocka_unit_test(test_hydra),   cmocka_unit_test(test_hydra_arena),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
