@@ -234,6 +234,13 @@ static void stats_publish_one(glue *g, int i, bool resident)
     pthread_mutex_unlock(&s->mu);
 }
 
+/* The registry no longer serves this resident (unloaded, or draining until its pins go). */
+static bool res_retired(glue *g, const resident *r)
+{
+    ad_reg_info info;
+    return ad_reg_info_get(g->reg, r->name, &info) != 0 || info.state == AD_DRAINING;
+}
+
 static void g_release(void *ctx, void *adapter, uint64_t n_tokens)
 {
     glue *g = ctx;
@@ -242,10 +249,14 @@ static void g_release(void *ctx, void *adapter, uint64_t n_tokens)
             g->res[i].users--;
             g->res[i].last = hy_now();
             ad_count_tokens(g->res[i].a, n_tokens);
-            bool drop = !g->res[i].pinned && g->res[i].users == 0;
+            /* without our pin it must not outlive the requests' pins; a draining adapter goes
+             * with its last request, not at some later step (an idle engine takes none) */
+            bool drop = g->res[i].users == 0 && (!g->res[i].pinned || res_retired(g, &g->res[i]));
             stats_publish_one(g, i, !drop);
-            if (drop)
-                unload_resident(g, i); /* no pin of ours: it must not outlive the requests' pins */
+            if (drop) {
+                unload_resident(g, i);
+                ad_reg_collect(g->reg);
+            }
             return;
         }
 }
@@ -261,9 +272,8 @@ static void g_housekeeping(void *ctx)
 {
     glue *g = ctx;
     for (int i = 0; i < g->n_res;) {
-        ad_reg_info info;
         resident *r = &g->res[i];
-        if (r->users == 0 && (ad_reg_info_get(g->reg, r->name, &info) != 0 || info.state == AD_DRAINING)) {
+        if (r->users == 0 && res_retired(g, r)) {
             unload_resident(g, i);
             continue;
         }

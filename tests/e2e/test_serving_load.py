@@ -173,12 +173,8 @@ def test_load_unload_under_32_streams(env):
     assert fresh_during != whole(srv, "completion", SERVED, PROMPTS[0], 8)
 
 
-@pytest.mark.xfail(strict=True, reason="server bug: an adapter unloaded while a request uses it stays 'draining' "
-                   "(refcount 1: the engine glue's residency pin, host + device copies held) until some other "
-                   "request runs an engine step; on an idle server forever, and loading the same name again "
-                   "answers 400 'already draining'. server/serve.c:245 g_release keeps a pinned resident at "
-                   "users == 0 and only g_housekeeping (run at the start of a step, serve.c:266) drops draining "
-                   "ones; the unload's sched_wake (http.c:904) ran while the adapter still had users")
+# Once a bug: the adapter stayed 'draining' (held by the engine glue's residency pin) until some
+# other request ran an engine step, and reloading the name answered 400 'already draining'.
 def test_unload_in_use_frees_when_idle(env):
     srv, root, ads = env
     assert admin(srv, "/v1/load_lora_adapter", {"lora_name": "brief", "lora_path": ads["a1"]}).status_code == 200
