@@ -377,14 +377,11 @@ QK_AI void k4_unpack(const uint8_t *s, uint8_t sc[8], uint8_t mn[8])
     }
 }
 
-QK_AI void kq4k(const int NT, const uint8_t *wr, int64_t nb, const uint8_t *a0, size_t arb,
-                float *out)
+/* Pointers into NT rows of K-quant activations (per row: nb*256 int8, nb float scales, nb*16
+ * int16 sums of 16) and zeroed accumulators; shared by the Q4_K and Q6_K kernels. */
+QK_AI void kq_act_rows(const int NT, const uint8_t *a0, size_t arb, int64_t nb, const int8_t **aq,
+                       const float **ad, const int16_t **bs, __m256 *acc)
 {
-    const __m256i m0f = _mm256_set1_epi8(0x0f);
-    const int8_t *aq[QK_NT];
-    const float *ad[QK_NT];
-    const int16_t *bs[QK_NT];
-    __m256 acc[QK_NT];
     _Pragma("GCC unroll 4")
     for (int t = 0; t < NT; t++) {
         const uint8_t *row = a0 + arb * (size_t)t;
@@ -393,6 +390,17 @@ QK_AI void kq4k(const int NT, const uint8_t *wr, int64_t nb, const uint8_t *a0, 
         bs[t] = (const int16_t *)(ad[t] + nb);
         acc[t] = _mm256_setzero_ps();
     }
+}
+
+QK_AI void kq4k(const int NT, const uint8_t *wr, int64_t nb, const uint8_t *a0, size_t arb,
+                float *out)
+{
+    const __m256i m0f = _mm256_set1_epi8(0x0f);
+    const int8_t *aq[QK_NT];
+    const float *ad[QK_NT];
+    const int16_t *bs[QK_NT];
+    __m256 acc[QK_NT];
+    kq_act_rows(NT, a0, arb, nb, aq, ad, bs, acc);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = wr + 144 * b;
         const float d = ld_h(blk), dmin = ld_h(blk + 2);
@@ -438,14 +446,7 @@ QK_AI void kq6k(const int NT, const uint8_t *wr, int64_t nb, const uint8_t *a0, 
     const float *ad[QK_NT];
     const int16_t *bs[QK_NT];
     __m256 acc[QK_NT];
-    _Pragma("GCC unroll 4")
-    for (int t = 0; t < NT; t++) {
-        const uint8_t *row = a0 + arb * (size_t)t;
-        aq[t] = (const int8_t *)row;
-        ad[t] = (const float *)(row + nb * 256);
-        bs[t] = (const int16_t *)(ad[t] + nb);
-        acc[t] = _mm256_setzero_ps();
-    }
+    kq_act_rows(NT, a0, arb, nb, aq, ad, bs, acc);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = wr + 210 * b;
         const float d = ld_h(blk + 208);
