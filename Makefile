@@ -32,7 +32,7 @@ LIB     := $(BUILD)/libhydrad.a
 TESTS   := $(patsubst tests/%.c,$(BIN)/tests/%,$(wildcard tests/test_*.c))
 BENCH_C := $(wildcard bench/*.c)
 
-.PHONY: fixtures all test test-c test-py run bench bench-cpu bench-adapters bench-serve asan clean setup
+.PHONY: fixtures all test test-c test-py run bench bench-cpu bench-adapters bench-serve bench-streams asan clean setup
 all: $(BIN)/hydrad $(BIN)/hydrad-bench
 
 $(BUILD)/%.o: %.c
@@ -84,13 +84,15 @@ test-py:
 run: setup all
 	bash scripts/run.sh
 
-bench: bench-cpu bench-adapters bench-serve
+bench: bench-cpu bench-adapters bench-serve bench-streams
 bench-cpu: setup all
 	bash bench/bench_cpu.sh
 bench-adapters: setup all
 	bash bench/bench_adapters.sh
 bench-serve: setup all
 	bash bench/bench_serve.sh
+bench-streams: setup all
+	bash bench/bench_streams.sh
 
 # ASan + UBSan build of the library and C tests, in its own tree, then run them.
 # (-O1 makes gcc's maybe-uninitialized analysis report false positives; the -O2 build keeps it.)
