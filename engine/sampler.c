@@ -210,12 +210,46 @@ static void smp_apply_penalties(const smp_seq *s, float *logits)
 
 /* ------------------------------------------------------------------ sampling */
 
+#define SMP_ARGMAX_CHUNK 64
+
+/* Maximum of x[0..SMP_ARGMAX_CHUNK), NaNs ignored (-inf if nothing else); eight independent
+ * lanes so the compiler turns it into vector max instructions. */
+static float smp_chunk_max(const float *x)
+{
+    float m[8];
+    for (int l = 0; l < 8; l++)
+        m[l] = -INFINITY;
+    for (int k = 0; k < SMP_ARGMAX_CHUNK; k += 8)
+        for (int l = 0; l < 8; l++)
+            m[l] = x[k + l] > m[l] ? x[k + l] : m[l];
+    for (int l = 1; l < 8; l++)
+        m[0] = m[l] > m[0] ? m[l] : m[0];
+    return m[0];
+}
+
+/* Index of the largest logit, the lowest such index on ties; x[0] when nothing beats it
+ * (all NaN or -inf). One pass: a chunk is scanned for its index only when its maximum
+ * beats the best so far, which happens a handful of times per vocabulary (comparing
+ * against x[best] element by element was a load-compare-cmov chain per token). */
 static int smp_argmax(const float *x, int n)
 {
-    int best = 0;
-    for (int i = 1; i < n; i++)
-        if (x[i] > x[best])
+    int best = 0, i = 0;
+    float bv = x[0];
+    for (; i + SMP_ARGMAX_CHUNK <= n; i += SMP_ARGMAX_CHUNK) {
+        float cm = smp_chunk_max(x + i);
+        if (!(cm > bv))
+            continue;
+        int j = i;
+        while (x[j] != cm)
+            j++;
+        best = j;
+        bv = cm;
+    }
+    for (; i < n; i++)
+        if (x[i] > bv) {
+            bv = x[i];
             best = i;
+        }
     return best;
 }
 

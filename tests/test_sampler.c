@@ -346,10 +346,61 @@ static void test_large_vocab(void **state)
     smp_thread_cleanup();
 }
 
+/* Greedy (the one-pass argmax) against the general path (temperature 1 with a nucleus so
+ * small that only the first candidate of the sorted list survives) and against the first
+ * top logprob, on random logits drawn from a few values so that the maximum is tied often.
+ * The expected token is the lowest id holding the maximum, found here by a plain scan. */
+static void test_greedy_matches_general(void **state)
+{
+    enum { VMAX = 1000 };
+    static float l[VMAX], c[VMAX];
+    uint64_t x = 12345;
+    for (int trial = 0; trial < 300; trial++) {
+        int n = 1 + trial * 7 % VMAX;
+        int levels = 1 + trial % 9; /* 1 level: every logit ties */
+        for (int i = 0; i < n; i++) {
+            x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+            l[i] = (float)((x >> 33) % (uint64_t)levels) * 0.5f - 2.0f;
+        }
+        /* a NaN logit (not in front) is never the greedy pick; only greedy promises that */
+        bool has_nan = trial % 5 == 4 && n > 3;
+        if (has_nan)
+            l[n / 2] = NAN;
+        int want = 0;
+        for (int i = 1; i < n; i++)
+            if (l[i] > l[want])
+                want = i;
+        smp_params g = smp_default_params();
+        smp_params gl = g;
+        gl.logprobs = true;
+        gl.n_logprobs = 1;
+        smp_params d = g;
+        d.temperature = 1.0f;
+        d.top_p = 1e-7f;
+        d.seed = (uint64_t)trial;
+        const smp_params *ps[3] = {&g, &gl, &d};
+        for (int k = 0; k < 3; k++) {
+            if (k > 0 && has_nan)
+                continue;
+            smp_seq *s = mk(*ps[k], n);
+            smp_result r;
+            memcpy(c, l, sizeof(float) * (size_t)n);
+            assert_int_equal(smp_sample(s, c, &r), 0);
+            if (r.id != want)
+                fail_msg("trial %d (n %d, path %d): picked %d, want %d", trial, n, k, r.id, want);
+            if (k == 1)
+                assert_int_equal(r.top_id[0], want);
+            smp_free(s);
+        }
+    }
+    smp_thread_cleanup();
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_greedy),
+        cmocka_unit_test(test_greedy_matches_general),
         cmocka_unit_test(test_top_k_support),
         cmocka_unit_test(test_top_p_support),
         cmocka_unit_test(test_min_p_support),
