@@ -15,6 +15,8 @@
 #include <immintrin.h>
 #define CPU_X86 1
 #define CPU_AVX2 __attribute__((target("avx2,fma,f16c")))
+/* small constant-count loops over heads / columns: unrolled, their values stay in registers */
+#define CPU_UNROLL _Pragma("GCC unroll 8")
 #else
 #define CPU_X86 0
 #endif
@@ -25,6 +27,8 @@
 #define CPU_PAR_ATTN 24576      /* attention: (positions x head_dim) summed over pairs */
 #define CPU_MM_TOK_TILE 64      /* matmul: tokens per q_matmul_rows call */
 #define CPU_MAX_HEAD_DIM 512
+#define CPU_ATTN_GROUP 4        /* attention: query heads sharing one pass over a KV head */
+#define CPU_ATTN_VCOLS 4        /* attention: most 8-wide V columns accumulated together */
 
 typedef struct {
     be_cpu cpu;  /* must be first: be_cpu_hydra.c sees the backend as a be_cpu */
@@ -637,89 +641,175 @@ static void cpu_attn_pair_scalar(const cpu_attn_job *j, int t, int h)
 }
 
 #if CPU_X86
-/* Same as the scalar pair for head_dim % 8 == 0 (F16C conversion, FMA, vector exp). */
-CPU_AVX2 static void cpu_attn_pair_avx2(const cpu_attn_job *j, int t, int h)
+/* Softmax bookkeeping of one block for one head: turn its scores s[0..n) into weights
+ * (in place, padding zeroed), rescaling acc[0..nv) and *l when the running max grows. */
+CPU_AVX2 static void cpu_attn_block_softmax(float *s, int n, int nv, __m256 *acc, float *mx,
+                                            float *l)
+{
+    float bm = -INFINITY;
+    for (int jj = 0; jj < n; jj++)
+        bm = s[jj] > bm ? s[jj] : bm;
+    for (int jj = n; jj < BE_KV_BLOCK; jj++)
+        s[jj] = -INFINITY;
+    if (bm > *mx) {
+        __m256 c = _mm256_set1_ps(expf(*mx - bm));
+        *l *= expf(*mx - bm);
+        for (int i = 0; i < nv; i++)
+            acc[i] = _mm256_mul_ps(acc[i], c);
+        *mx = bm;
+    }
+    __m256 vm = _mm256_set1_ps(*mx);
+    __m256 e0 = v8_exp(_mm256_sub_ps(_mm256_load_ps(s), vm));
+    __m256 e1 = v8_exp(_mm256_sub_ps(_mm256_load_ps(s + 8), vm));
+    /* v8_exp clamps: zero the padding explicitly */
+    if (n < BE_KV_BLOCK) {
+        __m256i idx0 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        __m256i nn = _mm256_set1_epi32(n);
+        e0 = _mm256_and_ps(e0, _mm256_castsi256_ps(_mm256_cmpgt_epi32(nn, idx0)));
+        e1 = _mm256_and_ps(e1, _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+                                   nn, _mm256_add_epi32(idx0, _mm256_set1_epi32(8)))));
+    }
+    _mm256_store_ps(s, e0);
+    _mm256_store_ps(s + 8, e1);
+    *l += v8_hsum(_mm256_add_ps(e0, e1));
+}
+
+/* acc[g][i0 .. i0+w) += the block's n weighted V rows, rows in order for every element (as
+ * the scalar pair adds them); w columns at once keep w * ng independent FMA chains. */
+CPU_AVX2 static inline __attribute__((always_inline)) void
+cpu_attn_v_cols(const uint16_t *vb, size_t stride, int n, int i0, int w, int ng,
+                float s[][BE_KV_BLOCK], __m256 acc[][CPU_MAX_HEAD_DIM / 8])
+{
+    __m256 a[CPU_ATTN_GROUP][CPU_ATTN_VCOLS];
+    CPU_UNROLL
+    for (int g = 0; g < ng; g++)
+        CPU_UNROLL
+        for (int c = 0; c < w; c++)
+            a[g][c] = acc[g][i0 + c];
+    for (int jj = 0; jj < n; jj++) {
+        const uint16_t *vr = vb + (size_t)jj * stride + 8 * i0;
+        __m256 vf[CPU_ATTN_VCOLS];
+        CPU_UNROLL
+        for (int c = 0; c < w; c++)
+            vf[c] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vr + 8 * c)));
+        CPU_UNROLL
+        for (int g = 0; g < ng; g++) {
+            __m256 wv = _mm256_set1_ps(s[g][jj]);
+            CPU_UNROLL
+            for (int c = 0; c < w; c++)
+                a[g][c] = _mm256_fmadd_ps(wv, vf[c], a[g][c]);
+        }
+    }
+    CPU_UNROLL
+    for (int g = 0; g < ng; g++)
+        CPU_UNROLL
+        for (int c = 0; c < w; c++)
+            acc[g][i0 + c] = a[g][c];
+}
+
+/* Query heads h0 .. h0+ng-1 (ng <= CPU_ATTN_GROUP, all reading KV head kvh) of token t, for
+ * head_dim % 8 == 0: each K/V row is converted from fp16 once for the whole group. Per head
+ * the arithmetic is that of the scalar pair in vector form (F16C, FMA, vector exp), and each
+ * head's sums run in the same order whatever ng is, so a head's result does not depend on
+ * how heads are grouped or on the rest of the batch. */
+CPU_AVX2 static inline __attribute__((always_inline)) void
+cpu_attn_group_body(const cpu_attn_job *j, int t, int kvh, int h0, int ng)
 {
     const be_attn_meta *m = j->m;
-    int hd = j->head_dim, kvh = h / (j->n_heads / j->n_kv_heads), nv = hd / 8;
+    int hd = j->head_dim, nv = hd / 8;
     size_t stride = (size_t)j->n_kv_heads * hd;
-    const float *q = j->q + ((size_t)t * j->n_heads + h) * hd;
-    float *o = j->out + ((size_t)t * j->n_heads + h) * hd;
     const int32_t *bt = m->block_table + (size_t)m->tok_seq[t] * m->max_blocks;
     int n_pos = m->pos[t] + 1;
-    __m256 acc[CPU_MAX_HEAD_DIM / 8], qv[CPU_MAX_HEAD_DIM / 8];
-    float s[BE_KV_BLOCK] __attribute__((aligned(32)));
-    for (int i = 0; i < nv; i++) {
-        acc[i] = _mm256_setzero_ps();
-        qv[i] = _mm256_mul_ps(_mm256_loadu_ps(q + 8 * i), _mm256_set1_ps(j->scale));
+    __m256 acc[CPU_ATTN_GROUP][CPU_MAX_HEAD_DIM / 8], qv[CPU_ATTN_GROUP][CPU_MAX_HEAD_DIM / 8];
+    float s[CPU_ATTN_GROUP][BE_KV_BLOCK] __attribute__((aligned(32)));
+    float mx[CPU_ATTN_GROUP], l[CPU_ATTN_GROUP];
+    CPU_UNROLL
+    for (int g = 0; g < ng; g++) {
+        const float *q = j->q + ((size_t)t * j->n_heads + h0 + g) * hd;
+        for (int i = 0; i < nv; i++) {
+            acc[g][i] = _mm256_setzero_ps();
+            qv[g][i] = _mm256_mul_ps(_mm256_loadu_ps(q + 8 * i), _mm256_set1_ps(j->scale));
+        }
+        mx[g] = -INFINITY;
+        l[g] = 0;
     }
-    float mx = -INFINITY, l = 0;
     for (int p0 = 0; p0 < n_pos; p0 += BE_KV_BLOCK) {
         int n = HY_MIN(BE_KV_BLOCK, n_pos - p0);
         size_t base = ((size_t)bt[p0 / BE_KV_BLOCK] * BE_KV_BLOCK) * stride + (size_t)kvh * hd;
-        float bm = -INFINITY;
         for (int jj = 0; jj < n; jj++) {
             const uint16_t *kr = j->kc + base + (size_t)jj * stride;
-            __m256 d = _mm256_setzero_ps();
+            __m256 d[CPU_ATTN_GROUP];
+            CPU_UNROLL
+            for (int g = 0; g < ng; g++)
+                d[g] = _mm256_setzero_ps();
             for (int i = 0; i < nv; i++) {
                 __m256 kf = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kr + 8 * i)));
-                d = _mm256_fmadd_ps(qv[i], kf, d);
+                CPU_UNROLL
+                for (int g = 0; g < ng; g++)
+                    d[g] = _mm256_fmadd_ps(qv[g][i], kf, d[g]);
             }
-            s[jj] = v8_hsum(d);
-            bm = s[jj] > bm ? s[jj] : bm;
+            CPU_UNROLL
+            for (int g = 0; g < ng; g++)
+                s[g][jj] = v8_hsum(d[g]);
         }
-        for (int jj = n; jj < BE_KV_BLOCK; jj++)
-            s[jj] = -INFINITY;
-        if (bm > mx) {
-            __m256 c = _mm256_set1_ps(expf(mx - bm));
-            l *= expf(mx - bm);
-            for (int i = 0; i < nv; i++)
-                acc[i] = _mm256_mul_ps(acc[i], c);
-            mx = bm;
-        }
-        __m256 vm = _mm256_set1_ps(mx);
-        __m256 e0 = v8_exp(_mm256_sub_ps(_mm256_load_ps(s), vm));
-        __m256 e1 = v8_exp(_mm256_sub_ps(_mm256_load_ps(s + 8), vm));
-        /* v8_exp clamps: zero the padding explicitly */
-        if (n < BE_KV_BLOCK) {
-            __m256i idx0 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-            __m256i nn = _mm256_set1_epi32(n);
-            e0 = _mm256_and_ps(e0, _mm256_castsi256_ps(_mm256_cmpgt_epi32(nn, idx0)));
-            e1 = _mm256_and_ps(e1, _mm256_castsi256_ps(_mm256_cmpgt_epi32(
-                                       nn, _mm256_add_epi32(idx0, _mm256_set1_epi32(8)))));
-        }
-        _mm256_store_ps(s, e0);
-        _mm256_store_ps(s + 8, e1);
-        l += v8_hsum(_mm256_add_ps(e0, e1));
-        for (int jj = 0; jj < n; jj++) {
-            const uint16_t *vr = j->vc + base + (size_t)jj * stride;
-            __m256 w = _mm256_set1_ps(s[jj]);
-            for (int i = 0; i < nv; i++) {
-                __m256 vf = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vr + 8 * i)));
-                acc[i] = _mm256_fmadd_ps(w, vf, acc[i]);
-            }
-        }
+        CPU_UNROLL
+        for (int g = 0; g < ng; g++)
+            cpu_attn_block_softmax(s[g], n, nv, acc[g], &mx[g], &l[g]);
+        const uint16_t *vb = j->vc + base;
+        int i = 0;
+        /* about eight independent FMA chains whatever ng is */
+        int w = ng <= 2 ? CPU_ATTN_VCOLS : CPU_ATTN_VCOLS / 2;
+        for (; i + w <= nv; i += w)
+            cpu_attn_v_cols(vb, stride, n, i, w, ng, s, acc);
+        for (; i < nv; i++)
+            cpu_attn_v_cols(vb, stride, n, i, 1, ng, s, acc);
     }
-    __m256 inv = _mm256_set1_ps(1.0f / l);
-    for (int i = 0; i < nv; i++)
-        _mm256_storeu_ps(o + 8 * i, _mm256_mul_ps(acc[i], inv));
+    CPU_UNROLL
+    for (int g = 0; g < ng; g++) {
+        float *o = j->out + ((size_t)t * j->n_heads + h0 + g) * hd;
+        __m256 inv = _mm256_set1_ps(1.0f / l[g]);
+        for (int i = 0; i < nv; i++)
+            _mm256_storeu_ps(o + 8 * i, _mm256_mul_ps(acc[g][i], inv));
+    }
+}
+
+/* The body with ng a constant, so that the per-head loops unroll and stay in registers. */
+CPU_AVX2 static void cpu_attn_group_avx2(const cpu_attn_job *j, int t, int kvh, int h0, int ng)
+{
+    switch (ng) {
+    case 1: cpu_attn_group_body(j, t, kvh, h0, 1); break;
+    case 2: cpu_attn_group_body(j, t, kvh, h0, 2); break;
+    case 3: cpu_attn_group_body(j, t, kvh, h0, 3); break;
+    default: cpu_attn_group_body(j, t, kvh, h0, CPU_ATTN_GROUP); break;
+    }
 }
 #endif
 
+/* Work units: (token, KV head, chunk of up to CPU_ATTN_GROUP of its query heads). */
 static void cpu_attn_fn(void *ctx, int ith, int nth)
 {
     cpu_attn_job *j = ctx;
-    long n_pairs = (long)j->m->n_tok * j->n_heads;
-    /* interleave pairs: in a causal prefill later tokens cost more */
-    for (long p = ith; p < n_pairs; p += nth) {
-        int t = (int)(p / j->n_heads), h = (int)(p % j->n_heads);
+    int group = j->n_heads / j->n_kv_heads;
+    /* Too few (token, KV head) units to keep every thread busy (a decode step): one unit per
+     * query head instead. A head's arithmetic is the same in any chunk, so this choice does
+     * not change results. */
+    int gmax = (long)j->m->n_tok * j->n_kv_heads < 2L * nth ? 1 : CPU_ATTN_GROUP;
+    int n_chunks = (group + gmax - 1) / gmax;
+    long per_tok = (long)j->n_kv_heads * n_chunks;
+    long n_units = (long)j->m->n_tok * per_tok;
+    /* interleave units: in a causal prefill later tokens cost more */
+    for (long u = ith; u < n_units; u += nth) {
+        int t = (int)(u / per_tok), r = (int)(u % per_tok);
+        int kvh = r / n_chunks, h0 = kvh * group + (r % n_chunks) * gmax;
+        int ng = HY_MIN(gmax, (kvh + 1) * group - h0);
 #if CPU_X86
         if (j->avx) {
-            cpu_attn_pair_avx2(j, t, h);
+            cpu_attn_group_avx2(j, t, kvh, h0, ng);
             continue;
         }
 #endif
-        cpu_attn_pair_scalar(j, t, h);
+        for (int h = h0; h < h0 + ng; h++)
+            cpu_attn_pair_scalar(j, t, h);
     }
 }
 
@@ -753,7 +843,7 @@ static int cpu_attention(be *b, const be_attn_meta *m, const float *q, const flo
     cpu_attn_job j = {.m = m, .q = q, .kc = kc, .vc = vc, .out = out, .n_heads = n_heads,
                       .n_kv_heads = n_kv_heads, .head_dim = head_dim,
                       .scale = 1.0f / sqrtf((float)head_dim), .avx = avx && head_dim % 8 == 0};
-    bool par = work >= CPU_PAR_ATTN && (long)m->n_tok * n_heads > 1;
+    bool par = work >= CPU_PAR_ATTN && (long)m->n_tok * n_kv_heads > 1; /* units: see cpu_attn_fn */
     tp_run(par ? cpu_of(b)->cpu.pool : NULL, cpu_attn_fn, &j);
     return HY_OK;
 }

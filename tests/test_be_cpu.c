@@ -372,11 +372,73 @@ static void test_attention(void **state)
         {8, 2, 64, 3, {16, 0, 200}, {17, 1, 1}}, /* block boundaries, long history: threaded */
         {4, 4, 20, 3, {3, 40, 0}, {2, 1, 33}},   /* head_dim not a multiple of 8: scalar path */
         {6, 1, 32, 1, {0}, {1}},                 /* a single position */
+        {10, 2, 64, 2, {40, 3}, {1, 1}},         /* 5 query heads per KV head (chunks 4 + 1) */
+        {9, 1, 32, 3, {0, 20, 50}, {20, 1, 1}},  /* 9 per KV head, prefill and decode */
     };
     FOR_EACH_ISA(isa) {
         for (size_t i = 0; i < HY_ARRAY_LEN(cases); i++)
             check_attention(&cases[i]);
     }
+}
+
+/* A sequence's decode token gives bit-identical output alone and in a batch with other
+ * sequences' tokens (the op may group heads differently for different batch shapes). */
+static void test_attention_batch_invariant(void **state)
+{
+    enum { H = 9, KV = 3, HD = 64, NB = 32, MB = 8, NS = 3 };
+    const int hist[NS] = {70, 33, 5}, n_new[NS] = {1, 6, 1};
+    size_t qd = (size_t)H * HD, kvd = (size_t)KV * HD;
+    int32_t table[NS * MB];
+    for (int i = 0; i < NS * MB; i++)
+        table[i] = (i * 7 + 3) % NB; /* disjoint and scattered: 7 is prime to 32 */
+    void *kc, *vc;
+    assert_int_equal(B->ops->kv_alloc(B, NB, KV, HD, &kc, &vc), 0);
+    float *k = rand_vec(128 * kvd, 2.0f), *v = rand_vec(128 * kvd, 2.0f);
+    float *q = rand_vec(128 * qd, 1.5f); /* the history prefills read up to 70 rows */
+    float *o = malloc(sizeof(float) * 128 * qd), *alone = malloc(sizeof(float) * qd);
+    int32_t pos[128], seq[128], slot[128], len[NS];
+    for (int s = 0; s < NS; s++) {
+        for (int p = 0; p < hist[s]; p++) {
+            pos[p] = p;
+            seq[p] = 0;
+            slot[p] = table[s * MB + p / 16] * 16 + p % 16;
+        }
+        len[0] = hist[s];
+        be_attn_meta m = {.n_tok = hist[s], .n_seq = 1, .pos = pos, .tok_seq = seq, .slot = slot,
+                          .seq_len = len, .block_table = table + s * MB, .max_blocks = MB};
+        assert_int_equal(B->ops->attention(B, &m, q, k, v, kc, vc, H, KV, HD, o), 0);
+    }
+    /* sequence 0's next token alone (its K/V rows are the ones the batch writes again) */
+    pos[0] = hist[0];
+    seq[0] = 0;
+    slot[0] = table[hist[0] / 16] * 16 + hist[0] % 16;
+    len[0] = hist[0] + 1;
+    be_attn_meta m1 = {.n_tok = 1, .n_seq = 1, .pos = pos, .tok_seq = seq, .slot = slot,
+                       .seq_len = len, .block_table = table, .max_blocks = MB};
+    assert_int_equal(B->ops->attention(B, &m1, q, k, v, kc, vc, H, KV, HD, alone), 0);
+    /* then in a batch: all sequences' new tokens, sequence 0's token first with the same
+     * q/k/v rows */
+    int t = 0;
+    for (int s = 0; s < NS; s++) {
+        len[s] = hist[s] + n_new[s];
+        for (int i = 0; i < n_new[s]; i++, t++) {
+            pos[t] = hist[s] + i;
+            seq[t] = s;
+            slot[t] = table[s * MB + pos[t] / 16] * 16 + pos[t] % 16;
+        }
+    }
+    be_attn_meta mb = {.n_tok = t, .n_seq = NS, .pos = pos, .tok_seq = seq, .slot = slot,
+                       .seq_len = len, .block_table = table, .max_blocks = MB};
+    assert_int_equal(B->ops->attention(B, &mb, q, k, v, kc, vc, H, KV, HD, o), 0);
+    if (memcmp(o, alone, sizeof(float) * qd))
+        fail_msg("decode token: batched output differs from the token alone");
+    B->ops->free(B, kc);
+    B->ops->free(B, vc);
+    free(k);
+    free(v);
+    free(q);
+    free(o);
+    free(alone);
 }
 
 /* ------------------------------------------------------------------ matmul, embed */
@@ -511,6 +573,7 @@ int main(void)
         cmocka_unit_test(test_swiglu),
         cmocka_unit_test(test_rope),
         cmocka_unit_test(test_attention),
+        cmocka_unit_test(test_attention_batch_invariant),
         cmocka_unit_test(test_matmul),
         cmocka_unit_test(test_embed),
     };
