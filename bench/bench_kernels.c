@@ -203,9 +203,11 @@ static int run_case(be *b, const kb_opts *o, int r, int K, int batch, int n_ad, 
     if ((rc = time_op(b, x, o->in, y, o->out, segs, n_ad, 0, o->min_time, &t_grp)) ||
         (rc = time_op(b, x, o->in, y, o->out, segs, n_ad, 1, o->min_time, &t_loop)))
         goto done;
-    /* bytes the op must move at least: each adapter's fp32 A, R, Bcat once, x read, y read + written */
+    /* bytes the op must move at least: each adapter's A, R, Bcat once (fp16 on CUDA, fp32 on the
+     * CPU), x read, y read + written */
     double w = (double)r * o->in + (K > 1 ? (double)K * o->in : 0) + (double)K * r * o->out;
-    double bytes = 4.0 * (w * n_ad + (double)nx + 2.0 * (double)ny);
+    double wb = strcmp(b->ops->name, "cuda") ? 4.0 : 2.0;
+    double bytes = wb * w * n_ad + 4.0 * ((double)nx + 2.0 * (double)ny);
     double bw = bytes / t_grp;
     printf("| %d | %d | %d | %d | %.1f | %.2f | %.1f%% | %.1f | %.2f |\n", r, K, batch, n_ad, t_grp * 1e6, bw / 1e9,
            copy_bw > 0 ? 100.0 * bw / copy_bw : 0.0, t_loop * 1e6, t_loop / t_grp);
@@ -316,7 +318,7 @@ int bench_kernels_main(int argc, char **argv)
                         continue;
                     rc = run_case(b, &o, o.r[ri], o.K[ki], o.batch[bi], o.ads[ai], copy_bw, &rng);
                 }
-    printf("\nGB/s counts each adapter's fp32 A, R and B once plus x read and y read and written: the\n"
+    printf("\nGB/s counts each adapter's A, R and B once (fp16 on cuda, fp32 on cpu) plus x read and y read and written: the\n"
            "least the op must move; working sets that fit in cache can exceed the copy figure.\n"
            "loop/grouped > 1: one grouped call beats one call per adapter.\n");
     if (rc)

@@ -190,15 +190,20 @@ struct be_weight {
     float *f;
 };
 
-/* One HydraLoRA set on the device, fp32. AR = [A; R] ((r + Kr) x in, Kr = K > 1 ? K : 0),
- * BT = [B_0 | ... | B_{K-1}]^T (K*r x out: transposed so that threads owning consecutive
- * outputs read consecutive addresses in the expand kernel). */
+/* One HydraLoRA set on the device, stored in fp16 (half the bytes of fp32: at batch 64 with
+ * distinct adapters the op is bound by reading them). AR = [A; R] ((r + Kr) x in, Kr = K > 1 ?
+ * K : 0), BT = [B_0 | ... | B_{K-1}]^T (K*r x out: transposed so that threads owning consecutive
+ * outputs read consecutive addresses in the expand kernel). Each of A, R and B is multiplied by
+ * its own power of two before rounding (so its largest magnitude lands near 2^14, far from fp16
+ * overflow and from its subnormals); the kernels undo that exactly: l_mul = 1 / (R's factor)
+ * before the softmax, out_mul = scale / (A's factor * B's factor) on the expand sum. */
 struct be_lora {
     int r, K;
     int64_t in, out;
     float scale;
-    float *AR;  /* == mem */
-    float *BT;  /* inside mem, CUDA_LPOOL_ALIGN-aligned */
+    float l_mul, out_mul;
+    __half *AR; /* == mem */
+    __half *BT; /* inside mem, CUDA_LPOOL_ALIGN-aligned */
     void *mem;  /* the pool range holding both (cuda_lpool_alloc), NULL if none */
     size_t bytes;
     int chunk;

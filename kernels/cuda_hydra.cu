@@ -4,11 +4,13 @@
  *                                 HY_TT consecutive tokens of one segment, so each row of
  *                                 [A; R] is read once per group (SGMV), once per token in decode
  *   expand  g = softmax(l), z = g (x) h, y += scale * Bcat z
- *                                 grid (token group, 256-output tile); every tile recomputes the
- *                                 K-way softmax of its tokens (cheap), reads its slice of Bcat^T
- *                                 once for the whole group, coalesced across output threads.
- * Adapter matrices live in the pool of cuda_lpool.cu; each hydra call first makes the stream
- * wait for adapter copies still in flight (free when there are none).
+ *                                 grid (token group, output tile of 256 threads x 1 or 2 outputs);
+ *                                 every tile recomputes the K-way softmax of its tokens (cheap),
+ *                                 reads its slice of Bcat^T once for the whole group, coalesced
+ *                                 across output threads (half2 loads when `out` is even).
+ * Adapter matrices live in the pool of cuda_lpool.cu as fp16 with power-of-two factors (see
+ * struct be_lora); activations, [h; l], the softmax and all sums stay fp32. Each hydra call first
+ * makes the stream wait for adapter copies still in flight (free when there are none).
  * Segment descriptors travel as a __grid_constant__ kernel parameter (HY_P_SEGS per launch;
  * more segments take more launches). Router stats are atomically added to per-call entries in
  * device memory and brought home by the next download/sync (cuda_gst_*), never per call. */
@@ -18,18 +20,18 @@
 #include <stdlib.h>
 
 #define HY_TT 8          /* tokens of one segment handled together */
-#define HY_P_SEGS 64     /* segments per launch (kernel parameter space is 4 KiB) */
+#define HY_P_SEGS 64     /* segments per launch (kernel parameter space is 4 KiB: 64 x 48 bytes) */
 #define HY_SHRINK_WARPS 8
 #define HY_EX_THREADS 256
 
 typedef struct {
-    const float *AR;
-    const float *BT;
+    const __half *AR;
+    const __half *BT;
     int begin, end; /* tokens */
     int g0;         /* first group of this segment in the launch */
     int gst;        /* router stats entry in gst_dev, or -1 */
     short r, K;
-    float scale;
+    float l_mul, out_mul; /* be_lora's: undo the storage factors */
 } hy_seg;
 
 typedef struct {
@@ -67,29 +69,32 @@ __global__ void __launch_bounds__(HY_SHRINK_WARPS * 32)
     const int t0 = s.begin + ((int)blockIdx.x - s.g0) * HY_TT;
     const int cnt = min(HY_TT, s.end - t0);
     const int in = p.in;
-    const float *row = s.AR + (size_t)j * in;
+    const __half *row = s.AR + (size_t)j * in;
     float acc[HY_TT];
 #pragma unroll
     for (int t = 0; t < HY_TT; t++)
         acc[t] = 0.0f;
     if (VEC) {
-        const float4 *r4 = (const float4 *)row;
+        /* in % 4 == 0: a row starts 8-byte aligned, so 4 halves load as one uint2 */
+        const uint2 *r4 = (const uint2 *)row;
         const float4 *x4 = (const float4 *)(x + (size_t)t0 * in);
         const int n4 = in / 4;
         for (int i = lane; i < n4; i += 32) {
-            const float4 a = __ldg(r4 + i);
+            const uint2 raw = __ldg(r4 + i);
+            const float2 a01 = __half22float2(*(const __half2 *)&raw.x);
+            const float2 a23 = __half22float2(*(const __half2 *)&raw.y);
 #pragma unroll
             for (int t = 0; t < HY_TT; t++) {
                 if (t < cnt) {
                     const float4 b = __ldg(x4 + (size_t)t * n4 + i);
-                    acc[t] += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+                    acc[t] += a01.x * b.x + a01.y * b.y + a23.x * b.z + a23.y * b.w;
                 }
             }
         }
     } else {
         const float *xt = x + (size_t)t0 * in;
         for (int i = lane; i < in; i += 32) {
-            const float a = __ldg(row + i);
+            const float a = __half2float(__ldg(row + i));
 #pragma unroll
             for (int t = 0; t < HY_TT; t++)
                 if (t < cnt)
@@ -106,6 +111,8 @@ __global__ void __launch_bounds__(HY_SHRINK_WARPS * 32)
     }
 }
 
+/* NO outputs per thread (1, or 2 through half2 loads when `out` is even) */
+template <int NO>
 __global__ void __launch_bounds__(HY_EX_THREADS)
     cuda_hydra_expand_kernel(const __grid_constant__ hy_params p, const float *__restrict__ hl,
                              float *__restrict__ y, float *__restrict__ gst)
@@ -126,9 +133,9 @@ __global__ void __launch_bounds__(HY_EX_THREADS)
         } else {
             float mx = -INFINITY, sum = 0.0f;
             for (int k = 0; k < K; k++)
-                mx = fmaxf(mx, h[r + k]);
+                mx = fmaxf(mx, h[r + k] * s.l_mul);
             for (int k = 0; k < K; k++) {
-                g[k] = expf(h[r + k] - mx);
+                g[k] = expf(h[r + k] * s.l_mul - mx);
                 sum += g[k];
             }
             for (int k = 0; k < K; k++)
@@ -154,26 +161,39 @@ __global__ void __launch_bounds__(HY_EX_THREADS)
     }
     __syncthreads();
     const int out = p.out;
-    const int o = blockIdx.y * HY_EX_THREADS + tid;
+    const int o = (blockIdx.y * HY_EX_THREADS + tid) * NO;
     if (o >= out)
-        return;
-    const float *col = s.BT + o;
-    float acc[HY_TT];
+        return; /* with NO == 2, out is even: o < out means o + 1 < out too */
+    const __half *col = s.BT + o;
+    float acc[NO][HY_TT];
 #pragma unroll
-    for (int t = 0; t < HY_TT; t++)
-        acc[t] = 0.0f;
+    for (int q = 0; q < NO; q++)
+#pragma unroll
+        for (int t = 0; t < HY_TT; t++)
+            acc[q][t] = 0.0f;
 #pragma unroll 4
     for (int i = 0; i < kr; i++) {
-        const float w = __ldg(col + (size_t)i * out);
+        float w[NO];
+        if (NO == 2) { /* out and o even, BT 256-byte aligned: a 4-byte aligned pair */
+            const float2 w2 = __half22float2(__ldg((const __half2 *)(col + (size_t)i * out)));
+            w[0] = w2.x;
+            w[NO - 1] = w2.y;
+        } else {
+            w[0] = __half2float(__ldg(col + (size_t)i * out));
+        }
 #pragma unroll
         for (int t = 0; t < HY_TT; t++)
             if (t < cnt)
-                acc[t] += w * zs[t][i];
+#pragma unroll
+                for (int q = 0; q < NO; q++)
+                    acc[q][t] += w[q] * zs[t][i];
     }
 #pragma unroll
     for (int t = 0; t < HY_TT; t++)
         if (t < cnt)
-            y[(size_t)(t0 + t) * out + o] += s.scale * acc[t];
+#pragma unroll
+            for (int q = 0; q < NO; q++)
+                y[(size_t)(t0 + t) * out + o + q] += s.out_mul * acc[q][t];
 }
 
 /* ---- router stats: device entries, one download per step ---- */
@@ -233,7 +253,7 @@ static int lora_layout(int r, int K, int64_t in, int64_t out, size_t *ar_bytes, 
     const int kr_rows = r + (K > 1 ? K : 0);
     size_t n_ar = 0, n_b = 0;
     if (hy_mul_size((size_t)kr_rows, (size_t)in, &n_ar) || hy_mul_size((size_t)out, (size_t)K * r, &n_b) ||
-        hy_mul_size(n_ar, sizeof(float), ar_bytes) || hy_mul_size(n_b, sizeof(float), &n_b) ||
+        hy_mul_size(n_ar, sizeof(__half), ar_bytes) || hy_mul_size(n_b, sizeof(__half), &n_b) ||
         *ar_bytes > SIZE_MAX / 2 || n_b > SIZE_MAX / 2 - CUDA_LPOOL_ALIGN)
         return hy_err_set(HY_ELIMIT, "CUDA lora_create: too large");
     *bt_off = (*ar_bytes + CUDA_LPOOL_ALIGN - 1) / CUDA_LPOOL_ALIGN * CUDA_LPOOL_ALIGN;
@@ -241,9 +261,36 @@ static int lora_layout(int r, int K, int64_t in, int64_t out, size_t *ar_bytes, 
     return HY_OK;
 }
 
-/* Copies A, R and B (host) into a pool range through pinned staging on the copy stream and
- * returns without waiting: the next hydra orders the copy before its kernels. The caller's
- * arrays may be reused as soon as this returns. *out_lora is freed with cuda_lora_free. */
+/* The power of two that brings the largest |v| of the n values (over `parts` arrays) to
+ * [2^13, 2^14); 1 when all are zero or not finite. Clamped to 2^-40..2^40 so that the products
+ * of factors stay finite in fp32. */
+static float lora_pow2(const float *const *parts, int n_parts, size_t n)
+{
+    float mx = 0.0f;
+    for (int p = 0; p < n_parts; p++)
+        for (size_t i = 0; i < n; i++) {
+            const float a = fabsf(parts[p][i]);
+            if (a > mx && isfinite(a))
+                mx = a;
+        }
+    if (mx == 0.0f)
+        return 1.0f;
+    int e = 0;
+    (void)frexpf(mx, &e); /* mx = m 2^e, m in [0.5, 1): mx < 2^e */
+    const int sh = 14 - e;
+    return ldexpf(1.0f, sh < -40 ? -40 : sh > 40 ? 40 : sh);
+}
+
+static void lora_to_half(__half *dst, const float *src, size_t n, float mul)
+{
+    for (size_t i = 0; i < n; i++)
+        dst[i] = __float2half_rn(src[i] * mul);
+}
+
+/* Rounds A, R and B (host, fp32) to fp16 with their factors (struct be_lora), packs them in
+ * pinned staging and copies them into a pool range on the copy stream, returning without
+ * waiting: the next hydra orders the copy before its kernels. The caller's arrays may be reused
+ * as soon as this returns. *out_lora is freed with cuda_lora_free. */
 int cuda_lora_create(be *b, int r, int K, int64_t in, int64_t out, const float *A, const float *R,
                      const float *const *B, float scale, be_lora **out_lora)
 {
@@ -273,21 +320,26 @@ int cuda_lora_create(be *b, int r, int K, int64_t in, int64_t out, const float *
     l->scale = scale;
     if ((rc = cuda_lpool_alloc(c, total, &l->mem, &l->bytes, &l->chunk)))
         goto fail;
-    l->AR = (float *)l->mem;
-    l->BT = (float *)((char *)l->mem + bt_off);
+    l->AR = (__half *)l->mem;
+    l->BT = (__half *)((char *)l->mem + bt_off);
     if ((rc = cuda_lstage_get(c, total, &slot, &host)))
         goto fail;
     {
-        float *hAR = (float *)host, *hB = (float *)((char *)host + bt_off);
-        memcpy(hAR, A, (size_t)r * in * sizeof(float));
+        const float fa = lora_pow2(&A, 1, (size_t)r * in);
+        const float fr = K > 1 ? lora_pow2(&R, 1, (size_t)K * in) : 1.0f;
+        const float fb = lora_pow2(B, K, (size_t)out * r);
+        l->l_mul = 1.0f / fr;
+        l->out_mul = scale / fa / fb; /* powers of two: exact unless scale itself underflows */
+        __half *hAR = (__half *)host, *hB = (__half *)((char *)host + bt_off);
+        lora_to_half(hAR, A, (size_t)r * in, fa);
         if (K > 1)
-            memcpy(hAR + (size_t)r * in, R, (size_t)K * in * sizeof(float));
+            lora_to_half(hAR + (size_t)r * in, R, (size_t)K * in, fr);
         /* BT[k*r + i][o] = B_k[o][i] */
         for (int k = 0; k < K; k++)
             for (int i = 0; i < r; i++) {
-                float *dst = hB + (size_t)(k * r + i) * out;
+                __half *dst = hB + (size_t)(k * r + i) * out;
                 for (int64_t o = 0; o < out; o++)
-                    dst[o] = B[k][(size_t)o * r + i];
+                    dst[o] = __float2half_rn(B[k][(size_t)o * r + i] * fb);
             }
     }
     if ((rc = cuda_lstage_put(c, slot, l->mem, total)))
@@ -335,8 +387,13 @@ static int cuda_hydra_launch(be_cuda *c, const hy_params *p, int max_rk, const f
     else
         cuda_hydra_shrink_kernel<false><<<sg, HY_SHRINK_WARPS * 32, 0, c->stream>>>(*p, x, hl);
     CU_LAUNCHED("cuda_hydra_shrink_kernel");
-    const dim3 eg((unsigned)p->n_group, (unsigned)((p->out + HY_EX_THREADS - 1) / HY_EX_THREADS));
-    cuda_hydra_expand_kernel<<<eg, HY_EX_THREADS, 0, c->stream>>>(*p, hl, y, c->gst_dev);
+    const int no = p->out % 2 == 0 ? 2 : 1;
+    const int per_block = HY_EX_THREADS * no;
+    const dim3 eg((unsigned)p->n_group, (unsigned)((p->out + per_block - 1) / per_block));
+    if (no == 2)
+        cuda_hydra_expand_kernel<2><<<eg, HY_EX_THREADS, 0, c->stream>>>(*p, hl, y, c->gst_dev);
+    else
+        cuda_hydra_expand_kernel<1><<<eg, HY_EX_THREADS, 0, c->stream>>>(*p, hl, y, c->gst_dev);
     CU_LAUNCHED("cuda_hydra_expand_kernel");
     return HY_OK;
 }
@@ -384,7 +441,8 @@ int cuda_hydra(be *b, const float *x, int64_t in, float *y, int64_t out, const b
         s->g0 = p.n_group;
         s->r = (short)l->r;
         s->K = (short)l->K;
-        s->scale = l->scale;
+        s->l_mul = l->l_mul;
+        s->out_mul = l->out_mul;
         s->gst = -1;
         if (want) {
             s->gst = c->gst_n;

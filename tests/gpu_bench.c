@@ -129,7 +129,7 @@ static void bench_hydra(be *b, const float *pool, double bw)
 {
     static const int64_t shapes[][2] = {{2048, 2048}, {2048, 8192}, {8192, 2048}};
     const int r = 16, K = 4, n_tok = 64;
-    printf("\nHydraLoRA op (shrink + gate + expand, r=%d K=%d), %d tokens, fp32 adapter weights\n", r, K, n_tok);
+    printf("\nHydraLoRA op (shrink + gate + expand, r=%d K=%d), %d tokens, fp16 adapter weights\n", r, K, n_tok);
     printf("  %-12s %-26s %10s %10s %8s\n", "in x out", "batch", "us/call", "GB/s", "of copy");
     for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
         int64_t in = shapes[si][0], out = shapes[si][1];
@@ -157,8 +157,8 @@ static void bench_hydra(be *b, const float *pool, double bw)
                     DIE("hydra");
             b->ops->sync(b);
             double dt = (hy_now() - t0) / it;
-            /* bytes that must move: each distinct adapter's [A;R] and Bcat once, x once, y read+write */
-            double w = (double)((r + K) * in + out * K * r) * 4.0 * n_seg;
+            /* bytes that must move: each distinct adapter's fp16 [A;R] and Bcat once, x once, y read+write */
+            double w = (double)((r + K) * in + out * K * r) * 2.0 * n_seg;
             double bytes = w + 4.0 * n_tok * in + 8.0 * n_tok * out;
             char sh[32];
             snprintf(sh, sizeof sh, "%lldx%lld", (long long)in, (long long)out);
