@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #define BE_KV_BLOCK 16 /* tokens per KV block */
+#define BE_MM_MAX 3     /* weights per matmul_n call (q, k, v) */
 
 typedef struct be be;             /* a backend instance; first member is `const be_ops *ops` */
 typedef struct be_weight be_weight; /* a base-model matrix as the backend keeps it */
@@ -66,6 +67,12 @@ typedef struct {
 
     /* y[t][r] = sum_c W[r][c] x[t][c]  (y: [n_tok][rows], x: [n_tok][cols]) */
     int (*matmul)(be *b, const be_weight *w, const float *x, int n_tok, float *y);
+    /* y[i] = W[i] x for i < n (1 <= n <= BE_MM_MAX): matrices that read the same x (q/k/v,
+     * gate/up) in one call, so the backend converts x once and spreads the rows of all of them
+     * over its threads (CPU) or one kernel launch (CUDA). Every W[i] has x's cols; the y[i] do
+     * not overlap x or each other. Same results as n matmul calls. */
+    int (*matmul_n)(be *b, int n, const be_weight *const *w, const float *x, int n_tok,
+                    float *const *y);
     /* out[t] = embedding row ids[t] (ids is HOST) */
     int (*embed)(be *b, const be_weight *emb, const int32_t *ids, int n_tok, float *out);
     /* y[t] = x[t] / rms(x[t]) * w   (y may equal x) */

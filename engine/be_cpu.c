@@ -201,41 +201,49 @@ static void cpu_weight_free(be *b, be_weight *w)
 
 /* ------------------------------------------------------------------ matmul */
 
+/* One matmul_n call: n weights of one type and width reading the same x. The row chunks of all
+ * of them form one index space (weight i owns chunks [c0[i], c0[i + 1])). */
 typedef struct {
-    const be_weight *w;
+    int n;
+    const be_weight *const *w;
+    float *const *y;
     const float *x;
     int n_tok;
-    float *y;
     void *act;
     size_t act_row;
     int64_t row_step; /* rows per chunk, a multiple of 16 so y rows do not share lines */
+    long c0[BE_MM_MAX + 1];
     atomic_long next; /* next chunk to take: workers that run late (a busy machine) take less */
 } cpu_mm_job;
 
 static void cpu_mm_quant_fn(void *ctx, int ith, int nth)
 {
     cpu_mm_job *j = ctx;
+    const be_weight *w = j->w[0];
     long t0, t1;
     tp_split(j->n_tok, ith, nth, &t0, &t1);
     if (t1 > t0)
-        q_act_quantize(j->w->type, j->x + t0 * j->w->cols, j->w->cols, (int)(t1 - t0),
+        q_act_quantize(w->type, j->x + t0 * w->cols, w->cols, (int)(t1 - t0),
                        (uint8_t *)j->act + (size_t)t0 * j->act_row);
 }
 
 static void cpu_mm_rows_fn(void *ctx, int ith, int nth)
 {
     cpu_mm_job *j = ctx;
-    const be_weight *w = j->w;
+    int i = 0;
     for (;;) {
-        int64_t r0 = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed) * j->row_step;
-        if (r0 >= w->rows)
+        long c = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
+        if (c >= j->c0[j->n])
             return;
-        int64_t r1 = HY_MIN(w->rows, r0 + j->row_step);
+        while (c >= j->c0[i + 1]) /* chunks are taken in ascending order */
+            i++;
+        const be_weight *w = j->w[i];
+        int64_t r0 = (c - j->c0[i]) * j->row_step, r1 = HY_MIN(w->rows, r0 + j->row_step);
         for (int t0 = 0; t0 < j->n_tok; t0 += CPU_MM_TOK_TILE) {
             int nt = HY_MIN(CPU_MM_TOK_TILE, j->n_tok - t0);
             q_matmul_rows(w->type, w->data, w->cols,
                           (const uint8_t *)j->act + (size_t)t0 * j->act_row, nt,
-                          j->y + (int64_t)t0 * w->rows, w->rows, r0, r1);
+                          j->y[i] + (int64_t)t0 * w->rows, w->rows, r0, r1);
         }
     }
 }
@@ -271,7 +279,8 @@ CPU_AVX2 static float cpu_dot_avx2(const float *a, const float *b, int64_t n)
 static void cpu_mm_precise_fn(void *ctx, int ith, int nth)
 {
     cpu_mm_job *j = ctx;
-    const be_weight *w = j->w;
+    const be_weight *w = j->w[0];
+    float *y = j->y[0];
     int64_t r0 = ith * j->row_step, r1 = HY_MIN(w->rows, r0 + j->row_step);
     bool avx = cpu_use_avx2();
     for (int64_t r = r0; r < r1; r++) {
@@ -284,42 +293,74 @@ static void cpu_mm_precise_fn(void *ctx, int ith, int nth)
             (void)avx;
             float v = cpu_dot_scalar(wr, x, w->cols);
 #endif
-            j->y[(size_t)t * w->rows + r] = v;
+            y[(size_t)t * w->rows + r] = v;
         }
     }
 }
 
-static int cpu_matmul(be *b, const be_weight *w, const float *x, int n_tok, float *y)
+/* precise mode: fp32 weights, one weight at a time */
+static void cpu_matmul_precise(cpu_ctx *c, const be_weight *w, const float *x, int n_tok, float *y)
+{
+    cpu_mm_job j = {.n = 1, .w = &w, .y = &y, .x = x, .n_tok = n_tok};
+    int nth = tp_threads(c->cpu.pool);
+    int64_t step = (w->rows + nth - 1) / nth;
+    j.row_step = (step + 15) & ~(int64_t)15;
+    tp_run(c->cpu.pool, cpu_mm_precise_fn, &j);
+}
+
+static int cpu_matmul_n(be *b, int n, const be_weight *const *w, const float *x, int n_tok,
+                        float *const *y)
 {
     cpu_ctx *c = cpu_of(b);
-    if (n_tok <= 0)
+    if (n < 1 || n > BE_MM_MAX || n_tok < 0)
+        return hy_err_set(HY_EINVAL, "matmul_n: bad arguments (n %d, n_tok %d)", n, n_tok);
+    if (n_tok == 0)
         return HY_OK;
-    cpu_mm_job j = {.w = w, .x = x, .n_tok = n_tok, .y = y};
-    if (w->f32) {
-        int nth = tp_threads(c->cpu.pool);
-        int64_t step = (w->rows + nth - 1) / nth;
-        j.row_step = (step + 15) & ~(int64_t)15;
-        tp_run(c->cpu.pool, cpu_mm_precise_fn, &j);
+    bool same = true;
+    for (int i = 1; i < n; i++)
+        same = same && w[i]->type == w[0]->type && w[i]->cols == w[0]->cols;
+    if (w[0]->f32 || !same) {
+        for (int i = 0; i < n; i++) {
+            if (w[i]->f32) {
+                cpu_matmul_precise(c, w[i], x, n_tok, y[i]);
+                continue;
+            }
+            int rc = cpu_matmul_n(b, 1, &w[i], x, n_tok, &y[i]);
+            if (rc)
+                return rc;
+        }
         return HY_OK;
     }
-    j.act_row = q_act_row_bytes(w->type, w->cols);
-    int rc = cpu_grow(&c->act, &c->act_cap, q_act_bytes(w->type, w->cols, n_tok));
+    cpu_mm_job j = {.n = n, .w = w, .y = y, .x = x, .n_tok = n_tok};
+    j.act_row = q_act_row_bytes(w[0]->type, w[0]->cols);
+    int rc = cpu_grow(&c->act, &c->act_cap, q_act_bytes(w[0]->type, w[0]->cols, n_tok));
     if (rc)
         return rc;
     j.act = c->act;
-    double macs = (double)w->rows * (double)w->cols * n_tok;
+    int64_t rows = 0;
+    for (int i = 0; i < n; i++)
+        rows += w[i]->rows;
+    double macs = (double)rows * (double)w[0]->cols * n_tok;
     tp_pool *pool = macs >= CPU_PAR_MACS ? c->cpu.pool : NULL;
     int nth = tp_threads(pool);
     if (n_tok >= 2 * nth && pool)
         tp_run(pool, cpu_mm_quant_fn, &j);
     else
         cpu_mm_quant_fn(&j, 0, 1);
-    /* about 8 chunks per thread, whole cache lines of y each */
-    int64_t step = (w->rows + 8 * nth - 1) / (8 * nth);
+    /* about 8 chunks per thread over all the rows, whole cache lines of y each */
+    int64_t step = (rows + 8 * nth - 1) / (8 * nth);
     j.row_step = (step + 15) & ~(int64_t)15;
+    j.c0[0] = 0;
+    for (int i = 0; i < n; i++)
+        j.c0[i + 1] = j.c0[i] + (long)((w[i]->rows + j.row_step - 1) / j.row_step);
     atomic_init(&j.next, 0);
     tp_run(pool, cpu_mm_rows_fn, &j);
     return HY_OK;
+}
+
+static int cpu_matmul(be *b, const be_weight *w, const float *x, int n_tok, float *y)
+{
+    return cpu_matmul_n(b, 1, &w, x, n_tok, &y);
 }
 
 /* ------------------------------------------------------------------ embedding */
@@ -873,6 +914,7 @@ static const be_ops cpu_ops = {
     .weight_create = cpu_weight_create,
     .weight_free = cpu_weight_free,
     .matmul = cpu_matmul,
+    .matmul_n = cpu_matmul_n,
     .embed = cpu_embed,
     .rmsnorm = cpu_rmsnorm,
     .rope = cpu_rope,

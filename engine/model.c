@@ -542,13 +542,12 @@ static int eng_check_batch(const eng_model *m, const eng_kv *kv, const eng_batch
     return HY_OK;
 }
 
-/* y = W x for projection `proj` of layer il, plus each adapter segment's HydraLoRA term. */
-static int eng_proj(eng_model *m, const eng_batch *bt, int il, int proj, const float *x, float *y)
+/* Each adapter segment's HydraLoRA term for projection `proj` of layer il, added to y. */
+static int eng_proj_lora(eng_model *m, const eng_batch *bt, int il, int proj, const float *x, float *y)
 {
     be *b = m->b;
-    int rc = b->ops->matmul(b, m->layers[il].w[proj], x, bt->n_tok, y);
-    if (rc || bt->n_seg == 0)
-        return rc;
+    if (bt->n_seg == 0)
+        return HY_OK;
     be_lora_seg *segs = m->run.segs;
     int n = 0, idx = il * ENG_N_PROJ + proj;
     for (int i = 0; i < bt->n_seg; i++) {
@@ -568,6 +567,21 @@ static int eng_proj(eng_model *m, const eng_batch *bt, int il, int proj, const f
     return b->ops->hydra(b, x, in, y, out, segs, n);
 }
 
+/* y[i] = W x for the n projections proj[i] of layer il that read the same x (one matmul_n),
+ * plus each adapter segment's HydraLoRA terms. */
+static int eng_proj(eng_model *m, const eng_batch *bt, int il, int n, const int *proj, const float *x,
+                    float *const *y)
+{
+    be *b = m->b;
+    const be_weight *w[BE_MM_MAX];
+    for (int i = 0; i < n; i++)
+        w[i] = m->layers[il].w[proj[i]];
+    int rc = b->ops->matmul_n(b, n, w, x, bt->n_tok, y);
+    for (int i = 0; i < n && !rc; i++)
+        rc = eng_proj_lora(m, bt, il, proj[i], x, y[i]);
+    return rc;
+}
+
 static int eng_layer_forward(eng_model *m, eng_kv *kv, const eng_batch *bt, int il)
 {
     be *b = m->b;
@@ -576,26 +590,25 @@ static int eng_layer_forward(eng_model *m, eng_kv *kv, const eng_batch *bt, int 
     const eng_layer *L = &m->layers[il];
     eng_run *r = &m->run;
     int n = bt->n_tok, rc;
+    static const int qkv[] = {ENG_Q, ENG_K, ENG_V}, o[] = {ENG_O}, gate_up[] = {ENG_GATE, ENG_UP},
+                     down[] = {ENG_DOWN};
 
     /* attention block */
     if ((rc = ops->rmsnorm(b, r->x, L->attn_norm, n, hp->n_embd, hp->rms_eps, r->xb)) ||
-        (rc = eng_proj(m, bt, il, ENG_Q, r->xb, r->q)) ||
-        (rc = eng_proj(m, bt, il, ENG_K, r->xb, r->k)) ||
-        (rc = eng_proj(m, bt, il, ENG_V, r->xb, r->v)) ||
+        (rc = eng_proj(m, bt, il, 3, qkv, r->xb, (float *const[]){r->q, r->k, r->v})) ||
         (rc = ops->rope(b, r->q, bt->attn.pos, n, hp->n_head, hp->head_dim, m->rope_freq)) ||
         (rc = ops->rope(b, r->k, bt->attn.pos, n, hp->n_head_kv, hp->head_dim, m->rope_freq)) ||
         (rc = ops->attention(b, &bt->attn, r->q, r->k, r->v, kv->k[il], kv->v[il], hp->n_head,
                              hp->n_head_kv, hp->head_dim, r->att)) ||
-        (rc = eng_proj(m, bt, il, ENG_O, r->att, r->xb)) ||
+        (rc = eng_proj(m, bt, il, 1, o, r->att, &r->xb)) ||
         (rc = ops->add(b, r->x, r->xb, (int64_t)n * hp->n_embd)))
         return rc;
 
     /* feed-forward block */
     if ((rc = ops->rmsnorm(b, r->x, L->ffn_norm, n, hp->n_embd, hp->rms_eps, r->xb)) ||
-        (rc = eng_proj(m, bt, il, ENG_GATE, r->xb, r->hb)) ||
-        (rc = eng_proj(m, bt, il, ENG_UP, r->xb, r->hb2)) ||
+        (rc = eng_proj(m, bt, il, 2, gate_up, r->xb, (float *const[]){r->hb, r->hb2})) ||
         (rc = ops->swiglu(b, r->hb, r->hb2, n, hp->n_ff, r->hb)) ||
-        (rc = eng_proj(m, bt, il, ENG_DOWN, r->hb, r->xb)) ||
+        (rc = eng_proj(m, bt, il, 1, down, r->hb, &r->xb)) ||
         (rc = ops->add(b, r->x, r->xb, (int64_t)n * hp->n_embd)))
         return rc;
     return HY_OK;

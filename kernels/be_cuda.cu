@@ -317,6 +317,7 @@ static const be_ops cuda_ops = {
     /* weight_create */ cuda_weight_create,
     /* weight_free */ cuda_weight_free,
     /* matmul */ cuda_matmul,
+    /* matmul_n */ cuda_matmul_n,
     /* embed */ cuda_embed,
     /* rmsnorm */ cuda_rmsnorm,
     /* rope */ cuda_rope,

@@ -235,6 +235,7 @@ int cuda_weight_create(be *b, uint32_t type, int64_t rows, int64_t cols, const v
                        be_weight **out);                                   /* cuda_weight.cu */
 void cuda_weight_free(be *b, be_weight *w);
 int cuda_matmul(be *b, const be_weight *w, const float *x, int n_tok, float *y); /* cuda_matmul.cu */
+int cuda_matmul_n(be *b, int n, const be_weight *const *w, const float *x, int n_tok, float *const *y);
 int cuda_embed(be *b, const be_weight *emb, const int32_t *ids, int n_tok, float *out); /* cuda_embed.cu */
 int cuda_rmsnorm(be *b, const float *x, const float *w, int n_tok, int64_t dim, float eps,
                  float *y);                                                 /* cuda_rmsnorm.cu */

@@ -5,7 +5,10 @@
  * Two mat-vec kernels: cuda_mv_rows_kernel (Q4_0, Q4_1, Q8_0, Q4_K) gives each warp R rows so
  * every activation load (two float4 per 8 weights per token) serves R rows; the first kernel,
  * cuda_matvec_kernel (one warp per row, scalar activation loads), serves Q6_K, unaligned
- * activations and HY_CUDA_MV_LEGACY=1 runs that compare the two. */
+ * activations and HY_CUDA_MV_LEGACY=1 runs that compare the two.
+ * matmul_n (q/k/v, gate/up: matrices of one type and width reading the same x) runs the row
+ * kernel once over the rows of all of them (block ranges per matrix in a kernel parameter), so
+ * a decode layer launches 3 mat-vec kernels fewer; other cases loop over matmul. */
 #include "kernels/cuda.h"
 #include "kernels/cuda_quant.cuh"
 
@@ -53,13 +56,28 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
  * consecutive, both multiples of 4) for these types; see cuda_quant.cuh. */
 template <int QT> struct mv_x4 { enum { OK = (QT == 2 || QT == 3 || QT == 8 || QT == 12) }; };
 
+/* The matrices of one row-kernel launch: matrix i owns blocks [b0[i], b0[i + 1]). */
+typedef struct {
+    const uint8_t *W[BE_MM_MAX];
+    float *y[BE_MM_MAX];
+    int rows[BE_MM_MAX];
+    int b0[BE_MM_MAX + 1];
+    int n;
+} mv_set;
+
 template <int QT, int NT, int R>
 __global__ void __launch_bounds__(MV_WARPS * 32)
-    cuda_mv_rows_kernel(const uint8_t *__restrict__ W, size_t row_bytes, int rows, int cols,
-                        const float *__restrict__ x, float *__restrict__ y)
+    cuda_mv_rows_kernel(const __grid_constant__ mv_set set, size_t row_bytes, int cols,
+                        const float *__restrict__ x)
 {
+    int m = 0;
+    while (m + 1 < set.n && (int)blockIdx.x >= set.b0[m + 1])
+        m++;
+    const uint8_t *__restrict__ W = set.W[m];
+    float *__restrict__ y = set.y[m];
+    const int rows = set.rows[m];
     const int lane = threadIdx.x & 31;
-    const int r0 = (blockIdx.x * MV_WARPS + (threadIdx.x >> 5)) * R;
+    const int r0 = (((int)blockIdx.x - set.b0[m]) * MV_WARPS + (threadIdx.x >> 5)) * R;
     if (r0 >= rows)
         return; /* whole warp leaves together: no block-wide barrier below */
     const uint8_t *rowp[R];
@@ -102,21 +120,32 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
         }
 }
 
+/* the rows of w[0..n) (one type, one width) in one launch */
 template <int QT, int NT>
-static void cuda_mv_rows_launch1(cudaStream_t s, const be_weight *w, const float *x, float *y)
+static void cuda_mv_rows_launch1(cudaStream_t s, int n, const be_weight *const *w, const float *x,
+                                 float *const *y)
 {
     constexpr int R = NT == 1 ? 2 : 4;
-    const unsigned grid = (unsigned)((w->rows + MV_WARPS * R - 1) / (MV_WARPS * R));
-    cuda_mv_rows_kernel<QT, NT, R><<<grid, MV_WARPS * 32, 0, s>>>(
-        (const uint8_t *)w->q, w->row_bytes, (int)w->rows, (int)w->cols, x, y);
+    mv_set set;
+    memset(&set, 0, sizeof set);
+    set.n = n;
+    for (int i = 0; i < n; i++) {
+        set.W[i] = (const uint8_t *)w[i]->q;
+        set.y[i] = y[i];
+        set.rows[i] = (int)w[i]->rows;
+        set.b0[i + 1] = set.b0[i] + (int)((w[i]->rows + MV_WARPS * R - 1) / (MV_WARPS * R));
+    }
+    cuda_mv_rows_kernel<QT, NT, R><<<(unsigned)set.b0[n], MV_WARPS * 32, 0, s>>>(
+        set, w[0]->row_bytes, (int)w[0]->cols, x);
 }
 
 template <int QT>
-static void cuda_mv_rows_launch(cudaStream_t s, const be_weight *w, const float *x, int n_tok, float *y)
+static void cuda_mv_rows_launch(cudaStream_t s, int n, const be_weight *const *w, const float *x,
+                                int n_tok, float *const *y)
 {
     if constexpr (mv_x4<QT>::OK) {
         switch (n_tok) {
-#define MV_CASE(N) case N: cuda_mv_rows_launch1<QT, N>(s, w, x, y); break;
+#define MV_CASE(N) case N: cuda_mv_rows_launch1<QT, N>(s, n, w, x, y); break;
             MV_CASE(1) MV_CASE(2) MV_CASE(3) MV_CASE(4) MV_CASE(5) MV_CASE(6) MV_CASE(7) MV_CASE(8)
 #undef MV_CASE
         default: break;
@@ -176,6 +205,13 @@ static int cuda_gemm(be_cuda *c, const be_weight *w, const float *x, int n_tok, 
     return HY_OK;
 }
 
+/* the row kernel reads this weight type, x is float4-aligned and no A/B run asked otherwise */
+static bool cuda_mv_rows_ok(const be_cuda *c, const be_weight *w, const float *x)
+{
+    return (w->type == Q_Q4_0 || w->type == Q_Q4_1 || w->type == Q_Q8_0 || w->type == Q_Q4_K) &&
+           ((uintptr_t)x % 16) == 0 && !c->mv_legacy;
+}
+
 int cuda_matmul(be *b, const be_weight *w, const float *x, int n_tok, float *y)
 {
     be_cuda *c = cuda_ctx(b);
@@ -184,10 +220,8 @@ int cuda_matmul(be *b, const be_weight *w, const float *x, int n_tok, float *y)
     if (n_tok == 0)
         return HY_OK;
     if (cuda_type_quantised(w->type) && n_tok <= c->mv_max_tok) {
-        const bool rows_ok = (w->type == Q_Q4_0 || w->type == Q_Q4_1 || w->type == Q_Q8_0 ||
-                              w->type == Q_Q4_K) && ((uintptr_t)x % 16) == 0 && !c->mv_legacy;
-        if (rows_ok) {
-            CQ_DISPATCH(w->type, cuda_mv_rows_launch<QT>(c->stream, w, x, n_tok, y));
+        if (cuda_mv_rows_ok(c, w, x)) {
+            CQ_DISPATCH(w->type, cuda_mv_rows_launch<QT>(c->stream, 1, &w, x, n_tok, &y));
             CU_LAUNCHED("cuda_mv_rows_kernel");
             return HY_OK;
         }
@@ -196,4 +230,28 @@ int cuda_matmul(be *b, const be_weight *w, const float *x, int n_tok, float *y)
         return HY_OK;
     }
     return cuda_gemm(c, w, x, n_tok, y);
+}
+
+int cuda_matmul_n(be *b, int n, const be_weight *const *w, const float *x, int n_tok, float *const *y)
+{
+    be_cuda *c = cuda_ctx(b);
+    if (n < 1 || n > BE_MM_MAX || !w || !y || n_tok < 0)
+        return hy_err_set(HY_EINVAL, "CUDA matmul_n: bad arguments");
+    bool fuse = n > 1 && n_tok > 0 && n_tok <= c->mv_max_tok && cuda_mv_rows_ok(c, w[0], x);
+    int64_t blocks = 0;
+    for (int i = 0; i < n && fuse; i++) {
+        fuse = w[i] && w[i]->type == w[0]->type && w[i]->cols == w[0]->cols;
+        blocks += w[i] ? (w[i]->rows + MV_WARPS - 1) / MV_WARPS : 0; /* an upper bound (R >= 1) */
+    }
+    if (!fuse || blocks > INT32_MAX) {
+        for (int i = 0; i < n; i++) {
+            int rc = cuda_matmul(b, w[i], x, n_tok, y[i]);
+            if (rc)
+                return rc;
+        }
+        return HY_OK;
+    }
+    CQ_DISPATCH(w[0]->type, cuda_mv_rows_launch<QT>(c->stream, n, w, x, n_tok, y));
+    CU_LAUNCHED("cuda_mv_rows_kernel");
+    return HY_OK;
 }

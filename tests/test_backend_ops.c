@@ -306,6 +306,77 @@ static void test_matmul(void **state)
     check_matmul(Q_Q4_1, 2048, 576, 1); /* a real decode shape */
 }
 
+/* matmul_n on each backend: bit-identical to that backend's separate matmul calls (the fused
+ * CUDA launch computes every row as the single one does), and the GPU's within the matmul
+ * threshold of the CPU's. Row counts whose blocks do not line up, 1 and 8 tokens (mat-vec),
+ * 9 (cuBLAS: the loop), mixed types (the loop). */
+static void check_matmul_n(const uint32_t *types, const int64_t *rows, int n, int64_t cols, int n_tok)
+{
+    void *wh[BE_MM_MAX];
+    float *out[2][BE_MM_MAX];
+    float *x = rnd_vec((size_t)n_tok * cols, 1.0f);
+    for (int i = 0; i < n; i++)
+        wh[i] = rnd_weight(types[i], rows[i], cols, 0.05f, &(size_t){0});
+    be *bs[2] = {g_cpu, g_gpu};
+    for (int bi = 0; bi < 2; bi++) {
+        be *b = bs[bi];
+        be_weight *w[BE_MM_MAX];
+        float *dy[BE_MM_MAX], *dy1[BE_MM_MAX];
+        float *dx = dev_put(b, x, sizeof(float) * (size_t)(n_tok * cols));
+        for (int i = 0; i < n; i++) {
+            OP(b, b->ops->weight_create(b, types[i], rows[i], cols, wh[i], &w[i]));
+            dy[i] = dev_put(b, NULL, sizeof(float) * (size_t)(n_tok * rows[i]));
+            dy1[i] = dev_put(b, NULL, sizeof(float) * (size_t)(n_tok * rows[i]));
+            OP(b, b->ops->matmul(b, w[i], dx, n_tok, dy1[i]));
+        }
+        OP(b, b->ops->matmul_n(b, n, (const be_weight *const *)w, dx, n_tok, dy));
+        for (int i = 0; i < n; i++) {
+            size_t ny = (size_t)(n_tok * rows[i]);
+            float *one = malloc(sizeof(float) * ny);
+            out[bi][i] = malloc(sizeof(float) * ny);
+            dev_get(b, out[bi][i], dy[i], sizeof(float) * ny);
+            dev_get(b, one, dy1[i], sizeof(float) * ny);
+            if (memcmp(one, out[bi][i], sizeof(float) * ny))
+                fail_msg("%s matmul_n: matrix %d of %d (%s %lldx%lld, %d tokens) differs from matmul", b->ops->name,
+                         i, n, q_type_name(types[i]), (long long)rows[i], (long long)cols, n_tok);
+            free(one);
+            b->ops->free(b, dy[i]);
+            b->ops->free(b, dy1[i]);
+            b->ops->weight_free(b, w[i]);
+        }
+        b->ops->free(b, dx);
+    }
+    for (int i = 0; i < n; i++) {
+        double e = nmse(out[1][i], out[0][i], (size_t)(n_tok * rows[i]));
+        printf("  matmul_n %d/%d %-5s %5lld x %-5lld n_tok %3d: NMSE vs CPU %.2e\n", i + 1, n, q_type_name(types[i]),
+               (long long)rows[i], (long long)cols, n_tok, e);
+        CHECK_NMSE("matmul_n vs CPU", e, types[i] == Q_F16 ? NMSE_VS_CPU_F : NMSE_VS_CPU_Q);
+        free(out[0][i]);
+        free(out[1][i]);
+        free(wh[i]);
+    }
+    free(x);
+}
+
+static void test_matmul_n(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    static const uint32_t types[] = {Q_Q4_0, Q_Q4_1, Q_Q8_0, Q_Q4_K, Q_Q6_K};
+    static const int toks[] = {1, 3, 8, 9};
+    static const int64_t qkv[] = {2048, 512, 512}, odd[] = {33, 300, 7};
+    for (size_t ti = 0; ti < HY_ARRAY_LEN(types); ti++) {
+        const uint32_t t3[] = {types[ti], types[ti], types[ti]};
+        for (size_t ni = 0; ni < HY_ARRAY_LEN(toks); ni++) {
+            check_matmul_n(t3, qkv, 3, 2048, toks[ni]);
+            check_matmul_n(t3, odd, 3, 512, toks[ni]);
+            check_matmul_n(t3, odd, 2, 512, toks[ni]);
+        }
+    }
+    static const uint32_t mixed[] = {Q_Q4_1, Q_Q8_0, Q_F16};
+    check_matmul_n(mixed, odd, 3, 512, 1);
+}
+
 /* ---- embed ---- */
 
 static void test_embed(void **state)
@@ -856,7 +927,7 @@ static void test_memory(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_memory),   cmocka_unit_test(test_matmul),    cmocka_unit_test(test_embed),
+        cmocka_unit_test(test_memory),   cmocka_unit_test(test_matmul), cmocka_unit_test(test_matmul_n),    cmocka_unit_test(test_embed),
         cmocka_unit_test(test_elementwise), cmocka_unit_test(test_rope),   cmocka_unit_test(test_attention),
         cmocka_unit_test(test_hydra),   cmocka_unit_test(test_hydra_range), cmocka_unit_test(test_hydra_arena),
     };

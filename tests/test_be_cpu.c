@@ -521,6 +521,57 @@ static void test_matmul(void **state)
     }
 }
 
+/* matmul_n == n separate matmul calls, bit for bit: same and mixed types, shapes whose row
+ * chunks do not line up with the matrices, one token (no threads for small ones) and many. */
+static void check_matmul_n(const uint32_t *types, const int64_t *rows, int n, int64_t cols, int n_tok)
+{
+    be_weight *w[BE_MM_MAX];
+    void *wd[BE_MM_MAX];
+    float *y[BE_MM_MAX], *ref[BE_MM_MAX];
+    float *x = rand_vec((size_t)n_tok * cols, 1.0f);
+    for (int i = 0; i < n; i++) {
+        wd[i] = rand_weight(types[i], rows[i], cols);
+        assert_int_equal(B->ops->weight_create(B, types[i], rows[i], cols, wd[i], &w[i]), 0);
+        size_t ny = (size_t)n_tok * rows[i];
+        y[i] = malloc(sizeof(float) * ny);
+        ref[i] = malloc(sizeof(float) * ny);
+        for (size_t k = 0; k < ny; k++)
+            y[i][k] = NAN; /* every output must be written */
+        assert_int_equal(B->ops->matmul(B, w[i], x, n_tok, ref[i]), 0);
+    }
+    assert_int_equal(B->ops->matmul_n(B, n, (const be_weight *const *)w, x, n_tok, y), 0);
+    for (int i = 0; i < n; i++) {
+        if (memcmp(y[i], ref[i], sizeof(float) * (size_t)n_tok * rows[i]))
+            fail_msg("matmul_n: matrix %d of %d (%s, %lld x %lld), %d tokens differs from matmul", i, n,
+                     q_type_name(types[i]), (long long)rows[i], (long long)cols, n_tok);
+        B->ops->weight_free(B, w[i]);
+        free(wd[i]);
+        free(y[i]);
+        free(ref[i]);
+    }
+    free(x);
+}
+
+static void test_matmul_n(void **state)
+{
+    static const uint32_t same[] = {Q_Q4_1, Q_Q4_1, Q_Q4_1}, mixed[] = {Q_Q8_0, Q_Q4_1, Q_F16};
+    static const int64_t qkv[] = {576, 192, 192}, odd[] = {100, 17, 250}, ffn[] = {1536, 1536};
+    FOR_EACH_ISA(isa) {
+        for (int n_tok = 1; n_tok <= 70; n_tok += 69) {
+            check_matmul_n(same, qkv, 3, 576, n_tok);
+            check_matmul_n(same, odd, 3, 256, n_tok);
+            check_matmul_n(same, ffn, 2, 576, n_tok);
+            check_matmul_n(same, odd, 1, 64, n_tok);
+            check_matmul_n(mixed, qkv, 3, 576, n_tok);
+        }
+    }
+    /* n outside 1..BE_MM_MAX */
+    float x[64] = {0}, *y[4] = {x, x, x, x};
+    const be_weight *w[4] = {NULL, NULL, NULL, NULL};
+    assert_int_equal(B->ops->matmul_n(B, 0, w, x, 1, y), HY_EINVAL);
+    assert_int_equal(B->ops->matmul_n(B, 4, w, x, 1, y), HY_EINVAL);
+}
+
 static void test_embed(void **state)
 {
     const int64_t rows = 50, cols = 96;
@@ -575,6 +626,7 @@ int main(void)
         cmocka_unit_test(test_attention),
         cmocka_unit_test(test_attention_batch_invariant),
         cmocka_unit_test(test_matmul),
+        cmocka_unit_test(test_matmul_n),
         cmocka_unit_test(test_embed),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
