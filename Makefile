@@ -55,6 +55,13 @@ $(BIN)/hydrad-bench: $(BENCH_C:%.c=$(BUILD)/%.o) $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
+# GPU timings for scripts/gpu-check.sh: built (not run) by `make test` whenever nvcc exists, so a
+# GPU session finds it compiling.
+GPU_BENCH := $(if $(LIB_CU),$(BIN)/gpu_bench)
+$(BIN)/gpu_bench: $(BUILD)/tests/gpu_bench.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
 $(BIN)/tests/%: $(BUILD)/tests/%.o $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) $^ $(LDLIBS) -lcmocka -o $@
@@ -72,7 +79,7 @@ $(K4R16)/adapter_model.safetensors: scripts/make_test_adapter.py
 
 # Every C test binary, then the Python end-to-end tests. HY_MODEL points tests at the model.
 test: setup
-	$(MAKE) all $(TESTS) fixtures
+	$(MAKE) all $(TESTS) $(GPU_BENCH) fixtures
 	$(MAKE) test-c test-py
 
 test-c: $(TESTS)

@@ -83,9 +83,13 @@ static void dec_init(dec_batch *d, int n_seq, int ctx)
     d->seg_begin[n_seq] = n_seq;
 }
 
-/* mean seconds per eng_forward step (logits downloaded, so each step is synchronous) */
+/* Mean seconds per eng_forward step (logits downloaded, so each step is synchronous). When
+ * host is not NULL, also the mean time the host takes to issue a step without logits (returns
+ * as soon as every launch is queued; the device is idle when it starts): close to the step time
+ * means the step is bound by issuing launches (fusion, CUDA graphs), well below means by the
+ * kernels themselves. */
 static double time_steps(eng_model *m, eng_kv *kv, const dec_batch *d, int n_seg,
-                         const eng_adapter *const *seg_ad, float *logits)
+                         const eng_adapter *const *seg_ad, float *logits, double *host)
 {
     int32_t one_seg[2] = {0, d->n_seq};
     eng_batch b = {.n_tok = d->n_seq,
@@ -103,7 +107,25 @@ static double time_steps(eng_model *m, eng_kv *kv, const dec_batch *d, int n_seg
     for (int i = 0; i < g_iters; i++)
         if (eng_forward(m, kv, &b, logits))
             DIE("eng_forward");
-    return (hy_now() - t0) / g_iters;
+    double step = (hy_now() - t0) / g_iters;
+    if (host) {
+        eng_batch nb = b;
+        nb.n_logits = 0;
+        be *be_ = eng_model_backend(m);
+        double sum = 0;
+        for (int i = 0; i < g_iters; i++) {
+            if (be_->ops->sync(be_))
+                DIE("sync");
+            double h0 = hy_now();
+            if (eng_forward(m, kv, &nb, logits))
+                DIE("eng_forward");
+            sum += hy_now() - h0;
+        }
+        if (be_->ops->sync(be_))
+            DIE("sync");
+        *host = sum / g_iters;
+    }
+    return step;
 }
 
 /* one r16 K4 adapter on every projection of every layer (values irrelevant for timing) */
@@ -130,7 +152,7 @@ static void bench_hydra(be *b, const float *pool, double bw)
     static const int64_t shapes[][2] = {{2048, 2048}, {2048, 8192}, {8192, 2048}};
     const int r = 16, K = 4, n_tok = 64;
     printf("\nHydraLoRA op (shrink + gate + expand, r=%d K=%d), %d tokens, fp16 adapter weights\n", r, K, n_tok);
-    printf("  %-12s %-26s %10s %10s %8s\n", "in x out", "batch", "us/call", "GB/s", "of copy");
+    printf("  %-12s %-26s %10s %10s %8s %14s\n", "in x out", "batch", "us/call", "GB/s", "of copy", "host issue us");
     for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
         int64_t in = shapes[si][0], out = shapes[si][1];
         be_lora *l[64];
@@ -156,15 +178,23 @@ static void bench_hydra(be *b, const float *pool, double bw)
                 if (b->ops->hydra(b, x, in, y, out, segs, n_seg))
                     DIE("hydra");
             b->ops->sync(b);
-            double dt = (hy_now() - t0) / it;
+            double dt = (hy_now() - t0) / it, host = 0;
+            for (int i = 0; i < 20; i++) { /* the host's cost of one call, device idle */
+                b->ops->sync(b);
+                double h0 = hy_now();
+                if (b->ops->hydra(b, x, in, y, out, segs, n_seg))
+                    DIE("hydra");
+                host += (hy_now() - h0) / 20;
+            }
+            b->ops->sync(b);
             /* bytes that must move: each distinct adapter's fp16 [A;R] and Bcat once, x once, y read+write */
             double w = (double)((r + K) * in + out * K * r) * 2.0 * n_seg;
             double bytes = w + 4.0 * n_tok * in + 8.0 * n_tok * out;
             char sh[32];
             snprintf(sh, sizeof sh, "%lldx%lld", (long long)in, (long long)out);
-            printf("  %-12s %-26s %10.1f %10.1f %7.0f%%\n", sh,
+            printf("  %-12s %-26s %10.1f %10.1f %7.0f%% %14.1f\n", sh,
                    mode == 0 ? "64 adapters, 1 tok each" : "1 adapter, 64 tokens", dt * 1e6, bytes / dt / 1e9,
-                   100.0 * bytes / dt / bw);
+                   100.0 * bytes / dt / bw, host * 1e6);
         }
         b->ops->free(b, x);
         b->ops->free(b, y);
@@ -308,17 +338,18 @@ int main(int argc, char **argv)
         DIE("eng_kv_create");
     float *logits = malloc(sizeof(float) * 64 * (size_t)hp->n_vocab);
     printf("decode step, context %d tokens per sequence (fp16 KV)\n", ctx);
-    printf("  %5s %10s %12s %12s %10s %12s\n", "batch", "ms/step", "floor q (ms)", "floor f16", "step/floor",
-           "tok/s");
+    printf("  %5s %10s %12s %12s %10s %12s %14s\n", "batch", "ms/step", "floor q (ms)", "floor f16", "step/floor",
+           "tok/s", "host issue ms");
     for (size_t i = 0; i < sizeof batches / sizeof batches[0]; i++) {
         dec_batch d;
         dec_init(&d, batches[i], ctx);
-        double dt = time_steps(m, kv, &d, 0, NULL, logits);
+        double host = 0;
+        double dt = time_steps(m, kv, &d, 0, NULL, logits, &host);
         double kvb = (double)batches[i] * ctx * hp->n_layer * 2.0 * hp->n_head_kv * hp->head_dim * 2.0;
         double fq = (qbytes + kvb) / bw, fh = (hbytes + kvb) / bw;
         double floor = batches[i] <= 8 ? fq : fh;
-        printf("  %5d %10.3f %12.3f %12.3f %10.2f %12.0f\n", batches[i], dt * 1e3, fq * 1e3, fh * 1e3, dt / floor,
-               batches[i] / dt);
+        printf("  %5d %10.3f %12.3f %12.3f %10.2f %12.0f %14.3f\n", batches[i], dt * 1e3, fq * 1e3, fh * 1e3,
+               dt / floor, batches[i] / dt, host * 1e3);
     }
 
     /* adapters */
@@ -334,17 +365,18 @@ int main(int argc, char **argv)
     for (int a = 0; a < 64; a++)
         ads[a] = make_adapter(m, b, hpool);
     printf("  (64 adapters created in %.1f s)\n", hy_now() - t0);
-    double t_none = time_steps(m, kv, &d, 0, NULL, logits);
+    double h_none = 0, h_one = 0, h_all = 0;
+    double t_none = time_steps(m, kv, &d, 0, NULL, logits, &h_none);
     const eng_adapter *one[1] = {ads[0]};
-    double t_one = time_steps(m, kv, &d, 1, one, logits);
+    double t_one = time_steps(m, kv, &d, 1, one, logits, &h_one);
     const eng_adapter *all[64];
     for (int a = 0; a < 64; a++)
         all[a] = ads[a];
-    double t_all = time_steps(m, kv, &d, 64, all, logits);
-    printf("  %-28s %10s %10s\n", "adapters in the batch", "ms/step", "vs none");
-    printf("  %-28s %10.3f %10.2f\n", "none", t_none * 1e3, 1.0);
-    printf("  %-28s %10.3f %10.2f\n", "1 (all 64 sequences)", t_one * 1e3, t_one / t_none);
-    printf("  %-28s %10.3f %10.2f\n", "64 distinct", t_all * 1e3, t_all / t_none);
+    double t_all = time_steps(m, kv, &d, 64, all, logits, &h_all);
+    printf("  %-28s %10s %10s %14s\n", "adapters in the batch", "ms/step", "vs none", "host issue ms");
+    printf("  %-28s %10.3f %10.2f %14.3f\n", "none", t_none * 1e3, 1.0, h_none * 1e3);
+    printf("  %-28s %10.3f %10.2f %14.3f\n", "1 (all 64 sequences)", t_one * 1e3, t_one / t_none, h_one * 1e3);
+    printf("  %-28s %10.3f %10.2f %14.3f\n", "64 distinct", t_all * 1e3, t_all / t_none, h_all * 1e3);
     printf("  64 distinct vs 1 adapter: %.2fx\n", t_all / t_one);
 
     bench_hydra(b, hpool, bw);
