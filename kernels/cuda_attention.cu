@@ -1,8 +1,9 @@
 /* cuda_attention.cu - paged KV cache (kv_alloc) and causal GQA attention over it.
- * One block per (token, query head), 4 warps over interleaved tiles of the context: lanes score
- * 32 cached positions at a time (fp16 K, fp32 math), an online softmax keeps a running max and
- * sum, each lane accumulates its head_dim/32 output dims over V, and the warps merge at the end. Prefill uses the same kernel (correctness first; a tiled
- * prefill kernel would be faster). Block tables have the CPU backend's semantics (backend.h). */
+ * One block per (token, KV head, chunk of its query heads) so that GQA reads each cached K/V row
+ * once for all the query heads sharing it; warps over interleaved 32-position tiles, an online
+ * softmax per head, merged at the end (details at cuda_attn_kernel). Prefill uses the same
+ * kernel (a tiled prefill kernel would read the cache fewer times). Block tables have the CPU
+ * backend's semantics (backend.h). */
 #include "kernels/cuda.h"
 
 #include <math.h>
@@ -25,100 +26,175 @@ __global__ void cuda_kv_write_kernel(const float *k, const float *v, const int32
     }
 }
 
-/* One block per (token, query head); its ATT_WARPS warps take interleaved 32-position tiles of
- * the context (so a long decode context is walked by 4 warps, not 1), each with its own
- * online softmax, merged through shared memory at the end. */
+/* One block per (token, KV head, chunk of up to ATT_GMAX of the query heads that share that KV
+ * head): every K and V row the block reads from the cache serves all of its query heads (GQA:
+ * the cache is read once per KV head, not once per query head). The block's W warps take
+ * interleaved 32-position tiles of the context: each lane scores one cached position for every
+ * head of the chunk (fp16 K, fp32 math), an online softmax per head keeps a running max and sum,
+ * then the warp walks the tile's V rows together (coalesced half2 loads when HD % 64 == 0),
+ * each lane accumulating its HD/32 output dims for every head; the warps merge through shared
+ * memory at the end. Dynamic shared memory: qs[gpb][HD], acc[W][gpb][HD], m[W][gpb], l[W][gpb]. */
+#define ATT_GMAX 8
+
+/* output dim of a lane's i-th accumulator: pairs (2 lane, 2 lane + 1) per 64 dims when HD % 64
+ * == 0 (one half2 load per pair), else lane + 32 i */
+template <int HD>
+__device__ __forceinline__ int att_dim(int lane, int i)
+{
+    return HD % 64 == 0 ? 64 * (i >> 1) + 2 * lane + (i & 1) : lane + 32 * i;
+}
+
 template <int HD, int ATT_W>
 __global__ void __launch_bounds__(ATT_W * 32)
     cuda_attn_kernel(const float *__restrict__ q, const __half *__restrict__ kc,
                      const __half *__restrict__ vc, const int32_t *__restrict__ pos,
                      const int32_t *__restrict__ tok_seq, const int32_t *__restrict__ bt,
-                     int max_blocks, int n_heads, int n_kv, float scale, float *__restrict__ out)
+                     int max_blocks, int n_heads, int n_kv, int gpb, float scale, float *__restrict__ out)
 {
     constexpr int DPL = HD / 32;
-    __shared__ float qs[HD];
-    __shared__ float part_acc[ATT_W][HD];
-    __shared__ float part_m[ATT_W], part_l[ATT_W];
+    extern __shared__ float att_smem[];
+    const int G = n_heads / n_kv, n_chunk = (G + gpb - 1) / gpb;
+    const int chunk = blockIdx.x % n_chunk, kvh = (blockIdx.x / n_chunk) % n_kv;
+    const int t = blockIdx.x / (n_chunk * n_kv);
+    const int h0 = kvh * G + chunk * gpb, gn = min(gpb, G - chunk * gpb);
+    float *qs = att_smem;                    /* [gpb][HD] */
+    float *part_acc = qs + gpb * HD;         /* [ATT_W][gpb][HD] */
+    float *part_m = part_acc + ATT_W * gpb * HD; /* [ATT_W][gpb] */
+    float *part_l = part_m + ATT_W * gpb;        /* [ATT_W][gpb] */
     const int wid = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int t = blockIdx.x / n_heads, h = blockIdx.x % n_heads;
-    const int kvh = h / (n_heads / n_kv);
-    const float *qt = q + ((size_t)t * n_heads + h) * HD;
-    for (int d = threadIdx.x; d < HD; d += ATT_W * 32)
-        qs[d] = qt[d];
+    const float *qt = q + ((size_t)t * n_heads + h0) * HD; /* the chunk's heads are consecutive */
+    for (int i = threadIdx.x; i < gn * HD; i += ATT_W * 32)
+        qs[i] = qt[i];
     __syncthreads();
     const int kvdim = n_kv * HD;
     const int npos = pos[t] + 1;
     const int32_t *tbl = bt + (size_t)tok_seq[t] * max_blocks;
-    float m = -INFINITY, l = 0.0f, acc[DPL];
+    float m[ATT_GMAX], l[ATT_GMAX], acc[ATT_GMAX][DPL];
 #pragma unroll
-    for (int i = 0; i < DPL; i++)
-        acc[i] = 0.0f;
+    for (int g = 0; g < ATT_GMAX; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < DPL; i++)
+            acc[g][i] = 0.0f;
+    }
     for (int base = wid * 32; base < npos; base += ATT_W * 32) {
         const int p = base + lane;
         const bool valid = p < npos;
-        float s = -INFINITY;
+        float s[ATT_GMAX];
+#pragma unroll
+        for (int g = 0; g < ATT_GMAX; g++)
+            s[g] = 0.0f;
         int slot = 0;
         if (valid) {
             slot = tbl[p / BE_KV_BLOCK] * BE_KV_BLOCK + p % BE_KV_BLOCK;
             const uint4 *kr = (const uint4 *)(kc + (size_t)slot * kvdim + (size_t)kvh * HD);
-            float dot = 0.0f;
-#pragma unroll
+#pragma unroll 2
             for (int i = 0; i < HD / 8; i++) {
                 const uint4 u = kr[i];
                 const __half2 *hp = (const __half2 *)&u;
+                float f[8];
 #pragma unroll
                 for (int j = 0; j < 4; j++) {
-                    const float2 f = __half22float2(hp[j]);
-                    dot += qs[8 * i + 2 * j] * f.x + qs[8 * i + 2 * j + 1] * f.y;
+                    const float2 v2 = __half22float2(hp[j]);
+                    f[2 * j] = v2.x;
+                    f[2 * j + 1] = v2.y;
+                }
+#pragma unroll
+                for (int g = 0; g < ATT_GMAX; g++) {
+                    if (g < gn) {
+                        const float *qg = qs + g * HD + 8 * i;
+                        float d = 0.0f;
+#pragma unroll
+                        for (int j = 0; j < 8; j++)
+                            d += qg[j] * f[j];
+                        s[g] += d;
+                    }
                 }
             }
-            s = dot * scale;
         }
-        const float mn = fmaxf(m, cuda_warp_max(s)); /* lane 0 of a visited tile is valid: finite */
-        const float corr = expf(m - mn);              /* first tile: exp(-inf) = 0 */
-        const float pr = valid ? expf(s - mn) : 0.0f;
-        l = l * corr + cuda_warp_sum(pr);
+        float pr[ATT_GMAX];
 #pragma unroll
-        for (int i = 0; i < DPL; i++)
-            acc[i] *= corr;
+        for (int g = 0; g < ATT_GMAX; g++) {
+            if (g < gn) { /* gn is block-uniform: every lane takes part in the reductions */
+                const float sg = valid ? s[g] * scale : -INFINITY;
+                const float mn = fmaxf(m[g], cuda_warp_max(sg)); /* lane 0 of a visited tile is valid */
+                const float corr = expf(m[g] - mn);              /* first tile: exp(-inf) = 0 */
+                pr[g] = valid ? expf(sg - mn) : 0.0f;
+                l[g] = l[g] * corr + cuda_warp_sum(pr[g]);
+#pragma unroll
+                for (int i = 0; i < DPL; i++)
+                    acc[g][i] *= corr;
+                m[g] = mn;
+            } else {
+                pr[g] = 0.0f;
+            }
+        }
         const int nv = min(32, npos - base);
-#pragma unroll 4
+#pragma unroll 2
         for (int j = 0; j < nv; j++) {
-            const float pj = __shfl_sync(0xffffffffu, pr, j);
             const int sj = __shfl_sync(0xffffffffu, slot, j);
             const __half *vr = vc + (size_t)sj * kvdim + (size_t)kvh * HD;
+            float vv[DPL];
+            if (HD % 64 == 0) {
 #pragma unroll
-            for (int i = 0; i < DPL; i++)
-                acc[i] += pj * __half2float(vr[lane + 32 * i]);
+                for (int i = 0; i < DPL; i += 2) {
+                    const float2 v2 = __half22float2(*(const __half2 *)(vr + att_dim<HD>(lane, i)));
+                    vv[i] = v2.x;
+                    vv[i + 1] = v2.y;
+                }
+            } else {
+#pragma unroll
+                for (int i = 0; i < DPL; i++)
+                    vv[i] = __half2float(vr[att_dim<HD>(lane, i)]);
+            }
+#pragma unroll
+            for (int g = 0; g < ATT_GMAX; g++) {
+                if (g < gn) {
+                    const float pj = __shfl_sync(0xffffffffu, pr[g], j);
+#pragma unroll
+                    for (int i = 0; i < DPL; i++)
+                        acc[g][i] += pj * vv[i];
+                }
+            }
         }
-        m = mn;
     }
     /* merge the warps' partial softmaxes; a warp that saw no position has m = -inf, l = 0 */
+    for (int g = 0; g < gn; g++) {
 #pragma unroll
-    for (int i = 0; i < DPL; i++)
-        part_acc[wid][lane + 32 * i] = acc[i];
-    if (lane == 0) {
-        part_m[wid] = m;
-        part_l[wid] = l;
+        for (int i = 0; i < DPL; i++) {
+            float a = 0.0f;
+#pragma unroll
+            for (int gg = 0; gg < ATT_GMAX; gg++) /* registers need constant indices */
+                if (gg == g)
+                    a = acc[gg][i];
+            part_acc[(wid * gpb + g) * HD + att_dim<HD>(lane, i)] = a;
+        }
+        if (lane == 0) {
+            float mg = 0.0f, lg = 0.0f;
+#pragma unroll
+            for (int gg = 0; gg < ATT_GMAX; gg++)
+                if (gg == g) {
+                    mg = m[gg];
+                    lg = l[gg];
+                }
+            part_m[wid * gpb + g] = mg;
+            part_l[wid * gpb + g] = lg;
+        }
     }
     __syncthreads();
-    float M = part_m[0]; /* warp 0 always holds position 0: finite */
-#pragma unroll
-    for (int w = 1; w < ATT_W; w++)
-        M = fmaxf(M, part_m[w]);
-    float L = 0.0f, wsc[ATT_W];
-#pragma unroll
-    for (int w = 0; w < ATT_W; w++) {
-        wsc[w] = expf(part_m[w] - M);
-        L += part_l[w] * wsc[w];
-    }
-    float *ot = out + ((size_t)t * n_heads + h) * HD;
-    for (int d = threadIdx.x; d < HD; d += ATT_W * 32) {
-        float o = 0.0f;
-#pragma unroll
-        for (int w = 0; w < ATT_W; w++)
-            o += part_acc[w][d] * wsc[w];
-        ot[d] = o / L;
+    for (int idx = threadIdx.x; idx < gn * HD; idx += ATT_W * 32) {
+        const int g = idx / HD, d = idx - g * HD;
+        float M = part_m[g]; /* warp 0 always holds position 0: finite */
+        for (int w = 1; w < ATT_W; w++)
+            M = fmaxf(M, part_m[w * gpb + g]);
+        float L = 0.0f, o = 0.0f;
+        for (int w = 0; w < ATT_W; w++) {
+            const float sc = expf(part_m[w * gpb + g] - M);
+            L += part_l[w * gpb + g] * sc;
+            o += part_acc[(w * gpb + g) * HD + d] * sc;
+        }
+        out[((size_t)t * n_heads + h0 + g) * HD + d] = o / L;
     }
 }
 
@@ -228,18 +304,26 @@ int cuda_attention(be *b, const be_attn_meta *m, const float *q, const float *k,
     cuda_kv_write_kernel<<<cuda_grid((int64_t)n_tok * kvdim, 256), 256, 0, c->stream>>>(
         k, v, d + 2 * n_tok, n_tok, kvdim, (__half *)k_cache, (__half *)v_cache);
     CU_LAUNCHED("cuda_kv_write_kernel");
-    const int64_t tasks = (int64_t)n_tok * n_heads;
-    if (tasks > INT32_MAX)
-        return hy_err_set(HY_ELIMIT, "CUDA attention: %lld (token, head) pairs is too many", (long long)tasks);
-    const unsigned grid = (unsigned)tasks;
+    /* heads per block: as many of a KV head's query heads as fit (its K/V rows are then read
+     * once for all of them) while the grid still has 2 blocks per SM; with fewer (token, KV
+     * head) pairs than that (small decode batches) down to one head per block, and each block
+     * widened to 16 warps, so that a long context is walked by more of the GPU at once */
+    const int G = n_heads / n_kv_heads;
+    int gpb = HY_MIN(G, ATT_GMAX);
+    while (gpb > 1 && (int64_t)n_tok * n_kv_heads * ((G + gpb - 1) / gpb) < 2 * (int64_t)c->sm_count)
+        gpb--;
+    const int64_t blocks = (int64_t)n_tok * n_kv_heads * ((G + gpb - 1) / gpb);
+    if (blocks > INT32_MAX)
+        return hy_err_set(HY_ELIMIT, "CUDA attention: %lld (token, head) blocks is too many", (long long)blocks);
+    const unsigned grid = (unsigned)blocks;
     const float scale = 1.0f / sqrtf((float)head_dim);
-    /* a block per (token, head): with fewer blocks than the GPU holds, widen each one so a
-     * long context is walked by 16 warps at once instead of 4 */
-    const bool wide = tasks < (int64_t)c->sm_count * 8;
+    auto smem = [&](int w) { return sizeof(float) * (size_t)gpb * ((size_t)(1 + w) * head_dim + 2 * (size_t)w); };
+    /* 48 KiB: the dynamic shared memory every device gives without an opt-in */
+    const bool wide = blocks < (int64_t)c->sm_count * 8 && smem(ATT_WARPS_WIDE) <= 48 * 1024;
 #define ATT_LAUNCH_W(HD, W)                                                                        \
-    cuda_attn_kernel<HD, W><<<grid, W * 32, 0, c->stream>>>(                                       \
+    cuda_attn_kernel<HD, W><<<grid, W * 32, smem(W), c->stream>>>(                                 \
         q, (const __half *)k_cache, (const __half *)v_cache, d, d + n_tok, d + 3 * n_tok,          \
-        m->max_blocks, n_heads, n_kv_heads, scale, out)
+        m->max_blocks, n_heads, n_kv_heads, gpb, scale, out)
 #define ATT_LAUNCH(HD)                                                                             \
     do {                                                                                           \
         if (wide)                                                                                  \

@@ -646,6 +646,11 @@ static void test_attention(void **state)
     check_attention(3, 6, 2, 32, 70, 1);
     check_attention(2, 2, 1, 96, 33, 1);
     check_attention(2, 4, 2, 256, 17, 1);
+    /* query heads per KV head beyond one block's ATT_GMAX (8): chunks, uneven ones too */
+    check_attention(3, 32, 4, 64, 30, 2);   /* 8 per KV head */
+    check_attention(2, 16, 1, 64, 80, 2);   /* 16: chunks of 8, or uneven ones for small grids */
+    check_attention(2, 12, 1, 128, 40, 1);  /* 12 */
+    check_attention(64, 32, 8, 64, 20, 2);  /* 64 decoding sequences: 4 heads per block */
 }
 
 /* ---- HydraLoRA ---- */
