@@ -2,8 +2,12 @@
  * mat-vec kernels reading the GGUF blocks directly (fp32 activations, fp32 accumulation);
  * everything else goes to cuBLAS: fp16 weights x fp16 activations with fp32 accumulation
  * (cublasGemmEx), or fp32 x fp32 for F32/BF16 weights.
- * Two mat-vec kernels: cuda_mv_rows_kernel (Q4_0, Q4_1, Q8_0, Q4_K) gives each warp R rows so
- * every activation load (two float4 per 8 weights per token) serves R rows; the first kernel,
+ * Two mat-vec kernels: cuda_mv_rows_kernel (Q4_0, Q4_1, Q8_0, Q4_K) gives each block R rows so
+ * every activation load (two float4 per 8 weights per token) serves R rows, and splits the
+ * row's columns over the block's MV_WARPS warps (reduced through shared memory): a decode
+ * matrix is small, so the kernel is bound by memory latency, not bandwidth, unless many warps
+ * each issue a few loads at once (one warp walking a whole 8192-wide row issues 32 rounds of
+ * dependent-latency loads; four warps issue 8 each). The first kernel,
  * cuda_matvec_kernel (one warp per row, scalar activation loads), serves Q6_K, unaligned
  * activations and HY_CUDA_MV_LEGACY=1 runs that compare the two.
  * matmul_n (q/k/v, gate/up: matrices of one type and width reading the same x) runs the row
@@ -56,7 +60,7 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
  * consecutive, both multiples of 4) for these types; see cuda_quant.cuh. */
 template <int QT> struct mv_x4 { enum { OK = (QT == 2 || QT == 3 || QT == 8 || QT == 12) }; };
 
-/* The matrices of one row-kernel launch: matrix i owns blocks [b0[i], b0[i + 1]). */
+/* The matrices of one row-kernel launch: matrix i owns blocks [b0[i], b0[i + 1]), R rows each. */
 typedef struct {
     const uint8_t *W[BE_MM_MAX];
     float *y[BE_MM_MAX];
@@ -70,16 +74,15 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
     cuda_mv_rows_kernel(const __grid_constant__ mv_set set, size_t row_bytes, int cols,
                         const float *__restrict__ x)
 {
+    __shared__ float part[MV_WARPS][R][NT];
     int m = 0;
     while (m + 1 < set.n && (int)blockIdx.x >= set.b0[m + 1])
         m++;
     const uint8_t *__restrict__ W = set.W[m];
     float *__restrict__ y = set.y[m];
     const int rows = set.rows[m];
-    const int lane = threadIdx.x & 31;
-    const int r0 = (((int)blockIdx.x - set.b0[m]) * MV_WARPS + (threadIdx.x >> 5)) * R;
-    if (r0 >= rows)
-        return; /* whole warp leaves together: no block-wide barrier below */
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    const int r0 = ((int)blockIdx.x - set.b0[m]) * R; /* < rows by the block count */
     const uint8_t *rowp[R];
 #pragma unroll
     for (int i = 0; i < R; i++)
@@ -92,7 +95,7 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
         for (int t = 0; t < NT; t++)
             acc[i][t] = 0.0f;
 #pragma unroll(NT == 1 ? 4 : 2)
-    for (int c = lane; c < nch; c += 32) {
+    for (int c = wid * 32 + lane; c < nch; c += MV_WARPS * 32) {
         float w[R][8];
         int idx[8];
 #pragma unroll
@@ -115,9 +118,20 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
 #pragma unroll
         for (int t = 0; t < NT; t++) {
             const float v = cuda_warp_sum(acc[i][t]);
-            if (lane == 0 && r0 + i < rows)
-                y[(size_t)t * rows + r0 + i] = v;
+            if (lane == 0)
+                part[wid][i][t] = v;
         }
+    __syncthreads();
+    static_assert(R * NT <= 32, "one lane of warp 0 per output");
+    if (wid == 0 && lane < R * NT) {
+        const int i = lane / NT, t = lane - i * NT;
+        float v = 0.0f;
+#pragma unroll
+        for (int k = 0; k < MV_WARPS; k++)
+            v += part[k][i][t];
+        if (r0 + i < rows)
+            y[(size_t)t * rows + r0 + i] = v;
+    }
 }
 
 /* the rows of w[0..n) (one type, one width) in one launch */
@@ -133,7 +147,7 @@ static void cuda_mv_rows_launch1(cudaStream_t s, int n, const be_weight *const *
         set.W[i] = (const uint8_t *)w[i]->q;
         set.y[i] = y[i];
         set.rows[i] = (int)w[i]->rows;
-        set.b0[i + 1] = set.b0[i] + (int)((w[i]->rows + MV_WARPS * R - 1) / (MV_WARPS * R));
+        set.b0[i + 1] = set.b0[i] + (int)((w[i]->rows + R - 1) / R);
     }
     cuda_mv_rows_kernel<QT, NT, R><<<(unsigned)set.b0[n], MV_WARPS * 32, 0, s>>>(
         set, w[0]->row_bytes, (int)w[0]->cols, x);
@@ -241,7 +255,7 @@ int cuda_matmul_n(be *b, int n, const be_weight *const *w, const float *x, int n
     int64_t blocks = 0;
     for (int i = 0; i < n && fuse; i++) {
         fuse = w[i] && w[i]->type == w[0]->type && w[i]->cols == w[0]->cols;
-        blocks += w[i] ? (w[i]->rows + MV_WARPS - 1) / MV_WARPS : 0; /* an upper bound (R >= 1) */
+        blocks += w[i] ? w[i]->rows : 0; /* an upper bound (R >= 1 rows per block) */
     }
     if (!fuse || blocks > INT32_MAX) {
         for (int i = 0; i < n; i++) {
