@@ -4,6 +4,7 @@
 #include "sampler.h"
 #include "hy.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -227,14 +228,14 @@ static float smp_chunk_max(const float *x)
     return m[0];
 }
 
-/* Index of the largest logit, the lowest such index on ties; x[0] when nothing beats it
- * (all NaN or -inf). One pass: a chunk is scanned for its index only when its maximum
- * beats the best so far, which happens a handful of times per vocabulary (comparing
+/* Index of the largest logit, the lowest such index on ties, NaNs ignored; -1 when no logit
+ * is above -inf (all NaN or -inf). One pass: a chunk is scanned for its index only when its
+ * maximum beats the best so far, which happens a handful of times per vocabulary (comparing
  * against x[best] element by element was a load-compare-cmov chain per token). */
 static int smp_argmax(const float *x, int n)
 {
-    int best = 0, i = 0;
-    float bv = x[0];
+    int best = -1, i = 0;
+    float bv = -INFINITY;
     for (; i + SMP_ARGMAX_CHUNK <= n; i += SMP_ARGMAX_CHUNK) {
         float cm = smp_chunk_max(x + i);
         if (!(cm > bv))
@@ -253,16 +254,55 @@ static int smp_argmax(const float *x, int n)
     return best;
 }
 
-/* log-sum-exp of the logits and the n most likely tokens (most likely first). */
-static float smp_logprobs(const float *l, int n_vocab, int n_top, smp_result *res)
+/* The normaliser of the log-softmax. NaN counts as -inf. When some logits are +inf those
+ * n_inf tokens share all the mass (logprob -log(n_inf)) and every other token has none. */
+typedef struct {
+    float mx;       /* the largest logit */
+    double log_sum; /* log sum exp(l - mx) over the finite logits (when n_inf == 0) */
+    float lo;       /* a token has probability > 0 iff its logit >= lo */
+    int n_inf;      /* how many logits are +inf */
+} smp_norm;
+
+static void smp_normaliser(const float *l, int n_vocab, float mx, smp_norm *z)
 {
-    float mx = l[smp_argmax(l, n_vocab)];
+    z->n_inf = 0;
+    z->mx = mx;
+    z->log_sum = 0;
+    if (mx == INFINITY) {
+        z->lo = INFINITY;
+        for (int i = 0; i < n_vocab; i++)
+            z->n_inf += l[i] == INFINITY;
+        return;
+    }
+    z->lo = -FLT_MAX;
     double sum = 0;
-    for (int i = 0; i < n_vocab; i++)
-        sum += exp((double)(l[i] - mx));
-    float lse = mx + (float)log(sum);
+    for (int i = 0; i < n_vocab; i++) {
+        float d = l[i] - mx; /* <= 0, -inf or NaN */
+        if (d >= -FLT_MAX)
+            sum += exp((double)d);
+    }
+    z->log_sum = log(sum);
+}
+
+/* The logprob of a token with logit x; finite (clamped to -FLT_MAX) when x >= z->lo. */
+static float smp_logprob(const smp_norm *z, float x)
+{
+    if (!(x >= z->lo))
+        return -INFINITY;
+    if (z->n_inf)
+        return (float)-log((double)z->n_inf);
+    double d = ((double)x - z->mx) - z->log_sum; /* not x - (mx + log_sum): mx may be ~1e38 */
+    return d < -FLT_MAX ? -FLT_MAX : (float)d;
+}
+
+/* The n most likely tokens (most likely first, ties by lower id) with their logprobs; only
+ * tokens with probability > 0 are listed, so res->n_top may be less than n. */
+static void smp_top(const float *l, int n_vocab, int n_top, const smp_norm *z, smp_result *res)
+{
     int k = 0;
     for (int i = 0; i < n_vocab && n_top > 0; i++) {
+        if (!(l[i] >= z->lo))
+            continue;
         if (k == n_top && l[i] <= l[res->top_id[k - 1]])
             continue;
         int j = k < n_top ? k++ : k - 1;
@@ -274,8 +314,7 @@ static float smp_logprobs(const float *l, int n_vocab, int n_top, smp_result *re
     }
     res->n_top = k;
     for (int j = 0; j < k; j++)
-        res->top_logprob[j] = l[res->top_id[j]] - lse;
-    return lse;
+        res->top_logprob[j] = smp_logprob(z, l[res->top_id[j]]);
 }
 
 static int smp_cmp_desc(const void *a, const void *b)
@@ -286,8 +325,10 @@ static int smp_cmp_desc(const void *a, const void *b)
     return x->id < y->id ? -1 : x->id > y->id; /* ties: lower id first, deterministic */
 }
 
-/* Temperature, then top-k, top-p and min-p on the renormalised survivors, then one draw. */
-static int smp_draw(smp_seq *s, const float *l, int32_t *out)
+/* Temperature, then top-k, top-p and min-p on the renormalised survivors, then one draw.
+ * mx is the largest logit (not NaN, above -inf). When it is +inf only the +inf tokens are
+ * candidates, with equal weight; NaN and -inf logits are never candidates. */
+static int smp_draw(smp_seq *s, const float *l, float mx, int32_t *out)
 {
     const smp_params *p = &s->p;
     int n_vocab = s->n_vocab;
@@ -299,7 +340,9 @@ static int smp_draw(smp_seq *s, const float *l, int32_t *out)
         smp_scratch_cap = (size_t)n_vocab;
     }
     smp_cand *c = smp_scratch;
-    float mx = l[smp_argmax(l, n_vocab)], t = p->temperature, cut = mx - SMP_PRUNE * t;
+    float t = p->temperature, cut = mx == INFINITY ? mx : mx - SMP_PRUNE * t;
+    if (!(cut >= -FLT_MAX))
+        cut = -FLT_MAX; /* a huge temperature: still no -inf */
     int n = 0;
     for (int i = 0; i < n_vocab; i++)
         if (l[i] >= cut)
@@ -310,9 +353,11 @@ static int smp_draw(smp_seq *s, const float *l, int32_t *out)
     /* c[i].l becomes the unnormalised probability */
     double sum = 0;
     for (int i = 0; i < n; i++) {
-        c[i].l = expf((c[i].l - mx) / t);
+        c[i].l = mx == INFINITY ? 1.0f : expf((c[i].l - mx) / t); /* c[0] gets 1 */
         sum += c[i].l;
     }
+    while (c[n - 1].l == 0) /* underflowed (extreme spreads): never drawn, not even by rounding */
+        sum -= c[--n].l;
     if (p->top_p > 0 && p->top_p < 1) {
         double cum = 0, want = p->top_p * sum;
         int keep = n;
@@ -351,21 +396,28 @@ int smp_sample(smp_seq *s, float *logits, smp_result *res)
 {
     const smp_params *p = &s->p;
     memset(res, 0, sizeof *res);
+    res->id = -1;
     if (smp_penalised(p) && s->map_used)
         smp_apply_penalties(s, logits);
-    float lse = 0;
+    int best = smp_argmax(logits, s->n_vocab);
+    if (best < 0)
+        return hy_err_set(HY_EINVAL, "sampler: every logit is -inf or NaN, no token can be picked");
+    float mx = logits[best];
+    smp_norm z = {0};
     bool want_lp = p->logprobs || p->n_logprobs > 0;
+    if (want_lp) {
+        smp_normaliser(logits, s->n_vocab, mx, &z);
+        smp_top(logits, s->n_vocab, p->n_logprobs, &z, res);
+    }
+    int32_t id = best;
+    if (p->temperature != 0 && p->top_k != 1) {
+        int rc = smp_draw(s, logits, mx, &id);
+        if (rc)
+            return rc;
+    }
+    res->id = id;
     if (want_lp)
-        lse = smp_logprobs(logits, s->n_vocab, p->n_logprobs, res);
-    int rc = HY_OK;
-    if (p->temperature == 0 || p->top_k == 1)
-        res->id = smp_argmax(logits, s->n_vocab);
-    else
-        rc = smp_draw(s, logits, &res->id);
-    if (rc)
-        return rc;
-    if (want_lp)
-        res->logprob = logits[res->id] - lse;
+        res->logprob = smp_logprob(&z, logits[id]);
     return HY_OK;
 }
 

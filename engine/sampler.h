@@ -33,9 +33,12 @@ typedef struct {
     int32_t id;
     /* Logprobs are log-softmax of the FINAL logits after penalties and BEFORE temperature and
      * the top-k/top-p/min-p filters (what the model, as penalised, believes; the same whatever
-     * the sampling settings). Valid when params.logprobs or n_logprobs > 0. */
+     * the sampling settings). Valid when params.logprobs or n_logprobs > 0. A NaN logit counts
+     * as -inf; if some logits are +inf, those tokens share all the probability equally
+     * (logprob -log(count)) and the others have none. The chosen token's logprob is always
+     * finite (clamped to -FLT_MAX) and equals its top_logprob entry when it is listed. */
     float logprob;
-    int n_top;
+    int n_top;                            /* <= n_logprobs: only tokens of probability > 0 */
     int32_t top_id[SMP_MAX_LOGPROBS];     /* most likely first */
     float top_logprob[SMP_MAX_LOGPROBS];
 } smp_result;
@@ -53,7 +56,10 @@ int smp_accept_prompt(smp_seq *s, const int32_t *ids, int n);
 int smp_accept(smp_seq *s, int32_t id);
 
 /* Pick the next token from logits [n_vocab]. The logits are modified in place (penalties).
- * It does NOT record the pick: call smp_accept(s, res->id) when it is kept. */
+ * It does NOT record the pick: call smp_accept(s, res->id) when it is kept. A token whose
+ * logit is NaN or -inf is never picked; when some are +inf, one of those is (greedy: the
+ * lowest id; sampling: uniformly among them, after top-k/top-p/min-p). A row with no logit
+ * above -inf is HY_EINVAL (res->id = -1). */
 int smp_sample(smp_seq *s, float *logits, smp_result *res);
 
 /* smp_sample keeps a per-thread scratch of n_vocab candidates; a thread that samples and then

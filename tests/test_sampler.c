@@ -12,6 +12,7 @@
 
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define N_DRAWS 20000
@@ -396,6 +397,420 @@ static void test_greedy_matches_general(void **state)
     smp_thread_cleanup();
 }
 
+/* ------------------------------------------------------------------ non-finite logits
+ * The contract: a NaN logit counts as -inf; a token with a -inf (or NaN) logit is never
+ * picked and never listed in the top logprobs; when some logits are +inf those tokens share
+ * all the probability equally (each has logprob -log(count)) and every other token has none;
+ * a row with no logit above -inf is an HY_EINVAL error. The expectations below are computed
+ * from that definition with plain loops in double precision. */
+
+enum { NF_MAX = 49152 };
+
+typedef struct {
+    int n_support;              /* tokens with probability > 0; 0: the row is an error */
+    int greedy;                 /* lowest id of the largest non-NaN logit */
+    int order[NF_MAX];          /* the support, most likely first, ties by lower id */
+    double lp[NF_MAX];          /* logprob per token (-inf outside the support) */
+} nf_ref;
+
+static const float *nf_l;
+
+/* By logit (the logprob is monotone in it, and a double logprob near -3e38 loses the
+ * difference between logits 5 and 0), ties by lower id. */
+static int nf_cmp(const void *a, const void *b)
+{
+    int x = *(const int *)a, y = *(const int *)b;
+    if (nf_l[x] != nf_l[y])
+        return nf_l[x] < nf_l[y] ? 1 : -1;
+    return x < y ? -1 : x > y; /* ties: lower id first */
+}
+
+static void nf_reference(const float *l, int n, nf_ref *ref)
+{
+    int n_pinf = 0;
+    double mx = -INFINITY;
+    ref->greedy = -1;
+    for (int i = 0; i < n; i++) {
+        if (isnan(l[i]) || l[i] == -INFINITY)
+            continue;
+        if (ref->greedy < 0 || l[i] > l[ref->greedy])
+            ref->greedy = i;
+        n_pinf += l[i] == INFINITY;
+        if (l[i] > mx)
+            mx = l[i];
+    }
+    double z = 0;
+    for (int i = 0; i < n; i++)
+        if (!isnan(l[i]) && isfinite(l[i]))
+            z += exp((double)l[i] - mx);
+    ref->n_support = 0;
+    for (int i = 0; i < n; i++) {
+        bool in = n_pinf ? l[i] == INFINITY : !isnan(l[i]) && isfinite(l[i]);
+        ref->lp[i] = !in ? -INFINITY : n_pinf ? -log((double)n_pinf) : (double)l[i] - mx - log(z);
+        if (!in)
+            continue;
+        ref->order[ref->n_support++] = i;
+    }
+    nf_l = l;
+    qsort(ref->order, (size_t)ref->n_support, sizeof(int), nf_cmp);
+}
+
+static bool nf_close(double got, double want) { return fabs(got - want) <= 1e-4 * (1 + fabs(want)); }
+
+/* One sample from a fresh copy of the row; checks what every mode must satisfy. */
+static int nf_sample(smp_seq *s, const float *l, int n, const nf_ref *ref, smp_result *r,
+                     const char *what)
+{
+    static float c[NF_MAX];
+    memcpy(c, l, sizeof(float) * (size_t)n);
+    int rc = smp_sample(s, c, r);
+    if (ref->n_support == 0) {
+        if (rc != HY_EINVAL)
+            fail_msg("%s: a row with no logit above -inf gave rc %d (id %d), want HY_EINVAL", what,
+                     rc, r->id);
+        return rc;
+    }
+    if (rc != 0)
+        fail_msg("%s: rc %d (%s)", what, rc, hy_err_msg());
+    if (r->id < 0 || r->id >= n || ref->lp[r->id] == -INFINITY)
+        fail_msg("%s: picked token %d, which has no probability (logit %g)", what, r->id,
+                 r->id >= 0 && r->id < n ? (double)l[r->id] : 0.0);
+    const smp_params *p = smp_get_params(s);
+    if (p->logprobs || p->n_logprobs > 0) {
+        if (!isfinite(r->logprob) || !nf_close(r->logprob, ref->lp[r->id]))
+            fail_msg("%s: logprob of %d is %g, want %g", what, r->id, (double)r->logprob,
+                     ref->lp[r->id]);
+        int want_top = HY_MIN(p->n_logprobs, ref->n_support);
+        if (r->n_top != want_top)
+            fail_msg("%s: %d top logprobs, want %d", what, r->n_top, want_top);
+        for (int j = 0; j < r->n_top; j++) {
+            int id = r->top_id[j];
+            if (id != ref->order[j])
+                fail_msg("%s: top[%d] is token %d (logit %g), want %d (logit %g)", what, j, id,
+                         id >= 0 && id < n ? (double)l[id] : 0.0, ref->order[j],
+                         (double)l[ref->order[j]]);
+            if (!isfinite(r->top_logprob[j]) || !nf_close(r->top_logprob[j], ref->lp[id]))
+                fail_msg("%s: top[%d] logprob %g, want %g", what, j, (double)r->top_logprob[j],
+                         ref->lp[id]);
+            if (id == r->id && r->top_logprob[j] != r->logprob)
+                fail_msg("%s: the chosen token's logprob %g differs from its top entry %g", what,
+                         (double)r->logprob, (double)r->top_logprob[j]);
+        }
+    }
+    return rc;
+}
+
+/* Every mode on one row: greedy, greedy + top logprobs, seeded sampling (plain, top-k,
+ * top-p + min-p, with logprobs), and top-k 1. */
+static void nf_check_row(const float *l, int n, const char *name)
+{
+    static nf_ref ref;
+    nf_reference(l, n, &ref);
+    char what[128];
+    smp_result r;
+
+    smp_params g = smp_default_params();
+    smp_seq *s = mk(g, n);
+    snprintf(what, sizeof what, "%s, greedy", name);
+    if (nf_sample(s, l, n, &ref, &r, what) == 0 && r.id != ref.greedy)
+        fail_msg("%s: picked %d, want %d", what, r.id, ref.greedy);
+    smp_free(s);
+
+    g.logprobs = true;
+    g.n_logprobs = 5;
+    s = mk(g, n);
+    snprintf(what, sizeof what, "%s, greedy + 5 logprobs", name);
+    if (nf_sample(s, l, n, &ref, &r, what) == 0 && r.id != ref.greedy)
+        fail_msg("%s: picked %d, want %d", what, r.id, ref.greedy);
+    smp_free(s);
+
+    g = smp_default_params();
+    g.temperature = 0.9f;
+    g.top_k = 1;
+    s = mk(g, n);
+    snprintf(what, sizeof what, "%s, top-k 1", name);
+    if (nf_sample(s, l, n, &ref, &r, what) == 0 && r.id != ref.greedy)
+        fail_msg("%s: picked %d, want %d", what, r.id, ref.greedy);
+    smp_free(s);
+
+    smp_params d[4];
+    const char *dn[4] = {"T 1", "T 0.7 top-k 3 + logprobs", "T 1.3 top-p 0.9 min-p 0.05",
+                         "T 1 + 20 logprobs"};
+    for (int k = 0; k < 4; k++) {
+        d[k] = smp_default_params();
+        d[k].seed = 77 + (uint64_t)k;
+        d[k].temperature = 1.0f;
+    }
+    d[1].temperature = 0.7f;
+    d[1].top_k = 3;
+    d[1].logprobs = true;
+    d[1].n_logprobs = 2;
+    d[2].temperature = 1.3f;
+    d[2].top_p = 0.9f;
+    d[2].min_p = 0.05f;
+    d[3].logprobs = true;
+    d[3].n_logprobs = SMP_MAX_LOGPROBS;
+    for (int k = 0; k < 4; k++) {
+        s = mk(d[k], n);
+        snprintf(what, sizeof what, "%s, sampling %s", name, dn[k]);
+        for (int t = 0; t < (n > 1000 ? 4 : 40); t++) {
+            if (nf_sample(s, l, n, &ref, &r, what) != 0)
+                break;
+            if (d[k].top_k > 0) {
+                bool in = false;
+                for (int j = 0; j < HY_MIN(d[k].top_k, ref.n_support); j++)
+                    in |= ref.order[j] == r.id;
+                if (!in)
+                    fail_msg("%s: token %d is not in the top %d", what, r.id, d[k].top_k);
+            }
+        }
+        smp_free(s);
+    }
+}
+
+/* A row of distinct finite logits with its maximum at 100 (second at 40). */
+static void nf_base(float *l, int n)
+{
+    for (int i = 0; i < n; i++)
+        l[i] = (float)sin(i * 1.3) * 3.0f;
+    if (n > 100)
+        l[100] = 5.0f;
+    if (n > 40)
+        l[40] = 4.5f;
+}
+
+static void test_nan_logits(void **state)
+{
+    enum { N = 200 }; /* three 64-logit chunks and a tail of 8 */
+    float l[N];
+    const int pos[] = {0, 1, 40, 62, 63, 64, 65, 100, 127, 128, 191, 192, N - 1};
+    char name[64];
+    for (size_t k = 0; k < sizeof pos / sizeof pos[0]; k++) {
+        nf_base(l, N);
+        l[pos[k]] = NAN;
+        snprintf(name, sizeof name, "NaN at %d", pos[k]);
+        nf_check_row(l, N, name);
+    }
+    /* the maximum sits in the same chunk as the NaN, on both sides of it */
+    nf_base(l, N);
+    l[63] = NAN;
+    l[62] = 9.0f;
+    nf_check_row(l, N, "NaN at 63, max at 62");
+    nf_base(l, N);
+    l[64] = NAN;
+    l[65] = 9.0f;
+    nf_check_row(l, N, "NaN at 64, max at 65");
+    /* many NaNs, including the first, the top two and the whole first chunk */
+    nf_base(l, N);
+    for (int i = 0; i < N; i += 3)
+        l[i] = NAN;
+    l[100] = l[40] = NAN;
+    nf_check_row(l, N, "every third NaN");
+    nf_base(l, N);
+    for (int i = 0; i < 64; i++)
+        l[i] = NAN;
+    nf_check_row(l, N, "first chunk NaN");
+    /* only one token is not NaN, and it is in the tail */
+    for (int i = 0; i < N; i++)
+        l[i] = NAN;
+    l[N - 3] = -7.0f;
+    nf_check_row(l, N, "one finite logit among NaNs");
+    /* vocabularies of exactly one chunk and one chunk + 1 */
+    nf_base(l, 64);
+    l[0] = NAN;
+    nf_check_row(l, 64, "n 64, NaN at 0");
+    nf_base(l, 65);
+    l[64] = NAN;
+    nf_check_row(l, 65, "n 65, NaN at 64");
+    smp_thread_cleanup();
+}
+
+static void test_inf_logits(void **state)
+{
+    enum { N = 200 };
+    float l[N];
+    char name[64];
+    const int pos[] = {0, 63, 64, 100, N - 1};
+    for (size_t k = 0; k < sizeof pos / sizeof pos[0]; k++) {
+        nf_base(l, N);
+        l[pos[k]] = INFINITY;
+        snprintf(name, sizeof name, "+inf at %d", pos[k]);
+        nf_check_row(l, N, name);
+        nf_base(l, N);
+        l[pos[k]] = -INFINITY;
+        snprintf(name, sizeof name, "-inf at %d", pos[k]);
+        nf_check_row(l, N, name);
+    }
+    nf_base(l, N);
+    l[63] = l[64] = l[150] = INFINITY;
+    l[0] = NAN;
+    l[100] = -INFINITY;
+    nf_check_row(l, N, "three +inf, NaN, -inf");
+    /* -inf everywhere but a few */
+    for (int i = 0; i < N; i++)
+        l[i] = -INFINITY;
+    l[70] = 1.0f;
+    l[3] = -2.0f;
+    l[199] = NAN;
+    nf_check_row(l, N, "two finite among -inf");
+    /* huge finite logits: the spread overflows float but nothing may become NaN */
+    nf_base(l, N);
+    l[10] = 3e38f;
+    l[11] = -3e38f;
+    l[12] = 3e38f;
+    nf_check_row(l, N, "+-3e38");
+
+    /* the +inf tokens share the mass: counted over many draws */
+    nf_base(l, N);
+    l[5] = l[64] = l[190] = INFINITY;
+    smp_params p = smp_default_params();
+    p.temperature = 1.0f;
+    p.seed = 21;
+    smp_seq *s = mk(p, N);
+    int cnt[3] = {0, 0, 0};
+    enum { DRAWS = 3000 };
+    for (int t = 0; t < DRAWS; t++) {
+        float c[N];
+        memcpy(c, l, sizeof c);
+        smp_result r;
+        assert_int_equal(smp_sample(s, c, &r), 0);
+        assert_true(r.id == 5 || r.id == 64 || r.id == 190);
+        cnt[(r.id == 64) + 2 * (r.id == 190)]++;
+    }
+    for (int k = 0; k < 3; k++)
+        if (fabs(cnt[k] / (double)DRAWS - 1.0 / 3) > 0.05)
+            fail_msg("+inf token %d drawn %d of %d times, want about a third", k, cnt[k], DRAWS);
+    smp_free(s);
+
+    /* a temperature so large that max - 20 T is -inf (or NaN next to +inf): -inf stays out,
+     * finite tokens stay out next to +inf, and the finite ones become about uniform */
+    nf_base(l, 8);
+    l[2] = -INFINITY;
+    l[6] = NAN;
+    p.temperature = 3e38f;
+    p.seed = 5;
+    s = mk(p, 8);
+    int seen[8] = {0};
+    for (int t = 0; t < 600; t++) {
+        float c[8];
+        memcpy(c, l, sizeof c);
+        smp_result r;
+        assert_int_equal(smp_sample(s, c, &r), 0);
+        assert_true(r.id != 2 && r.id != 6);
+        seen[r.id]++;
+    }
+    for (int i = 0; i < 8; i++)
+        if (i != 2 && i != 6 && seen[i] < 50)
+            fail_msg("T 3e38: token %d drawn %d of 600 times, want about 100", i, seen[i]);
+    l[4] = INFINITY;
+    for (int t = 0; t < 50; t++) {
+        float c[8];
+        memcpy(c, l, sizeof c);
+        smp_result r;
+        assert_int_equal(smp_sample(s, c, &r), 0);
+        assert_int_equal(r.id, 4);
+    }
+    smp_free(s);
+    smp_thread_cleanup();
+}
+
+static void test_no_finite_logit(void **state)
+{
+    enum { N = 130 };
+    float l[N];
+    for (int i = 0; i < N; i++)
+        l[i] = -INFINITY;
+    nf_check_row(l, N, "all -inf");
+    for (int i = 0; i < N; i++)
+        l[i] = NAN;
+    nf_check_row(l, N, "all NaN");
+    for (int i = 0; i < N; i++)
+        l[i] = i % 2 ? NAN : -INFINITY;
+    nf_check_row(l, N, "NaN and -inf");
+    l[0] = NAN;
+    nf_check_row(l, 1, "one NaN");
+    l[0] = -INFINITY;
+    nf_check_row(l, 1, "one -inf");
+    l[0] = 2.0f;
+    nf_check_row(l, 1, "one finite");
+    l[0] = INFINITY;
+    nf_check_row(l, 1, "one +inf");
+    /* the error names the problem and the result is not a valid id */
+    for (int i = 0; i < N; i++)
+        l[i] = NAN;
+    smp_params p = smp_default_params();
+    p.temperature = 1.0f;
+    smp_seq *s = mk(p, N);
+    smp_result r;
+    assert_int_equal(smp_sample(s, l, &r), HY_EINVAL);
+    assert_int_equal(r.id, -1);
+    assert_non_null(strstr(hy_err_msg(), "NaN"));
+    smp_free(s);
+    smp_thread_cleanup();
+}
+
+/* Penalties move finite logits only; a NaN stays NaN (never picked) and +inf stays +inf. */
+static void test_penalties_non_finite(void **state)
+{
+    enum { N = 70 };
+    float l[N];
+    nf_base(l, N);
+    l[0] = NAN;
+    l[1] = INFINITY;
+    l[2] = -INFINITY;
+    l[3] = 50.0f;
+    smp_params p = smp_default_params();
+    p.repetition_penalty = 1.5f;
+    p.presence_penalty = 1.0f;
+    p.frequency_penalty = 0.5f;
+    p.logprobs = true;
+    p.n_logprobs = 3;
+    smp_seq *s = mk(p, N);
+    int32_t prompt[4] = {0, 1, 2, 3};
+    assert_int_equal(smp_accept_prompt(s, prompt, 4), 0);
+    assert_int_equal(smp_accept(s, 1), 0);
+    assert_int_equal(smp_accept(s, 0), 0);
+    float c[N];
+    memcpy(c, l, sizeof c);
+    smp_result r;
+    assert_int_equal(smp_sample(s, c, &r), 0);
+    assert_true(isnan(c[0]));
+    assert_true(c[1] == INFINITY && c[2] == -INFINITY);
+    assert_int_equal(r.id, 1);
+    assert_int_equal(r.n_top, 1);
+    assert_int_equal(r.top_id[0], 1);
+    assert_true(r.logprob == 0.0f);
+    smp_free(s);
+    /* without the +inf, the penalised 50 still wins */
+    l[1] = 1.0f;
+    s = mk(p, N);
+    assert_int_equal(smp_accept_prompt(s, prompt, 4), 0);
+    memcpy(c, l, sizeof c);
+    assert_int_equal(smp_sample(s, c, &r), 0);
+    assert_int_equal(r.id, 3);
+    assert_int_equal(r.n_top, 3);
+    for (int j = 0; j < 3; j++)
+        assert_true(r.top_id[j] >= 1 && isfinite(r.top_logprob[j]));
+    smp_free(s);
+}
+
+/* The greedy argmax on a full vocabulary (749 chunks + a tail of 0) with NaN in front. */
+static void test_nan_large_vocab(void **state)
+{
+    enum { V = 49152 };
+    static float l[V];
+    for (int i = 0; i < V; i++)
+        l[i] = (float)((i * 7919) % 1000) * 1e-3f;
+    l[31000] = 3.0f;
+    l[0] = NAN;
+    l[64] = NAN;
+    l[V - 1] = NAN;
+    nf_check_row(l, V, "49152, NaN at 0/64/last");
+    l[0] = INFINITY;
+    nf_check_row(l, V, "49152, +inf at 0");
+    smp_thread_cleanup();
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -412,6 +827,11 @@ int main(void)
         cmocka_unit_test(test_stop_strings),
         cmocka_unit_test(test_stop_tokens),
         cmocka_unit_test(test_large_vocab),
+        cmocka_unit_test(test_nan_logits),
+        cmocka_unit_test(test_inf_logits),
+        cmocka_unit_test(test_no_finite_logit),
+        cmocka_unit_test(test_penalties_non_finite),
+        cmocka_unit_test(test_nan_large_vocab),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
