@@ -47,6 +47,12 @@ typedef struct {
     float *stats;
 } be_lora_seg;
 
+/* A host array of one forward step's metadata (see step_begin). */
+typedef struct {
+    const void *p;
+    size_t n; /* bytes */
+} be_span;
+
 typedef struct {
     const char *name; /* "cpu", "cuda" */
     void (*destroy)(be *b);
@@ -108,6 +114,25 @@ typedef struct {
      * x: [n_tok][in], y: [n_tok][out]; segments are disjoint and sorted. */
     int (*hydra)(be *b, const float *x, int64_t in, float *y, int64_t out,
                  const be_lora_seg *segs, int n_seg);
+
+    /* Optional (NULL where a backend gains nothing from them): a forward step's bracket, so a
+     * backend can record a step's ops once and replay the recording (CUDA graphs) instead of
+     * issuing every op again.
+     * step_begin: `key` (key_n bytes) determines every op call of the step (shapes, pointers,
+     * segment layout) except the CONTENTS of the host arrays in meta[0..n_meta), which the
+     * backend copies now and which the step's ops must then pass by these same pointers
+     * (token ids, positions, slots, block tables). *replay = true: the backend has replayed
+     * (or queued) a recorded step with the same key; the caller skips the ops and goes
+     * straight to step_end. *replay = false: the caller issues the step's ops.
+     * step_end: after the step's last op (or the first failed one) and before any download;
+     * ok = whether every op succeeded. *rerun = true: the backend was recording and could not
+     * finish the recording, so the ops issued since step_begin did not run and what they
+     * returned is void: the caller issues them once more, without a bracket. */
+    int (*step_begin)(be *b, const void *key, size_t key_n, const be_span *meta, int n_meta,
+                      bool *replay);
+    int (*step_end)(be *b, bool ok, bool *rerun);
+    /* Optional: how many steps were recorded and how many replayed so far (logs, tests). */
+    void (*step_counts)(be *b, uint64_t *recorded, uint64_t *replayed);
 } be_ops;
 
 struct be {

@@ -42,6 +42,8 @@ typedef struct {
     int cap_seg;
     int32_t *hpos, *hseq, *hslot; /* [cap_host] eng_forward_seq metadata */
     int cap_host;
+    uint8_t *key; /* [cap_key] the step key for ops->step_begin */
+    size_t cap_key;
 } eng_run;
 
 struct eng_model {
@@ -349,6 +351,7 @@ static void eng_run_free(eng_model *m)
     free(r->hpos);
     free(r->hseq);
     free(r->hslot);
+    free(r->key);
     memset(r, 0, sizeof *r);
 }
 
@@ -615,8 +618,8 @@ static int eng_layer_forward(eng_model *m, eng_kv *kv, const eng_batch *bt, int 
 }
 
 /* Final norm of the requested rows only (runs of consecutive indices in one call each), then
- * the output matrix, then the copy to the caller's host buffer. */
-static int eng_logits(eng_model *m, const eng_batch *bt, float *logits)
+ * the output matrix into run.lg (the caller downloads it). */
+static int eng_logits_ops(eng_model *m, const eng_batch *bt)
 {
     be *b = m->b;
     const eng_hparams *hp = &m->hp;
@@ -632,9 +635,61 @@ static int eng_logits(eng_model *m, const eng_batch *bt, float *logits)
             return rc;
         i = j;
     }
-    if ((rc = b->ops->matmul(b, m->output, r->xg, bt->n_logits, r->lg)))
+    return b->ops->matmul(b, m->output, r->xg, bt->n_logits, r->lg);
+}
+
+/* Every op of a step, up to the logits on the device. */
+static int eng_step_ops(eng_model *m, eng_kv *kv, const eng_batch *bt)
+{
+    be *b = m->b;
+    int rc = b->ops->embed(b, m->tok_embd, bt->tokens, bt->n_tok, m->run.x);
+    if (rc)
         return rc;
-    return b->ops->download(b, logits, r->lg, (size_t)bt->n_logits * hp->n_vocab * sizeof(float));
+    for (int il = 0; il < m->hp.n_layer; il++)
+        if ((rc = eng_layer_forward(m, kv, bt, il)))
+            return hy_err_wrap(rc, "layer %d", il);
+    return bt->n_logits ? eng_logits_ops(m, bt) : HY_OK;
+}
+
+/* The step key of backend.h's step_begin into m->run.key: what shapes the op calls of
+ * eng_step_ops besides the metadata arrays' contents (the caches, the batch's sizes, which
+ * rows get logits, the adapter segments). */
+static int eng_step_key(eng_model *m, const eng_kv *kv, const eng_batch *bt, size_t *n)
+{
+    struct {
+        const void *kv;
+        int32_t n_tok, n_seq, max_blocks, n_logits, n_seg;
+    } head;
+    memset(&head, 0, sizeof head); /* padding bytes too: the key is compared bytewise */
+    head.kv = kv;
+    head.n_tok = bt->n_tok;
+    head.n_seq = bt->attn.n_seq;
+    head.max_blocks = bt->attn.max_blocks;
+    head.n_logits = bt->n_logits;
+    head.n_seg = bt->n_seg;
+    size_t nl = (size_t)bt->n_logits * sizeof(int32_t);
+    size_t ns = bt->n_seg ? (size_t)(bt->n_seg + 1) * sizeof(int32_t) : 0;
+    size_t na = (size_t)bt->n_seg * sizeof(void *);
+    size_t need = sizeof head + nl + ns + na;
+    eng_run *r = &m->run;
+    if (need > r->cap_key) {
+        uint8_t *k = realloc(r->key, need);
+        if (!k)
+            return hy_err_set(HY_ENOMEM, "out of memory (step key)");
+        r->key = k;
+        r->cap_key = need;
+    }
+    uint8_t *p = r->key;
+    memcpy(p, &head, sizeof head);
+    p += sizeof head;
+    if (nl)
+        memcpy(p, bt->logits_tok, nl);
+    if (ns)
+        memcpy(p + nl, bt->seg_begin, ns);
+    if (na)
+        memcpy(p + nl + ns, bt->seg_adapter, na);
+    *n = need;
+    return HY_OK;
 }
 
 int eng_forward(eng_model *m, eng_kv *kv, const eng_batch *bt, float *logits)
@@ -645,14 +700,32 @@ int eng_forward(eng_model *m, eng_kv *kv, const eng_batch *bt, float *logits)
     if ((rc = eng_run_reserve(m, bt->n_tok, bt->n_logits, bt->n_seg)))
         return rc;
     be *b = m->b;
-    if ((rc = b->ops->embed(b, m->tok_embd, bt->tokens, bt->n_tok, m->run.x)))
+    if (!b->ops->step_begin) {
+        rc = eng_step_ops(m, kv, bt);
+    } else {
+        /* the metadata the ops read, in the order attention wants it contiguous */
+        const be_attn_meta *a = &bt->attn;
+        size_t tok = (size_t)bt->n_tok * sizeof(int32_t), key_n = 0;
+        const be_span meta[5] = {{a->pos, tok}, {a->tok_seq, tok}, {a->slot, tok},
+                                 {a->block_table, (size_t)a->n_seq * a->max_blocks * sizeof(int32_t)},
+                                 {bt->tokens, tok}};
+        bool replay = false, rerun = false;
+        if ((rc = eng_step_key(m, kv, bt, &key_n)) ||
+            (rc = b->ops->step_begin(b, m->run.key, key_n, meta, 5, &replay)))
+            return rc;
+        if (!replay)
+            rc = eng_step_ops(m, kv, bt);
+        int rc_end = b->ops->step_end(b, rc == HY_OK, &rerun);
+        if (rerun) { /* the recording failed: nothing ran, errors from it are void */
+            hy_err_clear();
+            rc = eng_step_ops(m, kv, bt);
+        } else if (rc == HY_OK) {
+            rc = rc_end;
+        }
+    }
+    if (rc || bt->n_logits == 0)
         return rc;
-    for (int il = 0; il < m->hp.n_layer; il++)
-        if ((rc = eng_layer_forward(m, kv, bt, il)))
-            return hy_err_wrap(rc, "layer %d", il);
-    if (bt->n_logits == 0)
-        return HY_OK;
-    return eng_logits(m, bt, logits);
+    return b->ops->download(b, logits, m->run.lg, (size_t)bt->n_logits * m->hp.n_vocab * sizeof(float));
 }
 
 int eng_forward_seq(eng_model *m, eng_kv *kv, const int32_t *tokens, int n, int start_pos,

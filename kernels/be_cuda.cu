@@ -38,6 +38,7 @@ int cuda_scratch(be_cuda *c, int id, size_t bytes, void **out)
     if (c->scr_size[id] < bytes) {
         /* kernels queued earlier may still read the old buffer */
         CU_CHECK(cudaStreamSynchronize(c->stream));
+        c->epoch++;
         if (c->scr[id])
             CU_CHECK(cudaFree(c->scr[id]));
         c->scr[id] = NULL;
@@ -54,6 +55,8 @@ int cuda_stage_get(be_cuda *c, size_t n, void **host)
 {
     if (c->cur_host)
         return hy_err_set(HY_EINVAL, "internal: CUDA staging reservation not released");
+    if (cuda_recording(c)) /* a recorded copy would re-read this ring slot at every replay */
+        return hy_err_set(HY_EUNSUPPORTED, "CUDA: metadata upload while recording a step");
     if (n == 0)
         n = 1;
     size_t nch = (n + CUDA_STAGE_CHUNK - 1) / CUDA_STAGE_CHUNK;
@@ -124,6 +127,11 @@ int cuda_meta_get(be_cuda *c, size_t n, void **host, void **dev)
 int cuda_meta_cached(be_cuda *c, cuda_meta_cache *mc, const void *const *parts, const size_t *sizes,
                      int n_parts, void **dev)
 {
+    const void *in_arena = cuda_arena_find(c, parts, sizes, n_parts);
+    if (in_arena) { /* this step's copy (step_begin) */
+        *dev = (void *)in_arena;
+        return HY_OK;
+    }
     size_t total = 0;
     for (int i = 0; i < n_parts; i++) {
         if (sizes[i] > SIZE_MAX - total)
@@ -151,6 +159,7 @@ int cuda_meta_cached(be_cuda *c, cuda_meta_cache *mc, const void *const *parts, 
         mc->host = nh;
         /* queued kernels may still read the old device copy */
         CU_CHECK(cudaStreamSynchronize(c->stream));
+        c->epoch++;
         if (mc->dev)
             CU_CHECK(cudaFree(mc->dev));
         mc->dev = NULL;
@@ -194,6 +203,7 @@ static int cu_alloc(be *b, size_t bytes, void **out)
     be_cuda *c = cuda_ctx(b);
     *out = NULL;
     void *p = NULL;
+    c->epoch++;
     cudaError_t e = cudaMalloc(&p, bytes ? bytes : 1);
     if (e != cudaSuccess) {
         cudaGetLastError(); /* out-of-memory is not sticky; clear it */
@@ -215,6 +225,7 @@ static void cu_free(be *b, void *p)
     be_cuda *c = cuda_ctx(b);
     if (!p)
         return;
+    c->epoch++;
     for (int i = 0; i < c->n_kv; i++) {
         /* freeing either half of a KV cache forgets its registration */
         if (c->kv[i].k == p || c->kv[i].v == p) {
@@ -272,6 +283,7 @@ static void cu_destroy(be *b)
         return;
     if (c->stream)
         cudaStreamSynchronize(c->stream);
+    cuda_graph_destroy(c);
     cuda_lpool_destroy(c); /* adapters not yet freed lose their memory here */
     for (int i = 0; i < SCR_N; i++)
         if (c->scr[i])
@@ -328,6 +340,9 @@ static const be_ops cuda_ops = {
     /* lora_create */ cuda_lora_create,
     /* lora_free */ cuda_lora_free,
     /* hydra */ cuda_hydra,
+    /* step_begin */ cuda_step_begin,
+    /* step_end */ cuda_step_end,
+    /* step_counts */ cuda_step_counts,
 };
 
 /* a kernel whose only job is to prove this build has code for the device */
@@ -381,6 +396,9 @@ extern "C" int be_cuda_create(int device, be **out)
     c->mv_max_tok = CUDA_MV_MAX_TOK;
     const char *leg = getenv("HY_CUDA_MV_LEGACY");
     c->mv_legacy = leg && *leg == '1';
+    const char *gr = getenv("HY_CUDA_GRAPHS");
+    c->graphs_off = gr && *gr == '0';
+    c->graph_cur = -1;
     const char *env = getenv("HY_CUDA_MV_MAX_TOK");
     if (env && *env) {
         int v = atoi(env);

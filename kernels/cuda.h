@@ -117,6 +117,39 @@ typedef struct {
     int live;        /* ev recorded and maybe pending: sync before overwriting host */
 } cuda_lstage;
 
+/* ---- forward-step bracket (cuda_graph.cu) ----
+ * step_begin copies the step's metadata arrays back to back into one device arena with one
+ * copy; ops find their arrays there (cuda_arena_find) instead of uploading them. A step key
+ * seen before is recorded as a CUDA graph the next time it comes (stream capture), and replayed
+ * after that with one launch, as long as no device memory was allocated or freed since it was
+ * recorded (epoch): a graph holds raw device pointers. */
+#define CUDA_STEP_SPANS 8
+#define CUDA_GRAPHS 16 /* recorded step shapes kept (least recently used goes) */
+
+typedef struct {
+    uint8_t *host;   /* pinned, cap bytes */
+    void *dev;       /* cap bytes */
+    size_t cap;
+    cudaEvent_t ev;  /* recorded after the last copy out of host */
+    int live;        /* ev recorded and maybe pending */
+    be_span span[CUDA_STEP_SPANS];
+    size_t off[CUDA_STEP_SPANS];
+    int n_span;
+    int active;      /* between step_begin and step_end */
+} cuda_arena;
+
+typedef struct {
+    uint8_t *key;             /* owned; NULL: free entry */
+    size_t key_n;
+    cudaGraphExec_t exec;     /* NULL: seen once, not recorded yet */
+    uint64_t epoch;           /* c->epoch when recorded */
+    uint64_t used;            /* LRU tick */
+    int bad;                  /* recording failed: this shape runs op by op */
+    int n_gst;                /* router-stats entries the recorded step fills (cuda_hydra) */
+    float **gst_dst;          /* [n_gst] host destinations (not owned) */
+    int *gst_k;               /* [n_gst] */
+} cuda_graph_ent;
+
 typedef struct {
     be base; /* must be first */
     int device;
@@ -170,6 +203,15 @@ typedef struct {
     cuda_lstage lst[CUDA_LSTAGE_N];
     int lst_next;
     int lst_wait;
+
+    /* forward-step bracket (cuda_graph.cu) */
+    uint64_t epoch;   /* bumped by every device allocation or free */
+    cuda_arena arena;
+    cuda_graph_ent graph[CUDA_GRAPHS];
+    int graph_cur;    /* entry being recorded, or -1 */
+    int graphs_off;   /* HY_CUDA_GRAPHS=0: no recording (A/B runs) */
+    uint64_t tick;
+    uint64_t n_recorded, n_replayed;
 } be_cuda;
 
 #define CUDA_GST_CAP 16384
@@ -276,6 +318,17 @@ int cuda_lstage_get(be_cuda *c, size_t bytes, int *slot, void **host);
 int cuda_lstage_put(be_cuda *c, int slot, void *dev, size_t bytes);
 /* Make the compute stream wait for every adapter copy queued so far (a no-op when none is). */
 int cuda_lpool_wait(be_cuda *c);
+
+/* cuda_graph.cu: the step bracket (be_ops step_begin / step_end), its cleanup (cu_destroy),
+ * and the lookup ops use for their metadata: the device copy of parts[0..n) when the current
+ * step's arena holds exactly these host arrays back to back, else NULL. */
+int cuda_step_begin(be *b, const void *key, size_t key_n, const be_span *meta, int n_meta, bool *replay);
+int cuda_step_end(be *b, bool ok, bool *rerun);
+void cuda_step_counts(be *b, uint64_t *recorded, uint64_t *replayed);
+void cuda_graph_destroy(be_cuda *c);
+const void *cuda_arena_find(const be_cuda *c, const void *const *parts, const size_t *sizes, int n_parts);
+/* nonzero while a step is being recorded: uploads through staging are refused then */
+static inline int cuda_recording(const be_cuda *c) { return c->graph_cur >= 0; }
 
 /* cuda_weight.cu: is `type` one of the block types the mat-vec kernels read? */
 bool cuda_type_quantised(uint32_t type);

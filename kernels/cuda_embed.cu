@@ -50,13 +50,16 @@ int cuda_embed(be *b, const be_weight *emb, const int32_t *ids, int n_tok, float
                               (int)ids[t], (long long)emb->rows);
     void *host = NULL, *dev = NULL;
     const size_t n = (size_t)n_tok * sizeof(int32_t);
-    int rc = cuda_meta_get(c, n, &host, &dev);
-    if (rc)
-        return rc;
-    memcpy(host, ids, n);
-    rc = cuda_stage_put(c, dev);
-    if (rc)
-        return rc;
+    const void *parts[1] = {ids};
+    dev = (void *)cuda_arena_find(c, parts, &n, 1); /* this step's copy (step_begin) */
+    if (!dev) {
+        int rc = cuda_meta_get(c, n, &host, &dev);
+        if (rc)
+            return rc;
+        memcpy(host, ids, n);
+        if ((rc = cuda_stage_put(c, dev)))
+            return rc;
+    }
     const int cols = (int)emb->cols;
     if (cuda_type_quantised(emb->type)) {
         const unsigned grid = cuda_grid((int64_t)n_tok * (cols / 8), 256);

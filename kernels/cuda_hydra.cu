@@ -238,6 +238,7 @@ void cuda_lora_free(be *b, be_lora *l)
         return;
     if (b) {
         be_cuda *c = cuda_ctx(b);
+        c->epoch++; /* recorded steps may name this adapter's memory */
         /* pending stats may point into the arrays of the adapter being dropped: deliver them now */
         if (c->gst_n)
             (void)cuda_gst_flush(c);
@@ -318,6 +319,7 @@ int cuda_lora_create(be *b, int r, int K, int64_t in, int64_t out, const float *
     l->in = in;
     l->out = out;
     l->scale = scale;
+    c->epoch++;
     if ((rc = cuda_lpool_alloc(c, total, &l->mem, &l->bytes, &l->chunk)))
         goto fail;
     l->AR = (__half *)l->mem;

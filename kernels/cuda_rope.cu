@@ -36,6 +36,7 @@ static int cuda_rope_freq(be_cuda *c, const float *freq, int n, const float **ou
     c->rope_next = (c->rope_next + 1) % CUDA_ROPE_CACHE;
     /* queued kernels may still read the entry we replace */
     CU_CHECK(cudaStreamSynchronize(c->stream));
+    c->epoch++;
     free(c->rope[slot].host);
     c->rope[slot].host = NULL;
     if (c->rope[slot].dev)

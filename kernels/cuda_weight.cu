@@ -51,9 +51,10 @@ static int cuda_dequant_launch(be_cuda *c, const be_weight *w)
 
 void cuda_weight_free(be *b, be_weight *w)
 {
-    (void)b;
     if (!w)
         return;
+    if (b)
+        cuda_ctx(b)->epoch++;
     if (w->h && (void *)w->h != w->q)
         cudaFree(w->h);
     if (w->q)
@@ -92,6 +93,7 @@ int cuda_weight_create(be *b, uint32_t type, int64_t rows, int64_t cols, const v
     w->rows = rows;
     w->cols = cols;
     w->row_bytes = row_bytes;
+    c->epoch++;
 
     if (type == Q_F32) {
         CU_GOTO(cudaMalloc((void **)&w->f, bytes));

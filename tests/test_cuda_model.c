@@ -545,11 +545,173 @@ static void test_many_adapters(void **state)
     assert_int_equal(g_failures, 0);
 }
 
+/* ---- recorded steps (CUDA graphs, kernels/cuda_graph.cu) against op-by-op steps ---- */
+
+/* One r8 K3 adapter on every projection of model m, values from a fixed seed. */
+static be_lora **graph_adapter(eng_model *m)
+{
+    const eng_hparams *hp = eng_model_hparams(m);
+    be *b = eng_model_backend(m);
+    const int r = 8, K = 3, n = hp->n_layer * ENG_N_PROJ;
+    be_lora **l = calloc((size_t)n, sizeof *l);
+    uint64_t saved = g_rng;
+    g_rng = 12345;
+    for (int il = 0; il < hp->n_layer; il++)
+        for (int p = 0; p < ENG_N_PROJ; p++) {
+            int64_t in, out;
+            eng_proj_dims(m, p, &in, &out);
+            float *A = malloc(sizeof(float) * (size_t)(r * in)), *R = malloc(sizeof(float) * (size_t)(K * in));
+            float *B[3];
+            for (int64_t i = 0; i < r * in; i++)
+                A[i] = rnd_sym() / sqrtf((float)in);
+            for (int64_t i = 0; i < K * in; i++)
+                R[i] = rnd_sym() / sqrtf((float)in);
+            for (int k = 0; k < K; k++) {
+                B[k] = malloc(sizeof(float) * (size_t)(out * r));
+                for (int64_t i = 0; i < out * r; i++)
+                    B[k][i] = 0.05f * rnd_sym();
+            }
+            assert_int_equal(b->ops->lora_create(b, r, K, in, out, A, R, (const float *const *)B, 2.0f,
+                                                 &l[il * ENG_N_PROJ + p]),
+                             0);
+            free(A);
+            free(R);
+            for (int k = 0; k < K; k++)
+                free(B[k]);
+        }
+    g_rng = saved;
+    return l;
+}
+
+/* The same steps on model g_m[1] (recording on) and on a second copy whose backend records
+ * nothing (HY_CUDA_GRAPHS=0): decode runs of one shape, a shape change in between and back,
+ * an adapter created mid-way (device memory moved: recorded steps must be recorded again),
+ * two sequences. Logits and router stats must be bit-identical: a replay runs the very
+ * kernels the op-by-op step runs, reading this step's metadata. */
+static void test_graph_replay(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    if (!g_be[1]->ops->step_counts) {
+        printf("  (this backend records no steps: nothing to compare)\n");
+        return;
+    }
+    be *off = NULL;
+    setenv("HY_CUDA_GRAPHS", "0", 1);
+    int rc = be_cuda_create(0, &off);
+    unsetenv("HY_CUDA_GRAPHS");
+    assert_int_equal(rc, 0);
+    eng_model *mm[2] = {g_m[1], NULL};
+    assert_int_equal(eng_model_load(g_f, off, &mm[1]), 0);
+    const eng_hparams *hp = eng_model_hparams(mm[0]);
+    const int n_seq = 2, max_len = 160, mb = max_len / BE_KV_BLOCK;
+    eng_kv *kv[2];
+    for (int i = 0; i < 2; i++)
+        assert_int_equal(eng_kv_create(mm[i], n_seq * mb, &kv[i]), 0);
+    int32_t bt[2 * 10];
+    for (int i = 0; i < n_seq * mb; i++)
+        bt[i] = (i * 7) % (n_seq * mb); /* a permutation: 7 and 20 are coprime */
+    int len[2] = {0, 0};
+    be_lora **lora[2] = {NULL, NULL};
+    float *stats[2] = {calloc((size_t)hp->n_layer * ENG_N_PROJ * 4, sizeof(float)),
+                       calloc((size_t)hp->n_layer * ENG_N_PROJ * 4, sizeof(float))};
+    eng_adapter ad[2];
+    uint64_t rec0 = 0, rep0 = 0, rec = 0, rep = 0;
+    g_be[1]->ops->step_counts(g_be[1], &rec0, &rep0);
+    /* the plan: {sequences, tokens each, steps, adapter on sequence 0} */
+    static const int plan[][4] = {{1, 5, 1, 0},  {1, 1, 20, 0}, {1, 3, 1, 0},  {1, 1, 20, 0},
+                                  {1, 1, 20, 1}, {2, 1, 1, 1},  {2, 1, 20, 1}, {2, 2, 2, 0}};
+    int32_t tok[4], pos[4], seq[4], slot[4], seq_len[2], lt[4], seg_begin[3];
+    long steps = 0, diffs = 0;
+    for (size_t pi = 0; pi < HY_ARRAY_LEN(plan); pi++) {
+        const int ns = plan[pi][0], per = plan[pi][1], use_ad = plan[pi][3];
+        if (use_ad && !lora[0]) {
+            for (int i = 0; i < 2; i++) {
+                lora[i] = graph_adapter(mm[i]);
+                ad[i] = (eng_adapter){lora[i], 3, stats[i]};
+            }
+        }
+        for (int st = 0; st < plan[pi][2]; st++, steps++) {
+            int t = 0;
+            if (ns == 2 && len[1] == 0)
+                len[1] = len[0] > 8 ? 8 : len[0]; /* the second sequence joins with some context */
+            for (int s = 0; s < ns; s++) {
+                for (int j = 0; j < per; j++, t++) {
+                    const int p = len[s] + j;
+                    tok[t] = (int32_t)((p * 131 + s * 17) % hp->n_vocab);
+                    pos[t] = p;
+                    seq[t] = s;
+                    slot[t] = bt[s * mb + p / BE_KV_BLOCK] * BE_KV_BLOCK + p % BE_KV_BLOCK;
+                    lt[t] = t;
+                }
+                seq_len[s] = len[s] + per;
+            }
+            const eng_adapter *seg_ad[2][2];
+            int n_seg = use_ad ? (ns == 2 ? 2 : 1) : 0;
+            seg_begin[0] = 0;
+            seg_begin[1] = per;
+            seg_begin[2] = 2 * per;
+            float *lg[2];
+            for (int i = 0; i < 2; i++) {
+                seg_ad[i][0] = &ad[i];
+                seg_ad[i][1] = NULL;
+                if (n_seg == 1)
+                    seg_begin[1] = t;
+                eng_batch b = {.n_tok = t,
+                               .tokens = tok,
+                               .attn = {t, ns, pos, seq, slot, seq_len, bt, mb},
+                               .n_seg = n_seg,
+                               .seg_begin = seg_begin,
+                               .seg_adapter = seg_ad[i],
+                               .n_logits = t,
+                               .logits_tok = lt};
+                lg[i] = malloc(sizeof(float) * (size_t)t * hp->n_vocab);
+                rc = eng_forward(mm[i], kv[i], &b, lg[i]);
+                if (rc)
+                    printf("eng_forward (%s): %s\n", i ? "op by op" : "recorded", hy_err_msg());
+                assert_int_equal(rc, 0);
+            }
+            if (memcmp(lg[0], lg[1], sizeof(float) * (size_t)t * hp->n_vocab)) {
+                if (!diffs)
+                    printf("  step %ld (plan %zu): logits differ between recorded and op-by-op steps\n", steps, pi);
+                diffs++;
+            }
+            free(lg[0]);
+            free(lg[1]);
+            for (int s = 0; s < ns; s++)
+                len[s] += per;
+        }
+    }
+    g_be[1]->ops->step_counts(g_be[1], &rec, &rep);
+    const size_t ns_stats = (size_t)hp->n_layer * ENG_N_PROJ * 4;
+    const bool stats_same = !memcmp(stats[0], stats[1], sizeof(float) * ns_stats);
+    printf("  %ld steps: %llu recorded, %llu replayed; logits differ in %ld steps; router stats %s\n", steps,
+           (unsigned long long)(rec - rec0), (unsigned long long)(rep - rep0), diffs,
+           stats_same ? "identical" : "DIFFER");
+    for (int i = 0; i < 2; i++) {
+        if (lora[i]) {
+            for (int j = 0; j < hp->n_layer * ENG_N_PROJ; j++)
+                eng_model_backend(mm[i])->ops->lora_free(eng_model_backend(mm[i]), lora[i][j]);
+            free(lora[i]);
+        }
+        eng_kv_free(kv[i]);
+        free(stats[i]);
+    }
+    eng_model_free(mm[1]);
+    off->ops->destroy(off);
+    assert_int_equal(diffs, 0);
+    assert_true(stats_same);
+    /* every decode run above is long enough to be recorded and then replayed */
+    assert_true(rec - rec0 >= 4);
+    assert_true(rep - rep0 >= 60);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_single_sequence),
         cmocka_unit_test(test_many_adapters),
+        cmocka_unit_test(test_graph_replay),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
