@@ -144,7 +144,8 @@ typedef struct {
     cudaGraphExec_t exec;     /* NULL: seen once, not recorded yet */
     uint64_t epoch;           /* c->epoch when recorded */
     uint64_t used;            /* LRU tick */
-    int bad;                  /* recording failed: this shape runs op by op */
+    int bad;                  /* recording failed at bad_epoch: op by op until memory moves */
+    uint64_t bad_epoch;
     int n_gst;                /* router-stats entries the recorded step fills (cuda_hydra) */
     float **gst_dst;          /* [n_gst] host destinations (not owned) */
     int *gst_k;               /* [n_gst] */

@@ -137,23 +137,17 @@ static int graph_lookup(be_cuda *c, const void *key, size_t key_n, cuda_graph_en
     return HY_OK;
 }
 
-int cuda_step_begin(be *b, const void *key, size_t key_n, const be_span *meta, int n_meta, bool *replay)
+/* After arena_load: replay, start recording, or leave the step to the ops (see the top). */
+static int step_choose(be_cuda *c, const void *key, size_t key_n, bool *replay)
 {
-    be_cuda *c = cuda_ctx(b);
-    *replay = false;
-    if (c->arena.active || cuda_recording(c))
-        return hy_err_set(HY_EINVAL, "internal: CUDA step_begin inside a step");
-    if (!c->arena.ev)
-        CU_CHECK(cudaEventCreateWithFlags(&c->arena.ev, cudaEventDisableTiming));
-    int rc = arena_load(c, meta, n_meta);
-    if (rc || c->graphs_off || !key)
-        return rc;
     cuda_graph_ent *g = NULL;
     bool fresh = false;
-    if ((rc = graph_lookup(c, key, key_n, &g, &fresh)))
+    int rc = graph_lookup(c, key, key_n, &g, &fresh);
+    if (rc)
         return rc;
-    if (fresh || g->bad)
-        return HY_OK; /* first sight (sizes everything for this shape) or not recordable */
+    if (fresh || (g->bad && g->bad_epoch == c->epoch))
+        return HY_OK; /* first sight (sizes everything for this shape) or failed to record since
+                         memory last moved */
     /* a replay or a recording starts with no router-stats entries pending (they are indexed
      * from 0 inside the graph) and no adapter copy to wait for (a recording cannot wait on the
      * copy stream's events) */
@@ -179,6 +173,22 @@ int cuda_step_begin(be *b, const void *key, size_t key_n, const be_span *meta, i
     CU_CHECK(cudaStreamBeginCapture(c->stream, cudaStreamCaptureModeThreadLocal));
     c->graph_cur = (int)(g - c->graph);
     return HY_OK;
+}
+
+int cuda_step_begin(be *b, const void *key, size_t key_n, const be_span *meta, int n_meta, bool *replay)
+{
+    be_cuda *c = cuda_ctx(b);
+    *replay = false;
+    if (c->arena.active || cuda_recording(c))
+        return hy_err_set(HY_EINVAL, "internal: CUDA step_begin inside a step");
+    if (!c->arena.ev)
+        CU_CHECK(cudaEventCreateWithFlags(&c->arena.ev, cudaEventDisableTiming));
+    int rc = arena_load(c, meta, n_meta);
+    if (rc == HY_OK && !c->graphs_off && key)
+        rc = step_choose(c, key, key_n, replay);
+    if (rc) /* the caller does not call step_end after a failed step_begin */
+        c->arena.active = 0;
+    return rc;
 }
 
 /* Keep the recorded step's router-stats entries with its graph. */
@@ -220,6 +230,7 @@ int cuda_step_end(be *b, bool ok, bool *rerun)
     if (ok && e == cudaSuccess && exec && graph_keep_gst(c, g) == HY_OK) {
         g->exec = exec;
         g->epoch = c->epoch;
+        g->bad = 0;
         c->n_recorded++;
         CU_CHECK(cudaGraphLaunch(g->exec, c->stream));
         return HY_OK;
@@ -230,6 +241,7 @@ int cuda_step_end(be *b, bool ok, bool *rerun)
     cudaGetLastError(); /* capture errors are not sticky; clear them */
     c->gst_n = 0;
     g->bad = 1;
+    g->bad_epoch = c->epoch;
     *rerun = true;
     return HY_OK;
 }
