@@ -160,13 +160,44 @@ static void remember_name(srv *s, const void *ad, const char *name)
     pthread_mutex_unlock(&s->mu);
 }
 
+/* Room for one more element in *arr (n used of *cap, each size bytes), doubling. */
+static int grow(void **arr, int n, int *cap, size_t size)
+{
+    if (n < *cap)
+        return HY_OK;
+    if (*cap > INT_MAX / 2)
+        return HY_ENOMEM;
+    int want = *cap ? *cap * 2 : 16;
+    void *p = realloc(*arr, (size_t)want * size);
+    if (!p)
+        return HY_ENOMEM;
+    *arr = p;
+    *cap = want;
+    return HY_OK;
+}
+
+srv_ad_stats *srv_stats_entry(srv *s, const char *name)
+{
+    for (int i = 0; i < s->n_stats; i++)
+        if (strcmp(s->stats[i].name, name) == 0)
+            return &s->stats[i];
+    if (grow((void **)&s->stats, s->n_stats, &s->cap_stats, sizeof *s->stats))
+        return NULL;
+    srv_ad_stats *x = &s->stats[s->n_stats++];
+    memset(x, 0, sizeof *x);
+    snprintf(x->name, sizeof x->name, "%s", name);
+    return x;
+}
+
+/* One more request routed to adapter `name`. The table holds the names requested since they
+ * were loaded (forget_served drops one on unload), so it is bounded by the adapters loaded. */
 static void count_served(srv *s, const char *name)
 {
     pthread_mutex_lock(&s->mu);
     int i = 0;
     while (i < s->n_served && strcmp(s->served[i].name, name) != 0)
         i++;
-    if (i == s->n_served && s->n_served < (int)HY_ARRAY_LEN(s->served)) {
+    if (i == s->n_served && grow((void **)&s->served, s->n_served, &s->cap_served, sizeof *s->served) == 0) {
         s->n_served++;
         snprintf(s->served[i].name, sizeof s->served[i].name, "%s", name);
         s->served[i].requests = 0;
@@ -1037,8 +1068,26 @@ static enum MHD_Result metrics_page(conn *c, struct MHD_Connection *mc)
         sched_get_stats(s->sched, &st);
     srv_gauges g = {st.waiting_reqs, st.running_seqs, st.kv_used, st.kv_total,
                     s->reg ? ad_reg_count(s->reg) : 0, s->cfg.max_loras, st.preemptions, st.steps,
-                    st.running_adapters, st.waiting_adapters, s->cfg.served_name};
+                    st.running_adapters, st.waiting_adapters, s->cfg.served_name, NULL, 0};
+    /* per-adapter counts: copied under mu so the render runs without it */
+    pthread_mutex_lock(&s->mu);
+    int n = s->n_served;
+    srv_ad_served *copy = n ? malloc((size_t)n * sizeof *copy) : NULL;
+    if (copy)
+        memcpy(copy, s->served, (size_t)n * sizeof *copy);
+    pthread_mutex_unlock(&s->mu);
+    srv_adapter_requests *ad = copy ? calloc((size_t)n, sizeof *ad) : NULL;
+    if (n && !ad) {
+        free(copy);
+        return err(c, mc, 500, "server_error", "", "", "out of memory");
+    }
+    for (int i = 0; i < n; i++)
+        ad[i] = (srv_adapter_requests){copy[i].name, copy[i].requests};
+    g.adapters = ad;
+    g.n_adapters = n;
     char *t = srv_metrics_render(&s->metrics, &g);
+    free(ad);
+    free(copy);
     if (!t)
         return MHD_NO;
     return send_buf(c, mc, 200, "text/plain; version=0.0.4", t, strlen(t), NULL);
@@ -1172,6 +1221,10 @@ void srv_clear(srv *s)
 {
     srv_metrics_clear(&s->metrics);
     pthread_mutex_destroy(&s->mu);
+    free(s->stats);
+    free(s->served);
+    s->stats = NULL;
+    s->served = NULL;
 }
 
 int srv_start(srv *s)

@@ -46,6 +46,12 @@ typedef struct {
     bool resident;
 } srv_ad_stats;
 
+/* Requests routed to one adapter name (HTTP threads count under srv.mu). */
+typedef struct {
+    char name[AD_NAME_MAX];
+    uint64_t requests;
+} srv_ad_served;
+
 typedef struct srv {
     srv_config cfg;
     struct MHD_Daemon *mhd;
@@ -67,13 +73,10 @@ typedef struct srv {
     pthread_mutex_t mu;
     srv_ad_name names[512];
     int n_names;
-    srv_ad_stats stats[256];
-    int n_stats;
-    struct {
-        char name[AD_NAME_MAX];
-        uint64_t requests;
-    } served[256];           /* requests routed to each adapter name (mu) */
-    int n_served;
+    srv_ad_stats *stats;     /* grown by srv_stats_entry; bounded by the adapters loaded */
+    int n_stats, cap_stats;
+    srv_ad_served *served;   /* requests routed to each adapter name; entries go on unload */
+    int n_served, cap_served;
 } srv;
 
 /* Initialise s (cfg copied by value: its strings must outlive s). */
@@ -87,5 +90,9 @@ void srv_quiesce(srv *s);
 void srv_stop(srv *s);
 /* Name of an adapter pointer seen by srv (engine thread's adapter_name); NULL when unknown. */
 const char *srv_adapter_name(srv *s, const void *ad, char *buf, size_t cap);
+/* The router-statistics entry of adapter `name` in s->stats (caller holds s->mu): found, or
+ * appended zeroed with the name set (the table grows). NULL only when out of memory. */
+srv_ad_stats *srv_stats_entry(srv *s, const char *name);
+
 
 #endif

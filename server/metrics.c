@@ -118,6 +118,26 @@ static void label_escape(char *out, size_t cap, const char *s)
     out[o] = '\0';
 }
 
+/* One sample per adapter that has been requested since it was loaded. */
+static void adapter_requests(sbuf *b, const srv_gauges *g)
+{
+    sb_printf(b, "# HELP hydrad_adapter_requests_total Requests routed to each loaded adapter.\n"
+                 "# TYPE hydrad_adapter_requests_total counter\n");
+    for (int i = 0; i < g->n_adapters; i++) {
+        const char *name = g->adapters[i].name ? g->adapters[i].name : "";
+        size_t cap = 2 * strlen(name) + 4; /* every byte escaped at most once, plus the end */
+        char *esc = malloc(cap);
+        if (!esc) {
+            b->oom = 1;
+            return;
+        }
+        label_escape(esc, cap, name);
+        sb_printf(b, "hydrad_adapter_requests_total{adapter=\"%s\"} %llu\n", esc,
+                  (unsigned long long)g->adapters[i].requests);
+        free(esc);
+    }
+}
+
 char *srv_metrics_render(srv_metrics *m, const srv_gauges *g)
 {
     sbuf b = {malloc(8192), 0, 8192, 0};
@@ -159,6 +179,7 @@ char *srv_metrics_render(srv_metrics *m, const srv_gauges *g)
                   "# TYPE hydrad_kv_cache_usage_ratio gauge\nhydrad_kv_cache_usage_ratio %.6f\n", kv);
     sb_printf(&b, "# HELP hydrad_adapters_loaded Adapters held by the registry.\n"
                   "# TYPE hydrad_adapters_loaded gauge\nhydrad_adapters_loaded %d\n", g->adapters_loaded);
+    adapter_requests(&b, g);
     sb_printf(&b, "# HELP hydrad_preemptions_total Sequences preempted for recompute.\n"
                   "# TYPE hydrad_preemptions_total counter\nhydrad_preemptions_total %llu\n",
               (unsigned long long)g->preemptions);

@@ -24,6 +24,12 @@ typedef struct {
     srv_hist ttft, tpot, e2e;
 } srv_metrics;
 
+/* Requests routed to one adapter (a snapshot the caller owns for the render call). */
+typedef struct {
+    const char *name;
+    uint64_t requests;
+} srv_adapter_requests;
+
 /* Gauges sampled at scrape time (filled by the caller). */
 typedef struct {
     int waiting, running;
@@ -32,6 +38,8 @@ typedef struct {
     uint64_t preemptions, steps;
     const char *running_adapters, *waiting_adapters; /* comma-separated */
     const char *model_name;
+    const srv_adapter_requests *adapters; /* [n_adapters], may be NULL when n_adapters is 0 */
+    int n_adapters;
 } srv_gauges;
 
 void srv_metrics_init(srv_metrics *m);

@@ -222,14 +222,10 @@ static void stats_publish_one(glue *g, int i, bool resident)
 {
     srv *s = g->s;
     pthread_mutex_lock(&s->mu);
-    int k = 0;
-    while (k < s->n_stats && strcmp(s->stats[k].name, g->res[i].name) != 0)
-        k++;
-    if (k < (int)HY_ARRAY_LEN(s->stats)) {
-        stats_fill(g, i, &s->stats[k]);
-        s->stats[k].resident = resident;
-        if (k == s->n_stats)
-            s->n_stats++;
+    srv_ad_stats *x = srv_stats_entry(s, g->res[i].name); /* NULL (no memory): shown at the next snapshot */
+    if (x) {
+        stats_fill(g, i, x);
+        x->resident = resident;
     }
     pthread_mutex_unlock(&s->mu);
 }
@@ -287,8 +283,11 @@ static void g_housekeeping(void *ctx)
     srv *s = g->s;
     pthread_mutex_lock(&s->mu);
     s->n_stats = 0;
-    for (int i = 0; i < g->n_res && s->n_stats < (int)HY_ARRAY_LEN(s->stats); i++)
-        stats_fill(g, i, &s->stats[s->n_stats++]);
+    for (int i = 0; i < g->n_res; i++) {
+        srv_ad_stats *x = srv_stats_entry(s, g->res[i].name);
+        if (x)
+            stats_fill(g, i, x);
+    }
     pthread_mutex_unlock(&s->mu);
 }
 
