@@ -13,8 +13,11 @@
 #include <errno.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
-#include <sys/stat.h>
 #include <openssl/sha.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,6 +41,9 @@ typedef struct conn {
     pthread_mutex_t mu;
     struct MHD_Connection *mc;
     bool alive, suspended;
+    bool submitted;         /* req is in the engine's hands */
+    bool gone;              /* the watcher saw the client close before a whole answer (mu) */
+    uint64_t watch_id;      /* slot in srv.watch, 0 = none (srv.watch_mu) */
     char *body;
     size_t len, cap;
     bool too_big;
@@ -333,6 +339,125 @@ static void on_engine_event(void *ctx)
 
 static void on_req_free(void *ctx) { conn_unref(ctx); }
 
+/* ---------- disconnect watch of whole answers ----------
+ * libmicrohttpd 0.9.75 does not poll a suspended connection ("While a connection is suspended,
+ * MHD will not detect disconnects by the client"), and a whole answer stays suspended until
+ * its generation ends; a stream notices because its writes fail. So one thread waits in epoll
+ * for EPOLLRDHUP (and HUP/ERR) on the sockets of whole answers: a client that closed gets its
+ * request cancelled at once (the engine frees its KV within a step) and its connection resumed,
+ * and the handler then closes it instead of answering. Slots are removed (EPOLL_CTL_DEL) while
+ * the socket is still open: when the answer is queued or in on_completed, which MHD calls
+ * before it closes the socket. Lock order: watch_mu, then conn.mu. */
+
+static void *watch_main(void *arg)
+{
+    srv *s = arg;
+    struct epoll_event ev[32];
+    for (;;) {
+        int n = epoll_wait(s->watch_ep, ev, (int)HY_ARRAY_LEN(ev), -1);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return NULL;
+        for (int i = 0; i < n; i++) {
+            if (ev[i].data.u64 == 0)
+                return NULL; /* the stop eventfd */
+            bool cancelled = false;
+            pthread_mutex_lock(&s->watch_mu);
+            for (int k = 0; k < s->n_watch; k++) {
+                if (s->watch[k].id != ev[i].data.u64)
+                    continue;
+                conn *c = s->watch[k].c;
+                pthread_mutex_lock(&c->mu);
+                c->gone = true;
+                if (c->alive && c->suspended) {
+                    c->suspended = false;
+                    MHD_resume_connection(c->mc);
+                }
+                pthread_mutex_unlock(&c->mu);
+                sched_req_cancel(c->req); /* valid: on_completed removes the slot before releasing it */
+                cancelled = true;
+                break;
+            }
+            pthread_mutex_unlock(&s->watch_mu);
+            if (cancelled)
+                sched_wake(s->sched);
+        }
+    }
+}
+
+/* Watch the socket of c (a whole answer about to wait for the engine). Without a slot (no
+ * memory, no descriptor) the request still runs; its disconnect is then seen at the end. */
+static void watch_add(conn *c, struct MHD_Connection *mc)
+{
+    srv *s = c->s;
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(mc, MHD_CONNECTION_INFO_CONNECTION_FD);
+    if (!ci || ci->connect_fd == MHD_INVALID_SOCKET || s->watch_ep < 0)
+        return;
+    pthread_mutex_lock(&s->watch_mu);
+    if (grow((void **)&s->watch, s->n_watch, &s->cap_watch, sizeof *s->watch) == 0) {
+        uint64_t id = ++s->watch_next;
+        struct epoll_event ev = {.events = EPOLLRDHUP | EPOLLONESHOT, .data.u64 = id};
+        if (epoll_ctl(s->watch_ep, EPOLL_CTL_ADD, ci->connect_fd, &ev) == 0) {
+            s->watch[s->n_watch++] = (srv_watch_slot){id, c, ci->connect_fd};
+            c->watch_id = id;
+            atomic_fetch_add(&c->refs, 1); /* held by the slot, dropped in watch_remove */
+        }
+    }
+    pthread_mutex_unlock(&s->watch_mu);
+}
+
+/* Stop watching c (no-op when it is not watched). Call with c->mu not held. */
+static void watch_remove(conn *c)
+{
+    srv *s = c->s;
+    bool held = false;
+    pthread_mutex_lock(&s->watch_mu);
+    for (int k = 0; c->watch_id && k < s->n_watch; k++)
+        if (s->watch[k].id == c->watch_id) {
+            epoll_ctl(s->watch_ep, EPOLL_CTL_DEL, s->watch[k].fd, NULL);
+            s->watch[k] = s->watch[--s->n_watch];
+            c->watch_id = 0;
+            held = true;
+            break;
+        }
+    pthread_mutex_unlock(&s->watch_mu);
+    if (held)
+        conn_unref(c);
+}
+
+static int watch_start(srv *s)
+{
+    s->watch_ep = epoll_create1(EPOLL_CLOEXEC);
+    s->watch_ev = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 0};
+    if (s->watch_ep < 0 || s->watch_ev < 0 || epoll_ctl(s->watch_ep, EPOLL_CTL_ADD, s->watch_ev, &ev) != 0 ||
+        pthread_create(&s->watch_th, NULL, watch_main, s) != 0)
+        goto fail;
+    return HY_OK;
+fail:
+    if (s->watch_ep >= 0)
+        close(s->watch_ep);
+    if (s->watch_ev >= 0)
+        close(s->watch_ev);
+    s->watch_ep = s->watch_ev = -1;
+    return hy_err_set(HY_EIO, "cannot start the disconnect watcher: %s", strerror(errno));
+}
+
+/* After MHD_stop_daemon: every request has completed, so no slot is left. */
+static void watch_stop(srv *s)
+{
+    if (s->watch_ep < 0)
+        return;
+    uint64_t one = 1;
+    if (write(s->watch_ev, &one, sizeof one) != (ssize_t)sizeof one)
+        pthread_cancel(s->watch_th); /* cannot happen with a fresh eventfd; epoll_wait is a cancellation point */
+    pthread_join(s->watch_th, NULL);
+    close(s->watch_ep);
+    close(s->watch_ev);
+    s->watch_ep = s->watch_ev = -1;
+}
+
 static const char *finish_name(const char *f)
 {
     if (!f)
@@ -570,15 +695,21 @@ static void stream_free(void *cls) { conn_unref(cls); }
 static enum MHD_Result wait_or_answer(conn *c, struct MHD_Connection *mc)
 {
     pthread_mutex_lock(&c->mu);
+    bool gone = c->gone;
     sched_req_lock(c->req);
     bool fin = sched_req_finished(c->req);
     sched_req_unlock(c->req);
-    if (!fin) {
+    if (!fin && !gone) {
         c->suspended = true;
         MHD_suspend_connection(mc);
     }
     pthread_mutex_unlock(&c->mu);
-    return fin ? answer_whole(c, mc) : MHD_YES;
+    if (gone)
+        return MHD_NO; /* the client closed: MHD drops the connection, on_completed cancels */
+    if (!fin)
+        return MHD_YES;
+    watch_remove(c);
+    return answer_whole(c, mc);
 }
 
 static enum MHD_Result start_generation(conn *c, struct MHD_Connection *mc, api_kind kind)
@@ -651,6 +782,7 @@ static enum MHD_Result start_generation(conn *c, struct MHD_Connection *mc, api_
         return err(c, mc, 503, "server_error", "", "", hy_err_msg());
     if (rc)
         return err(c, mc, 500, "server_error", "", "", hy_err_msg());
+    c->submitted = true;
     if (ar->stream) {
         c->stream = true;
         struct MHD_Response *resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384, stream_reader, c, stream_free);
@@ -665,6 +797,7 @@ static enum MHD_Result start_generation(conn *c, struct MHD_Connection *mc, api_
         return ret;
     }
     c->state = R_DONE_WAIT;
+    watch_add(c, mc);
     return wait_or_answer(c, mc);
 }
 
@@ -1186,8 +1319,10 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls, e
     (void)toe;
     if (!c)
         return;
+    watch_remove(c);
     pthread_mutex_lock(&c->mu);
     c->alive = false;
+    bool gone = c->gone;
     pthread_mutex_unlock(&c->mu);
     if (c->req) {
         sched_req_lock(c->req);
@@ -1195,6 +1330,9 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls, e
         sched_req_unlock(c->req);
         if (!fin)
             sched_req_cancel(c->req);
+        /* the watcher may have cancelled it already and the engine ended it ("cancelled") */
+        if (c->submitted && (!fin || gone))
+            srv_metrics_cancelled(&c->s->metrics);
         sched_req *r = c->req;
         c->req = NULL;
         sched_req_release(r); /* may drop the request's conn reference */
@@ -1210,6 +1348,8 @@ void srv_init(srv *s, const srv_config *cfg)
     if (s->cfg.max_body == 0)
         s->cfg.max_body = 1 << 20;
     pthread_mutex_init(&s->mu, NULL);
+    pthread_mutex_init(&s->watch_mu, NULL);
+    s->watch_ep = s->watch_ev = -1;
     srv_metrics_init(&s->metrics);
     s->created = (int64_t)time(NULL);
     atomic_init(&s->ready, false);
@@ -1221,10 +1361,13 @@ void srv_clear(srv *s)
 {
     srv_metrics_clear(&s->metrics);
     pthread_mutex_destroy(&s->mu);
+    pthread_mutex_destroy(&s->watch_mu);
     free(s->stats);
     free(s->served);
+    free(s->watch);
     s->stats = NULL;
     s->served = NULL;
+    s->watch = NULL;
 }
 
 int srv_start(srv *s)
@@ -1235,6 +1378,9 @@ int srv_start(srv *s)
     addr.sin_port = htons((uint16_t)s->cfg.port);
     if (inet_pton(AF_INET, s->cfg.host, &addr.sin_addr) != 1)
         return hy_err_set(HY_EINVAL, "--host '%s' is not an IPv4 address", s->cfg.host);
+    int rc = watch_start(s);
+    if (rc)
+        return rc;
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ITC;
     s->mhd = MHD_start_daemon(flags, (uint16_t)s->cfg.port, NULL, NULL, on_request, s,
                               MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&addr,
@@ -1242,8 +1388,10 @@ int srv_start(srv *s)
                               MHD_OPTION_CONNECTION_LIMIT, (unsigned)HY_MAX(4, s->cfg.max_conns),
                               MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)600,
                               MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_END);
-    if (!s->mhd)
+    if (!s->mhd) {
+        watch_stop(s);
         return hy_err_set(HY_EIO, "cannot listen on %s:%d (port in use?)", s->cfg.host, s->cfg.port);
+    }
     return HY_OK;
 }
 
@@ -1261,4 +1409,5 @@ void srv_stop(srv *s)
     if (s->mhd)
         MHD_stop_daemon(s->mhd);
     s->mhd = NULL;
+    watch_stop(s);
 }

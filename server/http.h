@@ -52,6 +52,13 @@ typedef struct {
     uint64_t requests;
 } srv_ad_served;
 
+/* A whole (non-streamed) answer whose socket the disconnect watcher polls (srv.watch_mu). */
+typedef struct {
+    uint64_t id;      /* epoll data: never reused, so a stale event finds no slot */
+    struct conn *c;   /* holds one reference on c while listed */
+    int fd;
+} srv_watch_slot;
+
 typedef struct srv {
     srv_config cfg;
     struct MHD_Daemon *mhd;
@@ -77,6 +84,13 @@ typedef struct srv {
     int n_stats, cap_stats;
     srv_ad_served *served;   /* requests routed to each adapter name; entries go on unload */
     int n_served, cap_served;
+    /* disconnect watcher of whole answers (a suspended MHD connection is not polled) */
+    pthread_mutex_t watch_mu;
+    srv_watch_slot *watch;
+    int n_watch, cap_watch;
+    uint64_t watch_next;
+    int watch_ep, watch_ev;  /* epoll and its stop eventfd; -1 when not started */
+    pthread_t watch_th;
 } srv;
 
 /* Initialise s (cfg copied by value: its strings must outlive s). */

@@ -37,6 +37,13 @@ void srv_metrics_status(srv_metrics *m, int status)
     pthread_mutex_unlock(&m->mu);
 }
 
+void srv_metrics_cancelled(srv_metrics *m)
+{
+    pthread_mutex_lock(&m->mu);
+    m->cancelled++;
+    pthread_mutex_unlock(&m->mu);
+}
+
 void srv_metrics_request(srv_metrics *m, double ttft, double e2e, int prompt_tokens, int gen_tokens)
 {
     pthread_mutex_lock(&m->mu);
@@ -162,6 +169,9 @@ char *srv_metrics_render(srv_metrics *m, const srv_gauges *g)
     sb_printf(&b, "# HELP hydrad_generation_tokens_total Generated tokens of finished requests.\n"
                   "# TYPE hydrad_generation_tokens_total counter\nhydrad_generation_tokens_total %llu\n",
               (unsigned long long)m->generation_tokens);
+    sb_printf(&b, "# HELP hydrad_requests_cancelled_total Requests cancelled because the client disconnected "
+                  "before the answer was complete.\n# TYPE hydrad_requests_cancelled_total counter\n"
+                  "hydrad_requests_cancelled_total %llu\n", (unsigned long long)m->cancelled);
     hist(&b, "hydrad_time_to_first_token_seconds", "Time from arrival to the first generated token.", &m->ttft);
     hist(&b, "hydrad_time_per_output_token_seconds", "Mean time between output tokens of a request.", &m->tpot);
     hist(&b, "hydrad_e2e_request_latency_seconds", "Time from arrival to the last token.", &m->e2e);

@@ -21,6 +21,7 @@ typedef struct {
     uint64_t by_status[600];
     uint64_t prompt_tokens, generation_tokens;
     uint64_t requests_ok;
+    uint64_t cancelled;        /* the client went away before its answer was complete */
     srv_hist ttft, tpot, e2e;
 } srv_metrics;
 
@@ -46,6 +47,8 @@ void srv_metrics_init(srv_metrics *m);
 void srv_metrics_clear(srv_metrics *m);
 void srv_metrics_status(srv_metrics *m, int status);
 /* A finished generation: latencies in seconds (ttft < 0: no token produced). */
+/* A request cancelled because its client disconnected (stream or whole answer). */
+void srv_metrics_cancelled(srv_metrics *m);
 void srv_metrics_request(srv_metrics *m, double ttft, double e2e, int prompt_tokens, int gen_tokens);
 /* Prometheus text format 0.0.4, malloc'ed (caller frees); NULL on ENOMEM. */
 char *srv_metrics_render(srv_metrics *m, const srv_gauges *g);

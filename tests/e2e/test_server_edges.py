@@ -1,5 +1,7 @@
-"""test_server_edges.py - edges of the HTTP server, black box over a real hydrad serve: request
-counters of more than 256 adapters (all of them in /v1/adapters and /metrics)."""
+"""test_server_edges.py - edges of the HTTP server, black box over a real hydrad serve: a client
+that drops a whole (non-streamed) request gets it cancelled at once (KV blocks freed, counted in
+/metrics) whether it ran or waited; request counters of more than 256 adapters (all of them in
+/v1/adapters and /metrics)."""
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -69,6 +71,80 @@ def path_of(kind):
 def one_seq(start_server):
     # one running sequence at most: a second request waits in the queue
     return start_server("--max-seqs", "1", "--max-batch-tokens", "128")
+
+
+# ---------- 1. a dropped whole request is cancelled at once ----------
+
+# Once a bug: a whole answer's connection is suspended until an engine event resumes it, and
+# libmicrohttpd only then sees the closed socket; a request in a long prefill (no token yet) or
+# waiting in the queue has no event, so it kept its KV blocks and engine time for many seconds.
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_dropped_whole_request_cancelled(one_seq, kind):
+    srv = one_seq
+    idle, _ = wait_for(srv, lambda m: m["kv"] == 0 and m["running"] == 0, 10)
+    assert idle["kv"] == 0 and idle["running"] == 0, idle
+    # ~2000 prompt tokens: the prefill alone takes seconds at 128 tokens a step
+    s = raw_request(srv.port, path_of(kind), long_body(kind, "word " * 2000))
+    try:
+        busy, _ = wait_for(srv, lambda m: m["running"] == 1 and m["kv"] >= 100, 20)
+        assert busy["running"] == 1 and busy["kv"] >= 100, busy
+        time.sleep(0.2)
+    finally:
+        s.close()
+    after, waited = wait_for(srv, lambda m: m["kv"] == 0 and m["running"] == 0, 10)
+    # the prefill and LONG tokens would take well over 10 s on the CPU; a cancel is one step
+    assert after["kv"] == 0 and after["running"] == 0 and waited < 2.0, (after, waited)
+    assert after["cancelled"] == idle["cancelled"] + 1, (idle, after)
+    assert after["gen"] == idle["gen"]  # never counted as a finished generation
+
+
+def test_dropped_waiting_request_cancelled(one_seq):
+    srv = one_seq
+    idle, _ = wait_for(srv, lambda m: m["kv"] == 0 and m["running"] == 0 and m["waiting"] == 0, 10)
+    a = raw_request(srv.port, "/v1/completions", long_body("completion", "Once upon a time"))
+    b = None
+    try:
+        wait_for(srv, lambda m: m["running"] == 1, 20)
+        b = raw_request(srv.port, "/v1/completions", long_body("completion", "The quick brown fox"))
+        queued, _ = wait_for(srv, lambda m: m["waiting"] == 1, 10)
+        assert queued["waiting"] == 1 and queued["running"] == 1, queued
+        b.close()
+        m, waited = wait_for(srv, lambda m: m["waiting"] == 0, 10)
+        assert m["waiting"] == 0 and m["running"] == 1 and waited < 2.0, (m, waited)  # a runs on
+        assert m["cancelled"] == idle["cancelled"] + 1
+    finally:
+        a.close()
+        if b:
+            b.close()
+    m, waited = wait_for(srv, lambda m: m["kv"] == 0 and m["running"] == 0, 10)
+    assert m["kv"] == 0 and m["running"] == 0 and waited < 2.0, (m, waited)
+    assert m["cancelled"] == idle["cancelled"] + 2
+
+
+def test_whole_answer_unchanged(one_seq):
+    """A client that stays gets a Content-Length JSON answer (not chunked), errors keep their status."""
+    srv = one_seq
+    s = raw_request(srv.port, "/v1/completions", {"model": SERVED, "prompt": "Hi", "max_tokens": 4,
+                                                  "temperature": 0, "ignore_eos": True})
+    with s:
+        s.settimeout(60)
+        got = b""
+        while b"\r\n\r\n" not in got:
+            chunk = s.recv(65536)
+            assert chunk, got
+            got += chunk
+        head, body = got.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        n = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))
+        assert not re.search(rb"(?im)^transfer-encoding:", head)
+        while len(body) < n:
+            chunk = s.recv(65536)
+            assert chunk
+            body += chunk
+    j = json.loads(body)
+    assert j["choices"][0]["finish_reason"] == "length" and j["usage"]["completion_tokens"] == 4
+    r = requests.post(srv.url + "/v1/completions", json={"model": "nope", "prompt": "Hi"}, timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
 # ---------- 4. request counters of more than 256 adapters ----------
