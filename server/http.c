@@ -823,7 +823,9 @@ static bool path_under_roots(srv *s, const char *path, char *resolved)
 typedef struct {
     FILE *f;
     size_t n, cap;
-    bool over;  /* the transfer was cut at the cap */
+    bool over;        /* the transfer was cut at the cap */
+    EVP_MD_CTX *md;   /* SHA-256 of what was written (NULL: not checked) */
+    bool md_fail;
 } dl_sink;
 
 static size_t dl_write(char *p, size_t sz, size_t nm, void *ud)
@@ -835,24 +837,62 @@ static size_t dl_write(char *p, size_t sz, size_t nm, void *ud)
         return 0; /* over the cap: abort the transfer */
     }
     d->n += n;
+    if (d->md && !EVP_DigestUpdate(d->md, p, n))
+        d->md_fail = true;
     return fwrite(p, 1, n, d->f);
 }
 
-static int download(const char *url, const char *dst, size_t cap)
+/* A fresh temp file beside dst: "<dst>.XXXXXX.part" made by mkstemps (never shared with a
+ * concurrent download of the same dst). tmp receives its name. */
+static int dl_tmp_open(const char *dst, char *tmp, size_t cap, FILE **f)
 {
-    char tmp[PATH_MAX + 80];
-    snprintf(tmp, sizeof tmp, "%s.part", dst);
-    dl_sink d = {fopen(tmp, "wb"), 0, cap, false};
-    if (!d.f)
-        return hy_err_set(HY_EIO, "cannot write %s: %s", tmp, strerror(errno));
-    CURL *h = curl_easy_init();
-    if (!h) {
-        fclose(d.f);
-        return hy_err_set(HY_ENOMEM, "libcurl init failed");
+    *f = NULL;
+    if ((size_t)snprintf(tmp, cap, "%s.XXXXXX.part", dst) >= cap)
+        return hy_err_set(HY_EINVAL, "path too long: %s", dst);
+    int fd = mkstemps(tmp, 5);
+    if (fd < 0)
+        return hy_err_set(HY_EIO, "cannot create a temp file beside %s: %s", dst, strerror(errno));
+    *f = fdopen(fd, "wb");
+    if (!*f) {
+        int e = errno;
+        close(fd);
+        unlink(tmp);
+        return hy_err_set(HY_EIO, "cannot write %s: %s", tmp, strerror(e));
+    }
+    return HY_OK;
+}
+
+/* Lower-case hex of the digest in d->md into hex[65]; false when it cannot be finished. */
+static bool dl_hex(dl_sink *d, char hex[65])
+{
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned n = 0;
+    if (d->md_fail || !EVP_DigestFinal_ex(d->md, md, &n) || n != 32)
+        return false;
+    for (unsigned i = 0; i < n; i++)
+        snprintf(hex + 2 * i, 3, "%02x", md[i]);
+    return true;
+}
+
+int srv_download(const char *url, const char *dst, size_t cap, const char *want_sha, const char *protocols)
+{
+    char tmp[PATH_MAX + 80], got[65];
+    dl_sink d = {NULL, 0, cap, false, NULL, false};
+    CURL *h = NULL;
+    int rc = dl_tmp_open(dst, tmp, sizeof tmp, &d.f);
+    if (rc)
+        return rc;
+    if (want_sha && (!(d.md = EVP_MD_CTX_new()) || !EVP_DigestInit_ex(d.md, EVP_sha256(), NULL))) {
+        rc = hy_err_set(HY_ENOMEM, "cannot start SHA-256");
+        goto fail;
+    }
+    if (!(h = curl_easy_init())) {
+        rc = hy_err_set(HY_ENOMEM, "libcurl init failed");
+        goto fail;
     }
     curl_easy_setopt(h, CURLOPT_URL, url);
-    curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "https");
-    curl_easy_setopt(h, CURLOPT_REDIR_PROTOCOLS_STR, "https");
+    curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, protocols);
+    curl_easy_setopt(h, CURLOPT_REDIR_PROTOCOLS_STR, protocols);
     curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 1L);
     curl_easy_setopt(h, CURLOPT_MAXREDIRS, 5L);
     curl_easy_setopt(h, CURLOPT_FAILONERROR, 1L);
@@ -861,40 +901,41 @@ static int download(const char *url, const char *dst, size_t cap)
     curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, dl_write);
     curl_easy_setopt(h, CURLOPT_WRITEDATA, &d);
-    CURLcode rc = curl_easy_perform(h);
-    curl_easy_cleanup(h);
-    int ok = fclose(d.f) == 0 && rc == CURLE_OK;
-    if (!ok) {
-        unlink(tmp);
-        if (d.over)
-            return hy_err_set(HY_ELIMIT, "%s: larger than the %zu-byte cap", url, cap);
-        return hy_err_set(HY_EIO, "%s: %s", url, curl_easy_strerror(rc));
+    CURLcode cc = curl_easy_perform(h);
+    int closed = fclose(d.f);
+    d.f = NULL;
+    if (cc != CURLE_OK) {
+        rc = d.over ? hy_err_set(HY_ELIMIT, "%s: larger than the %zu-byte cap", url, cap)
+                    : hy_err_set(HY_EIO, "%s: %s", url, curl_easy_strerror(cc));
+        goto fail;
     }
-    if (rename(tmp, dst) != 0)
-        return hy_err_set(HY_EIO, "cannot rename %s: %s", tmp, strerror(errno));
+    if (closed != 0) {
+        rc = hy_err_set(HY_EIO, "cannot write %s: %s", tmp, strerror(errno));
+        goto fail;
+    }
+    if (want_sha && !dl_hex(&d, got)) {
+        rc = hy_err_set(HY_EIO, "cannot hash %s", url);
+        goto fail;
+    }
+    if (want_sha && strcasecmp(got, want_sha) != 0) {
+        rc = hy_err_set(HY_EFORMAT, "sha256 mismatch for %s: got %s, expected %s", url, got, want_sha);
+        goto fail;
+    }
+    if (rename(tmp, dst) != 0) {
+        rc = hy_err_set(HY_EIO, "cannot rename %s: %s", tmp, strerror(errno));
+        goto fail;
+    }
+    curl_easy_cleanup(h);
+    EVP_MD_CTX_free(d.md);
     return HY_OK;
-}
-
-static int sha256_file(const char *path, char hex[65])
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return hy_err_set(HY_EIO, "cannot open %s", path);
-    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
-    unsigned char buf[1 << 16], md[EVP_MAX_MD_SIZE];
-    unsigned mdlen = 0;
-    int ok = ctx && EVP_DigestInit_ex(ctx, EVP_sha256(), NULL);
-    size_t n;
-    while (ok && (n = fread(buf, 1, sizeof buf, f)) > 0)
-        ok = EVP_DigestUpdate(ctx, buf, n);
-    ok = ok && !ferror(f) && EVP_DigestFinal_ex(ctx, md, &mdlen);
-    EVP_MD_CTX_free(ctx);
-    fclose(f);
-    if (!ok)
-        return hy_err_set(HY_EIO, "cannot hash %s", path);
-    for (unsigned i = 0; i < mdlen; i++)
-        snprintf(hex + 2 * i, 3, "%02x", md[i]);
-    return HY_OK;
+fail:
+    if (d.f)
+        fclose(d.f);
+    unlink(tmp);
+    if (h)
+        curl_easy_cleanup(h);
+    EVP_MD_CTX_free(d.md);
+    return rc;
 }
 
 /* Fetch <url>/adapter_config.json and <url>/adapter_model.safetensors into
@@ -919,20 +960,10 @@ static int fetch_adapter(srv *s, const char *url, const char *want_sha, char *di
     for (int i = 0; i < 2; i++) {
         snprintf(u, sizeof u, "%s%s%s", url, sep, files[i]);
         snprintf(path, sizeof path, "%s/%s", dir, files[i]);
-        int rc = download(u, path, i == 0 ? (size_t)1 << 20 : cap);
+        /* the weights are checked before they take the final name: a mismatch leaves none */
+        int rc = srv_download(u, path, i == 0 ? (size_t)1 << 20 : cap, i == 1 ? want_sha : NULL, "https");
         if (rc)
             return rc;
-    }
-    if (want_sha) {
-        char got[65];
-        snprintf(path, sizeof path, "%s/%s", dir, files[1]);
-        int rc = sha256_file(path, got);
-        if (rc)
-            return rc;
-        if (strcasecmp(got, want_sha) != 0) {
-            unlink(path);
-            return hy_err_set(HY_EFORMAT, "sha256 mismatch for %s: got %s, expected %s", files[1], got, want_sha);
-        }
     }
     return HY_OK;
 }

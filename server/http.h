@@ -108,5 +108,11 @@ const char *srv_adapter_name(srv *s, const void *ad, char *buf, size_t cap);
  * appended zeroed with the name set (the table grows). NULL only when out of memory. */
 srv_ad_stats *srv_stats_entry(srv *s, const char *name);
 
+/* Download url into dst through a temp file of its own in dst's directory (mkstemp), renamed
+ * onto dst only when the whole transfer succeeded, within cap bytes, and (want_sha non-NULL:
+ * 64 hex digits) its SHA-256 matches; every failure removes the temp file and leaves dst as it
+ * was. Concurrent downloads to one dst never share a file. protocols: libcurl's protocol list
+ * for the URL and redirects ("https" in the server; tests use "file"). */
+int srv_download(const char *url, const char *dst, size_t cap, const char *want_sha, const char *protocols);
 
 #endif

@@ -1,7 +1,7 @@
 """test_server_edges.py - edges of the HTTP server, black box over a real hydrad serve: a client
 that drops a whole (non-streamed) request gets it cancelled at once (KV blocks freed, counted in
-/metrics) whether it ran or waited; request counters of more than 256 adapters (all of them in
-/v1/adapters and /metrics)."""
+/metrics) whether it ran or waited; a refused https download leaves no temp file in the adapter
+cache; request counters of more than 256 adapters (all of them in /v1/adapters and /metrics)."""
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -145,6 +145,18 @@ def test_whole_answer_unchanged(one_seq):
     assert j["choices"][0]["finish_reason"] == "length" and j["usage"]["completion_tokens"] == 4
     r = requests.post(srv.url + "/v1/completions", json={"model": "nope", "prompt": "Hi"}, timeout=30)
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+# ---------- 3. a refused https download leaves nothing behind ----------
+
+def test_refused_download_leaves_no_temp(start_server, tmp_path):
+    cache = tmp_path / "cache"
+    srv = start_server("--adapter-cache", str(cache), "--admin-key", "adm")
+    r = requests.post(srv.url + "/v1/load_lora_adapter", headers={"Authorization": "Bearer adm"},
+                      json={"lora_name": "u", "lora_path": "https://127.0.0.1:1/adapter"}, timeout=60)
+    assert r.status_code == 400 and "127.0.0.1" in r.json()["error"]["message"], r.text
+    left = [os.path.join(d, f) for d, _, fs in os.walk(cache) for f in fs]
+    assert left == [], left  # the key directory may stay; no file (temp or final) does
 
 
 # ---------- 4. request counters of more than 256 adapters ----------
