@@ -5,10 +5,10 @@
 #include "api/api.h"
 #include "engine/hy.h"
 
-#include <arpa/inet.h>
 #include <jansson.h>
 #include <limits.h>
 #include <microhttpd.h>
+#include <netdb.h>
 #include <curl/curl.h>
 #include <errno.h>
 #include <openssl/crypto.h>
@@ -1401,27 +1401,54 @@ void srv_clear(srv *s)
     s->watch = NULL;
 }
 
+/* The numeric form of a listening address for logs: "127.0.0.1", "[::1]". */
+static void addr_text(const struct sockaddr *a, socklen_t len, char *out, size_t cap)
+{
+    char host[NI_MAXHOST];
+    if (getnameinfo(a, len, host, sizeof host, NULL, 0, NI_NUMERICHOST) != 0)
+        snprintf(host, sizeof host, "?");
+    snprintf(out, cap, a->sa_family == AF_INET6 ? "[%s]" : "%s", host);
+}
+
+/* Listen on --host: an IPv4 or IPv6 literal, or a name resolved to either family; the
+ * addresses getaddrinfo gives are tried in its order and the first that binds is kept.
+ * An IPv6 socket is dual-stack, so "::" takes IPv4 clients too. */
 int srv_start(srv *s)
 {
-    struct sockaddr_in addr;
-    memset(&addr, 0, sizeof addr);
-    addr.sin_family = AF_INET;
-    addr.sin_port = htons((uint16_t)s->cfg.port);
-    if (inet_pton(AF_INET, s->cfg.host, &addr.sin_addr) != 1)
-        return hy_err_set(HY_EINVAL, "--host '%s' is not an IPv4 address", s->cfg.host);
+    char port[16];
+    snprintf(port, sizeof port, "%d", s->cfg.port);
+    struct addrinfo hints, *res = NULL;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+    int gai = getaddrinfo(s->cfg.host, port, &hints, &res);
+    if (gai != 0)
+        return hy_err_set(HY_EINVAL, "--host '%s': %s", s->cfg.host, gai_strerror(gai));
     int rc = watch_start(s);
-    if (rc)
+    if (rc) {
+        freeaddrinfo(res);
         return rc;
-    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ITC;
-    s->mhd = MHD_start_daemon(flags, (uint16_t)s->cfg.port, NULL, NULL, on_request, s,
-                              MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&addr,
-                              MHD_OPTION_THREAD_POOL_SIZE, (unsigned)HY_MAX(1, s->cfg.http_threads),
-                              MHD_OPTION_CONNECTION_LIMIT, (unsigned)HY_MAX(4, s->cfg.max_conns),
-                              MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)600,
-                              MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_END);
+    }
+    for (struct addrinfo *a = res; a && !s->mhd; a = a->ai_next) {
+        if (a->ai_family != AF_INET && a->ai_family != AF_INET6)
+            continue;
+        unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ITC;
+        if (a->ai_family == AF_INET6)
+            flags |= MHD_USE_DUAL_STACK;
+        s->mhd = MHD_start_daemon(flags, (uint16_t)s->cfg.port, NULL, NULL, on_request, s,
+                                  MHD_OPTION_SOCK_ADDR, a->ai_addr,
+                                  MHD_OPTION_THREAD_POOL_SIZE, (unsigned)HY_MAX(1, s->cfg.http_threads),
+                                  MHD_OPTION_CONNECTION_LIMIT, (unsigned)HY_MAX(4, s->cfg.max_conns),
+                                  MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)600,
+                                  MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_END);
+        if (s->mhd)
+            addr_text(a->ai_addr, a->ai_addrlen, s->bound, sizeof s->bound);
+    }
+    freeaddrinfo(res);
     if (!s->mhd) {
         watch_stop(s);
-        return hy_err_set(HY_EIO, "cannot listen on %s:%d (port in use?)", s->cfg.host, s->cfg.port);
+        return hy_err_set(HY_EIO, "cannot listen on %s port %d (port in use?)", s->cfg.host, s->cfg.port);
     }
     return HY_OK;
 }

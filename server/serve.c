@@ -324,7 +324,8 @@ static void usage(FILE *f)
             "usage: hydrad serve -m MODEL.gguf [options]\n"
             "Serve the model over an OpenAI-compatible HTTP API with HydraLoRA adapters.\n\n"
             "  -m, --model PATH          base model (GGUF), required\n"
-            "      --host ADDR           IPv4 address to listen on (default 127.0.0.1)\n"
+            "      --host ADDR           address to listen on: IPv4, IPv6 (::1, :: takes IPv4 too)\n"
+            "                            or a host name (default 127.0.0.1)\n"
             "      --port N              TCP port (default 8000)\n"
             "      --served-model-name S name of the base model in requests and /v1/models\n"
             "                            (default: the model file name without .gguf)\n"
@@ -551,7 +552,7 @@ int cli_serve(int argc, char **argv)
         fprintf(stderr, "hydrad serve: %s\n", hy_err_msg());
         goto done;
     }
-    fprintf(stderr, "hydrad serve: listening on http://%s:%d (loading %s)\n", o.host, o.port, o.model);
+    fprintf(stderr, "hydrad serve: listening on http://%s:%d (loading %s)\n", s.bound, o.port, o.model);
     ret = 2;
     if ((rc = gguf_open(o.model, &f)) || (rc = be_open(o.device, o.threads, &b)) ||
         (rc = eng_model_load(f, b, &m)) || (rc = tok_load(f, &v))) {

@@ -1,7 +1,8 @@
 """test_server_edges.py - edges of the HTTP server, black box over a real hydrad serve: a client
 that drops a whole (non-streamed) request gets it cancelled at once (KV blocks freed, counted in
-/metrics) whether it ran or waited; a refused https download leaves no temp file in the adapter
-cache; request counters of more than 256 adapters (all of them in /v1/adapters and /metrics)."""
+/metrics) whether it ran or waited; --host takes IPv6 literals and host names; a refused https
+download leaves no temp file in the adapter cache; request counters of more than 256 adapters
+(all of them in /v1/adapters and /metrics)."""
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -145,6 +146,112 @@ def test_whole_answer_unchanged(one_seq):
     assert j["choices"][0]["finish_reason"] == "length" and j["usage"]["completion_tokens"] == 4
     r = requests.post(srv.url + "/v1/completions", json={"model": "nope", "prompt": "Hi"}, timeout=30)
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+# ---------- 2. --host: IPv6 literals and host names ----------
+
+def have_ipv6_loopback():
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def free_port_any():
+    """A port free on both 127.0.0.1 and ::1 (when it exists)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not have_ipv6_loopback():
+            return port
+        try:
+            with socket.socket(socket.AF_INET6) as s6:
+                s6.bind(("::1", port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port")
+
+
+def start_on(host, log_path):
+    """hydrad serve --host host on a free port; returns (process, port) once /health answers on
+    some address, or the process after it exited."""
+    port = free_port_any()
+    log = open(log_path, "w+")
+    p = subprocess.Popen([BIN, "serve", "-m", MODEL, "--host", host, "--port", str(port), "--served-model-name",
+                          SERVED, "--threads", "1", "--http-threads", "2"], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while time.time() < deadline and p.poll() is None:
+        log.seek(0)
+        if "ready:" in log.read():
+            break
+        time.sleep(0.05)
+    return p, port, log
+
+
+def stop(p, log):
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=30)
+    log.seek(0)
+    text = log.read()
+    log.close()
+    return p.returncode, text
+
+
+def health(url):
+    try:
+        return requests.get(url + "/health", timeout=2).status_code
+    except requests.RequestException:
+        return None
+
+
+@pytest.mark.skipif(not os.path.exists(BIN), reason="bin/hydrad not built")
+def test_host_ipv6_loopback(tmp_path):
+    if not have_ipv6_loopback():
+        pytest.skip("this machine has no IPv6 loopback (cannot bind ::1)")
+    p, port, log = start_on("::1", tmp_path / "v6.log")
+    try:
+        assert p.poll() is None, log.read()
+        assert health(f"http://[::1]:{port}") == 200
+        assert health(f"http://127.0.0.1:{port}") is None  # ::1 only
+    finally:
+        code, text = stop(p, log)
+    assert code == 0 and f"listening on http://[::1]:{port}" in text, text
+
+
+@pytest.mark.skipif(not os.path.exists(BIN), reason="bin/hydrad not built")
+def test_host_ipv6_any_is_dual_stack(tmp_path):
+    if not have_ipv6_loopback():
+        pytest.skip("this machine has no IPv6 loopback (cannot bind ::1)")
+    p, port, log = start_on("::", tmp_path / "any.log")
+    try:
+        assert p.poll() is None, log.read()
+        assert health(f"http://[::1]:{port}") == 200
+        assert health(f"http://127.0.0.1:{port}") == 200  # IPv4 through the dual-stack socket
+    finally:
+        code, text = stop(p, log)
+    assert code == 0, text
+
+
+@pytest.mark.skipif(not os.path.exists(BIN), reason="bin/hydrad not built")
+def test_host_name_and_bad_host(tmp_path):
+    fam = {a[0] for a in socket.getaddrinfo("localhost", 80, type=socket.SOCK_STREAM)}
+    p, port, log = start_on("localhost", tmp_path / "name.log")
+    try:
+        assert p.poll() is None, log.read()
+        urls = ([f"http://127.0.0.1:{port}"] if socket.AF_INET in fam else []) + \
+               ([f"http://[::1]:{port}"] if socket.AF_INET6 in fam else [])
+        assert any(health(u) == 200 for u in urls), urls
+    finally:
+        code, text = stop(p, log)
+    assert code == 0, text
+    p = subprocess.run([BIN, "serve", "-m", MODEL, "--host", "no-such-host.invalid", "--port", "1"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "--host 'no-such-host.invalid'" in p.stderr, p.stderr
 
 
 # ---------- 3. a refused https download leaves nothing behind ----------
