@@ -112,3 +112,64 @@ clean:
 	rm -rf build build-asan bin bin-asan
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
+
+# ---- CUDA emulator (tests/cuda_emu/): the real kernels/*.cu run on the CPU, for machines without a
+# GPU. tests/cuda_emu/cudapp.py rewrites each kernels/ file (launches, __shared__) into
+# $(EMU_BUILD)/kernels/, g++ compiles it with tests/cuda_emu/emu.h force-included, and the library's
+# C files (built again with -DHY_HAVE_CUDA) plus tests/cuda_emu/emu_runtime.cpp (our cuda*/cublas*,
+# no libcudart) link into $(EMU_BIN)/tests/test_backend_ops and test_cuda_model. Logic only: the real
+# GPU runs (scripts/gpu-check.sh) stay the final word. Needs neither nvcc nor the CUDA toolkit.
+#   make test-emu                                  op tests + a short whole-model run
+#   make test-emu EMU_KERNELS=/tmp/copy/kernels    the same on a scratch copy of kernels/
+#     (use EMU_BUILD=/tmp/emu-b EMU_BIN=/tmp/emu-x as well so the normal outputs are left alone)
+EMU_KERNELS ?= kernels
+EMU_BUILD   ?= $(BUILD)/emu
+EMU_BIN     ?= $(BIN)/emu
+EMU_CXX     ?= g++
+EMU_PY      ?= python3
+EMU_DIR     := tests/cuda_emu
+EMU_CFLAGS  := -O2 -g -std=c11 -D_GNU_SOURCE -pthread -fno-strict-aliasing $(WARN) -I. -MMD -MP -DHY_HAVE_CUDA
+EMU_CXXFLAGS := -O2 -g -std=c++17 -pthread -fno-strict-aliasing -Wall -Wno-unused-parameter \
+  -Wno-unknown-pragmas -Wno-unused-function -I$(EMU_BUILD) -I. -I$(EMU_DIR)/include \
+  -include $(EMU_DIR)/emu.h -MMD -MP
+EMU_LIB_C   := $(filter-out server/main.c, $(wildcard engine/*.c adapters/*.c api/*.c server/*.c)) \
+  $(wildcard $(EMU_KERNELS)/*.c)
+EMU_CU      := $(notdir $(wildcard $(EMU_KERNELS)/*.cu))
+EMU_HDRS    := $(addprefix $(EMU_BUILD)/kernels/,$(notdir $(wildcard $(EMU_KERNELS)/*.h $(EMU_KERNELS)/*.cuh)))
+EMU_KOBJ    := $(EMU_CU:%.cu=$(EMU_BUILD)/kernels/%.o)
+EMU_OBJ     := $(patsubst %.c,$(EMU_BUILD)/c/%.o,$(EMU_LIB_C)) $(EMU_KOBJ) $(EMU_BUILD)/emu_runtime.o
+EMU_TESTS   := $(EMU_BIN)/tests/test_backend_ops $(EMU_BIN)/tests/test_cuda_model
+EMU_LDLIBS  := -lmicrohttpd -ljansson -lcurl -lcrypto -lm -lcmocka
+# test_cuda_model on 2 CPU cores: 2 of the 30 layers and 8 decode steps of the 64-sequence test
+EMU_MODEL_ENV ?= HY_TEST_LAYERS=2 HY_TEST_DECODE_STEPS=8
+
+.PHONY: test-emu emu
+emu: $(EMU_TESTS)
+
+$(EMU_BUILD)/kernels/%.cpp: $(EMU_KERNELS)/%.cu $(EMU_DIR)/cudapp.py
+	@mkdir -p $(dir $@)
+	$(EMU_PY) $(EMU_DIR)/cudapp.py $< $@ --name $<
+$(EMU_BUILD)/kernels/%.h: $(EMU_KERNELS)/%.h $(EMU_DIR)/cudapp.py
+	@mkdir -p $(dir $@)
+	$(EMU_PY) $(EMU_DIR)/cudapp.py $< $@ --name $<
+$(EMU_BUILD)/kernels/%.cuh: $(EMU_KERNELS)/%.cuh $(EMU_DIR)/cudapp.py
+	@mkdir -p $(dir $@)
+	$(EMU_PY) $(EMU_DIR)/cudapp.py $< $@ --name $<
+$(EMU_BUILD)/kernels/%.o: $(EMU_BUILD)/kernels/%.cpp $(EMU_HDRS) $(EMU_DIR)/emu.h
+	$(EMU_CXX) $(EMU_CXXFLAGS) -c $< -o $@
+$(EMU_BUILD)/emu_runtime.o: $(EMU_DIR)/emu_runtime.cpp $(EMU_DIR)/emu.h
+	@mkdir -p $(dir $@)
+	$(EMU_CXX) -O3 $(filter-out -O2 -include $(EMU_DIR)/emu.h,$(EMU_CXXFLAGS)) -c $< -o $@
+$(EMU_BUILD)/c/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(EMU_CFLAGS) -c $< -o $@
+$(EMU_BIN)/tests/%: $(EMU_BUILD)/c/tests/%.o $(EMU_OBJ)
+	@mkdir -p $(dir $@)
+	$(EMU_CXX) -pthread $^ $(EMU_LDLIBS) -o $@
+
+test-emu: $(EMU_TESTS)
+	@echo "== CUDA emulator (CPU): kernels/ logic only; the real GPU runs are the final word"
+	$(EMU_BIN)/tests/test_backend_ops
+	$(EMU_MODEL_ENV) $(EMU_BIN)/tests/test_cuda_model
+
+-include $(shell find $(EMU_BUILD) -name '*.d' 2>/dev/null)
