@@ -53,6 +53,10 @@ timeout 300 bin/tests/test_cuda_model || { echo "test_cuda_model FAILED (rc $?)"
 stamp "gpu_bench (llama-1b shape, Q4_1)"
 timeout 240 bin/gpu_bench --ctx 512 || { echo "gpu_bench FAILED (rc $?)"; status=1; }
 
+stamp "gpu_bench again without CUDA graphs (HY_CUDA_GRAPHS=0: every op launched one by one), for comparison"
+HY_CUDA_GRAPHS=0 timeout 120 bin/gpu_bench --ctx 512 | sed -n '/^decode step/,/^$/p;/^batch 64 decode/,/^$/p' ||
+    echo "(no-graph comparison run failed)"
+
 stamp "gpu_bench again with the first mat-vec kernel (HY_CUDA_MV_LEGACY=1), for comparison"
 HY_CUDA_MV_LEGACY=1 timeout 120 bin/gpu_bench --ctx 512 | sed -n '/^decode step/,/^$/p;/^matmul alone/,/^$/p' ||
     echo "(legacy comparison run failed)"
