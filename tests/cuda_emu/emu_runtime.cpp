@@ -224,10 +224,8 @@ __asm__(".text\n"
         ".type emu_swap,@function\n"
         "emu_swap:\n"
         "  pushq %rbp\n  pushq %rbx\n  pushq %r12\n  pushq %r13\n  pushq %r14\n  pushq %r15\n"
-        "  subq $8, %rsp\n  stmxcsr (%rsp)\n  fnstcw 4(%rsp)\n"
         "  movq %rsp, (%rdi)\n"
         "  movq %rsi, %rsp\n"
-        "  ldmxcsr (%rsp)\n  fldcw 4(%rsp)\n  addq $8, %rsp\n"
         "  popq %r15\n  popq %r14\n  popq %r13\n  popq %r12\n  popq %rbx\n  popq %rbp\n"
         "  ret\n"
         ".size emu_swap, .-emu_swap\n");
@@ -335,17 +333,12 @@ static void fiber_main(void)
 static void fiber_start(worker *w, fiber *f)
 {
 #if defined(__x86_64__)
+    /* the floating-point control words are not switched: kernels never change them */
     uintptr_t top = ((uintptr_t)f->stack + STACK) & ~(uintptr_t)15;
-    uint64_t *sp = (uint64_t *)(top - 72);
-    uint32_t mx;
-    uint16_t cw;
-    __asm__ volatile("stmxcsr %0" : "=m"(mx));
-    __asm__ volatile("fnstcw %0" : "=m"(cw));
-    memset(sp, 0, 72);
-    memcpy(sp, &mx, 4);
-    memcpy((char *)sp + 4, &cw, 2);
-    sp[7] = (uint64_t)(uintptr_t)&fiber_main; /* emu_swap's ret lands here */
-    sp[8] = 0;                                 /* fiber_main's (never used) return address */
+    uint64_t *sp = (uint64_t *)(top - 64);
+    memset(sp, 0, 48);                        /* r15 .. rbp */
+    sp[6] = (uint64_t)(uintptr_t)&fiber_main; /* emu_swap's ret lands here */
+    sp[7] = 0;                                /* fiber_main's (never used) return address */
     f->sp = sp;
 #else
     getcontext(&f->uc);
@@ -429,7 +422,10 @@ void *shared_var(const char *key, size_t bytes, size_t align)
 {
     worker *w = tl_w;
     for (const worker::svar &v : w->svars)
-        if (v.key == key || !strcmp(v.key, key))
+        if (v.key == key)
+            return w->smem + v.off;
+    for (const worker::svar &v : w->svars) /* the same key from another translation unit */
+        if (!strcmp(v.key, key))
             return w->smem + v.off;
     size_t off = (w->smem_used + align - 1) / align * align;
     if (off + bytes > SMEM_STATIC)
