@@ -119,7 +119,8 @@ clean:
 # C files (built again with -DHY_HAVE_CUDA) plus tests/cuda_emu/emu_runtime.cpp (our cuda*/cublas*,
 # no libcudart) link into $(EMU_BIN)/tests/test_backend_ops and test_cuda_model. Logic only: the real
 # GPU runs (scripts/gpu-check.sh) stay the final word. Needs neither nvcc nor the CUDA toolkit.
-#   make test-emu                                  op tests + a short whole-model run
+#   make test-emu                                  op tests (~10 s) + the whole-model test (~3.5 min)
+#   make test-emu-ops                              op tests only
 #   make test-emu EMU_KERNELS=/tmp/copy/kernels    the same on a scratch copy of kernels/
 #     (use EMU_BUILD=/tmp/emu-b EMU_BIN=/tmp/emu-x as well so the normal outputs are left alone)
 EMU_KERNELS ?= kernels
@@ -143,7 +144,7 @@ EMU_LDLIBS  := -lmicrohttpd -ljansson -lcurl -lcrypto -lm -lcmocka
 # test_cuda_model on 2 CPU cores: 2 of the 30 layers and 8 decode steps of the 64-sequence test
 EMU_MODEL_ENV ?= HY_TEST_LAYERS=2 HY_TEST_DECODE_STEPS=8
 
-.PHONY: test-emu emu
+.PHONY: test-emu test-emu-ops emu
 emu: $(EMU_TESTS)
 
 $(EMU_BUILD)/kernels/%.cpp: $(EMU_KERNELS)/%.cu $(EMU_DIR)/cudapp.py
@@ -167,9 +168,10 @@ $(EMU_BIN)/tests/%: $(EMU_BUILD)/c/tests/%.o $(EMU_OBJ)
 	@mkdir -p $(dir $@)
 	$(EMU_CXX) -pthread $^ $(EMU_LDLIBS) -o $@
 
-test-emu: $(EMU_TESTS)
+test-emu-ops: $(EMU_BIN)/tests/test_backend_ops
 	@echo "== CUDA emulator (CPU): kernels/ logic only; the real GPU runs are the final word"
 	$(EMU_BIN)/tests/test_backend_ops
+test-emu: test-emu-ops $(EMU_BIN)/tests/test_cuda_model
 	$(EMU_MODEL_ENV) $(EMU_BIN)/tests/test_cuda_model
 
 -include $(shell find $(EMU_BUILD) -name '*.d' 2>/dev/null)
