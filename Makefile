@@ -77,10 +77,13 @@ $(K4R16)/adapter_model.safetensors: scripts/make_test_adapter.py
 	$(PY) scripts/make_test_adapter.py --out $(K4R16) --seed 13 --r 16 --K 4 --alpha 8 \
 	  --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --dtype f16 --base $(MODEL)
 
-# Every C test binary, then the Python end-to-end tests. HY_MODEL points tests at the model.
+# Every C test binary, then the Python end-to-end tests, then the CUDA backend's op and model
+# tests with its kernels run by the CPU emulator (tests/cuda_emu: logic only; the real GPU
+# run is scripts/gpu-check.sh). HY_MODEL points tests at the model.
 test: setup
 	$(MAKE) all $(TESTS) $(GPU_BENCH) fixtures
 	$(MAKE) test-c test-py
+	$(MAKE) test-emu
 
 test-c: $(TESTS)
 	@set -e; for t in $(TESTS); do echo "== $$t"; HY_MODEL=$(MODEL) $$t; done
@@ -141,8 +144,9 @@ EMU_KOBJ    := $(EMU_CU:%.cu=$(EMU_BUILD)/kernels/%.o)
 EMU_OBJ     := $(patsubst %.c,$(EMU_BUILD)/c/%.o,$(EMU_LIB_C)) $(EMU_KOBJ) $(EMU_BUILD)/emu_runtime.o
 EMU_TESTS   := $(EMU_BIN)/tests/test_backend_ops $(EMU_BIN)/tests/test_cuda_model
 EMU_LDLIBS  := -lmicrohttpd -ljansson -lcurl -lcrypto -lm -lcmocka
-# test_cuda_model on 2 CPU cores: 2 of the 30 layers and 8 decode steps of the 64-sequence test
-EMU_MODEL_ENV ?= HY_TEST_LAYERS=2 HY_TEST_DECODE_STEPS=8
+# test_cuda_model on 2 CPU cores: 2 of the 30 layers, 64 tokens of the one-sequence test and 8 decode
+# steps of the 64-sequence test
+EMU_MODEL_ENV ?= HY_TEST_LAYERS=2 HY_TEST_DECODE_STEPS=8 HY_TEST_TOKENS=64
 
 .PHONY: test-emu test-emu-ops emu
 emu: $(EMU_TESTS)
