@@ -288,6 +288,11 @@ int cuda_add(be *b, float *a, const float *x, int64_t n);                   /* c
 int cuda_swiglu(be *b, const float *gate, const float *up, int n_tok, int64_t dim,
                 float *out);                                                /* cuda_swiglu.cu */
 int cuda_kv_alloc(be *b, int n_blocks, int n_kv_heads, int head_dim, void **k, void **v); /* cuda_attention.cu */
+/* cuda_attn_prefill.cu: the tiled kernel for prefill-heavy batches (wanted: whether this batch
+ * is one; d: the device copy of pos, tok_seq, slot and block table, back to back) */
+bool cuda_attn_prefill_wanted(const be_attn_meta *m, int head_dim);
+int cuda_attn_prefill(be_cuda *c, const be_attn_meta *m, const int32_t *d, const float *q, const void *k_cache,
+                      const void *v_cache, int n_heads, int n_kv, int head_dim, float *out);
 int cuda_attention(be *b, const be_attn_meta *m, const float *q, const float *k, const float *v,
                    void *k_cache, void *v_cache, int n_heads, int n_kv_heads, int head_dim,
                    float *out);

@@ -1,9 +1,9 @@
 /* cuda_attention.cu - paged KV cache (kv_alloc) and causal GQA attention over it.
  * One block per (token, KV head, chunk of its query heads) so that GQA reads each cached K/V row
  * once for all the query heads sharing it; warps over interleaved 32-position tiles, an online
- * softmax per head, merged at the end (details at cuda_attn_kernel). Prefill uses the same
- * kernel (a tiled prefill kernel would read the cache fewer times). Block tables have the CPU
- * backend's semantics (backend.h). */
+ * softmax per head, merged at the end (details at cuda_attn_kernel). Batches made mostly of long
+ * runs of one sequence's tokens (prompts) go to the tiled kernel of cuda_attn_prefill.cu instead.
+ * Block tables have the CPU backend's semantics (backend.h). */
 #include "kernels/cuda.h"
 
 #include <math.h>
@@ -304,6 +304,8 @@ int cuda_attention(be *b, const be_attn_meta *m, const float *q, const float *k,
     cuda_kv_write_kernel<<<cuda_grid((int64_t)n_tok * kvdim, 256), 256, 0, c->stream>>>(
         k, v, d + 2 * n_tok, n_tok, kvdim, (__half *)k_cache, (__half *)v_cache);
     CU_LAUNCHED("cuda_kv_write_kernel");
+    if (cuda_attn_prefill_wanted(m, head_dim))
+        return cuda_attn_prefill(c, m, d, q, k_cache, v_cache, n_heads, n_kv_heads, head_dim, out);
     /* heads per block: as many of a KV head's query heads as fit (its K/V rows are then read
      * once for all of them) while the grid still has 2 blocks per SM; with fewer (token, KV
      * head) pairs than that (small decode batches) down to one head per block, and each block

@@ -406,7 +406,7 @@ template <class T> T ldg(const char *file, int line, const T *p)
 #define gridDim (static_cast<const dim3 &>(::emu::tl_gridDim))
 static constexpr int warpSize = 32;
 #define __syncthreads() ::emu::syncthreads(__FILE__, __LINE__)
-#define __syncwarp(...) ::emu::syncwarp(__FILE__, __LINE__, ##__VA_ARGS__)
+#define __syncwarp(...) ::emu::syncwarp(__FILE__, __LINE__ __VA_OPT__(, ) __VA_ARGS__)
 #define __shfl_sync(...) ::emu::shfl_idx(__FILE__, __LINE__, __VA_ARGS__)
 #define __shfl_xor_sync(...) ::emu::shfl_xor(__FILE__, __LINE__, __VA_ARGS__)
 #define __shfl_down_sync(...) ::emu::shfl_down(__FILE__, __LINE__, __VA_ARGS__)
