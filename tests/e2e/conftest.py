@@ -92,3 +92,17 @@ def make_adapter(out_dir, seed, r=4, K=2, targets="q_proj,v_proj", ratio=1.0):
                     "--seed", str(seed), "--r", str(r), "--K", str(K), "--targets", targets,
                     "--ratio", str(ratio), "--base", MODEL], check=True, capture_output=True)
     return str(out_dir)
+
+
+def body_of(kind, model, prompt, n):
+    """A greedy completion ("completion") or chat ("chat") request body of n tokens."""
+    b = {"model": model, "max_tokens": n, "temperature": 0, "ignore_eos": True}
+    if kind == "chat":
+        b["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        b["prompt"] = prompt
+    return b
+
+
+def path_of(kind):
+    return "/v1/chat/completions" if kind == "chat" else "/v1/completions"

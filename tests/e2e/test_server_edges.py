@@ -17,7 +17,7 @@ import time
 import pytest
 import requests
 
-from conftest import BIN, MODEL, SERVED, make_adapter
+from conftest import BIN, MODEL, SERVED, body_of, make_adapter, path_of
 
 LONG = 3000  # tokens: a generation of many seconds on the CPU, so a prompt cancel is visible
 
@@ -56,16 +56,7 @@ def raw_request(port, path, body, host="127.0.0.1"):
 
 
 def long_body(kind, prompt):
-    b = {"model": SERVED, "max_tokens": LONG, "temperature": 0, "ignore_eos": True}
-    if kind == "chat":
-        b["messages"] = [{"role": "user", "content": prompt}]
-    else:
-        b["prompt"] = prompt
-    return b
-
-
-def path_of(kind):
-    return "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+    return body_of(kind, SERVED, prompt, LONG)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import time
 import pytest
 import requests
 
-from conftest import BIN, MODEL, SERVED, make_adapter
+from conftest import BIN, MODEL, SERVED, body_of, make_adapter, path_of
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "The three primary colours are",
            "def fibonacci(n):", "My favourite food is", "Water boils at a temperature of",
@@ -78,19 +78,6 @@ def models(srv):
 
 
 # ---------- one request, streamed or not, over raw HTTP ----------
-
-def body_of(kind, model, prompt, n):
-    b = {"model": model, "max_tokens": n, "temperature": 0, "ignore_eos": True}
-    if kind == "chat":
-        b["messages"] = [{"role": "user", "content": prompt}]
-    else:
-        b["prompt"] = prompt
-    return b
-
-
-def path_of(kind):
-    return "/v1/chat/completions" if kind == "chat" else "/v1/completions"
-
 
 def whole(srv, kind, model, prompt, n):
     r = requests.post(srv.url + path_of(kind), json=body_of(kind, model, prompt, n), timeout=120)
