@@ -325,9 +325,71 @@ static int smp_cmp_desc(const void *a, const void *b)
     return x->id < y->id ? -1 : x->id > y->id; /* ties: lower id first, deterministic */
 }
 
+/* One draw from c[0..n) by weight (c[i].l), sum their total. */
+static int32_t smp_pick(smp_seq *s, const smp_cand *c, int n, double sum)
+{
+    double u = smp_uniform(s->rng) * sum, acc = 0;
+    int last = 0;
+    for (int i = 0; i < n; i++) {
+        if (c[i].l <= 0)
+            continue; /* underflowed (extreme spreads): never drawn, not even by rounding */
+        acc += c[i].l;
+        last = i;
+        if (u < acc)
+            return c[i].id;
+    }
+    return c[last].id; /* rounding at the very end of the walk */
+}
+
+/* Sort the candidates in descending order far enough to settle top-k and top-p: first those
+ * within e^-4 of the best weight, then e^-8, ... (each a value cut, so ties are never split and
+ * the prefix is exactly the head of the full sort), so a peaked distribution sorts a few
+ * dozen candidates instead of the whole vocabulary. Returns how many are kept; c is then the
+ * sorted kept set. total: the sum of all n weights. */
+static int smp_truncate(const smp_params *p, smp_cand *c, int n, double total)
+{
+    static const float level[] = {0x1p-6f, 0x1p-12f, 0x1p-18f, 0x1p-24f, 0.0f};
+    for (size_t li = 0; li < sizeof level / sizeof level[0]; li++) {
+        int m = 0; /* partition: weights >= level first */
+        for (int i = 0; i < n; i++)
+            if (c[i].l >= level[li] || li + 1 == sizeof level / sizeof level[0]) {
+                smp_cand t = c[m];
+                c[m++] = c[i];
+                c[i] = t;
+            }
+        qsort(c, (size_t)m, sizeof *c, smp_cmp_desc);
+        bool all = m == n;
+        int keep;
+        double mass;
+        if (p->top_k > 0 && p->top_k <= m) {
+            keep = p->top_k;
+            mass = 0;
+            for (int i = 0; i < keep; i++)
+                mass += c[i].l;
+        } else if (p->top_k > 0 && !all) {
+            continue; /* the k-th candidate lies below this level */
+        } else {
+            keep = m;
+            mass = total;
+        }
+        if (p->top_p > 0 && p->top_p < 1) {
+            double cum = 0, want = p->top_p * mass;
+            int i = 0;
+            while (i < keep && cum < want)
+                cum += c[i++].l;
+            if (cum < want && !all && !(p->top_k > 0 && p->top_k <= m))
+                continue; /* the top-p boundary lies below this level */
+            keep = i > 0 ? i : 1;
+        }
+        return keep;
+    }
+    return n; /* not reached: the last level takes every candidate */
+}
+
 /* Temperature, then top-k, top-p and min-p on the renormalised survivors, then one draw.
  * mx is the largest logit (not NaN, above -inf). When it is +inf only the +inf tokens are
- * candidates, with equal weight; NaN and -inf logits are never candidates. */
+ * candidates, with equal weight; NaN and -inf logits are never candidates. Only top-k and
+ * top-p need an order; without them the draw walks the candidates in id order. */
 static int smp_draw(smp_seq *s, const float *l, float mx, int32_t *out)
 {
     const smp_params *p = &s->p;
@@ -344,51 +406,29 @@ static int smp_draw(smp_seq *s, const float *l, float mx, int32_t *out)
     if (!(cut >= -FLT_MAX))
         cut = -FLT_MAX; /* a huge temperature: still no -inf */
     int n = 0;
+    double total = 0;
+    /* c[i].l becomes the unnormalised probability; the best token gets 1 */
     for (int i = 0; i < n_vocab; i++)
-        if (l[i] >= cut)
-            c[n++] = (smp_cand){l[i], i};
-    qsort(c, (size_t)n, sizeof *c, smp_cmp_desc);
-    if (p->top_k > 0 && p->top_k < n)
-        n = p->top_k;
-    /* c[i].l becomes the unnormalised probability */
-    double sum = 0;
-    for (int i = 0; i < n; i++) {
-        c[i].l = mx == INFINITY ? 1.0f : expf((c[i].l - mx) / t); /* c[0] gets 1 */
-        sum += c[i].l;
-    }
-    while (c[n - 1].l == 0) /* underflowed (extreme spreads): never drawn, not even by rounding */
-        sum -= c[--n].l;
-    if (p->top_p > 0 && p->top_p < 1) {
-        double cum = 0, want = p->top_p * sum;
-        int keep = n;
-        for (int i = 0; i < n; i++) {
-            cum += c[i].l;
-            if (cum >= want) {
-                keep = i + 1;
-                break;
-            }
+        if (l[i] >= cut) {
+            float w = mx == INFINITY ? 1.0f : expf((l[i] - mx) / t);
+            c[n++] = (smp_cand){w, i};
+            total += w;
         }
-        n = keep;
-    }
+    bool ordered = p->top_k > 0 || (p->top_p > 0 && p->top_p < 1);
+    if (ordered)
+        n = smp_truncate(p, c, n, total);
     if (p->min_p > 0) {
-        float floor_p = p->min_p * c[0].l;
-        int keep = 1;
-        while (keep < n && c[keep].l >= floor_p)
-            keep++;
-        n = keep;
+        /* relative to the best weight, 1 (ordered or not: a filter by value) */
+        int keep = 0;
+        for (int i = 0; i < n; i++)
+            if (c[i].l >= p->min_p)
+                c[keep++] = c[i];
+        n = keep; /* >= 1: the best token has weight 1 and min_p <= 1 */
     }
-    sum = 0;
+    double sum = 0;
     for (int i = 0; i < n; i++)
         sum += c[i].l;
-    double u = smp_uniform(s->rng) * sum, acc = 0;
-    for (int i = 0; i < n; i++) {
-        acc += c[i].l;
-        if (u < acc) {
-            *out = c[i].id;
-            return HY_OK;
-        }
-    }
-    *out = c[n - 1].id; /* rounding at the very end of the walk */
+    *out = smp_pick(s, c, n, sum);
     return HY_OK;
 }
 

@@ -126,6 +126,88 @@ static void test_top_p_support(void **state)
     }
 }
 
+/* A long, slowly decaying tail (4096 tokens, weights e^(-i/100), shuffled ids): the top-k
+ * and top-p boundaries lie far below the best token (where the sampler sorts only a window
+ * of its candidates first). The drawn support must end exactly where a full sort says, and
+ * the draws must follow the renormalised weights. */
+static void check_deep(smp_params p, int k_ref)
+{
+    enum { V = 4096, DRAWS = 60000 };
+    static float logits[V], l[V];
+    static int rank_of[V], counts[V];
+    for (int i = 0; i < V; i++)
+        rank_of[i] = i;
+    for (int i = V - 1; i > 0; i--) { /* fixed shuffle: ids are not in rank order */
+        int j = (int)((i * 2654435761u) % (unsigned)(i + 1)), t = rank_of[i];
+        rank_of[i] = rank_of[j];
+        rank_of[j] = t;
+    }
+    for (int id = 0; id < V; id++)
+        logits[id] = -0.01f * (float)rank_of[id];
+    smp_seq *sq = mk(p, V);
+    memset(counts, 0, sizeof counts);
+    int max_rank = 0;
+    for (int d = 0; d < DRAWS; d++) {
+        memcpy(l, logits, sizeof l);
+        smp_result r;
+        assert_int_equal(smp_sample(sq, l, &r), 0);
+        assert_true(r.id >= 0 && r.id < V);
+        int rk = rank_of[r.id];
+        if (rk >= k_ref)
+            fail_msg("drew rank %d, outside the top %d", rk, k_ref);
+        max_rank = rk > max_rank ? rk : max_rank;
+        counts[rk]++;
+    }
+    smp_free(sq);
+    assert_true(max_rank >= k_ref - 40); /* the tail of the kept set is drawn too */
+    /* the first decile of the kept ranks holds its share of the renormalised mass */
+    double z = 0, head = 0;
+    for (int i = 0; i < k_ref; i++) {
+        double w = exp(-0.01 * i);
+        z += w;
+        if (i < k_ref / 10)
+            head += w;
+    }
+    int got = 0;
+    for (int i = 0; i < k_ref / 10; i++)
+        got += counts[i];
+    assert_true(fabs(got / (double)DRAWS - head / z) < 0.01);
+}
+
+static void test_deep_truncation(void **state)
+{
+    smp_params p = smp_default_params();
+    p.temperature = 1.0f;
+    p.seed = 21;
+    /* boundaries past the first sorted window (weights >= 2^-6 of the best: ranks < 416) yet
+     * with enough mass near them to be drawn in 60000 draws */
+    p.top_k = 600;
+    check_deep(p, 600);
+    /* top-p of e^(-i/100) over 4096 ranks (the SMP_PRUNE cut keeps ranks <= 2000): the
+     * smallest K with sum_{i<K} w_i >= top_p * sum_{i<=2000} w_i (about 530) */
+    p.top_k = 0;
+    p.top_p = 0.995f;
+    double tot = 0, cum = 0;
+    for (int i = 0; i < 4096; i++)
+        if (-0.01f * (float)i >= -20.0f)
+            tot += exp(-0.01 * i);
+    int K = 0;
+    while (cum < 0.995 * tot)
+        cum += exp(-0.01 * K++);
+    check_deep(p, K);
+    /* both: top-k first, then top-p within it (about 460) */
+    p.top_k = 1000;
+    p.top_p = 0.99f;
+    double tk = 0;
+    for (int i = 0; i < 1000; i++)
+        tk += exp(-0.01 * i);
+    cum = 0;
+    K = 0;
+    while (cum < 0.99 * tk)
+        cum += exp(-0.01 * K++);
+    check_deep(p, K);
+}
+
 static void test_min_p_support(void **state)
 {
     float l[5];
@@ -818,6 +900,7 @@ int main(void)
         cmocka_unit_test(test_greedy_matches_general),
         cmocka_unit_test(test_top_k_support),
         cmocka_unit_test(test_top_p_support),
+        cmocka_unit_test(test_deep_truncation),
         cmocka_unit_test(test_min_p_support),
         cmocka_unit_test(test_temperature),
         cmocka_unit_test(test_seed_reproducible),
