@@ -340,3 +340,16 @@ int ad_reg_count(ad_registry *r)
 }
 
 int ad_reg_max(const ad_registry *r) { return r->max; }
+
+int ad_reg_name_of(ad_registry *r, const ad_adapter *a, char *buf, size_t cap)
+{
+    int rc = HY_ENOTFOUND;
+    pthread_mutex_lock(&r->mu);
+    const ad_entry *e = a ? reg_find_adapter(r, (ad_adapter *)a) : NULL;
+    if (e) {
+        snprintf(buf, cap, "%s", e->name);
+        rc = HY_OK;
+    }
+    pthread_mutex_unlock(&r->mu);
+    return rc;
+}

@@ -149,23 +149,6 @@ static bool key_ok(struct MHD_Connection *mc, const char *want)
 
 /* ---------- adapters ---------- */
 
-static void remember_name(srv *s, const void *ad, const char *name)
-{
-    pthread_mutex_lock(&s->mu);
-    int i = 0;
-    while (i < s->n_names && s->names[i].ad != ad)
-        i++;
-    if (i == s->n_names) {
-        if (s->n_names < (int)HY_ARRAY_LEN(s->names))
-            s->n_names++;
-        else
-            i = (int)(s->created + time(NULL)) % (int)HY_ARRAY_LEN(s->names);
-    }
-    s->names[i].ad = ad;
-    snprintf(s->names[i].name, sizeof s->names[i].name, "%s", name);
-    pthread_mutex_unlock(&s->mu);
-}
-
 /* Room for one more element in *arr (n used of *cap, each size bytes), doubling. */
 static int grow(void **arr, int n, int *cap, size_t size)
 {
@@ -226,16 +209,7 @@ static void forget_served(srv *s, const char *name)
 
 const char *srv_adapter_name(srv *s, const void *ad, char *buf, size_t cap)
 {
-    const char *out = NULL;
-    pthread_mutex_lock(&s->mu);
-    for (int i = 0; i < s->n_names; i++)
-        if (s->names[i].ad == ad) {
-            snprintf(buf, cap, "%s", s->names[i].name);
-            out = buf;
-            break;
-        }
-    pthread_mutex_unlock(&s->mu);
-    return out;
+    return s->reg && ad_reg_name_of(s->reg, ad, buf, cap) == HY_OK ? buf : NULL;
 }
 
 static bool is_base_name(srv *s, const char *m)
@@ -731,7 +705,6 @@ static enum MHD_Result start_generation(conn *c, struct MHD_Connection *mc, api_
                                                     : "The model `%s` does not exist.", ar->model);
             return err(c, mc, 404, "invalid_request_error", "model", "model_not_found", msg);
         }
-        remember_name(s, c->ad, ar->model);
         count_served(s, ar->model);
         c->model = strdup(ar->model);
     }

@@ -31,12 +31,6 @@ typedef struct {
     size_t adapter_max_bytes;  /* download cap per file */
 } srv_config;
 
-/* Name of each pinned adapter pointer (HTTP threads write, the engine's adapter_name reads). */
-typedef struct {
-    const void *ad;
-    char name[AD_NAME_MAX];
-} srv_ad_name;
-
 /* Router statistics snapshot taken on the engine thread, read by GET /v1/adapters. */
 typedef struct {
     char name[AD_NAME_MAX];
@@ -79,8 +73,6 @@ typedef struct srv {
     srv_metrics metrics;
     /* adapter names and stats (mu) */
     pthread_mutex_t mu;
-    srv_ad_name names[512];
-    int n_names;
     srv_ad_stats *stats;     /* grown by srv_stats_entry; bounded by the adapters loaded */
     int n_stats, cap_stats;
     srv_ad_served *served;   /* requests routed to each adapter name; entries go on unload */
@@ -103,7 +95,7 @@ int srv_start(srv *s);
 void srv_quiesce(srv *s);
 /* Stop the daemon (every suspended connection must have been resumed: stop the scheduler first). */
 void srv_stop(srv *s);
-/* Name of an adapter pointer seen by srv (engine thread's adapter_name); NULL when unknown. */
+/* Name of an adapter the registry holds (engine thread's adapter_name); NULL when unknown. */
 const char *srv_adapter_name(srv *s, const void *ad, char *buf, size_t cap);
 /* The router-statistics entry of adapter `name` in s->stats (caller holds s->mu): found, or
  * appended zeroed with the name set (the table grows). NULL only when out of memory. */

@@ -577,14 +577,20 @@ static void test_registry_states(void **state)
     assert_int_equal(inf.state, AD_READY);
     assert_int_equal(inf.K, 2);
     assert_int_equal(inf.pins_total, 2);
+    char nm[AD_NAME_MAX];
+    assert_int_equal(ad_reg_name_of(r, p1, nm, sizeof nm), 0);
+    assert_string_equal(nm, "a");
     assert_int_equal(ad_reg_unload(r, "a"), 0);
     assert_int_equal(ad_reg_unload(r, "a"), HY_EBUSY);
     assert_int_equal(ad_reg_pin(r, "a", &p), HY_EBUSY);
     assert_non_null(strstr(hy_err_msg(), "draining"));
+    assert_int_equal(ad_reg_name_of(r, p1, nm, sizeof nm), 0); /* draining: still named */
+    assert_string_equal(nm, "a");
     ad_reg_unpin(r, p1);
     assert_int_equal(ad_reg_count(r), 1);
     ad_reg_unpin(r, p2);
     assert_int_equal(ad_reg_count(r), 0); /* gone from the table ... */
+    assert_int_equal(ad_reg_name_of(r, p1, nm, sizeof nm), HY_ENOTFOUND);
     assert_int_equal(fake_live, 4);       /* ... but device matrices wait for the engine thread */
     assert_int_equal(ad_reg_collect(r), 1);
     assert_int_equal(fake_live, 0);
