@@ -767,6 +767,13 @@ static void build_batch(sched *s, int n_seq, eng_batch *b)
     for (int i = 0; i < n_seq; i++)
         if (s->b_seqs[i]->n_blocks > mb)
             mb = s->b_seqs[i]->n_blocks;
+    /* block-table width rounded up to a power of two (within the per-sequence maximum): a
+     * backend that records steps by shape (CUDA graphs) sees a new shape when the longest
+     * sequence doubles, not every BE_KV_BLOCK tokens */
+    int mb2 = 1;
+    while (mb2 < mb)
+        mb2 *= 2;
+    mb = HY_MIN(mb2, s->max_blocks_seq);
     for (int i = 0; i < n_seq; i++) {
         sched_seq *q = s->b_seqs[i];
         const eng_adapter *ea = q->req->adapter ? q->ea : NULL;
