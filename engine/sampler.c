@@ -348,11 +348,12 @@ static int32_t smp_pick(smp_seq *s, const smp_cand *c, int n, double sum)
  * sorted kept set. total: the sum of all n weights. */
 static int smp_truncate(const smp_params *p, smp_cand *c, int n, double total)
 {
+    /* the last level takes every candidate: weights are >= 0 */
     static const float level[] = {0x1p-6f, 0x1p-12f, 0x1p-18f, 0x1p-24f, 0.0f};
+    int m = 0; /* c[0..m) holds the candidates of the levels so far */
     for (size_t li = 0; li < sizeof level / sizeof level[0]; li++) {
-        int m = 0; /* partition: weights >= level first */
-        for (int i = 0; i < n; i++)
-            if (c[i].l >= level[li] || li + 1 == sizeof level / sizeof level[0]) {
+        for (int i = m; i < n; i++) /* partition the rest: weights >= level first */
+            if (c[i].l >= level[li]) {
                 smp_cand t = c[m];
                 c[m++] = c[i];
                 c[i] = t;
