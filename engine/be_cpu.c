@@ -316,15 +316,15 @@ static int cpu_matmul_n(be *b, int n, const be_weight *const *w, const float *x,
         return hy_err_set(HY_EINVAL, "matmul_n: bad arguments (n %d, n_tok %d)", n, n_tok);
     if (n_tok == 0)
         return HY_OK;
+    if (n == 1 && w[0]->f32) {
+        cpu_matmul_precise(c, w[0], x, n_tok, y[0]);
+        return HY_OK;
+    }
     bool same = true;
     for (int i = 1; i < n; i++)
         same = same && w[i]->type == w[0]->type && w[i]->cols == w[0]->cols;
-    if (w[0]->f32 || !same) {
+    if (w[0]->f32 || !same) { /* one at a time */
         for (int i = 0; i < n; i++) {
-            if (w[i]->f32) {
-                cpu_matmul_precise(c, w[i], x, n_tok, y[i]);
-                continue;
-            }
             int rc = cpu_matmul_n(b, 1, &w[i], x, n_tok, &y[i]);
             if (rc)
                 return rc;
