@@ -243,8 +243,7 @@ struct be_weight {
 struct be_lora {
     int r, K;
     int64_t in, out;
-    float scale;
-    float l_mul, out_mul;
+    float l_mul, out_mul; /* the kernels' factors; out_mul includes the LoRA scale */
     __half *AR; /* == mem */
     __half *BT; /* inside mem, CUDA_LPOOL_ALIGN-aligned */
     void *mem;  /* the pool range holding both (cuda_lpool_alloc), NULL if none */

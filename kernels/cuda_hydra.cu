@@ -318,7 +318,6 @@ int cuda_lora_create(be *b, int r, int K, int64_t in, int64_t out, const float *
     l->K = K;
     l->in = in;
     l->out = out;
-    l->scale = scale;
     c->epoch++;
     if ((rc = cuda_lpool_alloc(c, total, &l->mem, &l->bytes, &l->chunk)))
         goto fail;
