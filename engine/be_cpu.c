@@ -33,10 +33,6 @@
 typedef struct {
     be_cpu cpu;  /* must be first: be_cpu_hydra.c sees the backend as a be_cpu */
     int n_threads;
-    /* HY_CPU_PRECISE=1: weights are also kept dequantised to fp32 and matmuls multiply fp32
-     * activations instead of quantising them (4x the memory; the golden tests use it to check
-     * the model's math to fp32 precision, apart from the fp16 KV cache). */
-    bool precise;
     /* quantised activations of the current matmul (grown, never shrunk) */
     void *act;
     size_t act_cap;
@@ -178,7 +174,7 @@ static int cpu_weight_create(be *b, uint32_t type, int64_t rows, int64_t cols, c
     w->cols = cols;
     w->row_bytes = rb;
     w->data = data;
-    if (cpu_of(b)->precise) {
+    if (cpu_of(b)->cpu.precise) {
         size_t n;
         if (hy_mul_size((size_t)rows, (size_t)cols, &n) || hy_mul_size(n, sizeof(float), &n) ||
             !(w->f32 = malloc(n))) {
@@ -943,7 +939,7 @@ int be_cpu_create(int n_threads, be **out)
     c->cpu.base.ops = &cpu_ops;
     c->n_threads = tp_threads(c->cpu.pool);
     const char *prec = getenv("HY_CPU_PRECISE");
-    c->precise = prec && prec[0] && strcmp(prec, "0");
+    c->cpu.precise = prec && prec[0] && strcmp(prec, "0");
     *out = &c->cpu.base;
     return HY_OK;
 }

@@ -6,9 +6,15 @@
 #include "backend.h"
 #include "pool.h"
 
+#include <stdbool.h>
+
 typedef struct {
     be base;        /* must be first */
     tp_pool *pool;  /* owned */
+    /* HY_CPU_PRECISE=1: weights are also kept dequantised to fp32 and matmuls multiply fp32
+     * activations instead of quantising them (4x the memory; the golden tests use it to check
+     * the model's math to fp32 precision, apart from the fp16 KV cache). */
+    bool precise;
 } be_cpu;
 
 /* be_cpu_hydra.c */
