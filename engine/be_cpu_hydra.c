@@ -1,21 +1,86 @@
 /* be_cpu_hydra.c - the CPU backend's HydraLoRA ops: segmented shrink [h; l] = [A; R] x,
  * float32 softmax gate z = g (x) h, and expand y += s * Bcat z, split over the be_cpu pool.
- * It is the reference the CUDA kernels are tested against; no model or adapter-file logic. */
+ * Adapter matrices are stored as fp16 with the CUDA backend's power-of-two factors (half the
+ * bytes a decode step reads), or as fp32 in precise mode (HY_CPU_PRECISE=1), the reference the
+ * CUDA kernels are tested against. No model or adapter-file logic here. */
 #include "engine/be_cpu.h"
 #include "engine/hy.h"
+#include "engine/quant.h"
 
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
+/* fp16 storage: each of A, R and B is multiplied by its own power of two (lora_pow2) before
+ * rounding, so that neither large weights overflow nor small ones sink into fp16's subnormals;
+ * the op undoes the factors exactly: router logits times l_mul, the expand sum times out_mul.
+ * Same rule as kernels/cuda_hydra.cu, so both backends hold identical adapter values.
+ * fp32 storage (precise mode): l_mul = 1, out_mul = scale, same arithmetic as before fp16. */
 struct be_lora {
     int r, K, rows;   /* rows = r + (K > 1 ? K : 0) */
     int64_t in, out;
-    float scale;
-    float *AR;        /* [rows][in]: A then R */
-    float *Bcat;      /* [out][K * r]: row o = B_0[o] | B_1[o] | ... */
+    bool f16;         /* AR and Bcat are uint16_t fp16, else float */
+    float l_mul;      /* 1 / R's factor */
+    float out_mul;    /* scale / (A's factor * B's factor) */
+    void *AR;         /* [rows][in]: A then R */
+    void *Bcat;       /* [out][K * r]: row o = B_0[o] | B_1[o] | ... */
 };
 
+/* The power of two that brings the largest finite |v| of the n values of each of `parts`
+ * arrays to [2^13, 2^14), clamped to 2^-40..2^40 (products of factors stay finite in fp32);
+ * 1 when all are zero or not finite. */
+static float lora_pow2(const float *const *parts, int n_parts, size_t n)
+{
+    float mx = 0.0f;
+    for (int p = 0; p < n_parts; p++)
+        for (size_t i = 0; i < n; i++) {
+            float a = fabsf(parts[p][i]);
+            if (a > mx && isfinite(a))
+                mx = a;
+        }
+    if (mx == 0.0f)
+        return 1.0f;
+    int e = 0;
+    (void)frexpf(mx, &e); /* mx < 2^e */
+    return ldexpf(1.0f, HY_MAX(-40, HY_MIN(40, 14 - e)));
+}
+
+static void lora_fill_f16(be_lora *l, const float *A, const float *R, const float *const *B, float scale)
+{
+    size_t r = (size_t)l->r, in = (size_t)l->in, kr = (size_t)l->K * r;
+    uint16_t *ar = l->AR, *bc = l->Bcat;
+    float fa = lora_pow2(&A, 1, r * in);
+    float fr = l->K > 1 ? lora_pow2(&R, 1, (size_t)l->K * in) : 1.0f;
+    float fb = lora_pow2(B, l->K, (size_t)l->out * r);
+    l->l_mul = 1.0f / fr;
+    l->out_mul = scale / fa / fb; /* powers of two: exact unless scale itself underflows */
+    for (size_t i = 0; i < r * in; i++)
+        ar[i] = q_f32_to_f16(A[i] * fa);
+    if (l->K > 1)
+        for (size_t i = 0; i < (size_t)l->K * in; i++)
+            ar[r * in + i] = q_f32_to_f16(R[i] * fr);
+    for (int64_t o = 0; o < l->out; o++)
+        for (int k = 0; k < l->K; k++)
+            for (size_t i = 0; i < r; i++)
+                bc[(size_t)o * kr + (size_t)k * r + i] = q_f32_to_f16(B[k][(size_t)o * r + i] * fb);
+}
+
+static void lora_fill_f32(be_lora *l, const float *A, const float *R, const float *const *B, float scale)
+{
+    size_t r = (size_t)l->r, in = (size_t)l->in, kr = (size_t)l->K * r;
+    float *ar = l->AR, *bc = l->Bcat;
+    l->l_mul = 1.0f;
+    l->out_mul = scale;
+    memcpy(ar, A, r * in * sizeof(float));
+    if (l->K > 1)
+        memcpy(ar + r * in, R, (size_t)l->K * in * sizeof(float));
+    for (int64_t o = 0; o < l->out; o++)
+        for (int k = 0; k < l->K; k++)
+            memcpy(bc + (size_t)o * kr + (size_t)k * r, B[k] + (size_t)o * r, r * sizeof(float));
+}
+
+/* fp16 unless the backend is in precise mode. *out_lora is freed with cpu_lora_free; the
+ * caller's arrays are copied and may be freed on return. */
 int cpu_lora_create(be *b, int r, int K, int64_t in, int64_t out, const float *A, const float *R,
                     const float *const *B, float scale, be_lora **out_lora)
 {
@@ -26,11 +91,12 @@ int cpu_lora_create(be *b, int r, int K, int64_t in, int64_t out, const float *A
     for (int k = 0; k < K; k++)
         if (!B[k])
             return hy_err_set(HY_EINVAL, "lora_create: B[%d] is NULL", k);
+    bool f16 = !((be_cpu *)b)->precise;
+    size_t esz = f16 ? sizeof(uint16_t) : sizeof(float);
     int rows = r + (K > 1 ? K : 0);
     size_t nar, nb, kr;
     if (hy_mul_size((size_t)rows, (size_t)in, &nar) || hy_mul_size((size_t)K, (size_t)r, &kr) ||
-        hy_mul_size(kr, (size_t)out, &nb) || hy_mul_size(nar, sizeof(float), &nar) ||
-        hy_mul_size(nb, sizeof(float), &nb))
+        hy_mul_size(kr, (size_t)out, &nb) || hy_mul_size(nar, esz, &nar) || hy_mul_size(nb, esz, &nb))
         return hy_err_set(HY_ELIMIT, "lora_create: matrices too large");
     be_lora *l = calloc(1, sizeof *l);
     if (!l)
@@ -46,14 +112,11 @@ int cpu_lora_create(be *b, int r, int K, int64_t in, int64_t out, const float *A
     l->rows = rows;
     l->in = in;
     l->out = out;
-    l->scale = scale;
-    memcpy(l->AR, A, (size_t)r * (size_t)in * sizeof(float));
-    if (K > 1)
-        memcpy(l->AR + (size_t)r * (size_t)in, R, (size_t)K * (size_t)in * sizeof(float));
-    for (int64_t o = 0; o < out; o++)
-        for (int k = 0; k < K; k++)
-            memcpy(l->Bcat + (size_t)o * kr + (size_t)k * (size_t)r, B[k] + (size_t)o * (size_t)r,
-                   (size_t)r * sizeof(float));
+    l->f16 = f16;
+    if (f16)
+        lora_fill_f16(l, A, R, B, scale);
+    else
+        lora_fill_f32(l, A, R, B, scale);
     *out_lora = l;
     return HY_OK;
 }
@@ -68,7 +131,12 @@ void cpu_lora_free(be *b, be_lora *l)
     free(l);
 }
 
-/* ---- dot products: a plain version the compiler can unroll, and an AVX2+FMA one. */
+/* Tokens of one segment handled together, so each adapter row read from memory serves up to
+ * HYDRA_TILE tokens (a 8192-wide [A;R] does not stay in cache from one token to the next). */
+#define HYDRA_TILE 8
+
+/* ---- fp32 dot products (precise mode): a plain version the compiler can unroll, and an
+ * AVX2+FMA one. */
 
 static float dot_ref(const float *a, const float *b, int64_t n)
 {
@@ -117,6 +185,168 @@ static dot_fn pick_dot(void)
     return dot_ref;
 }
 
+/* ---- fp16-weight dot products: one weight row w[0..n) against nt <= HYDRA_TILE activation
+ * rows x + t * ldx, out[t] = sum_c w[c] x[t * ldx + c]; each stretch of the row is converted
+ * once for the whole tile. fp32 products and sums. Picked by q_isa_get() (tests force each). */
+
+typedef void (*dot16_fn)(const uint16_t *w, const float *x, size_t ldx, int nt, int64_t n, float *out);
+
+static void dot16_ref(const uint16_t *w, const float *x, size_t ldx, int nt, int64_t n, float *out)
+{
+    float buf[256];
+    for (int t = 0; t < nt; t++)
+        out[t] = 0.0f;
+    for (int64_t c0 = 0; c0 < n; c0 += 256) {
+        int64_t len = HY_MIN((int64_t)256, n - c0);
+        for (int64_t i = 0; i < len; i++)
+            buf[i] = q_f16_to_f32(w[c0 + i]);
+        for (int t = 0; t < nt; t++)
+            out[t] += dot_ref(buf, x + (size_t)t * ldx + (size_t)c0, len);
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define HY_T_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define HY_T_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+#define HY_INLINE static inline __attribute__((always_inline))
+
+HY_INLINE HY_T_AVX2 __m256 h8_load(const uint16_t *p)
+{
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+
+HY_INLINE HY_T_AVX2 float h8_sum(__m256 v)
+{
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+/* the columns past the last full vector */
+HY_INLINE HY_T_AVX2 float dot16_tail(const uint16_t *w, const float *x, int64_t i, int64_t n)
+{
+    float s = 0.0f;
+    for (; i < n; i++)
+        s += _cvtsh_ss(w[i]) * x[i];
+    return s;
+}
+
+/* one token (decode): four independent sums so the FMA latency hides behind the loads */
+HY_T_AVX2 static float dot16_avx2_1(const uint16_t *w, const float *x, int64_t n)
+{
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm256_fmadd_ps(h8_load(w + i), _mm256_loadu_ps(x + i), s0);
+        s1 = _mm256_fmadd_ps(h8_load(w + i + 8), _mm256_loadu_ps(x + i + 8), s1);
+        s2 = _mm256_fmadd_ps(h8_load(w + i + 16), _mm256_loadu_ps(x + i + 16), s2);
+        s3 = _mm256_fmadd_ps(h8_load(w + i + 24), _mm256_loadu_ps(x + i + 24), s3);
+    }
+    for (; i + 8 <= n; i += 8)
+        s0 = _mm256_fmadd_ps(h8_load(w + i), _mm256_loadu_ps(x + i), s0);
+    return h8_sum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3))) + dot16_tail(w, x, i, n);
+}
+
+HY_INLINE HY_T_AVX2 void dot16_avx2_nt(const uint16_t *w, const float *x, size_t ldx, const int NT, int64_t n,
+                                         float *out)
+{
+    __m256 acc[HYDRA_TILE];
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; t++)
+        acc[t] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = h8_load(w + i);
+#pragma GCC unroll 8
+        for (int t = 0; t < NT; t++)
+            acc[t] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + (size_t)t * ldx + (size_t)i), acc[t]);
+    }
+    for (int t = 0; t < NT; t++)
+        out[t] = h8_sum(acc[t]) + dot16_tail(w, x + (size_t)t * ldx, i, n);
+}
+
+HY_T_AVX2 static void dot16_avx2(const uint16_t *w, const float *x, size_t ldx, int nt, int64_t n, float *out)
+{
+    switch (nt) {
+    case 1: out[0] = dot16_avx2_1(w, x, n); return;
+    case 2: dot16_avx2_nt(w, x, ldx, 2, n, out); return;
+    case 3: dot16_avx2_nt(w, x, ldx, 3, n, out); return;
+    case 4: dot16_avx2_nt(w, x, ldx, 4, n, out); return;
+    case 5: dot16_avx2_nt(w, x, ldx, 5, n, out); return;
+    case 6: dot16_avx2_nt(w, x, ldx, 6, n, out); return;
+    case 7: dot16_avx2_nt(w, x, ldx, 7, n, out); return;
+    default: dot16_avx2_nt(w, x, ldx, 8, n, out); return;
+    }
+}
+
+HY_INLINE HY_T_AVX512 __m512 h16_load(const uint16_t *p)
+{
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+}
+
+HY_T_AVX512 static float dot16_avx512_1(const uint16_t *w, const float *x, int64_t n)
+{
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        s0 = _mm512_fmadd_ps(h16_load(w + i), _mm512_loadu_ps(x + i), s0);
+        s1 = _mm512_fmadd_ps(h16_load(w + i + 16), _mm512_loadu_ps(x + i + 16), s1);
+        s2 = _mm512_fmadd_ps(h16_load(w + i + 32), _mm512_loadu_ps(x + i + 32), s2);
+        s3 = _mm512_fmadd_ps(h16_load(w + i + 48), _mm512_loadu_ps(x + i + 48), s3);
+    }
+    for (; i + 16 <= n; i += 16)
+        s0 = _mm512_fmadd_ps(h16_load(w + i), _mm512_loadu_ps(x + i), s0);
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+    return s + dot16_tail(w, x, i, n);
+}
+
+HY_INLINE HY_T_AVX512 void dot16_avx512_nt(const uint16_t *w, const float *x, size_t ldx, const int NT,
+                                             int64_t n, float *out)
+{
+    __m512 acc[HYDRA_TILE];
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; t++)
+        acc[t] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = h16_load(w + i);
+#pragma GCC unroll 8
+        for (int t = 0; t < NT; t++)
+            acc[t] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + (size_t)t * ldx + (size_t)i), acc[t]);
+    }
+    for (int t = 0; t < NT; t++)
+        out[t] = _mm512_reduce_add_ps(acc[t]) + dot16_tail(w, x + (size_t)t * ldx, i, n);
+}
+
+HY_T_AVX512 static void dot16_avx512(const uint16_t *w, const float *x, size_t ldx, int nt, int64_t n, float *out)
+{
+    switch (nt) {
+    case 1: out[0] = dot16_avx512_1(w, x, n); return;
+    case 2: dot16_avx512_nt(w, x, ldx, 2, n, out); return;
+    case 3: dot16_avx512_nt(w, x, ldx, 3, n, out); return;
+    case 4: dot16_avx512_nt(w, x, ldx, 4, n, out); return;
+    case 5: dot16_avx512_nt(w, x, ldx, 5, n, out); return;
+    case 6: dot16_avx512_nt(w, x, ldx, 6, n, out); return;
+    case 7: dot16_avx512_nt(w, x, ldx, 7, n, out); return;
+    default: dot16_avx512_nt(w, x, ldx, 8, n, out); return;
+    }
+}
+#endif
+
+/* q_isa_get() says AVX2 only where F16C and FMA exist too, AVX-512 only where AVX-512F does */
+static dot16_fn pick_dot16(void)
+{
+#if defined(__x86_64__) && defined(__GNUC__)
+    switch (q_isa_get()) {
+    case Q_ISA_AVX512: return dot16_avx512;
+    case Q_ISA_AVX2: return dot16_avx2;
+    default: break;
+    }
+#endif
+    return dot16_ref;
+}
+
 /* ---- the op */
 
 /* One job over all segments. Tokens with an adapter are numbered 0..n_lt in batch order;
@@ -136,7 +366,8 @@ typedef struct {
     int max_rows;
     float *zbuf;          /* z: K*r floats per lora token */
     float *gbuf;          /* g_0..g_{K-1}, entropy per lora token */
-    dot_fn dot;
+    dot_fn dot;           /* fp32 adapters */
+    dot16_fn dot16;       /* fp16 adapters */
 } hydra_job;
 
 static int seg_of(const hydra_job *j, long lt, int lo)
@@ -146,10 +377,6 @@ static int seg_of(const hydra_job *j, long lt, int lo)
         s++;
     return s;
 }
-
-/* Tokens of one segment handled together, so each adapter row read from memory serves up to
- * HYDRA_TILE tokens (a 8192-wide [A;R] does not stay in cache from one token to the next). */
-#define HYDRA_TILE 8
 
 /* Softmax gate and z = g (x) h for one token whose [h; l] is in hl. */
 static void hydra_gate(const be_lora *l, const float *hl, float *z, float *g)
@@ -179,6 +406,22 @@ static void hydra_gate(const be_lora *l, const float *hl, float *z, float *g)
     g[l->K] = ent;
 }
 
+/* [h; l] of nt tokens at x0 through an fp16 [A; R]; the logits get R's factor back, h keeps
+ * A's (out_mul takes it off after the expand). */
+static void shrink_f16(const hydra_job *j, const be_lora *l, const float *x0, int nt, float *hl)
+{
+    const uint16_t *ar = l->AR;
+    float o[HYDRA_TILE];
+    for (int rw = 0; rw < l->rows; rw++) {
+        j->dot16(ar + (size_t)rw * (size_t)l->in, x0, (size_t)j->in, nt, l->in, o);
+        for (int t = 0; t < nt; t++)
+            hl[t * l->rows + rw] = o[t];
+    }
+    for (int t = 0; t < nt; t++)
+        for (int k = l->r; k < l->rows; k++)
+            hl[t * l->rows + k] *= l->l_mul;
+}
+
 /* Shrink + gate for a range of adapter tokens, in tiles that never cross a segment. */
 static void hydra_shrink(void *ctx, int ith, int nth)
 {
@@ -194,11 +437,14 @@ static void hydra_shrink(void *ctx, int ith, int nth)
         long i0 = lt - j->seg_lt[s];
         long nt = HY_MIN((long)HYDRA_TILE, HY_MIN(b1, j->seg_lt[s + 1]) - lt);
         const float *x0 = j->x + (size_t)(sg->tok_begin + i0) * (size_t)j->in;
-        for (int rw = 0; rw < l->rows; rw++) {
-            const float *arow = l->AR + (size_t)rw * (size_t)l->in;
-            for (long t = 0; t < nt; t++)
-                hl[t * l->rows + rw] = j->dot(arow, x0 + (size_t)t * (size_t)j->in, l->in);
-        }
+        if (l->f16)
+            shrink_f16(j, l, x0, (int)nt, hl);
+        else
+            for (int rw = 0; rw < l->rows; rw++) {
+                const float *arow = (const float *)l->AR + (size_t)rw * (size_t)l->in;
+                for (long t = 0; t < nt; t++)
+                    hl[t * l->rows + rw] = j->dot(arow, x0 + (size_t)t * (size_t)j->in, l->in);
+            }
         for (long t = 0; t < nt; t++) {
             long i = i0 + t;
             float *z = j->zbuf + j->seg_z[s] + (size_t)i * (size_t)l->K * (size_t)l->r;
@@ -206,6 +452,19 @@ static void hydra_shrink(void *ctx, int ith, int nth)
             hydra_gate(l, hl + t * l->rows, z, g);
         }
         lt += nt;
+    }
+}
+
+/* y rows tok0..tok0+nt, outputs [o0, o1) += out_mul * Bcat z for the nt z rows at z0 */
+static void expand_f16(const hydra_job *j, const be_lora *l, const float *z0, int tok0, int nt, long o0, long o1)
+{
+    size_t kr = (size_t)l->K * (size_t)l->r;
+    const uint16_t *bc = l->Bcat;
+    float acc[HYDRA_TILE];
+    for (long o = o0; o < o1; o++) {
+        j->dot16(bc + (size_t)o * kr, z0, kr, nt, (int64_t)kr, acc);
+        for (int t = 0; t < nt; t++)
+            j->y[(size_t)(tok0 + t) * (size_t)j->out + (size_t)o] += l->out_mul * acc[t];
     }
 }
 
@@ -227,11 +486,15 @@ static void hydra_expand(void *ctx, int ith, int nth)
          * thrashed the cache) while each Bcat row serves the whole tile */
         for (int i0 = 0; i0 < n; i0 += HYDRA_TILE) {
             int i1 = HY_MIN(n, i0 + HYDRA_TILE);
+            if (l->f16) {
+                expand_f16(j, l, zs + (size_t)i0 * (size_t)kr, sg->tok_begin + i0, i1 - i0, o0, o1);
+                continue;
+            }
             for (long o = o0; o < o1; o++) {
-                const float *brow = l->Bcat + (size_t)o * (size_t)kr;
+                const float *brow = (const float *)l->Bcat + (size_t)o * (size_t)kr;
                 for (int i = i0; i < i1; i++)
                     j->y[(size_t)(sg->tok_begin + i) * (size_t)j->out + (size_t)o] +=
-                        l->scale * j->dot(brow, zs + (size_t)i * (size_t)kr, kr);
+                        l->out_mul * j->dot(brow, zs + (size_t)i * (size_t)kr, kr);
             }
         }
     }
@@ -301,7 +564,8 @@ int cpu_hydra(be *b, const float *x, int64_t in, float *y, int64_t out, const be
         rc = hy_err_set(HY_ENOMEM, "hydra: out of memory for %zu floats of scratch", nz + ng);
         goto done;
     }
-    hydra_job j = {x, in, y, out, segs, n_seg, seg_lt, seg_z, seg_g, n_lt, hl, max_rows, zbuf, gbuf, pick_dot()};
+    hydra_job j = {x, in, y, out, segs, n_seg, seg_lt, seg_z, seg_g, n_lt, hl, max_rows, zbuf, gbuf, pick_dot(),
+                   pick_dot16()};
     /* Below this many multiply-adds waking the workers costs more than it saves. */
     tp_pool *use = work < 32768.0 ? NULL : pool;
     tp_run(use, hydra_shrink, &j);

@@ -1,9 +1,14 @@
 /* test_hydra_cpu.c - the CPU backend's HydraLoRA op (engine/be_cpu_hydra.c) against a naive
  * double-precision transcription of DESIGN.md section 1 on fresh random inputs: several
  * adapters of different r/K in one batch, no-adapter segments, gaps, one-token segments,
- * router statistics, and argument errors. */
+ * router statistics, and argument errors. Each case runs twice: precise mode (fp32 adapter
+ * storage) against the reference on the weights as given, and the default fp16 storage against
+ * the reference on the weights rounded as the storage rule says (each of A, R, B times the power
+ * of two that brings its largest |w| into [2^13, 2^14), clamped to 2^-40..2^40, to fp16 nearest
+ * even, divided back), so both are held to the same fp32-level bound. */
 #include "engine/be_cpu.h"
 #include "engine/hy.h"
+#include "engine/quant.h"
 
 #include <math.h>
 #include <stdarg.h>
@@ -31,7 +36,25 @@ typedef struct {
     be_lora *l;
 } host_lora;
 
-static void host_lora_make(be *b, host_lora *h, int r, int K, int64_t in, int64_t out, float rscale)
+/* The n values of each of parts[0..n_parts) as fp16 storage holds them (see the file comment). */
+static void round_as_stored(float *const *parts, int n_parts, size_t n)
+{
+    float mx = 0.0f;
+    for (int p = 0; p < n_parts; p++)
+        for (size_t i = 0; i < n; i++)
+            if (isfinite(parts[p][i]) && fabsf(parts[p][i]) > mx)
+                mx = fabsf(parts[p][i]);
+    int e = 0;
+    if (mx > 0.0f)
+        (void)frexpf(mx, &e);
+    float f = mx > 0.0f ? ldexpf(1.0f, HY_MAX(-40, HY_MIN(40, 14 - e))) : 1.0f;
+    for (int p = 0; p < n_parts; p++)
+        for (size_t i = 0; i < n; i++)
+            parts[p][i] = q_f16_to_f32(q_f32_to_f16(parts[p][i] * f)) / f;
+}
+
+/* Uploads h's weights to b, then (round: fp16 backend) rounds h's copy as the backend stores it. */
+static void host_lora_make(be *b, host_lora *h, int r, int K, int64_t in, int64_t out, float rscale, bool round)
 {
     h->r = r;
     h->K = K;
@@ -51,6 +74,12 @@ static void host_lora_make(be *b, host_lora *h, int r, int K, int64_t in, int64_
             h->B[k][i] = frand(1.0f);
     }
     assert_int_equal(cpu_lora_create(b, r, K, in, out, h->A, h->R, (const float *const *)h->B, h->scale, &h->l), 0);
+    if (!round)
+        return;
+    round_as_stored(&h->A, 1, (size_t)(r * in));
+    if (K > 1)
+        round_as_stored(&h->R, 1, (size_t)(K * in));
+    round_as_stored(h->B, K, (size_t)(out * r));
 }
 
 static void host_lora_free(be *b, host_lora *h)
@@ -110,14 +139,14 @@ typedef struct {
 } seg_spec;
 
 /* Run one batch through cpu_hydra and the reference; compare y and stats. */
-static void run_case(tp_pool *pool, int64_t in, int64_t out, const int (*cfg)[2], int n_lora, const seg_spec *sp,
-                     int n_seg, int n_tok, float rscale)
+static void run_case_mode(tp_pool *pool, bool precise, int64_t in, int64_t out, const int (*cfg)[2], int n_lora,
+                          const seg_spec *sp, int n_seg, int n_tok, float rscale)
 {
-    be_cpu bc = {.base = {.ops = NULL}, .pool = pool};
+    be_cpu bc = {.base = {.ops = NULL}, .pool = pool, .precise = precise};
     be *b = &bc.base;
     host_lora L[8];
     for (int i = 0; i < n_lora; i++)
-        host_lora_make(b, &L[i], cfg[i][0], cfg[i][1], in, out, rscale);
+        host_lora_make(b, &L[i], cfg[i][0], cfg[i][1], in, out, rscale, !precise);
     float *x = malloc(sizeof(float) * (size_t)(n_tok * in));
     float *y = malloc(sizeof(float) * (size_t)(n_tok * out));
     double *yr = malloc(sizeof(double) * (size_t)(n_tok * out));
@@ -150,14 +179,15 @@ static void run_case(tp_pool *pool, int64_t in, int64_t out, const int (*cfg)[2]
         if (!isfinite(y[i]))
             fail_msg("y[%lld] is not finite", (long long)i);
     if (!(maxerr <= 1e-5 * fmax(maxd, 1.0)))
-        fail_msg("y max abs error %g (max |y| %g)", maxerr, maxd);
+        fail_msg("%s: y max abs error %g (max |y| %g)", precise ? "fp32" : "fp16", maxerr, maxd);
     for (int s = 0; s < n_seg; s++) {
         if (sp[s].lora < 0)
             continue;
         int K = L[sp[s].lora].K;
         for (int k = 0; k <= K; k++)
             if (!(fabs(stats[s][k] - stats_ref[s][k]) <= 1e-4 * fmax(1.0, fabs(stats_ref[s][k]))))
-                fail_msg("segment %d stats[%d] = %g, reference %g", s, k, stats[s][k], stats_ref[s][k]);
+                fail_msg("%s: segment %d stats[%d] = %g, reference %g", precise ? "fp32" : "fp16", s, k,
+                         stats[s][k], stats_ref[s][k]);
     }
     /* Tokens in no segment and in no-adapter segments are untouched (checked via yr above). */
     for (int i = 0; i < n_lora; i++)
@@ -165,6 +195,13 @@ static void run_case(tp_pool *pool, int64_t in, int64_t out, const int (*cfg)[2]
     free(x);
     free(y);
     free(yr);
+}
+
+static void run_case(tp_pool *pool, int64_t in, int64_t out, const int (*cfg)[2], int n_lora, const seg_spec *sp,
+                     int n_seg, int n_tok, float rscale)
+{
+    run_case_mode(pool, true, in, out, cfg, n_lora, sp, n_seg, n_tok, rscale);
+    run_case_mode(pool, false, in, out, cfg, n_lora, sp, n_seg, n_tok, rscale);
 }
 
 static const int mix_cfg[][2] = {{4, 1}, {8, 3}, {3, 16}, {16, 4}};
