@@ -362,21 +362,13 @@ typedef struct {
     const size_t *seg_z;  /* [n_seg] offset of the segment's first z row in zbuf */
     const size_t *seg_g;  /* [n_seg] offset into gbuf ((K + 1) floats per token) */
     long n_lt;
-    float *hl;            /* per worker scratch: [nth][max_rows] */
+    float *hl;            /* [h; l] of every lora token: [n_lt][max_rows] */
     int max_rows;
     float *zbuf;          /* z: K*r floats per lora token */
     float *gbuf;          /* g_0..g_{K-1}, entropy per lora token */
     dot_fn dot;           /* fp32 adapters */
     dot16_fn dot16;       /* fp16 adapters */
 } hydra_job;
-
-static int seg_of(const hydra_job *j, long lt, int lo)
-{
-    int s = lo;
-    while (s < j->n_seg && j->seg_lt[s + 1] <= lt)
-        s++;
-    return s;
-}
 
 /* Softmax gate and z = g (x) h for one token whose [h; l] is in hl. */
 static void hydra_gate(const be_lora *l, const float *hl, float *z, float *g)
@@ -406,52 +398,65 @@ static void hydra_gate(const be_lora *l, const float *hl, float *z, float *g)
     g[l->K] = ent;
 }
 
-/* [h; l] of nt tokens at x0 through an fp16 [A; R]; the logits get R's factor back, h keeps
- * A's (out_mul takes it off after the expand). */
-static void shrink_f16(const hydra_job *j, const be_lora *l, const float *x0, int nt, float *hl)
+/* Rows [r0, r1) of [h; l] for nt tokens at x0 (hl row t of max_rows floats per token). */
+static void shrink_rows(const hydra_job *j, const be_lora *l, const float *x0, int nt, long r0, long r1, float *hl)
 {
-    const uint16_t *ar = l->AR;
-    float o[HYDRA_TILE];
-    for (int rw = 0; rw < l->rows; rw++) {
-        j->dot16(ar + (size_t)rw * (size_t)l->in, x0, (size_t)j->in, nt, l->in, o);
-        for (int t = 0; t < nt; t++)
-            hl[t * l->rows + rw] = o[t];
+    size_t in = (size_t)l->in, ldh = (size_t)j->max_rows;
+    if (!l->f16) {
+        for (long rw = r0; rw < r1; rw++) {
+            const float *arow = (const float *)l->AR + (size_t)rw * in;
+            for (int t = 0; t < nt; t++)
+                hl[t * ldh + (size_t)rw] = j->dot(arow, x0 + (size_t)t * in, l->in);
+        }
+        return;
     }
-    for (int t = 0; t < nt; t++)
-        for (int k = l->r; k < l->rows; k++)
-            hl[t * l->rows + k] *= l->l_mul;
+    float o[HYDRA_TILE];
+    for (long rw = r0; rw < r1; rw++) {
+        j->dot16((const uint16_t *)l->AR + (size_t)rw * in, x0, in, nt, l->in, o);
+        for (int t = 0; t < nt; t++)
+            hl[t * ldh + (size_t)rw] = o[t];
+    }
 }
 
-/* Shrink + gate for a range of adapter tokens, in tiles that never cross a segment. */
+/* Shrink: every segment's rows of [A; R] split over the workers, each row read once per tile
+ * of up to HYDRA_TILE tokens (so a decode step's single token still uses every worker). */
 static void hydra_shrink(void *ctx, int ith, int nth)
 {
     hydra_job *j = ctx;
-    long b0, b1;
-    tp_split(j->n_lt, ith, nth, &b0, &b1);
-    float *hl = j->hl + (size_t)ith * (size_t)j->max_rows * HYDRA_TILE;
-    int s = seg_of(j, b0, 0);
-    for (long lt = b0; lt < b1;) {
-        s = seg_of(j, lt, s);
+    for (int s = 0; s < j->n_seg; s++) {
         const be_lora_seg *sg = &j->segs[s];
         const be_lora *l = sg->lora;
-        long i0 = lt - j->seg_lt[s];
-        long nt = HY_MIN((long)HYDRA_TILE, HY_MIN(b1, j->seg_lt[s + 1]) - lt);
-        const float *x0 = j->x + (size_t)(sg->tok_begin + i0) * (size_t)j->in;
-        if (l->f16)
-            shrink_f16(j, l, x0, (int)nt, hl);
-        else
-            for (int rw = 0; rw < l->rows; rw++) {
-                const float *arow = (const float *)l->AR + (size_t)rw * (size_t)l->in;
-                for (long t = 0; t < nt; t++)
-                    hl[t * l->rows + rw] = j->dot(arow, x0 + (size_t)t * (size_t)j->in, l->in);
-            }
-        for (long t = 0; t < nt; t++) {
-            long i = i0 + t;
+        if (!l)
+            continue;
+        long r0, r1;
+        tp_split(l->rows, ith, nth, &r0, &r1);
+        int n = sg->tok_end - sg->tok_begin;
+        for (int i0 = 0; r0 < r1 && i0 < n; i0 += HYDRA_TILE) {
+            const float *x0 = j->x + (size_t)(sg->tok_begin + i0) * (size_t)j->in;
+            float *hl = j->hl + (size_t)(j->seg_lt[s] + i0) * (size_t)j->max_rows;
+            shrink_rows(j, l, x0, HY_MIN(HYDRA_TILE, n - i0), r0, r1, hl);
+        }
+    }
+}
+
+/* Gate of every lora token (cheap: K exponentials and K r products each), on one thread. fp16
+ * adapters' logits get R's factor back here; h keeps A's (out_mul takes it off). */
+static void hydra_gates(const hydra_job *j)
+{
+    for (int s = 0; s < j->n_seg; s++) {
+        const be_lora *l = j->segs[s].lora;
+        if (!l)
+            continue;
+        long n = j->seg_lt[s + 1] - j->seg_lt[s];
+        for (long i = 0; i < n; i++) {
+            float *hl = j->hl + (size_t)(j->seg_lt[s] + i) * (size_t)j->max_rows;
+            if (l->f16)
+                for (int k = l->r; k < l->rows; k++)
+                    hl[k] *= l->l_mul;
             float *z = j->zbuf + j->seg_z[s] + (size_t)i * (size_t)l->K * (size_t)l->r;
             float *g = j->gbuf + j->seg_g[s] + (size_t)i * (size_t)(l->K + 1);
-            hydra_gate(l, hl + t * l->rows, z, g);
+            hydra_gate(l, hl, z, g);
         }
-        lt += nt;
     }
 }
 
@@ -524,7 +529,6 @@ int cpu_hydra(be *b, const float *x, int64_t in, float *y, int64_t out, const be
     if (n_seg <= 0)
         return HY_OK;
     tp_pool *pool = ((be_cpu *)b)->pool;
-    int nth = tp_threads(pool);
     long *seg_lt = calloc((size_t)n_seg + 1, sizeof *seg_lt);
     size_t *seg_z = calloc((size_t)n_seg, sizeof *seg_z);
     size_t *seg_g = calloc((size_t)n_seg, sizeof *seg_g);
@@ -556,12 +560,17 @@ int cpu_hydra(be *b, const float *x, int64_t in, float *y, int64_t out, const be
     seg_lt[n_seg] = n_lt;
     if (n_lt == 0)
         goto done;
-    hl = malloc((size_t)nth * (size_t)max_rows * HYDRA_TILE * sizeof(float));
+    size_t nhl;
+    if (hy_mul_size((size_t)n_lt, (size_t)max_rows, &nhl) || hy_mul_size(nhl, sizeof(float), &nhl)) {
+        rc = hy_err_set(HY_ELIMIT, "hydra: %ld tokens x %d rows of scratch is too large", n_lt, max_rows);
+        goto done;
+    }
+    hl = malloc(nhl);
     zbuf = malloc(nz * sizeof(float));
     gbuf = malloc(ng * sizeof(float));
     acc = malloc(((size_t)max_K + 1) * sizeof *acc);
     if (!hl || !zbuf || !gbuf || !acc) {
-        rc = hy_err_set(HY_ENOMEM, "hydra: out of memory for %zu floats of scratch", nz + ng);
+        rc = hy_err_set(HY_ENOMEM, "hydra: out of memory for %zu floats of scratch", nhl / sizeof(float) + nz + ng);
         goto done;
     }
     hydra_job j = {x, in, y, out, segs, n_seg, seg_lt, seg_z, seg_g, n_lt, hl, max_rows, zbuf, gbuf, pick_dot(),
@@ -569,6 +578,7 @@ int cpu_hydra(be *b, const float *x, int64_t in, float *y, int64_t out, const be
     /* Below this many multiply-adds waking the workers costs more than it saves. */
     tp_pool *use = work < 32768.0 ? NULL : pool;
     tp_run(use, hydra_shrink, &j);
+    hydra_gates(&j);
     tp_run(use, hydra_expand, &j);
     /* Router statistics, summed in batch order on this thread (deterministic). */
     for (int s = 0; s < n_seg; s++) {
