@@ -76,33 +76,30 @@ typedef struct {
     /* y[i] = W[i] x for i < n (1 <= n <= BE_MM_MAX): matrices that read the same x (q/k/v,
      * gate/up) in one call, so the backend converts x once and spreads the rows of all of them
      * over its threads (CPU) or one kernel launch (CUDA). Every W[i] has x's cols; the y[i] do
-     * not overlap x or each other. Same results as n matmul calls. */
+     * not overlap x or each other. Same results as n matmul calls.
+     * add: y[i] += W[i] x instead (a residual connection without a pass of its own). */
     int (*matmul_n)(be *b, int n, const be_weight *const *w, const float *x, int n_tok,
-                    float *const *y);
+                    float *const *y, bool add);
     /* out[t] = embedding row ids[t] (ids is HOST) */
     int (*embed)(be *b, const be_weight *emb, const int32_t *ids, int n_tok, float *out);
     /* y[t] = x[t] / rms(x[t]) * w   (y may equal x) */
     int (*rmsnorm)(be *b, const float *x, const float *w, int n_tok, int64_t dim, float eps,
                    float *y);
-    /* In-place RoPE on [n_tok][n_heads * head_dim], GGUF/llama.cpp "normal" layout: pairs of
-     * ADJACENT elements (2i, 2i+1) rotate by angle pos * freq[i]; freq is HOST [head_dim/2]
-     * (already includes theta and any Llama-3 scaling). */
-    int (*rope)(be *b, float *x, const int32_t *pos, int n_tok, int n_heads, int head_dim,
-                const float *freq);
-    /* a[i] += b[i] */
-    int (*add)(be *b, float *a, const float *x, int64_t n);
     /* out[t][i] = silu(gate[t][i]) * up[t][i]  (out may equal gate) */
     int (*swiglu)(be *b, const float *gate, const float *up, int n_tok, int64_t dim, float *out);
 
     /* KV cache for one layer: two arrays of n_blocks * BE_KV_BLOCK * n_kv_heads * head_dim
      * fp16 values (uint16_t bit patterns), layout [slot][kv_head][head_dim]. */
     int (*kv_alloc)(be *b, int n_blocks, int n_kv_heads, int head_dim, void **k, void **v);
-    /* Write k/v of this step into their slots, then causal GQA attention (softmax in fp32,
-     * scale 1/sqrt(head_dim)): q [n_tok][n_heads*head_dim], k/v [n_tok][n_kv_heads*head_dim],
-     * out [n_tok][n_heads*head_dim]. */
-    int (*attention)(be *b, const be_attn_meta *m, const float *q, const float *k, const float *v,
+    /* RoPE on q and k in place (when freq is not NULL), write k/v of this step into their
+     * slots, then causal GQA attention (softmax in fp32, scale 1/sqrt(head_dim)):
+     * q [n_tok][n_heads*head_dim], k/v [n_tok][n_kv_heads*head_dim], out [n_tok][n_heads*head_dim].
+     * RoPE: GGUF/llama.cpp "normal" layout, pairs of ADJACENT elements (2i, 2i+1) of each head
+     * rotate by angle pos * freq[i]; freq is HOST [head_dim/2] (already includes theta and any
+     * Llama-3 scaling). It is part of this op so that a device rotates and stores in one pass. */
+    int (*attention)(be *b, const be_attn_meta *m, float *q, float *k, const float *v,
                      void *k_cache, void *v_cache, int n_heads, int n_kv_heads, int head_dim,
-                     float *out);
+                     const float *freq, float *out);
 
     /* HydraLoRA. A LoRA set for one target: A [r x in], R [K x in] (router; NULL when K == 1),
      * B_k [out x r] for k < K, all fp32 HOST row-major, copied by the backend. scale = s. */
@@ -131,8 +128,9 @@ typedef struct {
     int (*step_begin)(be *b, const void *key, size_t key_n, const be_span *meta, int n_meta,
                       bool *replay);
     int (*step_end)(be *b, bool ok, bool *rerun);
-    /* Optional: how many steps were recorded and how many replayed so far (logs, tests). */
-    void (*step_counts)(be *b, uint64_t *recorded, uint64_t *replayed);
+    /* Optional: how many steps were recorded and how many replayed so far, and how many kernels
+     * the last recorded step launches (logs, tests, benchmarks). */
+    void (*step_counts)(be *b, uint64_t *recorded, uint64_t *replayed, uint64_t *kernels);
 } be_ops;
 
 struct be {

@@ -36,6 +36,9 @@ typedef struct {
     /* quantised activations of the current matmul (grown, never shrunk) */
     void *act;
     size_t act_cap;
+    /* W x of a matmul_n that adds into its output (grown, never shrunk) */
+    void *mm_sum;
+    size_t mm_sum_cap;
     /* RoPE cos/sin of the last call, reused while positions and frequencies repeat
      * (every layer of a step rotates q and k at the same positions). */
     float *rope_cs;       /* [n_tok][head_dim/2][2] */
@@ -304,14 +307,27 @@ static void cpu_matmul_precise(cpu_ctx *c, const be_weight *w, const float *x, i
     tp_run(c->cpu.pool, cpu_mm_precise_fn, &j);
 }
 
+static int cpu_add(be *b, float *a, const float *x, int64_t n);
+
 static int cpu_matmul_n(be *b, int n, const be_weight *const *w, const float *x, int n_tok,
-                        float *const *y)
+                        float *const *y, bool add)
 {
     cpu_ctx *c = cpu_of(b);
     if (n < 1 || n > BE_MM_MAX || n_tok < 0)
         return hy_err_set(HY_EINVAL, "matmul_n: bad arguments (n %d, n_tok %d)", n, n_tok);
     if (n_tok == 0)
         return HY_OK;
+    if (add) { /* into a scratch buffer, then added: the row kernels only store */
+        for (int i = 0; i < n; i++) {
+            size_t e = (size_t)n_tok * (size_t)w[i]->rows;
+            int rc = cpu_grow(&c->mm_sum, &c->mm_sum_cap, e * sizeof(float));
+            float *sum = c->mm_sum;
+            if (rc || (rc = cpu_matmul_n(b, 1, &w[i], x, n_tok, &sum, false)) ||
+                (rc = cpu_add(b, y[i], sum, (int64_t)e)))
+                return rc;
+        }
+        return HY_OK;
+    }
     if (n == 1 && w[0]->f32) {
         cpu_matmul_precise(c, w[0], x, n_tok, y[0]);
         return HY_OK;
@@ -321,7 +337,7 @@ static int cpu_matmul_n(be *b, int n, const be_weight *const *w, const float *x,
         same = same && w[i]->type == w[0]->type && w[i]->cols == w[0]->cols;
     if (w[0]->f32 || !same) { /* one at a time */
         for (int i = 0; i < n; i++) {
-            int rc = cpu_matmul_n(b, 1, &w[i], x, n_tok, &y[i]);
+            int rc = cpu_matmul_n(b, 1, &w[i], x, n_tok, &y[i], false);
             if (rc)
                 return rc;
         }
@@ -356,7 +372,7 @@ static int cpu_matmul_n(be *b, int n, const be_weight *const *w, const float *x,
 
 static int cpu_matmul(be *b, const be_weight *w, const float *x, int n_tok, float *y)
 {
-    return cpu_matmul_n(b, 1, &w, x, n_tok, &y);
+    return cpu_matmul_n(b, 1, &w, x, n_tok, &y, false);
 }
 
 /* ------------------------------------------------------------------ embedding */
@@ -850,9 +866,9 @@ static void cpu_attn_fn(void *ctx, int ith, int nth)
     }
 }
 
-static int cpu_attention(be *b, const be_attn_meta *m, const float *q, const float *k,
-                         const float *v, void *k_cache, void *v_cache, int n_heads, int n_kv_heads,
-                         int head_dim, float *out)
+static int cpu_attention(be *b, const be_attn_meta *m, float *q, float *k, const float *v,
+                         void *k_cache, void *v_cache, int n_heads, int n_kv_heads, int head_dim,
+                         const float *freq, float *out)
 {
     if (head_dim <= 0 || head_dim > CPU_MAX_HEAD_DIM || n_kv_heads <= 0 ||
         n_heads % n_kv_heads)
@@ -867,6 +883,10 @@ static int cpu_attention(be *b, const be_attn_meta *m, const float *q, const flo
             return hy_err_set(HY_EINVAL, "attention: token %d has bad position/sequence/slot", t);
         work += (double)(m->pos[t] + 1) * head_dim * n_heads;
     }
+    int rc;
+    if (freq && ((rc = cpu_rope(b, q, m->pos, m->n_tok, n_heads, head_dim, freq)) ||
+                 (rc = cpu_rope(b, k, m->pos, m->n_tok, n_kv_heads, head_dim, freq))))
+        return rc;
     /* Write this step's keys and values first: tokens attend to earlier tokens of the step. */
     bool avx = cpu_use_avx2();
     for (int t = 0; t < m->n_tok; t++) {
@@ -894,6 +914,7 @@ static void cpu_destroy(be *b)
     cpu_ctx *c = cpu_of(b);
     tp_free(c->cpu.pool);
     free(c->act);
+    free(c->mm_sum);
     free(c->rope_cs);
     free(c->rope_pos);
     free(c);
@@ -913,8 +934,6 @@ static const be_ops cpu_ops = {
     .matmul_n = cpu_matmul_n,
     .embed = cpu_embed,
     .rmsnorm = cpu_rmsnorm,
-    .rope = cpu_rope,
-    .add = cpu_add,
     .swiglu = cpu_swiglu,
     .kv_alloc = cpu_kv_alloc,
     .attention = cpu_attention,

@@ -570,16 +570,16 @@ static int eng_proj_lora(eng_model *m, const eng_batch *bt, int il, int proj, co
     return b->ops->hydra(b, x, in, y, out, segs, n);
 }
 
-/* y[i] = W x for the n projections proj[i] of layer il that read the same x (one matmul_n),
- * plus each adapter segment's HydraLoRA terms. */
+/* y[i] = W x (add: y[i] += W x) for the n projections proj[i] of layer il that read the same x
+ * (one matmul_n), plus each adapter segment's HydraLoRA terms. */
 static int eng_proj(eng_model *m, const eng_batch *bt, int il, int n, const int *proj, const float *x,
-                    float *const *y)
+                    float *const *y, bool add)
 {
     be *b = m->b;
     const be_weight *w[BE_MM_MAX];
     for (int i = 0; i < n; i++)
         w[i] = m->layers[il].w[proj[i]];
-    int rc = b->ops->matmul_n(b, n, w, x, bt->n_tok, y);
+    int rc = b->ops->matmul_n(b, n, w, x, bt->n_tok, y, add);
     for (int i = 0; i < n && !rc; i++)
         rc = eng_proj_lora(m, bt, il, proj[i], x, y[i]);
     return rc;
@@ -597,22 +597,19 @@ static int eng_layer_forward(eng_model *m, eng_kv *kv, const eng_batch *bt, int 
                      down[] = {ENG_DOWN};
 
     /* attention block */
+    /* attention block; the o and down projections add into the residual stream x */
     if ((rc = ops->rmsnorm(b, r->x, L->attn_norm, n, hp->n_embd, hp->rms_eps, r->xb)) ||
-        (rc = eng_proj(m, bt, il, 3, qkv, r->xb, (float *const[]){r->q, r->k, r->v})) ||
-        (rc = ops->rope(b, r->q, bt->attn.pos, n, hp->n_head, hp->head_dim, m->rope_freq)) ||
-        (rc = ops->rope(b, r->k, bt->attn.pos, n, hp->n_head_kv, hp->head_dim, m->rope_freq)) ||
+        (rc = eng_proj(m, bt, il, 3, qkv, r->xb, (float *const[]){r->q, r->k, r->v}, false)) ||
         (rc = ops->attention(b, &bt->attn, r->q, r->k, r->v, kv->k[il], kv->v[il], hp->n_head,
-                             hp->n_head_kv, hp->head_dim, r->att)) ||
-        (rc = eng_proj(m, bt, il, 1, o, r->att, &r->xb)) ||
-        (rc = ops->add(b, r->x, r->xb, (int64_t)n * hp->n_embd)))
+                             hp->n_head_kv, hp->head_dim, m->rope_freq, r->att)) ||
+        (rc = eng_proj(m, bt, il, 1, o, r->att, &r->x, true)))
         return rc;
 
     /* feed-forward block */
     if ((rc = ops->rmsnorm(b, r->x, L->ffn_norm, n, hp->n_embd, hp->rms_eps, r->xb)) ||
-        (rc = eng_proj(m, bt, il, 2, gate_up, r->xb, (float *const[]){r->hb, r->hb2})) ||
+        (rc = eng_proj(m, bt, il, 2, gate_up, r->xb, (float *const[]){r->hb, r->hb2}, false)) ||
         (rc = ops->swiglu(b, r->hb, r->hb2, n, hp->n_ff, r->hb)) ||
-        (rc = eng_proj(m, bt, il, 1, down, r->hb, &r->xb)) ||
-        (rc = ops->add(b, r->x, r->xb, (int64_t)n * hp->n_embd)))
+        (rc = eng_proj(m, bt, il, 1, down, r->hb, &r->x, true)))
         return rc;
     return HY_OK;
 }

@@ -77,7 +77,7 @@ typedef struct {
     int slot_elems; /* n_kv_heads * head_dim */
 } cuda_kv_reg;
 
-/* Per-step metadata that every layer sends again unchanged (RoPE positions, attention tables):
+/* Per-step metadata that every layer sends again unchanged (positions, slots, block tables):
  * the device copy is kept and reused while the host bytes are the same (compared each call). */
 typedef struct {
     void *dev;   /* device, owned */
@@ -85,7 +85,7 @@ typedef struct {
     size_t n, cap;
 } cuda_meta_cache;
 
-enum { MC_ROPE, MC_ATTN, MC_N };
+enum { MC_ATTN, MC_N };
 
 /* ---- adapter pool (cuda_lpool.cu) ----
  * Device memory for lora_create comes from chunks of CUDA_LPOOL_CHUNK bytes (or one chunk of
@@ -213,6 +213,7 @@ typedef struct {
     int graphs_off;   /* HY_CUDA_GRAPHS=0: no recording (A/B runs) */
     uint64_t tick;
     uint64_t n_recorded, n_replayed;
+    uint64_t graph_kernels; /* kernel nodes of the last recorded step */
 } be_cuda;
 
 #define CUDA_GST_CAP 16384
@@ -277,13 +278,11 @@ int cuda_weight_create(be *b, uint32_t type, int64_t rows, int64_t cols, const v
                        be_weight **out);                                   /* cuda_weight.cu */
 void cuda_weight_free(be *b, be_weight *w);
 int cuda_matmul(be *b, const be_weight *w, const float *x, int n_tok, float *y); /* cuda_matmul.cu */
-int cuda_matmul_n(be *b, int n, const be_weight *const *w, const float *x, int n_tok, float *const *y);
+int cuda_matmul_n(be *b, int n, const be_weight *const *w, const float *x, int n_tok, float *const *y,
+                  bool add);
 int cuda_embed(be *b, const be_weight *emb, const int32_t *ids, int n_tok, float *out); /* cuda_embed.cu */
 int cuda_rmsnorm(be *b, const float *x, const float *w, int n_tok, int64_t dim, float eps,
                  float *y);                                                 /* cuda_rmsnorm.cu */
-int cuda_rope(be *b, float *x, const int32_t *pos, int n_tok, int n_heads, int head_dim,
-              const float *freq);                                           /* cuda_rope.cu */
-int cuda_add(be *b, float *a, const float *x, int64_t n);                   /* cuda_add.cu */
 int cuda_swiglu(be *b, const float *gate, const float *up, int n_tok, int64_t dim,
                 float *out);                                                /* cuda_swiglu.cu */
 int cuda_kv_alloc(be *b, int n_blocks, int n_kv_heads, int head_dim, void **k, void **v); /* cuda_attention.cu */
@@ -292,9 +291,13 @@ int cuda_kv_alloc(be *b, int n_blocks, int n_kv_heads, int head_dim, void **k, v
 bool cuda_attn_prefill_wanted(const be_attn_meta *m, int head_dim);
 int cuda_attn_prefill(be_cuda *c, const be_attn_meta *m, const int32_t *d, const float *q, const void *k_cache,
                       const void *v_cache, int n_heads, int n_kv, int head_dim, float *out);
-int cuda_attention(be *b, const be_attn_meta *m, const float *q, const float *k, const float *v,
+int cuda_attention(be *b, const be_attn_meta *m, float *q, float *k, const float *v,
                    void *k_cache, void *v_cache, int n_heads, int n_kv_heads, int head_dim,
-                   float *out);
+                   const float *freq, float *out);
+/* cuda_rope.cu: RoPE q and k in place (freq HOST or NULL) and store k, v into their slots;
+ * d: the attention metadata on the device (pos first, slot at d + 2 n_tok) */
+int cuda_rope_store(be_cuda *c, const int32_t *d, float *q, float *k, const float *v, int n_tok,
+                    int n_heads, int n_kv, int head_dim, const float *freq, void *k_cache, void *v_cache);
 int cuda_lora_create(be *b, int r, int K, int64_t in, int64_t out, const float *A, const float *R,
                      const float *const *B, float scale, be_lora **out_lora); /* cuda_hydra.cu */
 void cuda_lora_free(be *b, be_lora *l);
@@ -329,7 +332,7 @@ int cuda_lpool_wait(be_cuda *c);
  * step's arena holds exactly these host arrays back to back, else NULL. */
 int cuda_step_begin(be *b, const void *key, size_t key_n, const be_span *meta, int n_meta, bool *replay);
 int cuda_step_end(be *b, bool ok, bool *rerun);
-void cuda_step_counts(be *b, uint64_t *recorded, uint64_t *replayed);
+void cuda_step_counts(be *b, uint64_t *recorded, uint64_t *replayed, uint64_t *kernels);
 void cuda_graph_destroy(be_cuda *c);
 const void *cuda_arena_find(const be_cuda *c, const void *const *parts, const size_t *sizes, int n_parts);
 /* nonzero while a step is being recorded: uploads through staging are refused then */

@@ -12,20 +12,6 @@
 #define ATT_WARPS 4       /* warps per (token, head) when there are many of them */
 #define ATT_WARPS_WIDE 16 /* few (token, head) pairs (small decode batches): more warps each */
 
-__global__ void cuda_kv_write_kernel(const float *k, const float *v, const int32_t *slot, int n_tok,
-                                     int kvdim, __half *kc, __half *vc)
-{
-    const int64_t total = (int64_t)n_tok * kvdim;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (int64_t)gridDim.x * blockDim.x) {
-        const int t = (int)(i / kvdim);
-        const int j = (int)(i - (int64_t)t * kvdim);
-        const size_t dst = (size_t)slot[t] * kvdim + j;
-        kc[dst] = __float2half_rn(k[i]);
-        vc[dst] = __float2half_rn(v[i]);
-    }
-}
-
 /* One block per (token, KV head, chunk of up to ATT_GMAX of the query heads that share that KV
  * head): every K and V row the block reads from the cache serves all of its query heads (GQA:
  * the cache is read once per KV head, not once per query head). The block's W warps take
@@ -269,9 +255,9 @@ static int cuda_attn_check(const be_cuda *c, const be_attn_meta *m, const void *
     return HY_OK;
 }
 
-int cuda_attention(be *b, const be_attn_meta *m, const float *q, const float *k, const float *v,
+int cuda_attention(be *b, const be_attn_meta *m, float *q, float *k, const float *v,
                    void *k_cache, void *v_cache, int n_heads, int n_kv_heads, int head_dim,
-                   float *out)
+                   const float *freq, float *out)
 {
     be_cuda *c = cuda_ctx(b);
     if (!m || m->n_tok < 0 || n_heads <= 0 || n_kv_heads <= 0 || n_heads % n_kv_heads)
@@ -300,10 +286,9 @@ int cuda_attention(be *b, const be_attn_meta *m, const float *q, const float *k,
     if (rc)
         return rc;
     const int32_t *d = (const int32_t *)dev;
-    const int kvdim = n_kv_heads * head_dim;
-    cuda_kv_write_kernel<<<cuda_grid((int64_t)n_tok * kvdim, 256), 256, 0, c->stream>>>(
-        k, v, d + 2 * n_tok, n_tok, kvdim, (__half *)k_cache, (__half *)v_cache);
-    CU_LAUNCHED("cuda_kv_write_kernel");
+    rc = cuda_rope_store(c, d, q, k, v, n_tok, n_heads, n_kv_heads, head_dim, freq, k_cache, v_cache);
+    if (rc)
+        return rc;
     if (cuda_attn_prefill_wanted(m, head_dim))
         return cuda_attn_prefill(c, m, d, q, k_cache, v_cache, n_heads, n_kv_heads, head_dim, out);
     /* heads per block: as many of a KV head's query heads as fit (its K/V rows are then read

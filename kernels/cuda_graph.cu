@@ -210,6 +210,26 @@ static int graph_keep_gst(be_cuda *c, cuda_graph_ent *g)
     return HY_OK;
 }
 
+/* c->graph_kernels = the kernel nodes of a recorded step (a figure for logs and tests: every
+ * kernel of a replayed step still costs the GPU a launch gap of its own) */
+static void graph_count_kernels(be_cuda *c, cudaGraph_t graph)
+{
+    size_t n = 0;
+    if (cudaGraphGetNodes(graph, NULL, &n) != cudaSuccess || n == 0)
+        return;
+    cudaGraphNode_t *nodes = (cudaGraphNode_t *)malloc(sizeof(cudaGraphNode_t) * n);
+    if (!nodes)
+        return;
+    uint64_t k = 0;
+    if (cudaGraphGetNodes(graph, nodes, &n) == cudaSuccess)
+        for (size_t i = 0; i < n; i++) {
+            cudaGraphNodeType t;
+            k += cudaGraphNodeGetType(nodes[i], &t) == cudaSuccess && t == cudaGraphNodeTypeKernel;
+        }
+    free(nodes);
+    c->graph_kernels = k;
+}
+
 int cuda_step_end(be *b, bool ok, bool *rerun)
 {
     be_cuda *c = cuda_ctx(b);
@@ -222,6 +242,8 @@ int cuda_step_end(be *b, bool ok, bool *rerun)
     cudaGraph_t graph = NULL;
     cudaError_t e = cudaStreamEndCapture(c->stream, &graph);
     cudaGraphExec_t exec = NULL;
+    if (ok && e == cudaSuccess && graph)
+        graph_count_kernels(c, graph);
     if (ok && e == cudaSuccess && graph)
         e = cudaGraphInstantiate(&exec, graph, 0);
     if (graph)
@@ -246,8 +268,9 @@ int cuda_step_end(be *b, bool ok, bool *rerun)
     return HY_OK;
 }
 
-void cuda_step_counts(be *b, uint64_t *recorded, uint64_t *replayed)
+void cuda_step_counts(be *b, uint64_t *recorded, uint64_t *replayed, uint64_t *kernels)
 {
     *recorded = cuda_ctx(b)->n_recorded;
     *replayed = cuda_ctx(b)->n_replayed;
+    *kernels = cuda_ctx(b)->graph_kernels;
 }

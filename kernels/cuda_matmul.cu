@@ -12,7 +12,9 @@
  * activations and HY_CUDA_MV_LEGACY=1 runs that compare the two.
  * matmul_n (q/k/v, gate/up: matrices of one type and width reading the same x) runs the row
  * kernel once over the rows of all of them (block ranges per matrix in a kernel parameter), so
- * a decode layer launches 3 mat-vec kernels fewer; other cases loop over matmul. */
+ * a decode layer launches 3 mat-vec kernels fewer; other cases loop over matmul. With add (the o
+ * and down projections), every path adds into y (the residual stream): the kernels' stores read
+ * y first, cuBLAS runs with beta 1. */
 #include "kernels/cuda.h"
 #include "kernels/cuda_quant.cuh"
 
@@ -21,7 +23,7 @@
 template <int QT, int NT>
 __global__ void __launch_bounds__(MV_WARPS * 32)
     cuda_matvec_kernel(const uint8_t *__restrict__ W, size_t row_bytes, int rows, int cols,
-                       const float *__restrict__ x, float *__restrict__ y)
+                       const float *__restrict__ x, float *__restrict__ y, bool add)
 {
     const int lane = threadIdx.x & 31;
     const int r = blockIdx.x * MV_WARPS + (threadIdx.x >> 5);
@@ -52,7 +54,7 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
     for (int t = 0; t < NT; t++) {
         const float v = cuda_warp_sum(acc[t]);
         if (lane == 0)
-            y[(size_t)t * rows + r] = v;
+            y[(size_t)t * rows + r] = add ? y[(size_t)t * rows + r] + v : v;
     }
 }
 
@@ -72,7 +74,7 @@ typedef struct {
 template <int QT, int NT, int R>
 __global__ void __launch_bounds__(MV_WARPS * 32)
     cuda_mv_rows_kernel(const __grid_constant__ mv_set set, size_t row_bytes, int cols,
-                        const float *__restrict__ x)
+                        const float *__restrict__ x, bool add)
 {
     __shared__ float part[MV_WARPS][R][NT];
     int m = 0;
@@ -130,14 +132,14 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
         for (int k = 0; k < MV_WARPS; k++)
             v += part[k][i][t];
         if (r0 + i < rows)
-            y[(size_t)t * rows + r0 + i] = v;
+            y[(size_t)t * rows + r0 + i] = add ? y[(size_t)t * rows + r0 + i] + v : v;
     }
 }
 
 /* the rows of w[0..n) (one type, one width) in one launch */
 template <int QT, int NT>
 static void cuda_mv_rows_launch1(cudaStream_t s, int n, const be_weight *const *w, const float *x,
-                                 float *const *y)
+                                 float *const *y, bool add)
 {
     constexpr int R = NT == 1 ? 2 : 4;
     mv_set set;
@@ -150,16 +152,16 @@ static void cuda_mv_rows_launch1(cudaStream_t s, int n, const be_weight *const *
         set.b0[i + 1] = set.b0[i] + (int)((w[i]->rows + R - 1) / R);
     }
     cuda_mv_rows_kernel<QT, NT, R><<<(unsigned)set.b0[n], MV_WARPS * 32, 0, s>>>(
-        set, w[0]->row_bytes, (int)w[0]->cols, x);
+        set, w[0]->row_bytes, (int)w[0]->cols, x, add);
 }
 
 template <int QT>
 static void cuda_mv_rows_launch(cudaStream_t s, int n, const be_weight *const *w, const float *x,
-                                int n_tok, float *const *y)
+                                int n_tok, float *const *y, bool add)
 {
     if constexpr (mv_x4<QT>::OK) {
         switch (n_tok) {
-#define MV_CASE(N) case N: cuda_mv_rows_launch1<QT, N>(s, n, w, x, y); break;
+#define MV_CASE(N) case N: cuda_mv_rows_launch1<QT, N>(s, n, w, x, y, add); break;
             MV_CASE(1) MV_CASE(2) MV_CASE(3) MV_CASE(4) MV_CASE(5) MV_CASE(6) MV_CASE(7) MV_CASE(8)
 #undef MV_CASE
         default: break;
@@ -175,7 +177,8 @@ __global__ void cuda_f32_to_f16_kernel(const float *x, int64_t n, __half *o)
 }
 
 template <int QT>
-static void cuda_matvec_launch(cudaStream_t s, const be_weight *w, const float *x, int n_tok, float *y)
+static void cuda_matvec_launch(cudaStream_t s, const be_weight *w, const float *x, int n_tok, float *y,
+                               bool add)
 {
     const unsigned grid = (unsigned)((w->rows + MV_WARPS - 1) / MV_WARPS);
     const uint8_t *q = (const uint8_t *)w->q;
@@ -183,7 +186,7 @@ static void cuda_matvec_launch(cudaStream_t s, const be_weight *w, const float *
     switch (n_tok) {
 #define MV_CASE(N)                                                                                  \
     case N:                                                                                         \
-        cuda_matvec_kernel<QT, N><<<grid, MV_WARPS * 32, 0, s>>>(q, w->row_bytes, rows, cols, x, y); \
+        cuda_matvec_kernel<QT, N><<<grid, MV_WARPS * 32, 0, s>>>(q, w->row_bytes, rows, cols, x, y, add); \
         break;
         MV_CASE(1) MV_CASE(2) MV_CASE(3) MV_CASE(4) MV_CASE(5) MV_CASE(6) MV_CASE(7) MV_CASE(8)
 #undef MV_CASE
@@ -191,15 +194,15 @@ static void cuda_matvec_launch(cudaStream_t s, const be_weight *w, const float *
     }
 }
 
-static int cuda_gemm(be_cuda *c, const be_weight *w, const float *x, int n_tok, float *y)
+static int cuda_gemm(be_cuda *c, const be_weight *w, const float *x, int n_tok, float *y, bool add)
 {
-    const float one = 1.0f, zero = 0.0f;
+    const float one = 1.0f, beta = add ? 1.0f : 0.0f;
     const int rows = (int)w->rows, cols = (int)w->cols;
     /* row-major y[n_tok][rows] = x[n_tok][cols] W[rows][cols]^T is, column-major,
      * Y(rows x n_tok) = W^T' (W stored cols x rows, ld cols, transposed) * X (cols x n_tok) */
     if (w->f) {
         BLAS_CHECK(cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, rows, n_tok, cols, &one, w->f,
-                                CUDA_R_32F, cols, x, CUDA_R_32F, cols, &zero, y, CUDA_R_32F, rows,
+                                CUDA_R_32F, cols, x, CUDA_R_32F, cols, &beta, y, CUDA_R_32F, rows,
                                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
         return HY_OK;
     }
@@ -214,7 +217,7 @@ static int cuda_gemm(be_cuda *c, const be_weight *w, const float *x, int n_tok, 
                                                                               (__half *)xh);
     CU_LAUNCHED("cuda_f32_to_f16_kernel");
     BLAS_CHECK(cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, rows, n_tok, cols, &one, w->h,
-                            CUDA_R_16F, cols, xh, CUDA_R_16F, cols, &zero, y, CUDA_R_32F, rows,
+                            CUDA_R_16F, cols, xh, CUDA_R_16F, cols, &beta, y, CUDA_R_32F, rows,
                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     return HY_OK;
 }
@@ -226,27 +229,32 @@ static bool cuda_mv_rows_ok(const be_cuda *c, const be_weight *w, const float *x
            ((uintptr_t)x % 16) == 0 && !c->mv_legacy;
 }
 
-int cuda_matmul(be *b, const be_weight *w, const float *x, int n_tok, float *y)
+static int cuda_matmul_one(be_cuda *c, const be_weight *w, const float *x, int n_tok, float *y, bool add)
 {
-    be_cuda *c = cuda_ctx(b);
     if (!w || n_tok < 0)
         return hy_err_set(HY_EINVAL, "CUDA matmul: bad arguments");
     if (n_tok == 0)
         return HY_OK;
     if (cuda_type_quantised(w->type) && n_tok <= c->mv_max_tok) {
         if (cuda_mv_rows_ok(c, w, x)) {
-            CQ_DISPATCH(w->type, cuda_mv_rows_launch<QT>(c->stream, 1, &w, x, n_tok, &y));
+            CQ_DISPATCH(w->type, cuda_mv_rows_launch<QT>(c->stream, 1, &w, x, n_tok, &y, add));
             CU_LAUNCHED("cuda_mv_rows_kernel");
             return HY_OK;
         }
-        CQ_DISPATCH(w->type, cuda_matvec_launch<QT>(c->stream, w, x, n_tok, y));
+        CQ_DISPATCH(w->type, cuda_matvec_launch<QT>(c->stream, w, x, n_tok, y, add));
         CU_LAUNCHED("cuda_matvec_kernel");
         return HY_OK;
     }
-    return cuda_gemm(c, w, x, n_tok, y);
+    return cuda_gemm(c, w, x, n_tok, y, add);
 }
 
-int cuda_matmul_n(be *b, int n, const be_weight *const *w, const float *x, int n_tok, float *const *y)
+int cuda_matmul(be *b, const be_weight *w, const float *x, int n_tok, float *y)
+{
+    return cuda_matmul_one(cuda_ctx(b), w, x, n_tok, y, false);
+}
+
+int cuda_matmul_n(be *b, int n, const be_weight *const *w, const float *x, int n_tok, float *const *y,
+                  bool add)
 {
     be_cuda *c = cuda_ctx(b);
     if (n < 1 || n > BE_MM_MAX || !w || !y || n_tok < 0)
@@ -259,13 +267,13 @@ int cuda_matmul_n(be *b, int n, const be_weight *const *w, const float *x, int n
     }
     if (!fuse || blocks > INT32_MAX) {
         for (int i = 0; i < n; i++) {
-            int rc = cuda_matmul(b, w[i], x, n_tok, y[i]);
+            int rc = cuda_matmul_one(c, w[i], x, n_tok, y[i], add);
             if (rc)
                 return rc;
         }
         return HY_OK;
     }
-    CQ_DISPATCH(w[0]->type, cuda_mv_rows_launch<QT>(c->stream, n, w, x, n_tok, y));
+    CQ_DISPATCH(w[0]->type, cuda_mv_rows_launch<QT>(c->stream, n, w, x, n_tok, y, add));
     CU_LAUNCHED("cuda_mv_rows_kernel");
     return HY_OK;
 }

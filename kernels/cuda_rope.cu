@@ -1,25 +1,52 @@
-/* cuda_rope.cu - in-place RoPE, adjacent-pair ("normal" GGUF) layout: elements (2i, 2i+1) of
- * each head rotate by pos * freq[i]. The host frequency table is copied once and cached by
- * content; positions are uploaded when they change (once per step, not per call). */
+/* cuda_rope.cu - the first pass of the attention op: RoPE on q and k in place (adjacent-pair,
+ * "normal" GGUF layout: elements (2i, 2i+1) of each head rotate by pos * freq[i]) and the store
+ * of this step's k and v into their KV-cache slots (fp16), in one kernel. The host frequency
+ * table is copied once and cached by content; positions and slots come with the attention
+ * metadata (uploaded once per step). */
 #include "kernels/cuda.h"
 
 #include <stdlib.h>
 
-__global__ void cuda_rope_kernel(float *x, const int32_t *pos, int n_tok, int n_heads, int half,
-                                 const float *freq)
+/* One thread per pair (2i, 2i+1) of a head: the pairs of q (rotated in place), then those of k
+ * (rotated in place and stored to the cache), then those of v (stored). freq NULL: no rotation,
+ * and q is not touched. */
+__global__ void cuda_rope_store_kernel(float *q, float *k, const float *v, const int32_t *pos,
+                                       const int32_t *slot, int n_tok, int n_heads, int n_kv,
+                                       int half, const float *freq, __half *kc, __half *vc)
 {
-    const int64_t total = (int64_t)n_tok * n_heads * half;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+    const int64_t nq = freq ? (int64_t)n_tok * n_heads * half : 0;
+    const int64_t nk = (int64_t)n_tok * n_kv * half;
+    const int kvdim = 2 * n_kv * half;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < nq + 2 * nk;
          i += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t th = i / half; /* token * n_heads + head */
-        const int k = (int)(i - th * half);
-        const int t = (int)(th / n_heads);
-        float s, co;
-        sincosf((float)pos[t] * freq[k], &s, &co);
-        float *p = x + th * (2 * half) + 2 * k;
-        const float x0 = p[0], x1 = p[1];
-        p[0] = x0 * co - x1 * s;
-        p[1] = x0 * s + x1 * co;
+        const bool is_q = i < nq, is_v = i >= nq + nk;
+        const int64_t j = is_q ? i : i - nq - (is_v ? nk : 0); /* pair index in its array */
+        const int64_t th = j / half;                           /* token * heads + head */
+        const int pr = (int)(j - th * half);
+        const int t = (int)(th / (is_q ? n_heads : n_kv));
+        const int64_t e = 2 * j; /* first element of the pair in [n_tok][heads * 2 half] */
+        if (is_v) {
+            const size_t dst = (size_t)slot[t] * kvdim + (size_t)(e - (int64_t)t * kvdim);
+            vc[dst] = __float2half_rn(v[e]);
+            vc[dst + 1] = __float2half_rn(v[e + 1]);
+            continue;
+        }
+        float *p = (is_q ? q : k) + e;
+        float x0 = p[0], x1 = p[1];
+        if (freq) {
+            float sn, cs;
+            sincosf((float)pos[t] * freq[pr], &sn, &cs);
+            const float r0 = x0 * cs - x1 * sn, r1 = x0 * sn + x1 * cs;
+            x0 = r0;
+            x1 = r1;
+            p[0] = x0;
+            p[1] = x1;
+        }
+        if (!is_q) {
+            const size_t dst = (size_t)slot[t] * kvdim + (size_t)(e - (int64_t)t * kvdim);
+            kc[dst] = __float2half_rn(x0);
+            kc[dst + 1] = __float2half_rn(x1);
+        }
     }
 }
 
@@ -66,28 +93,19 @@ static int cuda_rope_freq(be_cuda *c, const float *freq, int n, const float **ou
     return HY_OK;
 }
 
-int cuda_rope(be *b, float *x, const int32_t *pos, int n_tok, int n_heads, int head_dim,
-              const float *freq)
+int cuda_rope_store(be_cuda *c, const int32_t *d, float *q, float *k, const float *v, int n_tok,
+                    int n_heads, int n_kv, int head_dim, const float *freq, void *k_cache, void *v_cache)
 {
-    be_cuda *c = cuda_ctx(b);
-    if (n_tok < 0 || n_heads <= 0 || head_dim <= 0 || (head_dim & 1) || !freq)
-        return hy_err_set(HY_EINVAL, "CUDA rope: bad shape (head_dim %d)", head_dim);
-    if (n_tok == 0)
-        return HY_OK;
     const float *fd = NULL;
-    int rc = cuda_rope_freq(c, freq, head_dim / 2, &fd);
-    if (rc)
-        return rc;
-    void *dev = NULL;
-    const void *parts[1] = {pos};
-    const size_t sizes[1] = {(size_t)n_tok * sizeof(int32_t)};
-    /* q and k of every layer rotate by the same positions: one upload per step */
-    rc = cuda_meta_cached(c, &c->mc[MC_ROPE], parts, sizes, 1, &dev);
-    if (rc)
-        return rc;
-    const int64_t total = (int64_t)n_tok * n_heads * (head_dim / 2);
-    cuda_rope_kernel<<<cuda_grid(total, 256), 256, 0, c->stream>>>(x, (const int32_t *)dev, n_tok,
-                                                                   n_heads, head_dim / 2, fd);
-    CU_LAUNCHED("cuda_rope_kernel");
+    if (freq) {
+        int rc = cuda_rope_freq(c, freq, head_dim / 2, &fd);
+        if (rc)
+            return rc;
+    }
+    const int half = head_dim / 2;
+    const int64_t pairs = (int64_t)n_tok * half * ((freq ? n_heads : 0) + 2 * (int64_t)n_kv);
+    cuda_rope_store_kernel<<<cuda_grid(pairs, 256), 256, 0, c->stream>>>(
+        q, k, v, d, d + 2 * n_tok, n_tok, n_heads, n_kv, half, fd, (__half *)k_cache, (__half *)v_cache);
+    CU_LAUNCHED("cuda_rope_store_kernel");
     return HY_OK;
 }

@@ -246,8 +246,11 @@ static void bench_ops(be *b, double bw)
     }
     free(wh);
     /* attention alone, llama-1b heads, context 512 */
-    printf("\nattention alone (32/8 heads, head_dim 64, context 512, fp16 KV)\n");
+    printf("\nattention alone (32/8 heads, head_dim 64, context 512, fp16 KV, RoPE)\n");
     const int ctx = 512, mb = ctx / BE_KV_BLOCK;
+    float freq[32];
+    for (int i = 0; i < 32; i++)
+        freq[i] = powf(500000.0f, -(float)i / 32.0f);
     void *kc, *vc;
     if (b->ops->kv_alloc(b, 64 * mb, 8, 64, &kc, &vc))
         DIE("kv_alloc");
@@ -255,13 +258,14 @@ static void bench_ops(be *b, double bw)
         dec_batch d;
         dec_init(&d, nseq, ctx);
         be_attn_meta m = {nseq, nseq, d.pos, d.seq, d.slot, d.seq_len, d.bt, d.max_blocks};
+        float *q = x, *k = x + 64 * 32 * 64, *v = k + 64 * 8 * 64; /* rotated in place: disjoint */
         for (int i = 0; i < 3; i++)
-            b->ops->attention(b, &m, x, x, x, kc, vc, 32, 8, 64, y);
+            b->ops->attention(b, &m, q, k, v, kc, vc, 32, 8, 64, freq, y);
         b->ops->sync(b);
         const int it = 50;
         double t0 = hy_now();
         for (int i = 0; i < it; i++)
-            if (b->ops->attention(b, &m, x, x, x, kc, vc, 32, 8, 64, y))
+            if (b->ops->attention(b, &m, q, k, v, kc, vc, 32, 8, 64, freq, y))
                 DIE("attention");
         b->ops->sync(b);
         double dt = (hy_now() - t0) / it, kvb = 2.0 * nseq * ctx * 8 * 64 * 2;
@@ -338,8 +342,8 @@ int main(int argc, char **argv)
         DIE("eng_kv_create");
     float *logits = malloc(sizeof(float) * 64 * (size_t)hp->n_vocab);
     printf("decode step, context %d tokens per sequence (fp16 KV)\n", ctx);
-    printf("  %5s %10s %12s %12s %10s %12s %14s\n", "batch", "ms/step", "floor q (ms)", "floor f16", "step/floor",
-           "tok/s", "host issue ms");
+    printf("  %5s %10s %12s %12s %10s %12s %14s %8s\n", "batch", "ms/step", "floor q (ms)", "floor f16", "step/floor",
+           "tok/s", "host issue ms", "kernels");
     for (size_t i = 0; i < sizeof batches / sizeof batches[0]; i++) {
         dec_batch d;
         dec_init(&d, batches[i], ctx);
@@ -348,8 +352,11 @@ int main(int argc, char **argv)
         double kvb = (double)batches[i] * ctx * hp->n_layer * 2.0 * hp->n_head_kv * hp->head_dim * 2.0;
         double fq = (qbytes + kvb) / bw, fh = (hbytes + kvb) / bw;
         double floor = batches[i] <= 8 ? fq : fh;
-        printf("  %5d %10.3f %12.3f %12.3f %10.2f %12.0f %14.3f\n", batches[i], dt * 1e3, fq * 1e3, fh * 1e3,
-               dt / floor, batches[i] / dt, host * 1e3);
+        uint64_t rec = 0, rep = 0, kern = 0; /* kernels of the last recorded step: this one's */
+        if (b->ops->step_counts)
+            b->ops->step_counts(b, &rec, &rep, &kern);
+        printf("  %5d %10.3f %12.3f %12.3f %10.2f %12.0f %14.3f %8llu\n", batches[i], dt * 1e3, fq * 1e3, fh * 1e3,
+               dt / floor, batches[i] / dt, host * 1e3, (unsigned long long)kern);
     }
 
     /* adapters */

@@ -330,17 +330,31 @@ static void check_matmul_n(const uint32_t *types, const int64_t *rows, int n, in
             dy1[i] = dev_put(b, NULL, sizeof(float) * (size_t)(n_tok * rows[i]));
             OP(b, b->ops->matmul(b, w[i], dx, n_tok, dy1[i]));
         }
-        OP(b, b->ops->matmul_n(b, n, (const be_weight *const *)w, dx, n_tok, dy));
+        OP(b, b->ops->matmul_n(b, n, (const be_weight *const *)w, dx, n_tok, dy, false));
+        /* add: onto a random y (a residual stream), within fp32 rounding of y + W x */
+        float *base[BE_MM_MAX], *dya[BE_MM_MAX];
+        for (int i = 0; i < n; i++) {
+            base[i] = rnd_vec((size_t)(n_tok * rows[i]), 1.0f);
+            dya[i] = dev_put(b, base[i], sizeof(float) * (size_t)(n_tok * rows[i]));
+        }
+        OP(b, b->ops->matmul_n(b, n, (const be_weight *const *)w, dx, n_tok, dya, true));
         for (int i = 0; i < n; i++) {
             size_t ny = (size_t)(n_tok * rows[i]);
-            float *one = malloc(sizeof(float) * ny);
+            float *one = malloc(sizeof(float) * ny), *sum = malloc(sizeof(float) * ny);
             out[bi][i] = malloc(sizeof(float) * ny);
             dev_get(b, out[bi][i], dy[i], sizeof(float) * ny);
             dev_get(b, one, dy1[i], sizeof(float) * ny);
+            dev_get(b, sum, dya[i], sizeof(float) * ny);
             if (memcmp(one, out[bi][i], sizeof(float) * ny))
                 fail_msg("%s matmul_n: matrix %d of %d (%s %lldx%lld, %d tokens) differs from matmul", b->ops->name,
                          i, n, q_type_name(types[i]), (long long)rows[i], (long long)cols, n_tok);
+            for (size_t j = 0; j < ny; j++)
+                one[j] += base[i][j];
+            CHECK_NMSE("matmul_n add", nmse(sum, one, ny), 1e-12); /* fp32 adds: ~2^-48 */
             free(one);
+            free(sum);
+            free(base[i]);
+            b->ops->free(b, dya[i]);
             b->ops->free(b, dy[i]);
             b->ops->free(b, dy1[i]);
             b->ops->weight_free(b, w[i]);
@@ -443,7 +457,7 @@ static void test_embed(void **state)
 
 /* ---- elementwise and norms ---- */
 
-typedef enum { EW_RMS, EW_RMS_INPLACE, EW_ADD, EW_SWIGLU, EW_SWIGLU_INPLACE } ew_kind;
+typedef enum { EW_RMS, EW_RMS_INPLACE, EW_SWIGLU, EW_SWIGLU_INPLACE } ew_kind;
 
 static void check_ew(ew_kind kind, int n_tok, int64_t dim)
 {
@@ -458,7 +472,6 @@ static void check_ew(ew_kind kind, int n_tok, int64_t dim)
         switch (kind) {
         case EW_RMS: OP(b, b->ops->rmsnorm(b, da, dw, n_tok, dim, 1e-5f, dy)); break;
         case EW_RMS_INPLACE: OP(b, b->ops->rmsnorm(b, da, dw, n_tok, dim, 1e-5f, da)); res = da; break;
-        case EW_ADD: OP(b, b->ops->add(b, da, dx, (int64_t)n)); res = da; break;
         case EW_SWIGLU: OP(b, b->ops->swiglu(b, da, dx, n_tok, dim, dy)); break;
         case EW_SWIGLU_INPLACE: OP(b, b->ops->swiglu(b, da, dx, n_tok, dim, da)); res = da; break;
         }
@@ -469,7 +482,7 @@ static void check_ew(ew_kind kind, int n_tok, int64_t dim)
         b->ops->free(b, dw);
         b->ops->free(b, dy);
     }
-    static const char *names[] = {"rmsnorm", "rmsnorm(in place)", "add", "swiglu", "swiglu(in place)"};
+    static const char *names[] = {"rmsnorm", "rmsnorm(in place)", "swiglu", "swiglu(in place)"};
     double e = nmse(o[1], o[0], n);
     printf("  %-17s n_tok %3d dim %5lld: NMSE %.2e\n", names[kind], n_tok, (long long)dim, e);
     CHECK_NMSE(names[kind], e, NMSE_F32);
@@ -491,47 +504,6 @@ static void test_elementwise(void **state)
             check_ew((ew_kind)k, toks[ti], dims[rnd_int((int)HY_ARRAY_LEN(dims))]);
 }
 
-/* ---- rope ---- */
-
-static void test_rope(void **state)
-{
-    (void)state;
-    NEED_GPU();
-    static const int toks[] = {1, 5, 64, 300};
-    static const int hds[] = {32, 64, 128, 6};
-    for (size_t ti = 0; ti < HY_ARRAY_LEN(toks); ti++) {
-        for (size_t hi = 0; hi < HY_ARRAY_LEN(hds); hi++) {
-            int n_tok = toks[ti], hd = hds[hi], nh = 1 + rnd_int(9);
-            float freq[64];
-            float theta = hi & 1 ? 10000.0f : 500000.0f;
-            for (int i = 0; i < hd / 2; i++)
-                freq[i] = powf(theta, -2.0f * i / hd);
-            int32_t *pos = malloc(sizeof(int32_t) * (size_t)n_tok);
-            for (int t = 0; t < n_tok; t++)
-                pos[t] = t == 0 ? 8191 : rnd_int(8192);
-            size_t n = (size_t)n_tok * nh * hd;
-            float *x = rnd_vec(n, 1.0f), *o[2];
-            be *bs[2] = {g_cpu, g_gpu};
-            for (int i = 0; i < 2; i++) {
-                be *b = bs[i];
-                float *d = dev_put(b, x, n * 4);
-                OP(b, b->ops->rope(b, d, pos, n_tok, nh, hd, freq));
-                o[i] = malloc(n * 4);
-                dev_get(b, o[i], d, n * 4);
-                b->ops->free(b, d);
-            }
-            double e = nmse(o[1], o[0], n);
-            printf("  rope n_tok %3d heads %d head_dim %3d: NMSE %.2e\n", n_tok, nh, hd, e);
-            /* angles up to 8191 rad in fp32: sin/cos of the same float argument agree closely */
-            CHECK_NMSE("rope", e, 1e-7);
-            free(o[0]);
-            free(o[1]);
-            free(x);
-            free(pos);
-        }
-    }
-}
-
 /* ---- attention over the paged KV cache ---- */
 
 typedef struct {
@@ -540,8 +512,9 @@ typedef struct {
     int *len;             /* tokens already in the cache per sequence */
 } kv_layout;
 
+/* One step of attention on both backends; freq (or NULL: no RoPE) is the op's RoPE table. */
 static void run_attn_step(const kv_layout *L, const int *n_new, int n_heads, int n_kv, int hd, void *kc[2],
-                          void *vc[2])
+                          void *vc[2], const float *freq)
 {
     int n_tok = 0;
     for (int s = 0; s < L->n_seq; s++)
@@ -560,30 +533,59 @@ static void run_attn_step(const kv_layout *L, const int *n_new, int n_heads, int
     }
     be_attn_meta m = {n_tok, L->n_seq, pos, seq, slot, seq_len, L->block_table, L->max_blocks};
     size_t nq = (size_t)n_tok * n_heads * hd, nk = (size_t)n_tok * n_kv * hd;
-    float *q = rnd_vec(nq, 1.0f), *k = rnd_vec(nk, 1.0f), *v = rnd_vec(nk, 1.0f), *o[2];
+    float *q = rnd_vec(nq, 1.0f), *k = rnd_vec(nk, 1.0f), *v = rnd_vec(nk, 1.0f), *o[2], *qr[2], *kr[2];
     be *bs[2] = {g_cpu, g_gpu};
     for (int i = 0; i < 2; i++) {
         be *b = bs[i];
         float *dq = dev_put(b, q, nq * 4), *dk = dev_put(b, k, nk * 4), *dv = dev_put(b, v, nk * 4);
         float *dout = dev_put(b, NULL, nq * 4);
-        OP(b, b->ops->attention(b, &m, dq, dk, dv, kc[i], vc[i], n_heads, n_kv, hd, dout));
+        OP(b, b->ops->attention(b, &m, dq, dk, dv, kc[i], vc[i], n_heads, n_kv, hd, freq, dout));
         o[i] = malloc(nq * 4);
+        qr[i] = malloc(nq * 4);
+        kr[i] = malloc(nk * 4);
         dev_get(b, o[i], dout, nq * 4);
+        dev_get(b, qr[i], dq, nq * 4);
+        dev_get(b, kr[i], dk, nk * 4);
         b->ops->free(b, dq);
         b->ops->free(b, dk);
         b->ops->free(b, dv);
         b->ops->free(b, dout);
     }
     double e = nmse(o[1], o[0], nq);
-    printf("  attention %2d seqs %4d tokens heads %2d/%d head_dim %3d: NMSE %.2e\n", L->n_seq, n_tok, n_heads,
-           n_kv, hd, e);
+    printf("  attention %2d seqs %4d tokens heads %2d/%d head_dim %3d%s: NMSE %.2e\n", L->n_seq, n_tok, n_heads,
+           n_kv, hd, freq ? " rope" : "", e);
     CHECK_NMSE("attention", e, NMSE_ATTN);
-    /* both backends round K/V to fp16 the same way: the caches must match bit for bit */
+    /* q and k come back rotated in place (or untouched without freq). Angles up to ~8k rad in
+     * fp32: the backends' sin/cos of the same float argument agree to ~1e-7 relative. */
+    double eq = nmse(qr[1], qr[0], nq), ek = nmse(kr[1], kr[0], nk);
+    CHECK_NMSE("rope q", eq, freq ? 1e-7 : 0.0);
+    CHECK_NMSE("rope k", ek, freq ? 1e-7 : 0.0);
+    bool moved = false;
+    for (int i = 0; i < n_tok; i++)
+        moved = moved || pos[i] > 0;
+    if (freq && moved) { /* and were rotated (position 0 alone is the identity) */
+        assert_true(nmse(qr[0], q, nq) > 1e-3);
+        assert_true(nmse(kr[0], k, nk) > 1e-3);
+    }
+    /* both backends round K/V to fp16 the same way: the caches must match bit for bit (K with
+     * RoPE: the rotated values may differ in their last fp32 bit, so the cache by NMSE) */
     size_t cache = (size_t)L->n_blocks * BE_KV_BLOCK * n_kv * hd * 2;
     uint8_t *c0 = malloc(cache), *c1 = malloc(cache);
     dev_get(g_cpu, c0, kc[0], cache);
     dev_get(g_gpu, c1, kc[1], cache);
-    assert_memory_equal(c0, c1, cache);
+    if (freq) {
+        size_t nh = cache / 2;
+        float *f0 = malloc(nh * 4), *f1 = malloc(nh * 4);
+        for (size_t j = 0; j < nh; j++) {
+            f0[j] = q_f16_to_f32(((const uint16_t *)c0)[j]);
+            f1[j] = q_f16_to_f32(((const uint16_t *)c1)[j]);
+        }
+        CHECK_NMSE("K cache", nmse(f1, f0, nh), 1e-6); /* fp16: 2^-11 relative, on rare 1-ulp flips */
+        free(f0);
+        free(f1);
+    } else {
+        assert_memory_equal(c0, c1, cache);
+    }
     dev_get(g_cpu, c0, vc[0], cache);
     dev_get(g_gpu, c1, vc[1], cache);
     assert_memory_equal(c0, c1, cache);
@@ -594,20 +596,35 @@ static void run_attn_step(const kv_layout *L, const int *n_new, int n_heads, int
     free(q);
     free(k);
     free(v);
-    free(o[0]);
-    free(o[1]);
+    for (int i = 0; i < 2; i++) {
+        free(o[i]);
+        free(qr[i]);
+        free(kr[i]);
+    }
     free(pos);
     free(seq);
     free(slot);
     free(seq_len);
 }
 
-static void check_attention(int n_seq, int n_heads, int n_kv, int hd, int prefill_max, int decode_steps)
+/* Steps of attention over a fresh cache: a prefill of up to prefill_max tokens per sequence,
+ * decode_steps single tokens, a chunk of prefill. start: positions before the first step
+ * (zero K/V rows; far positions test RoPE's large angles); rope: with a RoPE table (theta
+ * 10000 or 500000, from hd) or without. */
+static void check_attention_at(int n_seq, int n_heads, int n_kv, int hd, int prefill_max, int decode_steps,
+                               int start, bool rope)
 {
-    kv_layout L = {.n_seq = n_seq, .max_blocks = (prefill_max + decode_steps) / BE_KV_BLOCK + 2};
+    float freq[128];
+    float theta = hd % 64 ? 10000.0f : 500000.0f;
+    for (int i = 0; i < hd / 2; i++)
+        freq[i] = powf(theta, -2.0f * (float)i / (float)hd);
+    const float *fr = rope ? freq : NULL;
+    kv_layout L = {.n_seq = n_seq, .max_blocks = (start + prefill_max + decode_steps + BE_KV_BLOCK + 3) / BE_KV_BLOCK + 1};
     L.n_blocks = n_seq * L.max_blocks + 3;
     L.block_table = malloc(4 * (size_t)n_seq * L.max_blocks);
     L.len = calloc((size_t)n_seq, sizeof(int));
+    for (int i = 0; i < n_seq; i++)
+        L.len[i] = start;
     int *perm = malloc(sizeof(int) * (size_t)L.n_blocks);
     for (int i = 0; i < L.n_blocks; i++)
         perm[i] = i;
@@ -626,16 +643,16 @@ static void check_attention(int n_seq, int n_heads, int n_kv, int hd, int prefil
     assert_non_null(n_new);
     for (int s = 0; s < n_seq; s++)
         n_new[s] = s == 0 && n_seq > 1 ? 1 : 1 + rnd_int(prefill_max); /* one-token sequence included */
-    run_attn_step(&L, n_new, n_heads, n_kv, hd, kc, vc);
+    run_attn_step(&L, n_new, n_heads, n_kv, hd, kc, vc, fr);
     for (int step = 0; step < decode_steps; step++) {
         for (int s = 0; s < n_seq; s++)
             n_new[s] = 1;
-        run_attn_step(&L, n_new, n_heads, n_kv, hd, kc, vc);
+        run_attn_step(&L, n_new, n_heads, n_kv, hd, kc, vc, fr);
     }
     /* a second chunk of prefill on top of cached context (chunked prefill) */
     for (int s = 0; s < n_seq; s++)
         n_new[s] = 1 + rnd_int(BE_KV_BLOCK + 3);
-    run_attn_step(&L, n_new, n_heads, n_kv, hd, kc, vc);
+    run_attn_step(&L, n_new, n_heads, n_kv, hd, kc, vc, fr);
     for (int i = 0; i < 2; i++) {
         bs[i]->ops->free(bs[i], kc[i]);
         bs[i]->ops->free(bs[i], vc[i]);
@@ -646,10 +663,18 @@ static void check_attention(int n_seq, int n_heads, int n_kv, int hd, int prefil
     free(L.len);
 }
 
+static void check_attention(int n_seq, int n_heads, int n_kv, int hd, int prefill_max, int decode_steps)
+{
+    check_attention_at(n_seq, n_heads, n_kv, hd, prefill_max, decode_steps, 0, true);
+}
+
 static void test_attention(void **state)
 {
     (void)state;
     NEED_GPU();
+    check_attention_at(2, 9, 3, 64, 20, 1, 0, false);   /* without RoPE */
+    check_attention_at(1, 4, 2, 64, 3, 1, 8150, true);  /* RoPE angles near 8k rad */
+    check_attention_at(1, 4, 2, 128, 3, 1, 2000, true); /* head_dim 128, theta 500000 */
     check_attention(1, 9, 3, 64, 300, 2);   /* SmolLM2 heads, one long prefill */
     check_attention(1, 9, 3, 64, 1, 1);     /* the very first token */
     check_attention(5, 32, 8, 64, 40, 3);   /* Llama-3.2-1B heads */
@@ -967,7 +992,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_memory),   cmocka_unit_test(test_matmul), cmocka_unit_test(test_matmul_n),    cmocka_unit_test(test_embed),
-        cmocka_unit_test(test_elementwise), cmocka_unit_test(test_rope),   cmocka_unit_test(test_attention),
+        cmocka_unit_test(test_elementwise),   cmocka_unit_test(test_attention),
         cmocka_unit_test(test_hydra),   cmocka_unit_test(test_hydra_range), cmocka_unit_test(test_hydra_arena),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);

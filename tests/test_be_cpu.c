@@ -123,23 +123,6 @@ static void test_rmsnorm(void **state)
     }
 }
 
-static void test_add(void **state)
-{
-    int64_t sizes[2] = {37, 300001};
-    for (int k = 0; k < 2; k++) {
-        int64_t n = sizes[k];
-        float *a = rand_vec((size_t)n, 2), *x = rand_vec((size_t)n, 2);
-        double *ref = malloc(sizeof(double) * (size_t)n);
-        for (int64_t i = 0; i < n; i++)
-            ref[i] = (double)a[i] + x[i];
-        assert_int_equal(B->ops->add(B, a, x, n), 0);
-        assert_true(max_err(a, ref, (size_t)n) <= 1e-6);
-        free(a);
-        free(x);
-        free(ref);
-    }
-}
-
 static void check_swiglu(int n_tok, int dim, bool in_place)
 {
     size_t n = (size_t)n_tok * dim;
@@ -174,14 +157,11 @@ static void test_swiglu(void **state)
 
 /* ------------------------------------------------------------------ rope */
 
-static void check_rope(int n_tok, int n_heads, int hd, const float *freq)
+/* RoPE is part of the attention op: q and k come back rotated in place. Every token is its own
+ * sequence here, so positions can be far apart (up to 5000) and the output is a real attention. */
+static void rope_ref(const float *x, const int32_t *pos, int n_tok, int n_heads, int hd, const float *freq,
+                     double *ref)
 {
-    size_t n = (size_t)n_tok * n_heads * hd;
-    float *x = rand_vec(n, 4.0f);
-    int32_t *pos = malloc(sizeof(int32_t) * (size_t)n_tok);
-    double *ref = malloc(sizeof(double) * n);
-    for (int t = 0; t < n_tok; t++)
-        pos[t] = (int32_t)(rnd() % 5000);
     for (int t = 0; t < n_tok; t++)
         for (int h = 0; h < n_heads; h++)
             for (int i = 0; i < hd / 2; i++) {
@@ -190,26 +170,68 @@ static void check_rope(int n_tok, int n_heads, int hd, const float *freq)
                 ref[o] = x[o] * c - x[o + 1] * s;
                 ref[o + 1] = x[o] * s + x[o + 1] * c;
             }
-    assert_int_equal(B->ops->rope(B, x, pos, n_tok, n_heads, hd, freq), 0);
-    double e = max_err(x, ref, n);
-    if (e > 1e-5)
-        fail_msg("rope %d tok %d heads hd %d: max err %g", n_tok, n_heads, hd, e);
-    /* same positions again with other data: the backend may reuse its cos/sin table */
-    float *x2 = rand_vec(n, 4.0f);
-    for (int t = 0; t < n_tok; t++)
-        for (int h = 0; h < n_heads; h++)
-            for (int i = 0; i < hd / 2; i++) {
-                size_t o = ((size_t)t * n_heads + h) * hd + 2 * i;
-                double a = (double)pos[t] * freq[i], c = cos(a), s = sin(a);
-                ref[o] = x2[o] * c - x2[o + 1] * s;
-                ref[o + 1] = x2[o] * s + x2[o + 1] * c;
-            }
-    assert_int_equal(B->ops->rope(B, x2, pos, n_tok, n_heads, hd, freq), 0);
-    assert_true(max_err(x2, ref, n) <= 1e-5);
-    free(x);
-    free(x2);
+}
+
+static void rope_attn(float *q, float *k, const int32_t *pos, int n_tok, int n_heads, int n_kv, int hd,
+                      const float *freq, int rc_want)
+{
+    const int max_blocks = 5000 / BE_KV_BLOCK + 1;
+    int32_t *seq = malloc(sizeof(int32_t) * (size_t)n_tok), *slot = malloc(sizeof(int32_t) * (size_t)n_tok);
+    int32_t *len = malloc(sizeof(int32_t) * (size_t)n_tok);
+    int32_t *table = malloc(sizeof(int32_t) * (size_t)n_tok * max_blocks);
+    for (int t = 0; t < n_tok; t++) {
+        seq[t] = t;
+        len[t] = pos[t] + 1;
+        slot[t] = pos[t]; /* table rows are the identity: positions are distinct */
+        for (int i = 0; i < max_blocks; i++)
+            table[t * max_blocks + i] = i;
+    }
+    void *kc, *vc;
+    assert_int_equal(B->ops->kv_alloc(B, max_blocks, n_kv, hd, &kc, &vc), 0);
+    float *v = rand_vec((size_t)n_tok * n_kv * hd, 1.0f), *o = malloc(sizeof(float) * (size_t)n_tok * n_heads * hd);
+    be_attn_meta m = {.n_tok = n_tok, .n_seq = n_tok, .pos = pos, .tok_seq = seq, .slot = slot,
+                      .seq_len = len, .block_table = table, .max_blocks = max_blocks};
+    assert_int_equal(B->ops->attention(B, &m, q, k, v, kc, vc, n_heads, n_kv, hd, freq, o), rc_want);
+    B->ops->free(B, kc);
+    B->ops->free(B, vc);
+    free(v);
+    free(o);
+    free(seq);
+    free(slot);
+    free(len);
+    free(table);
+}
+
+static void check_rope(int n_tok, int n_heads, int hd, const float *freq)
+{
+    int n_kv = n_heads % 3 == 0 ? n_heads / 3 : n_heads;
+    size_t n = (size_t)n_tok * n_heads * hd, nk = (size_t)n_tok * n_kv * hd;
+    int32_t *pos = malloc(sizeof(int32_t) * (size_t)n_tok);
+    double *ref = malloc(sizeof(double) * n), *refk = malloc(sizeof(double) * nk);
+    for (int t = 0; t < n_tok; t++) { /* distinct positions below 5000 */
+        bool dup;
+        do {
+            pos[t] = (int32_t)(rnd() % 5000);
+            dup = false;
+            for (int u = 0; u < t; u++)
+                dup = dup || pos[u] == pos[t];
+        } while (dup);
+    }
+    /* twice with other data: the backend may reuse its cos/sin table for the same positions */
+    for (int rep = 0; rep < 2; rep++) {
+        float *x = rand_vec(n, 4.0f), *k = rand_vec(nk, 4.0f);
+        rope_ref(x, pos, n_tok, n_heads, hd, freq, ref);
+        rope_ref(k, pos, n_tok, n_kv, hd, freq, refk);
+        rope_attn(x, k, pos, n_tok, n_heads, n_kv, hd, freq, 0);
+        double e = max_err(x, ref, n), ek = max_err(k, refk, nk);
+        if (e > 1e-5 || ek > 1e-5)
+            fail_msg("rope %d tok %d heads hd %d: max err q %g k %g", n_tok, n_heads, hd, e, ek);
+        free(x);
+        free(k);
+    }
     free(pos);
     free(ref);
+    free(refk);
 }
 
 static void test_rope(void **state)
@@ -225,9 +247,9 @@ static void test_rope(void **state)
     check_rope(70, 9, 64, freq2); /* threaded */
     float f6[3] = {1.0f, 0.1f, 0.01f};
     check_rope(4, 2, 6, f6);
-    float x[4] = {0};
+    float x[4] = {0}, k[4] = {0};
     int32_t p = 0;
-    assert_int_equal(B->ops->rope(B, x, &p, 1, 1, 3, f6), HY_EINVAL); /* odd head_dim */
+    rope_attn(x, k, &p, 1, 1, 1, 3, f6, HY_EINVAL); /* odd head_dim */
 }
 
 /* ------------------------------------------------------------------ attention */
@@ -283,7 +305,7 @@ static void check_attention(const attn_case *c)
         float *q = rand_vec((size_t)n * qd, 1.0f), *o = malloc(sizeof(float) * (size_t)n * qd);
         be_attn_meta m = {.n_tok = n, .n_seq = 1, .pos = pos, .tok_seq = seq, .slot = slot,
                           .seq_len = &len, .block_table = table + s * MB, .max_blocks = MB};
-        assert_int_equal(B->ops->attention(B, &m, q, hk[s], hv[s], kc, vc, H, KV, hd, o), 0);
+        assert_int_equal(B->ops->attention(B, &m, q, hk[s], hv[s], kc, vc, H, KV, hd, NULL, o), 0);
         free(pos);
         free(seq);
         free(slot);
@@ -339,7 +361,7 @@ static void check_attention(const attn_case *c)
     }
     be_attn_meta m = {.n_tok = n_tok, .n_seq = c->n_seq, .pos = pos, .tok_seq = seq, .slot = slot,
                       .seq_len = seq_len, .block_table = table, .max_blocks = MB};
-    assert_int_equal(B->ops->attention(B, &m, q, k, v, kc, vc, H, KV, hd, out), 0);
+    assert_int_equal(B->ops->attention(B, &m, q, k, v, kc, vc, H, KV, hd, NULL, out), 0);
     double e = max_err(out, ref, (size_t)n_tok * qd);
     if (e > 2e-5)
         fail_msg("attention (H %d KV %d hd %d, %d tokens): max err %g", H, KV, hd, n_tok, e);
@@ -406,7 +428,7 @@ static void test_attention_batch_invariant(void **state)
         len[0] = hist[s];
         be_attn_meta m = {.n_tok = hist[s], .n_seq = 1, .pos = pos, .tok_seq = seq, .slot = slot,
                           .seq_len = len, .block_table = table + s * MB, .max_blocks = MB};
-        assert_int_equal(B->ops->attention(B, &m, q, k, v, kc, vc, H, KV, HD, o), 0);
+        assert_int_equal(B->ops->attention(B, &m, q, k, v, kc, vc, H, KV, HD, NULL, o), 0);
     }
     /* sequence 0's next token alone (its K/V rows are the ones the batch writes again) */
     pos[0] = hist[0];
@@ -415,7 +437,7 @@ static void test_attention_batch_invariant(void **state)
     len[0] = hist[0] + 1;
     be_attn_meta m1 = {.n_tok = 1, .n_seq = 1, .pos = pos, .tok_seq = seq, .slot = slot,
                        .seq_len = len, .block_table = table, .max_blocks = MB};
-    assert_int_equal(B->ops->attention(B, &m1, q, k, v, kc, vc, H, KV, HD, alone), 0);
+    assert_int_equal(B->ops->attention(B, &m1, q, k, v, kc, vc, H, KV, HD, NULL, alone), 0);
     /* then in a batch: all sequences' new tokens, sequence 0's token first with the same
      * q/k/v rows */
     int t = 0;
@@ -429,7 +451,7 @@ static void test_attention_batch_invariant(void **state)
     }
     be_attn_meta mb = {.n_tok = t, .n_seq = NS, .pos = pos, .tok_seq = seq, .slot = slot,
                        .seq_len = len, .block_table = table, .max_blocks = MB};
-    assert_int_equal(B->ops->attention(B, &mb, q, k, v, kc, vc, H, KV, HD, o), 0);
+    assert_int_equal(B->ops->attention(B, &mb, q, k, v, kc, vc, H, KV, HD, NULL, o), 0);
     if (memcmp(o, alone, sizeof(float) * qd))
         fail_msg("decode token: batched output differs from the token alone");
     B->ops->free(B, kc);
@@ -539,11 +561,25 @@ static void check_matmul_n(const uint32_t *types, const int64_t *rows, int n, in
             y[i][k] = NAN; /* every output must be written */
         assert_int_equal(B->ops->matmul(B, w[i], x, n_tok, ref[i]), 0);
     }
-    assert_int_equal(B->ops->matmul_n(B, n, (const be_weight *const *)w, x, n_tok, y), 0);
-    for (int i = 0; i < n; i++) {
+    assert_int_equal(B->ops->matmul_n(B, n, (const be_weight *const *)w, x, n_tok, y, false), 0);
+    for (int i = 0; i < n; i++)
         if (memcmp(y[i], ref[i], sizeof(float) * (size_t)n_tok * rows[i]))
             fail_msg("matmul_n: matrix %d of %d (%s, %lld x %lld), %d tokens differs from matmul", i, n,
                      q_type_name(types[i]), (long long)rows[i], (long long)cols, n_tok);
+    /* add: y += W x onto a random y, the exact float sum (threaded adds for large outputs) */
+    float *base[BE_MM_MAX];
+    for (int i = 0; i < n; i++) {
+        size_t ny = (size_t)n_tok * rows[i];
+        base[i] = rand_vec(ny, 3.0f);
+        memcpy(y[i], base[i], sizeof(float) * ny);
+    }
+    assert_int_equal(B->ops->matmul_n(B, n, (const be_weight *const *)w, x, n_tok, y, true), 0);
+    for (int i = 0; i < n; i++) {
+        for (size_t k = 0; k < (size_t)n_tok * rows[i]; k++)
+            if (y[i][k] != base[i][k] + ref[i][k])
+                fail_msg("matmul_n add: matrix %d output %zu is %g, not %g + %g", i, k, y[i][k], base[i][k],
+                         ref[i][k]);
+        free(base[i]);
         B->ops->weight_free(B, w[i]);
         free(wd[i]);
         free(y[i]);
@@ -568,8 +604,8 @@ static void test_matmul_n(void **state)
     /* n outside 1..BE_MM_MAX */
     float x[64] = {0}, *y[4] = {x, x, x, x};
     const be_weight *w[4] = {NULL, NULL, NULL, NULL};
-    assert_int_equal(B->ops->matmul_n(B, 0, w, x, 1, y), HY_EINVAL);
-    assert_int_equal(B->ops->matmul_n(B, 4, w, x, 1, y), HY_EINVAL);
+    assert_int_equal(B->ops->matmul_n(B, 0, w, x, 1, y, false), HY_EINVAL);
+    assert_int_equal(B->ops->matmul_n(B, 4, w, x, 1, y, true), HY_EINVAL);
 }
 
 static void test_embed(void **state)
@@ -620,7 +656,6 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_memory),
         cmocka_unit_test(test_rmsnorm),
-        cmocka_unit_test(test_add),
         cmocka_unit_test(test_swiglu),
         cmocka_unit_test(test_rope),
         cmocka_unit_test(test_attention),

@@ -619,7 +619,7 @@ static void test_graph_replay(void **state)
                        calloc((size_t)hp->n_layer * ENG_N_PROJ * 4, sizeof(float))};
     eng_adapter ad[2];
     uint64_t rec0 = 0, rep0 = 0, rec = 0, rep = 0;
-    g_be[1]->ops->step_counts(g_be[1], &rec0, &rep0);
+    g_be[1]->ops->step_counts(g_be[1], &rec0, &rep0, &(uint64_t){0});
     /* the plan: {sequences, tokens each, steps, adapter on sequence 0} */
     static const int plan[][4] = {{1, 5, 1, 0},  {1, 1, 20, 0}, {1, 3, 1, 0},  {1, 1, 20, 0},
                                   {1, 1, 20, 1}, {2, 1, 1, 1},  {2, 1, 20, 1}, {2, 2, 2, 0}};
@@ -632,6 +632,17 @@ static void test_graph_replay(void **state)
                 lora[i] = graph_adapter(mm[i]);
                 ad[i] = (eng_adapter){lora[i], 3, stats[i]};
             }
+        }
+        if (pi == 2) { /* the last recording was plan 1's: one sequence decoding, no adapter */
+            uint64_t r, p, k;
+            g_be[1]->ops->step_counts(g_be[1], &r, &p, &k);
+            /* embedding, then per layer: rmsnorm, q/k/v mat-vec, RoPE + KV store, attention,
+             * o mat-vec (+ residual), rmsnorm, gate/up mat-vec, swiglu, down mat-vec (+ residual);
+             * final rmsnorm, logits: 9 per layer and a few */
+            printf("  a recorded decode step (1 sequence, no adapter, %d layers) launches %llu kernels\n",
+                   hp->n_layer, (unsigned long long)k);
+            assert_true(r > rec0);
+            assert_true(k >= (uint64_t)9 * hp->n_layer && k <= (uint64_t)9 * hp->n_layer + 4);
         }
         for (int st = 0; st < plan[pi][2]; st++, steps++) {
             int t = 0;
@@ -684,7 +695,7 @@ static void test_graph_replay(void **state)
                 len[s] += per;
         }
     }
-    g_be[1]->ops->step_counts(g_be[1], &rec, &rep);
+    g_be[1]->ops->step_counts(g_be[1], &rec, &rep, &(uint64_t){0});
     const size_t ns_stats = (size_t)hp->n_layer * ENG_N_PROJ * 4;
     const bool stats_same = !memcmp(stats[0], stats[1], sizeof(float) * ns_stats);
     printf("  %ld steps: %llu recorded, %llu replayed; logits differ in %ld steps; router stats %s\n", steps,

@@ -47,6 +47,7 @@
 /* ---- opaque handle types of emu.h ---- */
 struct emu_op {
     std::function<void()> fn; /* may run more than once (graph replays) */
+    bool kernel = false;      /* a kernel launch (or a cuBLAS call): a kernel node when captured */
 };
 typedef std::shared_ptr<emu_op> emu_op_p;
 
@@ -190,11 +191,12 @@ static void drain_all(void)
 
 static emu_stream *stream_of(cudaStream_t s) { return s ? (emu_stream *)s : &g_null_stream; }
 
-static void enqueue(cudaStream_t cs, std::function<void()> fn)
+static void enqueue(cudaStream_t cs, std::function<void()> fn, bool kernel = false)
 {
     emu_stream *s = stream_of(cs);
     emu_op_p op = std::make_shared<emu_op>();
     op->fn = std::move(fn);
+    op->kernel = kernel;
     if (s->cap) {
         s->cap->ops.push_back(op);
         return;
@@ -751,7 +753,7 @@ void submit(const launch_desc &d0)
         return;
     }
     const uint64_t no = ++g_launches;
-    enqueue(d.stream, [h, no] { run_launch(h->d, no); });
+    enqueue(d.stream, [h, no] { run_launch(h->d, no); }, true);
 }
 
 /* crash inside a kernel (an out-of-bounds access, a fiber stack overflow): say which kernel */
@@ -1340,6 +1342,26 @@ cudaError_t cudaStreamIsCapturing(cudaStream_t s, cudaStreamCaptureStatus *st)
     return ok_or_sticky();
 }
 
+/* nodes are the captured ops (emu_op *), in capture order */
+cudaError_t cudaGraphGetNodes(cudaGraph_t g, cudaGraphNode_t *nodes, size_t *n)
+{
+    if (!g || !n)
+        return api_err(cudaErrorInvalidValue, "cudaGraphGetNodes(NULL)");
+    if (nodes)
+        for (size_t i = 0; i < *n && i < g->ops.size(); i++)
+            nodes[i] = (cudaGraphNode_t)g->ops[i].get();
+    *n = g->ops.size();
+    return ok_or_sticky();
+}
+
+cudaError_t cudaGraphNodeGetType(cudaGraphNode_t node, cudaGraphNodeType *t)
+{
+    if (!node || !t)
+        return api_err(cudaErrorInvalidValue, "cudaGraphNodeGetType(NULL)");
+    *t = ((emu_op *)node)->kernel ? cudaGraphNodeTypeKernel : cudaGraphNodeTypeMemcpy;
+    return ok_or_sticky();
+}
+
 cudaError_t cudaGraphInstantiate(cudaGraphExec_t *exec, cudaGraph_t g, unsigned long long flags)
 {
     (void)flags;
@@ -1492,6 +1514,6 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
     }
     if (g_sticky)
         return CUBLAS_STATUS_EXECUTION_FAILED;
-    enqueue(h->stream, [g] { gemm_run(g); });
+    enqueue(h->stream, [g] { gemm_run(g); }, true);
     return CUBLAS_STATUS_SUCCESS;
 }
