@@ -232,51 +232,49 @@ HY_INLINE HY_T_AVX2 float dot16_tail(const uint16_t *w, const float *x, int64_t 
     return s;
 }
 
-/* one token (decode): four independent sums so the FMA latency hides behind the loads */
-HY_T_AVX2 static float dot16_avx2_1(const uint16_t *w, const float *x, int64_t n)
-{
-    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        s0 = _mm256_fmadd_ps(h8_load(w + i), _mm256_loadu_ps(x + i), s0);
-        s1 = _mm256_fmadd_ps(h8_load(w + i + 8), _mm256_loadu_ps(x + i + 8), s1);
-        s2 = _mm256_fmadd_ps(h8_load(w + i + 16), _mm256_loadu_ps(x + i + 16), s2);
-        s3 = _mm256_fmadd_ps(h8_load(w + i + 24), _mm256_loadu_ps(x + i + 24), s3);
-    }
-    for (; i + 8 <= n; i += 8)
-        s0 = _mm256_fmadd_ps(h8_load(w + i), _mm256_loadu_ps(x + i), s0);
-    return h8_sum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3))) + dot16_tail(w, x, i, n);
-}
+/* Every kernel below sums each token's products in the same order whatever nt is and wherever
+ * the token sits in the tile (two interleaved partial sums per vector lane, then the lanes, then
+ * the scalar tail): a sequence's output must not depend on what else is in the batch. */
 
+/* up to 4 tokens per pass: 8 accumulators and 2 weight vectors stay in the 16 ymm registers */
 HY_INLINE HY_T_AVX2 void dot16_avx2_nt(const uint16_t *w, const float *x, size_t ldx, const int NT, int64_t n,
                                          float *out)
 {
-    __m256 acc[HYDRA_TILE];
-#pragma GCC unroll 8
+    __m256 a0[4], a1[4];
+#pragma GCC unroll 4
     for (int t = 0; t < NT; t++)
-        acc[t] = _mm256_setzero_ps();
+        a0[t] = a1[t] = _mm256_setzero_ps();
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m256 v = h8_load(w + i);
-#pragma GCC unroll 8
+    for (; i + 16 <= n; i += 16) {
+        __m256 v0 = h8_load(w + i), v1 = h8_load(w + i + 8);
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            const float *xt = x + (size_t)t * ldx + (size_t)i;
+            a0[t] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(xt), a0[t]);
+            a1[t] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(xt + 8), a1[t]);
+        }
+    }
+    if (i + 8 <= n) {
+        __m256 v0 = h8_load(w + i);
+#pragma GCC unroll 4
         for (int t = 0; t < NT; t++)
-            acc[t] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + (size_t)t * ldx + (size_t)i), acc[t]);
+            a0[t] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(x + (size_t)t * ldx + (size_t)i), a0[t]);
+        i += 8;
     }
     for (int t = 0; t < NT; t++)
-        out[t] = h8_sum(acc[t]) + dot16_tail(w, x + (size_t)t * ldx, i, n);
+        out[t] = h8_sum(_mm256_add_ps(a0[t], a1[t])) + dot16_tail(w, x + (size_t)t * ldx, i, n);
 }
 
 HY_T_AVX2 static void dot16_avx2(const uint16_t *w, const float *x, size_t ldx, int nt, int64_t n, float *out)
 {
-    switch (nt) {
-    case 1: out[0] = dot16_avx2_1(w, x, n); return;
-    case 2: dot16_avx2_nt(w, x, ldx, 2, n, out); return;
-    case 3: dot16_avx2_nt(w, x, ldx, 3, n, out); return;
-    case 4: dot16_avx2_nt(w, x, ldx, 4, n, out); return;
-    case 5: dot16_avx2_nt(w, x, ldx, 5, n, out); return;
-    case 6: dot16_avx2_nt(w, x, ldx, 6, n, out); return;
-    case 7: dot16_avx2_nt(w, x, ldx, 7, n, out); return;
-    default: dot16_avx2_nt(w, x, ldx, 8, n, out); return;
+    for (int t0 = 0; t0 < nt; t0 += 4) {
+        const float *xt = x + (size_t)t0 * ldx;
+        switch (HY_MIN(4, nt - t0)) {
+        case 1: dot16_avx2_nt(w, xt, ldx, 1, n, out + t0); break;
+        case 2: dot16_avx2_nt(w, xt, ldx, 2, n, out + t0); break;
+        case 3: dot16_avx2_nt(w, xt, ldx, 3, n, out + t0); break;
+        default: dot16_avx2_nt(w, xt, ldx, 4, n, out + t0); break;
+        }
     }
 }
 
@@ -285,44 +283,39 @@ HY_INLINE HY_T_AVX512 __m512 h16_load(const uint16_t *p)
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
 }
 
-HY_T_AVX512 static float dot16_avx512_1(const uint16_t *w, const float *x, int64_t n)
-{
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    int64_t i = 0;
-    for (; i + 64 <= n; i += 64) {
-        s0 = _mm512_fmadd_ps(h16_load(w + i), _mm512_loadu_ps(x + i), s0);
-        s1 = _mm512_fmadd_ps(h16_load(w + i + 16), _mm512_loadu_ps(x + i + 16), s1);
-        s2 = _mm512_fmadd_ps(h16_load(w + i + 32), _mm512_loadu_ps(x + i + 32), s2);
-        s3 = _mm512_fmadd_ps(h16_load(w + i + 48), _mm512_loadu_ps(x + i + 48), s3);
-    }
-    for (; i + 16 <= n; i += 16)
-        s0 = _mm512_fmadd_ps(h16_load(w + i), _mm512_loadu_ps(x + i), s0);
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
-    return s + dot16_tail(w, x, i, n);
-}
-
+/* all 8 tokens in one pass: 16 accumulators of the 32 zmm registers */
 HY_INLINE HY_T_AVX512 void dot16_avx512_nt(const uint16_t *w, const float *x, size_t ldx, const int NT,
                                              int64_t n, float *out)
 {
-    __m512 acc[HYDRA_TILE];
+    __m512 a0[HYDRA_TILE], a1[HYDRA_TILE];
 #pragma GCC unroll 8
     for (int t = 0; t < NT; t++)
-        acc[t] = _mm512_setzero_ps();
+        a0[t] = a1[t] = _mm512_setzero_ps();
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        __m512 v = h16_load(w + i);
+    for (; i + 32 <= n; i += 32) {
+        __m512 v0 = h16_load(w + i), v1 = h16_load(w + i + 16);
+#pragma GCC unroll 8
+        for (int t = 0; t < NT; t++) {
+            const float *xt = x + (size_t)t * ldx + (size_t)i;
+            a0[t] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(xt), a0[t]);
+            a1[t] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(xt + 16), a1[t]);
+        }
+    }
+    if (i + 16 <= n) {
+        __m512 v0 = h16_load(w + i);
 #pragma GCC unroll 8
         for (int t = 0; t < NT; t++)
-            acc[t] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + (size_t)t * ldx + (size_t)i), acc[t]);
+            a0[t] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x + (size_t)t * ldx + (size_t)i), a0[t]);
+        i += 16;
     }
     for (int t = 0; t < NT; t++)
-        out[t] = _mm512_reduce_add_ps(acc[t]) + dot16_tail(w, x + (size_t)t * ldx, i, n);
+        out[t] = _mm512_reduce_add_ps(_mm512_add_ps(a0[t], a1[t])) + dot16_tail(w, x + (size_t)t * ldx, i, n);
 }
 
 HY_T_AVX512 static void dot16_avx512(const uint16_t *w, const float *x, size_t ldx, int nt, int64_t n, float *out)
 {
     switch (nt) {
-    case 1: out[0] = dot16_avx512_1(w, x, n); return;
+    case 1: dot16_avx512_nt(w, x, ldx, 1, n, out); return;
     case 2: dot16_avx512_nt(w, x, ldx, 2, n, out); return;
     case 3: dot16_avx512_nt(w, x, ldx, 3, n, out); return;
     case 4: dot16_avx512_nt(w, x, ldx, 4, n, out); return;

@@ -1,9 +1,10 @@
 /* test_hydra_fp16.c - the CPU HydraLoRA op with fp16 adapter storage (engine/be_cpu_hydra.c):
  * every fp16 dot-product path (scalar, AVX2+F16C, AVX-512; forced with q_isa_set) on cases whose
  * exact result is known (fp16 subnormals, every tile size and tail length, inf and NaN weights),
- * the fp16 op against the precise (fp32 storage) op on the same weights, weights far outside
- * fp16's range included, and lora_create's size checks. The fp16<->fp32 conversions themselves
- * (q_f16_to_f32 / q_f32_to_f16) are checked value by value against F16C in test_quant.c.
+ * a token's output independent of the batch around it, the fp16 op against the precise (fp32
+ * storage) op on the same weights, weights far outside fp16's range included, and lora_create's
+ * size checks. The fp16<->fp32 conversions themselves (q_f16_to_f32 / q_f32_to_f16) are checked
+ * value by value against F16C in test_quant.c.
  * Seed: time of day unless HY_TEST_SEED is set; it is printed so a failure can be replayed. */
 #include "engine/be_cpu.h"
 #include "engine/hy.h"
@@ -76,6 +77,7 @@ static void run_one(be *b, be_lora *l, const float *x, int64_t in, float *y, int
 }
 
 static const q_isa g_isas[] = {Q_ISA_SCALAR, Q_ISA_AVX2, Q_ISA_AVX512};
+static void rand_lora(w_lora *w, int r, int K, int64_t in, int64_t out, float a_sd, float b_sd);
 
 /* ---- exact cases ----
  * K = 1 adapters built so every product and every partial sum, in any order, is exact in fp32:
@@ -204,6 +206,47 @@ static void test_paths_inf_nan(void **state)
             cpu_lora_free(&bc.base, l);
             w_free(&w);
         }
+    assert_int_equal(q_isa_set(saved), 0);
+}
+
+/* A token's output is bit for bit the same alone and anywhere in a batch (any tile size, any
+ * place in the tile), on every path: the server's batching must not change a sequence's text. */
+static void test_batch_invariance(void **state)
+{
+    (void)state;
+    be_cpu bc = {.pool = g_pool, .precise = false};
+    q_isa saved = q_isa_get();
+    enum { NT = 21 };
+    static const int64_t ins[] = {576, 61}, outs[] = {192, 37};
+    static const int rk[][2] = {{16, 4}, {7, 3}};
+    for (int c = 0; c < 2; c++) {
+        int64_t in = ins[c], out = outs[c];
+        w_lora w;
+        rand_lora(&w, rk[c][0], rk[c][1], in, out, 1.0f, 0.05f);
+        be_lora *l = upload(&bc.base, &w);
+        float *x = vec((size_t)NT * (size_t)in), *yb = vec((size_t)NT * (size_t)out), *y1 = vec((size_t)out);
+        for (size_t i = 0; i < (size_t)NT * (size_t)in; i++)
+            x[i] = rnd_sym(1.7f);
+        for (size_t k = 0; k < HY_ARRAY_LEN(g_isas); k++) {
+            if (!q_isa_available(g_isas[k]))
+                continue;
+            assert_int_equal(q_isa_set(g_isas[k]), 0);
+            /* the batch: one segment of 1..NT tokens starting at a random token */
+            int t0 = rnd_int(0, NT - 1), n = rnd_int(1, NT - t0);
+            run_one(&bc.base, l, x + (size_t)t0 * (size_t)in, in, yb, out, n, NULL);
+            for (int t = 0; t < n; t++) {
+                run_one(&bc.base, l, x + (size_t)(t0 + t) * (size_t)in, in, y1, out, 1, NULL);
+                if (memcmp(y1, yb + (size_t)t * (size_t)out, sizeof(float) * (size_t)out))
+                    fail_msg("%s, in %lld: token %d of a %d-token segment differs from the token alone",
+                             q_isa_name(g_isas[k]), (long long)in, t, n);
+            }
+        }
+        cpu_lora_free(&bc.base, l);
+        w_free(&w);
+        free(x);
+        free(yb);
+        free(y1);
+    }
     assert_int_equal(q_isa_set(saved), 0);
 }
 
@@ -368,6 +411,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_paths_exact),      cmocka_unit_test(test_paths_inf_nan),
+        cmocka_unit_test(test_batch_invariance),
         cmocka_unit_test(test_vs_precise),       cmocka_unit_test(test_vs_precise_range),
         cmocka_unit_test(test_create_limits),
     };
