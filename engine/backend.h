@@ -47,6 +47,23 @@ typedef struct {
     float *stats;
 } be_lora_seg;
 
+/* What a matmul_n multiplies: x itself, or a transform of it that the op also stores, so that a
+ * device can fuse the norm or the SwiGLU before a projection into the projection's kernel. */
+typedef enum {
+    BE_IN_X,       /* x */
+    BE_IN_RMSNORM, /* x[t] / rms(x[t]) * w   (rms = sqrt(mean(x[t]^2) + eps)) */
+    BE_IN_SWIGLU,  /* silu(x) * up   (x is the gate) */
+} be_in_kind;
+
+typedef struct {
+    be_in_kind kind;
+    const float *w; /* BE_IN_RMSNORM: [cols] */
+    float eps;      /* BE_IN_RMSNORM */
+    const float *up; /* BE_IN_SWIGLU: [n_tok][cols] */
+    float *out;     /* [n_tok][cols]: the transformed input is stored here (the HydraLoRA terms
+                     * read it); it overlaps none of x, w, up and the outputs */
+} be_mm_in;
+
 /* A host array of one forward step's metadata (see step_begin). */
 typedef struct {
     const void *p;
@@ -77,16 +94,15 @@ typedef struct {
      * gate/up) in one call, so the backend converts x once and spreads the rows of all of them
      * over its threads (CPU) or one kernel launch (CUDA). Every W[i] has x's cols; the y[i] do
      * not overlap x or each other. Same results as n matmul calls.
-     * add: y[i] += W[i] x instead (a residual connection without a pass of its own). */
-    int (*matmul_n)(be *b, int n, const be_weight *const *w, const float *x, int n_tok,
-                    float *const *y, bool add);
+     * in (NULL: x itself): multiply the transform of x it names instead, and store that in
+     * in->out. add: y[i] += W[i] x instead (a residual connection without a pass of its own). */
+    int (*matmul_n)(be *b, int n, const be_weight *const *w, const float *x, const be_mm_in *in,
+                    int n_tok, float *const *y, bool add);
     /* out[t] = embedding row ids[t] (ids is HOST) */
     int (*embed)(be *b, const be_weight *emb, const int32_t *ids, int n_tok, float *out);
     /* y[t] = x[t] / rms(x[t]) * w   (y may equal x) */
     int (*rmsnorm)(be *b, const float *x, const float *w, int n_tok, int64_t dim, float eps,
                    float *y);
-    /* out[t][i] = silu(gate[t][i]) * up[t][i]  (out may equal gate) */
-    int (*swiglu)(be *b, const float *gate, const float *up, int n_tok, int64_t dim, float *out);
 
     /* KV cache for one layer: two arrays of n_blocks * BE_KV_BLOCK * n_kv_heads * head_dim
      * fp16 values (uint16_t bit patterns), layout [slot][kv_head][head_dim]. */

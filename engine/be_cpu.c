@@ -308,8 +308,11 @@ static void cpu_matmul_precise(cpu_ctx *c, const be_weight *w, const float *x, i
 }
 
 static int cpu_add(be *b, float *a, const float *x, int64_t n);
+static int cpu_rmsnorm(be *b, const float *x, const float *w, int n_tok, int64_t dim, float eps, float *y);
+static int cpu_swiglu(be *b, const float *gate, const float *up, int n_tok, int64_t dim, float *out);
 
-static int cpu_matmul_n(be *b, int n, const be_weight *const *w, const float *x, int n_tok,
+/* matmul_n of x itself */
+static int cpu_matmul_x(be *b, int n, const be_weight *const *w, const float *x, int n_tok,
                         float *const *y, bool add)
 {
     cpu_ctx *c = cpu_of(b);
@@ -322,7 +325,7 @@ static int cpu_matmul_n(be *b, int n, const be_weight *const *w, const float *x,
             size_t e = (size_t)n_tok * (size_t)w[i]->rows;
             int rc = cpu_grow(&c->mm_sum, &c->mm_sum_cap, e * sizeof(float));
             float *sum = c->mm_sum;
-            if (rc || (rc = cpu_matmul_n(b, 1, &w[i], x, n_tok, &sum, false)) ||
+            if (rc || (rc = cpu_matmul_x(b, 1, &w[i], x, n_tok, &sum, false)) ||
                 (rc = cpu_add(b, y[i], sum, (int64_t)e)))
                 return rc;
         }
@@ -337,7 +340,7 @@ static int cpu_matmul_n(be *b, int n, const be_weight *const *w, const float *x,
         same = same && w[i]->type == w[0]->type && w[i]->cols == w[0]->cols;
     if (w[0]->f32 || !same) { /* one at a time */
         for (int i = 0; i < n; i++) {
-            int rc = cpu_matmul_n(b, 1, &w[i], x, n_tok, &y[i], false);
+            int rc = cpu_matmul_x(b, 1, &w[i], x, n_tok, &y[i], false);
             if (rc)
                 return rc;
         }
@@ -370,9 +373,26 @@ static int cpu_matmul_n(be *b, int n, const be_weight *const *w, const float *x,
     return HY_OK;
 }
 
+/* the transform first (stored where in says), then the product of what was stored */
+static int cpu_matmul_n(be *b, int n, const be_weight *const *w, const float *x, const be_mm_in *in,
+                        int n_tok, float *const *y, bool add)
+{
+    if (in && in->kind != BE_IN_X) {
+        if (n < 1 || !w[0] || !in->out)
+            return hy_err_set(HY_EINVAL, "matmul_n: bad input transform");
+        int64_t cols = w[0]->cols;
+        int rc = in->kind == BE_IN_RMSNORM ? cpu_rmsnorm(b, x, in->w, n_tok, cols, in->eps, in->out)
+                                           : cpu_swiglu(b, x, in->up, n_tok, cols, in->out);
+        if (rc)
+            return rc;
+        x = in->out;
+    }
+    return cpu_matmul_x(b, n, w, x, n_tok, y, add);
+}
+
 static int cpu_matmul(be *b, const be_weight *w, const float *x, int n_tok, float *y)
 {
-    return cpu_matmul_n(b, 1, &w, x, n_tok, &y, false);
+    return cpu_matmul_x(b, 1, &w, x, n_tok, &y, false);
 }
 
 /* ------------------------------------------------------------------ embedding */
@@ -934,7 +954,6 @@ static const be_ops cpu_ops = {
     .matmul_n = cpu_matmul_n,
     .embed = cpu_embed,
     .rmsnorm = cpu_rmsnorm,
-    .swiglu = cpu_swiglu,
     .kv_alloc = cpu_kv_alloc,
     .attention = cpu_attention,
     .lora_create = cpu_lora_create,

@@ -33,8 +33,9 @@ typedef struct {
     float *q;      /* [n_tok][n_head * head_dim] */
     float *k, *v;  /* [n_tok][n_head_kv * head_dim] */
     float *att;    /* [n_tok][n_head * head_dim] attention output */
-    float *hb;     /* [n_tok][n_ff] gate, then swiglu */
+    float *hb;     /* [n_tok][n_ff] gate */
     float *hb2;    /* [n_tok][n_ff] up */
+    float *hs;     /* [n_tok][n_ff] silu(gate) * up, the down projection's input */
     float *xg;     /* [n_logits][n_embd] final-normed rows whose logits are wanted */
     float *lg;     /* [n_logits][n_vocab] */
     /* host scratch */
@@ -341,7 +342,7 @@ fail:
 static void eng_run_free(eng_model *m)
 {
     eng_run *r = &m->run;
-    float **dev[] = {&r->x, &r->xb, &r->q, &r->k, &r->v, &r->att, &r->hb, &r->hb2, &r->xg, &r->lg};
+    float **dev[] = {&r->x, &r->xb, &r->q, &r->k, &r->v, &r->att, &r->hb, &r->hb2, &r->hs, &r->xg, &r->lg};
     for (size_t i = 0; i < HY_ARRAY_LEN(dev); i++) {
         if (*dev[i])
             m->b->ops->free(m->b, *dev[i]);
@@ -484,7 +485,8 @@ static int eng_run_reserve(eng_model *m, int n_tok, int n_logits, int n_seg)
             (rc = eng_dev_buf(m, &r->q, cap, qd)) || (rc = eng_dev_buf(m, &r->k, cap, kvd)) ||
             (rc = eng_dev_buf(m, &r->v, cap, kvd)) || (rc = eng_dev_buf(m, &r->att, cap, qd)) ||
             (rc = eng_dev_buf(m, &r->hb, cap, hp->n_ff)) ||
-            (rc = eng_dev_buf(m, &r->hb2, cap, hp->n_ff))) {
+            (rc = eng_dev_buf(m, &r->hb2, cap, hp->n_ff)) ||
+            (rc = eng_dev_buf(m, &r->hs, cap, hp->n_ff))) {
             r->cap_tok = 0;
             return rc;
         }
@@ -570,16 +572,19 @@ static int eng_proj_lora(eng_model *m, const eng_batch *bt, int il, int proj, co
     return b->ops->hydra(b, x, in, y, out, segs, n);
 }
 
-/* y[i] = W x (add: y[i] += W x) for the n projections proj[i] of layer il that read the same x
- * (one matmul_n), plus each adapter segment's HydraLoRA terms. */
+/* y[i] = W x' (add: y[i] += W x') for the n projections proj[i] of layer il that read the same
+ * x' (one matmul_n; x' = x, or the transform of x that `in` names, stored in in->out), plus each
+ * adapter segment's HydraLoRA terms of x'. */
 static int eng_proj(eng_model *m, const eng_batch *bt, int il, int n, const int *proj, const float *x,
-                    float *const *y, bool add)
+                    const be_mm_in *in, float *const *y, bool add)
 {
     be *b = m->b;
     const be_weight *w[BE_MM_MAX];
     for (int i = 0; i < n; i++)
         w[i] = m->layers[il].w[proj[i]];
-    int rc = b->ops->matmul_n(b, n, w, x, bt->n_tok, y, add);
+    int rc = b->ops->matmul_n(b, n, w, x, in, bt->n_tok, y, add);
+    if (in && in->kind != BE_IN_X)
+        x = in->out;
     for (int i = 0; i < n && !rc; i++)
         rc = eng_proj_lora(m, bt, il, proj[i], x, y[i]);
     return rc;
@@ -592,24 +597,21 @@ static int eng_layer_forward(eng_model *m, eng_kv *kv, const eng_batch *bt, int 
     const eng_hparams *hp = &m->hp;
     const eng_layer *L = &m->layers[il];
     eng_run *r = &m->run;
-    int n = bt->n_tok, rc;
+    int rc;
     static const int qkv[] = {ENG_Q, ENG_K, ENG_V}, o[] = {ENG_O}, gate_up[] = {ENG_GATE, ENG_UP},
                      down[] = {ENG_DOWN};
 
-    /* attention block */
-    /* attention block; the o and down projections add into the residual stream x */
-    if ((rc = ops->rmsnorm(b, r->x, L->attn_norm, n, hp->n_embd, hp->rms_eps, r->xb)) ||
-        (rc = eng_proj(m, bt, il, 3, qkv, r->xb, (float *const[]){r->q, r->k, r->v}, false)) ||
+    /* Norms and the SwiGLU are input transforms of the projections after them, and the o and
+     * down projections add into the residual stream x (a device runs each in one kernel). */
+    const be_mm_in attn_in = {.kind = BE_IN_RMSNORM, .w = L->attn_norm, .eps = hp->rms_eps, .out = r->xb};
+    const be_mm_in ffn_in = {.kind = BE_IN_RMSNORM, .w = L->ffn_norm, .eps = hp->rms_eps, .out = r->xb};
+    const be_mm_in down_in = {.kind = BE_IN_SWIGLU, .up = r->hb2, .out = r->hs};
+    if ((rc = eng_proj(m, bt, il, 3, qkv, r->x, &attn_in, (float *const[]){r->q, r->k, r->v}, false)) ||
         (rc = ops->attention(b, &bt->attn, r->q, r->k, r->v, kv->k[il], kv->v[il], hp->n_head,
                              hp->n_head_kv, hp->head_dim, m->rope_freq, r->att)) ||
-        (rc = eng_proj(m, bt, il, 1, o, r->att, &r->x, true)))
-        return rc;
-
-    /* feed-forward block */
-    if ((rc = ops->rmsnorm(b, r->x, L->ffn_norm, n, hp->n_embd, hp->rms_eps, r->xb)) ||
-        (rc = eng_proj(m, bt, il, 2, gate_up, r->xb, (float *const[]){r->hb, r->hb2}, false)) ||
-        (rc = ops->swiglu(b, r->hb, r->hb2, n, hp->n_ff, r->hb)) ||
-        (rc = eng_proj(m, bt, il, 1, down, r->hb, &r->x, true)))
+        (rc = eng_proj(m, bt, il, 1, o, r->att, NULL, &r->x, true)) ||
+        (rc = eng_proj(m, bt, il, 2, gate_up, r->x, &ffn_in, (float *const[]){r->hb, r->hb2}, false)) ||
+        (rc = eng_proj(m, bt, il, 1, down, r->hb, &down_in, &r->x, true)))
         return rc;
     return HY_OK;
 }

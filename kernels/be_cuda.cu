@@ -332,7 +332,6 @@ static const be_ops cuda_ops = {
     /* matmul_n */ cuda_matmul_n,
     /* embed */ cuda_embed,
     /* rmsnorm */ cuda_rmsnorm,
-    /* swiglu */ cuda_swiglu,
     /* kv_alloc */ cuda_kv_alloc,
     /* attention */ cuda_attention,
     /* lora_create */ cuda_lora_create,

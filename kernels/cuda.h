@@ -278,13 +278,13 @@ int cuda_weight_create(be *b, uint32_t type, int64_t rows, int64_t cols, const v
                        be_weight **out);                                   /* cuda_weight.cu */
 void cuda_weight_free(be *b, be_weight *w);
 int cuda_matmul(be *b, const be_weight *w, const float *x, int n_tok, float *y); /* cuda_matmul.cu */
-int cuda_matmul_n(be *b, int n, const be_weight *const *w, const float *x, int n_tok, float *const *y,
-                  bool add);
+int cuda_matmul_n(be *b, int n, const be_weight *const *w, const float *x, const be_mm_in *in, int n_tok,
+                  float *const *y, bool add);
 int cuda_embed(be *b, const be_weight *emb, const int32_t *ids, int n_tok, float *out); /* cuda_embed.cu */
 int cuda_rmsnorm(be *b, const float *x, const float *w, int n_tok, int64_t dim, float eps,
                  float *y);                                                 /* cuda_rmsnorm.cu */
 int cuda_swiglu(be *b, const float *gate, const float *up, int n_tok, int64_t dim,
-                float *out);                                                /* cuda_swiglu.cu */
+                float *out); /* cuda_swiglu.cu (matmul_n's SwiGLU when it is not fused) */
 int cuda_kv_alloc(be *b, int n_blocks, int n_kv_heads, int head_dim, void **k, void **v); /* cuda_attention.cu */
 /* cuda_attn_prefill.cu: the tiled kernel for prefill-heavy batches (wanted: whether this batch
  * is one; d: the device copy of pos, tok_seq, slot and block table, back to back) */

@@ -71,12 +71,27 @@ typedef struct {
     int n;
 } mv_set;
 
-template <int QT, int NT, int R>
+/* The input transform of a row-kernel launch (be_mm_in on the device): MODE 0 x itself, 1 the
+ * RMS norm (x / rms(x) * nw: the dot products take x * nw, the block's sum of squares of x gives
+ * the token's 1 / rms, applied to the reduced dot product), 2 the SwiGLU (silu(x) * up). Block 0
+ * also stores the transformed input in xout (the HydraLoRA terms read it). */
+enum { MV_IN_X = 0, MV_IN_RMS = 1, MV_IN_SWIGLU = 2 };
+typedef struct {
+    const float *nw; /* MV_IN_RMS: [cols] */
+    float eps;
+    const float *up; /* MV_IN_SWIGLU: [n_tok][cols] */
+    float *xout;     /* [n_tok][cols] */
+} mv_in;
+
+__device__ __forceinline__ float mv_silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+template <int QT, int NT, int R, int MODE>
 __global__ void __launch_bounds__(MV_WARPS * 32)
     cuda_mv_rows_kernel(const __grid_constant__ mv_set set, size_t row_bytes, int cols,
-                        const float *__restrict__ x, bool add)
+                        const float *__restrict__ x, bool add, const __grid_constant__ mv_in in)
 {
     __shared__ float part[MV_WARPS][R][NT];
+    __shared__ float ssp[MV_WARPS][NT]; /* MV_IN_RMS: the warps' sums of squares */
     int m = 0;
     while (m + 1 < set.n && (int)blockIdx.x >= set.b0[m + 1])
         m++;
@@ -85,17 +100,20 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
     const int rows = set.rows[m];
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
     const int r0 = ((int)blockIdx.x - set.b0[m]) * R; /* < rows by the block count */
+    const bool store = MODE == MV_IN_SWIGLU && blockIdx.x == 0;
     const uint8_t *rowp[R];
 #pragma unroll
     for (int i = 0; i < R; i++)
         rowp[i] = W + (size_t)min(r0 + i, rows - 1) * row_bytes; /* a missing row re-reads the last */
     const int nch = cols / 8;
-    float acc[R][NT];
+    float acc[R][NT], ss[NT];
 #pragma unroll
-    for (int i = 0; i < R; i++)
+    for (int t = 0; t < NT; t++) {
+        ss[t] = 0.0f;
 #pragma unroll
-        for (int t = 0; t < NT; t++)
+        for (int i = 0; i < R; i++)
             acc[i][t] = 0.0f;
+    }
 #pragma unroll(NT == 1 ? 4 : 2)
     for (int c = wid * 32 + lane; c < nch; c += MV_WARPS * 32) {
         float w[R][8];
@@ -104,11 +122,33 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
         for (int i = 0; i < R; i++)
             cq_chunk<QT>(rowp[i], c, w[i], idx);
         const int o0 = idx[0], o1 = idx[4];
+        float4 na = make_float4(0.0f, 0.0f, 0.0f, 0.0f), nb = na;
+        if (MODE == MV_IN_RMS) {
+            na = __ldg((const float4 *)(in.nw + o0));
+            nb = __ldg((const float4 *)(in.nw + o1));
+        }
 #pragma unroll
         for (int t = 0; t < NT; t++) {
             const float *xt = x + (size_t)t * cols;
-            const float4 a = __ldg((const float4 *)(xt + o0));
-            const float4 b = __ldg((const float4 *)(xt + o1));
+            float4 a = __ldg((const float4 *)(xt + o0));
+            float4 b = __ldg((const float4 *)(xt + o1));
+            if (MODE == MV_IN_RMS) {
+                ss[t] += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w + b.x * b.x + b.y * b.y + b.z * b.z +
+                         b.w * b.w;
+                a = make_float4(a.x * na.x, a.y * na.y, a.z * na.z, a.w * na.w);
+                b = make_float4(b.x * nb.x, b.y * nb.y, b.z * nb.z, b.w * nb.w);
+            } else if (MODE == MV_IN_SWIGLU) {
+                const float *ut = in.up + (size_t)t * cols;
+                const float4 ua = __ldg((const float4 *)(ut + o0)), ub = __ldg((const float4 *)(ut + o1));
+                a = make_float4(mv_silu_mul(a.x, ua.x), mv_silu_mul(a.y, ua.y), mv_silu_mul(a.z, ua.z),
+                                mv_silu_mul(a.w, ua.w));
+                b = make_float4(mv_silu_mul(b.x, ub.x), mv_silu_mul(b.y, ub.y), mv_silu_mul(b.z, ub.z),
+                                mv_silu_mul(b.w, ub.w));
+                if (store) {
+                    *(float4 *)(in.xout + (size_t)t * cols + o0) = a;
+                    *(float4 *)(in.xout + (size_t)t * cols + o1) = b;
+                }
+            }
 #pragma unroll
             for (int i = 0; i < R; i++)
                 acc[i][t] += w[i][0] * a.x + w[i][1] * a.y + w[i][2] * a.z + w[i][3] * a.w +
@@ -123,6 +163,14 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
             if (lane == 0)
                 part[wid][i][t] = v;
         }
+    if (MODE == MV_IN_RMS) {
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            const float v = cuda_warp_sum(ss[t]);
+            if (lane == 0)
+                ssp[wid][t] = v;
+        }
+    }
     __syncthreads();
     static_assert(R * NT <= 32, "one lane of warp 0 per output");
     if (wid == 0 && lane < R * NT) {
@@ -131,15 +179,32 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
 #pragma unroll
         for (int k = 0; k < MV_WARPS; k++)
             v += part[k][i][t];
+        if (MODE == MV_IN_RMS) {
+            float tot = 0.0f;
+#pragma unroll
+            for (int k = 0; k < MV_WARPS; k++)
+                tot += ssp[k][t];
+            v *= 1.0f / sqrtf(tot / (float)cols + in.eps);
+        }
         if (r0 + i < rows)
             y[(size_t)t * rows + r0 + i] = add ? y[(size_t)t * rows + r0 + i] + v : v;
+    }
+    if (MODE == MV_IN_RMS && blockIdx.x == 0) { /* the normed input, as the rmsnorm op computes it */
+        for (int t = 0; t < NT; t++) {
+            float tot = 0.0f;
+            for (int k = 0; k < MV_WARPS; k++)
+                tot += ssp[k][t];
+            const float scale = 1.0f / sqrtf(tot / (float)cols + in.eps);
+            for (int e = threadIdx.x; e < cols; e += MV_WARPS * 32)
+                in.xout[(size_t)t * cols + e] = x[(size_t)t * cols + e] * scale * in.nw[e];
+        }
     }
 }
 
 /* the rows of w[0..n) (one type, one width) in one launch */
-template <int QT, int NT>
+template <int QT, int NT, int MODE>
 static void cuda_mv_rows_launch1(cudaStream_t s, int n, const be_weight *const *w, const float *x,
-                                 float *const *y, bool add)
+                                 float *const *y, bool add, const mv_in &in)
 {
     constexpr int R = NT == 1 ? 2 : 4;
     mv_set set;
@@ -151,22 +216,34 @@ static void cuda_mv_rows_launch1(cudaStream_t s, int n, const be_weight *const *
         set.rows[i] = (int)w[i]->rows;
         set.b0[i + 1] = set.b0[i] + (int)((w[i]->rows + R - 1) / R);
     }
-    cuda_mv_rows_kernel<QT, NT, R><<<(unsigned)set.b0[n], MV_WARPS * 32, 0, s>>>(
-        set, w[0]->row_bytes, (int)w[0]->cols, x, add);
+    cuda_mv_rows_kernel<QT, NT, R, MODE><<<(unsigned)set.b0[n], MV_WARPS * 32, 0, s>>>(
+        set, w[0]->row_bytes, (int)w[0]->cols, x, add, in);
 }
 
-template <int QT>
-static void cuda_mv_rows_launch(cudaStream_t s, int n, const be_weight *const *w, const float *x,
-                                int n_tok, float *const *y, bool add)
+template <int QT, int MODE>
+static void cuda_mv_rows_launch_m(cudaStream_t s, int n, const be_weight *const *w, const float *x,
+                                  int n_tok, float *const *y, bool add, const mv_in &in)
 {
     if constexpr (mv_x4<QT>::OK) {
         switch (n_tok) {
-#define MV_CASE(N) case N: cuda_mv_rows_launch1<QT, N>(s, n, w, x, y, add); break;
+#define MV_CASE(N) case N: cuda_mv_rows_launch1<QT, N, MODE>(s, n, w, x, y, add, in); break;
             MV_CASE(1) MV_CASE(2) MV_CASE(3) MV_CASE(4) MV_CASE(5) MV_CASE(6) MV_CASE(7) MV_CASE(8)
 #undef MV_CASE
         default: break;
         }
     }
+}
+
+template <int QT>
+static void cuda_mv_rows_launch(cudaStream_t s, int n, const be_weight *const *w, const float *x,
+                                int n_tok, float *const *y, bool add, int mode, const mv_in &in)
+{
+    if (mode == MV_IN_RMS)
+        cuda_mv_rows_launch_m<QT, MV_IN_RMS>(s, n, w, x, n_tok, y, add, in);
+    else if (mode == MV_IN_SWIGLU)
+        cuda_mv_rows_launch_m<QT, MV_IN_SWIGLU>(s, n, w, x, n_tok, y, add, in);
+    else
+        cuda_mv_rows_launch_m<QT, MV_IN_X>(s, n, w, x, n_tok, y, add, in);
 }
 
 __global__ void cuda_f32_to_f16_kernel(const float *x, int64_t n, __half *o)
@@ -237,7 +314,7 @@ static int cuda_matmul_one(be_cuda *c, const be_weight *w, const float *x, int n
         return HY_OK;
     if (cuda_type_quantised(w->type) && n_tok <= c->mv_max_tok) {
         if (cuda_mv_rows_ok(c, w, x)) {
-            CQ_DISPATCH(w->type, cuda_mv_rows_launch<QT>(c->stream, 1, &w, x, n_tok, &y, add));
+            CQ_DISPATCH(w->type, cuda_mv_rows_launch<QT>(c->stream, 1, &w, x, n_tok, &y, add, MV_IN_X, mv_in{}));
             CU_LAUNCHED("cuda_mv_rows_kernel");
             return HY_OK;
         }
@@ -253,27 +330,56 @@ int cuda_matmul(be *b, const be_weight *w, const float *x, int n_tok, float *y)
     return cuda_matmul_one(cuda_ctx(b), w, x, n_tok, y, false);
 }
 
-int cuda_matmul_n(be *b, int n, const be_weight *const *w, const float *x, int n_tok, float *const *y,
-                  bool add)
+/* matmul_n's input transform as a separate pass into in->out (when the row kernel cannot fuse it) */
+static int cuda_mm_in_pass(be *b, const be_mm_in *in, const float *x, int n_tok, int64_t cols)
+{
+    if (in->kind == BE_IN_RMSNORM)
+        return cuda_rmsnorm(b, x, in->w, n_tok, cols, in->eps, in->out);
+    return cuda_swiglu(b, x, in->up, n_tok, cols, in->out);
+}
+
+static bool cuda_al16(const void *p) { return ((uintptr_t)p % 16) == 0; }
+
+int cuda_matmul_n(be *b, int n, const be_weight *const *w, const float *x, const be_mm_in *in, int n_tok,
+                  float *const *y, bool add)
 {
     be_cuda *c = cuda_ctx(b);
     if (n < 1 || n > BE_MM_MAX || !w || !y || n_tok < 0)
         return hy_err_set(HY_EINVAL, "CUDA matmul_n: bad arguments");
-    bool fuse = n > 1 && n_tok > 0 && n_tok <= c->mv_max_tok && cuda_mv_rows_ok(c, w[0], x);
+    for (int i = 0; i < n; i++)
+        if (!w[i])
+            return hy_err_set(HY_EINVAL, "CUDA matmul_n: weight %d is NULL", i);
+    const int mode = !in ? MV_IN_X : in->kind == BE_IN_RMSNORM ? MV_IN_RMS : in->kind == BE_IN_SWIGLU ? MV_IN_SWIGLU : MV_IN_X;
+    if (mode != MV_IN_X && (!in->out || (mode == MV_IN_RMS ? !in->w : !in->up)))
+        return hy_err_set(HY_EINVAL, "CUDA matmul_n: bad input transform");
+    if (n_tok == 0)
+        return HY_OK;
+    /* one row-kernel launch: mat-vec sizes, one type and width, aligned vectors */
+    bool fuse = n_tok <= c->mv_max_tok && cuda_mv_rows_ok(c, w[0], x) && (n > 1 || mode != MV_IN_X);
     int64_t blocks = 0;
     for (int i = 0; i < n && fuse; i++) {
-        fuse = w[i] && w[i]->type == w[0]->type && w[i]->cols == w[0]->cols;
-        blocks += w[i] ? w[i]->rows : 0; /* an upper bound (R >= 1 rows per block) */
+        fuse = w[i]->type == w[0]->type && w[i]->cols == w[0]->cols;
+        blocks += w[i]->rows; /* an upper bound (R >= 1 rows per block) */
     }
-    if (!fuse || blocks > INT32_MAX) {
-        for (int i = 0; i < n; i++) {
-            int rc = cuda_matmul_one(c, w[i], x, n_tok, y[i], add);
-            if (rc)
-                return rc;
-        }
+    if (mode != MV_IN_X)
+        fuse = fuse && cuda_al16(in->out) && (mode == MV_IN_RMS ? cuda_al16(in->w) : cuda_al16(in->up));
+    if (fuse && blocks <= INT32_MAX) {
+        const mv_in d = {mode == MV_IN_RMS ? in->w : NULL, mode == MV_IN_RMS ? in->eps : 0.0f,
+                         mode == MV_IN_SWIGLU ? in->up : NULL, mode != MV_IN_X ? in->out : NULL};
+        CQ_DISPATCH(w[0]->type, cuda_mv_rows_launch<QT>(c->stream, n, w, x, n_tok, y, add, mode, d));
+        CU_LAUNCHED("cuda_mv_rows_kernel");
         return HY_OK;
     }
-    CQ_DISPATCH(w[0]->type, cuda_mv_rows_launch<QT>(c->stream, n, w, x, n_tok, y, add));
-    CU_LAUNCHED("cuda_mv_rows_kernel");
+    if (mode != MV_IN_X) {
+        int rc = cuda_mm_in_pass(b, in, x, n_tok, w[0]->cols);
+        if (rc)
+            return rc;
+        x = in->out;
+    }
+    for (int i = 0; i < n; i++) {
+        int rc = cuda_matmul_one(c, w[i], x, n_tok, y[i], add);
+        if (rc)
+            return rc;
+    }
     return HY_OK;
 }

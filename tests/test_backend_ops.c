@@ -330,14 +330,14 @@ static void check_matmul_n(const uint32_t *types, const int64_t *rows, int n, in
             dy1[i] = dev_put(b, NULL, sizeof(float) * (size_t)(n_tok * rows[i]));
             OP(b, b->ops->matmul(b, w[i], dx, n_tok, dy1[i]));
         }
-        OP(b, b->ops->matmul_n(b, n, (const be_weight *const *)w, dx, n_tok, dy, false));
+        OP(b, b->ops->matmul_n(b, n, (const be_weight *const *)w, dx, NULL, n_tok, dy, false));
         /* add: onto a random y (a residual stream), within fp32 rounding of y + W x */
         float *base[BE_MM_MAX], *dya[BE_MM_MAX];
         for (int i = 0; i < n; i++) {
             base[i] = rnd_vec((size_t)(n_tok * rows[i]), 1.0f);
             dya[i] = dev_put(b, base[i], sizeof(float) * (size_t)(n_tok * rows[i]));
         }
-        OP(b, b->ops->matmul_n(b, n, (const be_weight *const *)w, dx, n_tok, dya, true));
+        OP(b, b->ops->matmul_n(b, n, (const be_weight *const *)w, dx, NULL, n_tok, dya, true));
         for (int i = 0; i < n; i++) {
             size_t ny = (size_t)(n_tok * rows[i]);
             float *one = malloc(sizeof(float) * ny), *sum = malloc(sizeof(float) * ny);
@@ -402,6 +402,100 @@ static void test_matmul_n(void **state)
     check_matmul_n(mixed, odd, 3, 512, 1);
 }
 
+/* matmul_n with an input transform (the RMS norm or the SwiGLU before a projection), which the
+ * CUDA row kernel fuses at mat-vec sizes and runs as a separate pass otherwise:
+ * - the stored transform within fp32 rounding of the CPU's (NMSE_F32: sums in another order,
+ *   expf of another library);
+ * - the products within fp32 rounding of the GPU's plain matmul_n of the CPU's stored transform
+ *   (1e-10 for the mat-vec kernels: the fused norm scales the reduced dot product instead of
+ *   each input, ~1e-7 relative per output), and within the matmul bound of the CPU's (8-bit
+ *   activations there). */
+static void check_mm_in(be_in_kind kind, const uint32_t *types, const int64_t *rows, int n, int64_t cols, int n_tok,
+                        bool add)
+{
+    const size_t nx = (size_t)n_tok * (size_t)cols;
+    float *x = rnd_vec(nx, 2.0f), *up = rnd_vec(nx, 1.5f), *nw = rnd_vec((size_t)cols, 1.0f);
+    void *wh[BE_MM_MAX];
+    float *base[BE_MM_MAX], *yo[3][BE_MM_MAX], *xo[2];
+    for (int i = 0; i < n; i++) {
+        wh[i] = rnd_weight(types[i], rows[i], cols, 0.05f, &(size_t){0});
+        base[i] = rnd_vec((size_t)n_tok * (size_t)rows[i], 1.0f);
+    }
+    be *bs[3] = {g_cpu, g_gpu, g_gpu}; /* run 2: the GPU's plain matmul_n of the CPU's transform */
+    for (int bi = 0; bi < 3; bi++) {
+        be *b = bs[bi];
+        be_weight *w[BE_MM_MAX];
+        float *dy[BE_MM_MAX];
+        float *dx = dev_put(b, bi == 2 ? xo[0] : x, nx * 4), *dup = dev_put(b, up, nx * 4);
+        float *dnw = dev_put(b, nw, (size_t)cols * 4), *dout = dev_put(b, NULL, nx * 4);
+        for (int i = 0; i < n; i++) {
+            OP(b, b->ops->weight_create(b, types[i], rows[i], cols, wh[i], &w[i]));
+            dy[i] = dev_put(b, base[i], sizeof(float) * (size_t)n_tok * (size_t)rows[i]);
+        }
+        /* eps large enough (vs mean x^2 = 4/3) that a kernel dropping it fails */
+        const be_mm_in in = {.kind = kind, .w = dnw, .eps = 0.25f, .up = dup, .out = dout};
+        OP(b, b->ops->matmul_n(b, n, (const be_weight *const *)w, dx, bi == 2 ? NULL : &in, n_tok, dy, add));
+        if (bi < 2) {
+            xo[bi] = malloc(nx * 4);
+            dev_get(b, xo[bi], dout, nx * 4);
+        }
+        for (int i = 0; i < n; i++) {
+            size_t ny = (size_t)n_tok * (size_t)rows[i];
+            yo[bi][i] = malloc(ny * 4);
+            dev_get(b, yo[bi][i], dy[i], ny * 4);
+            b->ops->free(b, dy[i]);
+            b->ops->weight_free(b, w[i]);
+        }
+        b->ops->free(b, dx);
+        b->ops->free(b, dup);
+        b->ops->free(b, dnw);
+        b->ops->free(b, dout);
+    }
+    double ex = nmse(xo[1], xo[0], nx), ey = 0, ec = 0;
+    for (int i = 0; i < n; i++) {
+        size_t ny = (size_t)n_tok * (size_t)rows[i];
+        ey = fmax(ey, nmse(yo[1][i], yo[2][i], ny));
+        ec = fmax(ec, nmse(yo[1][i], yo[0][i], ny));
+    }
+    printf("  matmul_n x%d %-5s %-7s cols %5lld n_tok %2d%s: transform NMSE %.2e, product vs plain %.2e, vs CPU %.2e\n",
+           n, q_type_name(types[0]), kind == BE_IN_RMSNORM ? "rmsnorm" : "swiglu", (long long)cols, n_tok,
+           add ? " add" : "", ex, ey, ec);
+    CHECK_NMSE("matmul_n transform", ex, NMSE_F32);
+    /* cuBLAS (more than 8 tokens, fp16 weights) multiplies fp16 activations: a last-bit difference
+     * in the transform flips a few of their roundings (2^-11 relative each; 1.7e-11 seen) */
+    CHECK_NMSE("matmul_n transformed product vs plain", ey, n_tok > 8 || types[0] == Q_F16 ? 1e-8 : 1e-10);
+    CHECK_NMSE("matmul_n transformed product vs CPU", ec, types[0] == Q_F16 ? NMSE_VS_CPU_F : NMSE_VS_CPU_Q);
+    for (int i = 0; i < n; i++) {
+        for (int bi = 0; bi < 3; bi++)
+            free(yo[bi][i]);
+        free(wh[i]);
+        free(base[i]);
+    }
+    free(xo[0]);
+    free(xo[1]);
+    free(x);
+    free(up);
+    free(nw);
+}
+
+static void test_matmul_in(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    static const uint32_t q41[] = {Q_Q4_1, Q_Q4_1, Q_Q4_1}, q80[] = {Q_Q8_0, Q_Q8_0}, q6k[] = {Q_Q6_K},
+                          f16[] = {Q_F16};
+    static const int64_t qkv[] = {2048, 512, 512}, gu[] = {1536, 1536}, one[] = {576}, odd[] = {37};
+    static const int toks[] = {1, 3, 8, 9}; /* 9: past the mat-vec sizes (the separate pass) */
+    for (size_t ti = 0; ti < HY_ARRAY_LEN(toks); ti++) {
+        check_mm_in(BE_IN_RMSNORM, q41, qkv, 3, 2048, toks[ti], false);
+        check_mm_in(BE_IN_RMSNORM, q80, gu, 2, 576, toks[ti], false);
+        check_mm_in(BE_IN_SWIGLU, q41, one, 1, 1536, toks[ti], true);
+    }
+    check_mm_in(BE_IN_SWIGLU, q6k, one, 1, 512, 1, true);   /* a type the row kernel does not read */
+    check_mm_in(BE_IN_RMSNORM, f16, odd, 1, 577, 2, false); /* odd width: the separate pass */
+    check_mm_in(BE_IN_SWIGLU, f16, odd, 1, 577, 5, false);
+}
+
 /* ---- embed ---- */
 
 static void test_embed(void **state)
@@ -457,7 +551,7 @@ static void test_embed(void **state)
 
 /* ---- elementwise and norms ---- */
 
-typedef enum { EW_RMS, EW_RMS_INPLACE, EW_SWIGLU, EW_SWIGLU_INPLACE } ew_kind;
+typedef enum { EW_RMS, EW_RMS_INPLACE } ew_kind;
 
 static void check_ew(ew_kind kind, int n_tok, int64_t dim)
 {
@@ -472,8 +566,6 @@ static void check_ew(ew_kind kind, int n_tok, int64_t dim)
         switch (kind) {
         case EW_RMS: OP(b, b->ops->rmsnorm(b, da, dw, n_tok, dim, 1e-5f, dy)); break;
         case EW_RMS_INPLACE: OP(b, b->ops->rmsnorm(b, da, dw, n_tok, dim, 1e-5f, da)); res = da; break;
-        case EW_SWIGLU: OP(b, b->ops->swiglu(b, da, dx, n_tok, dim, dy)); break;
-        case EW_SWIGLU_INPLACE: OP(b, b->ops->swiglu(b, da, dx, n_tok, dim, da)); res = da; break;
         }
         o[i] = malloc(n * 4);
         dev_get(b, o[i], res, n * 4);
@@ -482,7 +574,7 @@ static void check_ew(ew_kind kind, int n_tok, int64_t dim)
         b->ops->free(b, dw);
         b->ops->free(b, dy);
     }
-    static const char *names[] = {"rmsnorm", "rmsnorm(in place)", "swiglu", "swiglu(in place)"};
+    static const char *names[] = {"rmsnorm", "rmsnorm(in place)"};
     double e = nmse(o[1], o[0], n);
     printf("  %-17s n_tok %3d dim %5lld: NMSE %.2e\n", names[kind], n_tok, (long long)dim, e);
     CHECK_NMSE(names[kind], e, NMSE_F32);
@@ -499,7 +591,7 @@ static void test_elementwise(void **state)
     NEED_GPU();
     static const int toks[] = {1, 5, 64, 300};
     static const int64_t dims[] = {1, 577, 2048, 4099};
-    for (int k = EW_RMS; k <= EW_SWIGLU_INPLACE; k++)
+    for (int k = EW_RMS; k <= EW_RMS_INPLACE; k++)
         for (size_t ti = 0; ti < HY_ARRAY_LEN(toks); ti++)
             check_ew((ew_kind)k, toks[ti], dims[rnd_int((int)HY_ARRAY_LEN(dims))]);
 }
@@ -991,7 +1083,7 @@ static void test_memory(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_memory),   cmocka_unit_test(test_matmul), cmocka_unit_test(test_matmul_n),    cmocka_unit_test(test_embed),
+        cmocka_unit_test(test_memory),   cmocka_unit_test(test_matmul), cmocka_unit_test(test_matmul_n), cmocka_unit_test(test_matmul_in),    cmocka_unit_test(test_embed),
         cmocka_unit_test(test_elementwise),   cmocka_unit_test(test_attention),
         cmocka_unit_test(test_hydra),   cmocka_unit_test(test_hydra_range), cmocka_unit_test(test_hydra_arena),
     };
