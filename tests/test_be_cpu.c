@@ -91,6 +91,24 @@ static int teardown(void **state)
 
 static void *rand_weight(uint32_t type, int64_t rows, int64_t cols);
 
+/* matmul_n of x with the input transform `in` (into in->out) and a random F32 weight: the
+ * product must be the matmul of what was stored, bit for bit. */
+static void mm_transform(const be_mm_in *in, const float *x, int n_tok, int dim)
+{
+    const int64_t rows = 3;
+    void *wd = rand_weight(Q_F32, rows, dim);
+    be_weight *w;
+    assert_int_equal(B->ops->weight_create(B, Q_F32, rows, dim, wd, &w), 0);
+    float *p = malloc(sizeof(float) * (size_t)n_tok * rows), *p1 = malloc(sizeof(float) * (size_t)n_tok * rows);
+    assert_int_equal(B->ops->matmul_n(B, 1, (const be_weight *const *)&w, x, in, n_tok, &p, false), 0);
+    assert_int_equal(B->ops->matmul(B, w, in->out, n_tok, p1), 0);
+    assert_memory_equal(p, p1, sizeof(float) * (size_t)n_tok * rows);
+    B->ops->weight_free(B, w);
+    free(wd);
+    free(p);
+    free(p1);
+}
+
 static void check_rmsnorm(int n_tok, int dim, bool in_place)
 {
     float *x = rand_vec((size_t)n_tok * dim, 3.0f), *w = rand_vec((size_t)dim, 1.5f);
@@ -109,23 +127,12 @@ static void check_rmsnorm(int n_tok, int dim, bool in_place)
     double e = rel_err(y, ref, (size_t)n_tok * dim);
     if (e > 1e-6)
         fail_msg("rmsnorm %d x %d: rel err %g", n_tok, dim, e);
-    if (!in_place) { /* as matmul_n's input transform: the same normed rows, then their product */
-        const int64_t rows = 3;
-        void *wd = rand_weight(Q_F32, rows, dim);
-        be_weight *w8;
-        assert_int_equal(B->ops->weight_create(B, Q_F32, rows, dim, wd, &w8), 0);
-        float *xn = malloc(sizeof(float) * (size_t)n_tok * dim), *p = malloc(sizeof(float) * (size_t)n_tok * rows);
-        float *p1 = malloc(sizeof(float) * (size_t)n_tok * rows);
+    if (!in_place) { /* as matmul_n's input transform: the same normed rows */
+        float *xn = malloc(sizeof(float) * (size_t)n_tok * dim);
         const be_mm_in in = {.kind = BE_IN_RMSNORM, .w = w, .eps = eps, .out = xn};
-        assert_int_equal(B->ops->matmul_n(B, 1, (const be_weight *const *)&w8, x, &in, n_tok, &p, false), 0);
+        mm_transform(&in, x, n_tok, dim);
         assert_memory_equal(xn, y, sizeof(float) * (size_t)n_tok * dim);
-        assert_int_equal(B->ops->matmul(B, w8, xn, n_tok, p1), 0);
-        assert_memory_equal(p, p1, sizeof(float) * (size_t)n_tok * rows);
-        B->ops->weight_free(B, w8);
-        free(wd);
         free(xn);
-        free(p);
-        free(p1);
     }
     free(x);
     free(w);
@@ -144,7 +151,7 @@ static void test_rmsnorm(void **state)
 }
 
 /* The SwiGLU is matmul_n's input transform: silu(gate) * up is stored in in.out, and the product
- * is that of what was stored (bit for bit the matmul of it). */
+ * is that of what was stored. */
 static void check_swiglu(int n_tok, int dim)
 {
     size_t n = (size_t)n_tok * dim;
@@ -154,24 +161,13 @@ static void check_swiglu(int n_tok, int dim)
     double *ref = malloc(sizeof(double) * n);
     for (size_t i = 0; i < n; i++)
         ref[i] = g[i] / (1.0 + exp(-(double)g[i])) * u[i];
-    const int64_t rows = 5;
-    void *wd = rand_weight(Q_F32, rows, dim);
-    be_weight *w;
-    assert_int_equal(B->ops->weight_create(B, Q_F32, rows, dim, wd, &w), 0);
-    float *y = malloc(sizeof(float) * (size_t)n_tok * rows), *y1 = malloc(sizeof(float) * (size_t)n_tok * rows);
     const be_mm_in in = {.kind = BE_IN_SWIGLU, .up = u, .out = o};
-    assert_int_equal(B->ops->matmul_n(B, 1, (const be_weight *const *)&w, g, &in, n_tok, &y, false), 0);
+    mm_transform(&in, g, n_tok, dim);
     for (size_t i = 0; i < n; i++) {
         double tol = 2e-6 * fabs(ref[i]) + 1e-6;
         if (!(fabs(o[i] - ref[i]) <= tol))
             fail_msg("swiglu[%zu]: %g vs %g", i, o[i], ref[i]);
     }
-    assert_int_equal(B->ops->matmul(B, w, o, n_tok, y1), 0);
-    assert_memory_equal(y, y1, sizeof(float) * (size_t)n_tok * rows);
-    B->ops->weight_free(B, w);
-    free(wd);
-    free(y);
-    free(y1);
     free(g);
     free(u);
     free(o);
