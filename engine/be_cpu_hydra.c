@@ -1,8 +1,9 @@
 /* be_cpu_hydra.c - the CPU backend's HydraLoRA ops: segmented shrink [h; l] = [A; R] x,
  * float32 softmax gate z = g (x) h, and expand y += s * Bcat z, split over the be_cpu pool.
  * Adapter matrices are stored as fp16 with the CUDA backend's power-of-two factors (half the
- * bytes a decode step reads), or as fp32 in precise mode (HY_CPU_PRECISE=1), the reference the
- * CUDA kernels are tested against. No model or adapter-file logic here. */
+ * bytes a decode step reads: the op is memory bound), or as fp32 in precise mode
+ * (HY_CPU_PRECISE=1), the reference the CUDA kernels are tested against. No model or
+ * adapter-file logic here. */
 #include "engine/be_cpu.h"
 #include "engine/hy.h"
 #include "engine/quant.h"
