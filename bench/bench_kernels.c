@@ -134,9 +134,9 @@ typedef int (*kb_fn)(be *b, const float *x, int64_t in, float *y, int64_t out, c
 static int call_op(be *b, const float *x, int64_t in, float *y, int64_t out, const be_lora_seg *s, int n, int loop)
 {
     if (!loop)
-        return b->ops->hydra(b, x, in, y, out, s, n);
+        return be_hydra1(b, x, in, y, out, s, n);
     for (int i = 0; i < n; i++) {
-        int rc = b->ops->hydra(b, x, in, y, out, &s[i], 1);
+        int rc = be_hydra1(b, x, in, y, out, &s[i], 1);
         if (rc)
             return rc;
     }

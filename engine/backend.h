@@ -122,11 +122,14 @@ typedef struct {
     int (*lora_create)(be *b, int r, int K, int64_t in, int64_t out, const float *A,
                        const float *R, const float *const *B, float scale, be_lora **out_lora);
     void (*lora_free)(be *b, be_lora *l);
-    /* For each segment with a lora:  h = A x, g = softmax(R x) (K==1: g = 1),
-     *   y[t] += scale * sum_k g_k B_k h      for t in [tok_begin, tok_end).
-     * x: [n_tok][in], y: [n_tok][out]; segments are disjoint and sorted. */
-    int (*hydra)(be *b, const float *x, int64_t in, float *y, int64_t out,
-                 const be_lora_seg *segs, int n_seg);
+    /* For each projection i < n (1 <= n <= BE_MM_MAX projections that read the same x, e.g.
+     * q/k/v: one call, so a device launches once for all of them) and each of its segments
+     * segs[i][0..n_seg) with a lora:  h = A x, g = softmax(R x) (K==1: g = 1),
+     *   y[i][t] += scale * sum_k g_k B_k h      for t in [tok_begin, tok_end).
+     * x: [n_tok][in], y[i]: [n_tok][out[i]]; each projection's segments are disjoint and sorted;
+     * the y[i] overlap neither x nor each other. */
+    int (*hydra)(be *b, int n, const float *x, int64_t in, float *const *y, const int64_t *out,
+                 const be_lora_seg *const *segs, int n_seg);
 
     /* Optional (NULL where a backend gains nothing from them): a forward step's bracket, so a
      * backend can record a step's ops once and replay the recording (CUDA graphs) instead of
@@ -152,6 +155,13 @@ typedef struct {
 struct be {
     const be_ops *ops;
 };
+
+/* The hydra op for one projection. */
+static inline int be_hydra1(be *b, const float *x, int64_t in, float *y, int64_t out, const be_lora_seg *segs,
+                            int n_seg)
+{
+    return b->ops->hydra(b, 1, x, in, &y, &out, &segs, n_seg);
+}
 
 /* Constructors. */
 int be_cpu_create(int n_threads, be **out);     /* engine/be_cpu.c */

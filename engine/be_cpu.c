@@ -958,7 +958,7 @@ static const be_ops cpu_ops = {
     .attention = cpu_attention,
     .lora_create = cpu_lora_create,
     .lora_free = cpu_lora_free,
-    .hydra = cpu_hydra,
+    .hydra = cpu_hydra_n,
 };
 
 /* n_threads <= 0: one worker per online core. *out is freed with (*out)->ops->destroy.

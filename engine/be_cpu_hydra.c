@@ -600,3 +600,16 @@ done:
     free(acc);
     return rc;
 }
+
+int cpu_hydra_n(be *b, int n, const float *x, int64_t in, float *const *y, const int64_t *out,
+                const be_lora_seg *const *segs, int n_seg)
+{
+    if (n < 1 || n > BE_MM_MAX || !y || !out || (n_seg > 0 && !segs))
+        return hy_err_set(HY_EINVAL, "hydra: bad arguments (%d projections)", n);
+    for (int i = 0; i < n; i++) {
+        int rc = cpu_hydra(b, x, in, y[i], out[i], n_seg > 0 ? segs[i] : NULL, n_seg);
+        if (rc)
+            return rc;
+    }
+    return HY_OK;
+}

@@ -39,7 +39,7 @@ typedef struct {
     float *xg;     /* [n_logits][n_embd] final-normed rows whose logits are wanted */
     float *lg;     /* [n_logits][n_vocab] */
     /* host scratch */
-    be_lora_seg *segs; /* [cap_seg] */
+    be_lora_seg *segs; /* [BE_MM_MAX][cap_seg] */
     int cap_seg;
     int32_t *hpos, *hseq, *hslot; /* [cap_host] eng_forward_seq metadata */
     int cap_host;
@@ -501,8 +501,8 @@ static int eng_run_reserve(eng_model *m, int n_tok, int n_logits, int n_seg)
         }
         r->cap_logits = (int)cap;
     }
-    if (n_seg > r->cap_seg) {
-        be_lora_seg *s = realloc(r->segs, (size_t)n_seg * sizeof *s);
+    if (n_seg > r->cap_seg) { /* BE_MM_MAX projections' segments each */
+        be_lora_seg *s = realloc(r->segs, (size_t)n_seg * BE_MM_MAX * sizeof *s);
         if (!s)
             return hy_err_set(HY_ENOMEM, "out of memory");
         r->segs = s;
@@ -547,29 +547,39 @@ static int eng_check_batch(const eng_model *m, const eng_kv *kv, const eng_batch
     return HY_OK;
 }
 
-/* Each adapter segment's HydraLoRA term for projection `proj` of layer il, added to y. */
-static int eng_proj_lora(eng_model *m, const eng_batch *bt, int il, int proj, const float *x, float *y)
+/* Each adapter segment's HydraLoRA terms for the n projections proj[i] of layer il (which read
+ * the same x), added to y[i]: one hydra call. */
+static int eng_proj_lora(eng_model *m, const eng_batch *bt, int il, int n, const int *proj, const float *x,
+                         float *const *y)
 {
     be *b = m->b;
     if (bt->n_seg == 0)
         return HY_OK;
-    be_lora_seg *segs = m->run.segs;
-    int n = 0, idx = il * ENG_N_PROJ + proj;
-    for (int i = 0; i < bt->n_seg; i++) {
-        const eng_adapter *ad = bt->seg_adapter[i];
-        if (!ad || !ad->lora[idx] || bt->seg_begin[i] == bt->seg_begin[i + 1])
-            continue;
-        segs[n].tok_begin = bt->seg_begin[i];
-        segs[n].tok_end = bt->seg_begin[i + 1];
-        segs[n].lora = ad->lora[idx];
-        segs[n].stats = ad->stats ? ad->stats + (size_t)idx * (ad->K + 1) : NULL;
-        n++;
+    const be_lora_seg *segs[BE_MM_MAX];
+    int64_t in = 0, out[BE_MM_MAX];
+    int n_seg = 0;
+    bool any = false;
+    for (int p = 0; p < n; p++) {
+        be_lora_seg *sp = m->run.segs + (size_t)p * bt->n_seg;
+        int idx = il * ENG_N_PROJ + proj[p];
+        n_seg = 0;
+        for (int i = 0; i < bt->n_seg; i++) {
+            const eng_adapter *ad = bt->seg_adapter[i];
+            if (!ad || bt->seg_begin[i] == bt->seg_begin[i + 1])
+                continue;
+            sp[n_seg].tok_begin = bt->seg_begin[i];
+            sp[n_seg].tok_end = bt->seg_begin[i + 1];
+            sp[n_seg].lora = ad->lora[idx]; /* NULL: the adapter leaves this projection alone */
+            sp[n_seg].stats = ad->stats && ad->lora[idx] ? ad->stats + (size_t)idx * (ad->K + 1) : NULL;
+            any = any || ad->lora[idx];
+            n_seg++;
+        }
+        segs[p] = sp;
+        eng_proj_dims(m, proj[p], &in, &out[p]);
     }
-    if (n == 0)
+    if (!any)
         return HY_OK;
-    int64_t in, out;
-    eng_proj_dims(m, proj, &in, &out);
-    return b->ops->hydra(b, x, in, y, out, segs, n);
+    return b->ops->hydra(b, n, x, in, y, out, segs, n_seg);
 }
 
 /* y[i] = W x' (add: y[i] += W x') for the n projections proj[i] of layer il that read the same
@@ -585,9 +595,7 @@ static int eng_proj(eng_model *m, const eng_batch *bt, int il, int n, const int 
     int rc = b->ops->matmul_n(b, n, w, x, in, bt->n_tok, y, add);
     if (in && in->kind != BE_IN_X)
         x = in->out;
-    for (int i = 0; i < n && !rc; i++)
-        rc = eng_proj_lora(m, bt, il, proj[i], x, y[i]);
-    return rc;
+    return rc ? rc : eng_proj_lora(m, bt, il, n, proj, x, y);
 }
 
 static int eng_layer_forward(eng_model *m, eng_kv *kv, const eng_batch *bt, int il)

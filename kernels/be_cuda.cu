@@ -336,7 +336,7 @@ static const be_ops cuda_ops = {
     /* attention */ cuda_attention,
     /* lora_create */ cuda_lora_create,
     /* lora_free */ cuda_lora_free,
-    /* hydra */ cuda_hydra,
+    /* hydra */ cuda_hydra_n,
     /* step_begin */ cuda_step_begin,
     /* step_end */ cuda_step_end,
     /* step_counts */ cuda_step_counts,

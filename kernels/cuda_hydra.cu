@@ -31,12 +31,16 @@ typedef struct {
     int g0;         /* first group of this segment in the launch */
     int gst;        /* router stats entry in gst_dev, or -1 */
     short r, K;
+    short proj;     /* which of the call's projections (its y, out and [h; l] rows) */
     float l_mul, out_mul; /* be_lora's: undo the storage factors */
 } hy_seg;
 
 typedef struct {
     int n_seg, n_group;
-    int in, out;
+    int in;
+    int hl_tok;              /* tokens per projection in hl: projection i's rows start at i * hl_tok */
+    int out[BE_MM_MAX];
+    float *y[BE_MM_MAX];
     hy_seg s[HY_P_SEGS];
 } hy_params;
 
@@ -70,6 +74,7 @@ __global__ void __launch_bounds__(HY_SHRINK_WARPS * 32)
     const int cnt = min(HY_TT, s.end - t0);
     const int in = p.in;
     const __half *row = s.AR + (size_t)j * in;
+    hl += (size_t)s.proj * p.hl_tok * CUDA_HL_STRIDE;
     float acc[HY_TT];
 #pragma unroll
     for (int t = 0; t < HY_TT; t++)
@@ -115,7 +120,7 @@ __global__ void __launch_bounds__(HY_SHRINK_WARPS * 32)
 template <int NO>
 __global__ void __launch_bounds__(HY_EX_THREADS)
     cuda_hydra_expand_kernel(const __grid_constant__ hy_params p, const float *__restrict__ hl,
-                             float *__restrict__ y, float *__restrict__ gst)
+                             float *__restrict__ gst)
 {
     __shared__ float zs[HY_TT][CUDA_Z_STRIDE];
     __shared__ float gs[HY_TT][CUDA_LORA_MAX_K];
@@ -125,6 +130,7 @@ __global__ void __launch_bounds__(HY_EX_THREADS)
     const int t0 = s.begin + ((int)blockIdx.x - s.g0) * HY_TT;
     const int cnt = min(HY_TT, s.end - t0);
     const int tid = threadIdx.x;
+    hl += (size_t)s.proj * p.hl_tok * CUDA_HL_STRIDE;
     if (tid < cnt) {
         const float *h = hl + (size_t)(t0 + tid) * CUDA_HL_STRIDE;
         float g[CUDA_LORA_MAX_K];
@@ -160,7 +166,8 @@ __global__ void __launch_bounds__(HY_EX_THREADS)
         zs[t][i] = gs[t][i / r] * hl[(size_t)(t0 + t) * CUDA_HL_STRIDE + i % r];
     }
     __syncthreads();
-    const int out = p.out;
+    const int out = p.out[s.proj];
+    float *__restrict__ y = p.y[s.proj];
     const int o = (blockIdx.y * HY_EX_THREADS + tid) * NO;
     if (o >= out)
         return; /* with NO == 2, out is even: o < out means o + 1 < out too */
@@ -377,8 +384,9 @@ static int cuda_hydra_check(int64_t in, int64_t out, const be_lora_seg *segs, in
     return HY_OK;
 }
 
-static int cuda_hydra_launch(be_cuda *c, const hy_params *p, int max_rk, const float *x, float *hl,
-                             float *y, bool vec)
+/* the call's shrink and expand launches for the segments gathered in p */
+static int cuda_hydra_launch(be_cuda *c, const hy_params *p, int n, int max_rk, const float *x, float *hl,
+                             bool vec)
 {
     if (!p->n_seg)
         return HY_OK;
@@ -388,71 +396,100 @@ static int cuda_hydra_launch(be_cuda *c, const hy_params *p, int max_rk, const f
     else
         cuda_hydra_shrink_kernel<false><<<sg, HY_SHRINK_WARPS * 32, 0, c->stream>>>(*p, x, hl);
     CU_LAUNCHED("cuda_hydra_shrink_kernel");
-    const int no = p->out % 2 == 0 ? 2 : 1;
+    int no = 2, max_out = 0;
+    for (int i = 0; i < n; i++) {
+        no = p->out[i] % 2 ? 1 : no;
+        max_out = HY_MAX(max_out, p->out[i]);
+    }
     const int per_block = HY_EX_THREADS * no;
-    const dim3 eg((unsigned)p->n_group, (unsigned)((p->out + per_block - 1) / per_block));
+    const dim3 eg((unsigned)p->n_group, (unsigned)((max_out + per_block - 1) / per_block));
     if (no == 2)
-        cuda_hydra_expand_kernel<2><<<eg, HY_EX_THREADS, 0, c->stream>>>(*p, hl, y, c->gst_dev);
+        cuda_hydra_expand_kernel<2><<<eg, HY_EX_THREADS, 0, c->stream>>>(*p, hl, c->gst_dev);
     else
-        cuda_hydra_expand_kernel<1><<<eg, HY_EX_THREADS, 0, c->stream>>>(*p, hl, y, c->gst_dev);
+        cuda_hydra_expand_kernel<1><<<eg, HY_EX_THREADS, 0, c->stream>>>(*p, hl, c->gst_dev);
     CU_LAUNCHED("cuda_hydra_expand_kernel");
     return HY_OK;
 }
 
-int cuda_hydra(be *b, const float *x, int64_t in, float *y, int64_t out, const be_lora_seg *segs, int n_seg)
+/* Every projection's segments in one shrink and one expand launch (more when they hold more than
+ * HY_P_SEGS segments or router-stats entries than fit): projections that read the same x (q/k/v,
+ * gate/up) cost two launches, not two each. */
+int cuda_hydra_n(be *b, int n, const float *x, int64_t in, float *const *y, const int64_t *out,
+                 const be_lora_seg *const *segs, int n_seg)
 {
     be_cuda *c = cuda_ctx(b);
-    int n_tok = 0, any = 0;
-    if (in <= 0 || out <= 0 || in > INT32_MAX || out > INT32_MAX || n_seg < 0 || (n_seg && !segs))
+    if (n < 1 || n > BE_MM_MAX || in <= 0 || in > INT32_MAX || n_seg < 0 || !y || !out || (n_seg && !segs))
         return hy_err_set(HY_EINVAL, "hydra: bad arguments");
-    int rc = cuda_hydra_check(in, out, segs, n_seg, &n_tok, &any);
-    if (rc || !any)
-        return rc;
+    int n_tok = 0, any = 0, rc;
+    for (int i = 0; i < n; i++) {
+        int nt = 0, a = 0;
+        if (out[i] <= 0 || out[i] > INT32_MAX)
+            return hy_err_set(HY_EINVAL, "hydra: bad output dimension %lld", (long long)out[i]);
+        if ((out[i] + HY_EX_THREADS - 1) / HY_EX_THREADS > 65535)
+            return hy_err_set(HY_EUNSUPPORTED, "hydra: output dimension %lld too large", (long long)out[i]);
+        if (n_seg && (rc = cuda_hydra_check(in, out[i], segs[i], n_seg, &nt, &a)))
+            return rc;
+        n_tok = HY_MAX(n_tok, nt);
+        any |= a;
+    }
+    if (!any)
+        return HY_OK;
     if ((rc = cuda_lpool_wait(c))) /* adapter copies still in flight on the copy stream */
         return rc;
-    if ((out + HY_EX_THREADS - 1) / HY_EX_THREADS > 65535)
-        return hy_err_set(HY_EUNSUPPORTED, "hydra: output dimension %lld too large", (long long)out);
     void *hl = NULL;
-    if ((rc = cuda_scratch(c, SCR_HL, (size_t)n_tok * CUDA_HL_STRIDE * sizeof(float), &hl)))
+    if ((rc = cuda_scratch(c, SCR_HL, (size_t)n * n_tok * CUDA_HL_STRIDE * sizeof(float), &hl)))
         return rc;
     const bool vec = (in % 4) == 0 && ((uintptr_t)x % 16) == 0;
     hy_params p;
     memset(&p, 0, sizeof p);
     p.in = (int)in;
-    p.out = (int)out;
-    int max_rk = 0;
-    for (int i = 0; i < n_seg; i++) {
-        const be_lora *l = segs[i].lora;
-        if (!l || segs[i].tok_end == segs[i].tok_begin)
-            continue;
-        const bool want = segs[i].stats != NULL;
-        if (p.n_seg == HY_P_SEGS || (want && c->gst_n == CUDA_GST_CAP)) {
-            if ((rc = cuda_hydra_launch(c, &p, max_rk, x, (float *)hl, y, vec)))
-                return rc;
-            p.n_seg = p.n_group = 0;
-            max_rk = 0;
-            if (want && c->gst_n == CUDA_GST_CAP && (rc = cuda_gst_flush(c)))
-                return rc; /* rare: more stats entries than fit between two downloads */
-        }
-        hy_seg *s = &p.s[p.n_seg++];
-        s->AR = l->AR;
-        s->BT = l->BT;
-        s->begin = segs[i].tok_begin;
-        s->end = segs[i].tok_end;
-        s->g0 = p.n_group;
-        s->r = (short)l->r;
-        s->K = (short)l->K;
-        s->l_mul = l->l_mul;
-        s->out_mul = l->out_mul;
-        s->gst = -1;
-        if (want) {
-            s->gst = c->gst_n;
-            c->gst_dst[c->gst_n] = segs[i].stats;
-            c->gst_k[c->gst_n] = l->K;
-            c->gst_n++;
-        }
-        p.n_group += (s->end - s->begin + HY_TT - 1) / HY_TT;
-        max_rk = HY_MAX(max_rk, l->r + (l->K > 1 ? l->K : 0));
+    p.hl_tok = n_tok;
+    for (int i = 0; i < n; i++) {
+        p.out[i] = (int)out[i];
+        p.y[i] = y[i];
     }
-    return cuda_hydra_launch(c, &p, max_rk, x, (float *)hl, y, vec);
+    int max_rk = 0;
+    for (int pi = 0; pi < n; pi++) {
+        for (int i = 0; i < n_seg; i++) {
+            const be_lora_seg *sg = &segs[pi][i];
+            const be_lora *l = sg->lora;
+            if (!l || sg->tok_end == sg->tok_begin)
+                continue;
+            const bool want = sg->stats != NULL;
+            if (p.n_seg == HY_P_SEGS || (want && c->gst_n == CUDA_GST_CAP)) {
+                if ((rc = cuda_hydra_launch(c, &p, n, max_rk, x, (float *)hl, vec)))
+                    return rc;
+                p.n_seg = p.n_group = 0;
+                max_rk = 0;
+                if (want && c->gst_n == CUDA_GST_CAP && (rc = cuda_gst_flush(c)))
+                    return rc; /* rare: more stats entries than fit between two downloads */
+            }
+            hy_seg *s = &p.s[p.n_seg++];
+            s->AR = l->AR;
+            s->BT = l->BT;
+            s->begin = sg->tok_begin;
+            s->end = sg->tok_end;
+            s->g0 = p.n_group;
+            s->r = (short)l->r;
+            s->K = (short)l->K;
+            s->proj = (short)pi;
+            s->l_mul = l->l_mul;
+            s->out_mul = l->out_mul;
+            s->gst = -1;
+            if (want) {
+                s->gst = c->gst_n;
+                c->gst_dst[c->gst_n] = sg->stats;
+                c->gst_k[c->gst_n] = l->K;
+                c->gst_n++;
+            }
+            p.n_group += (s->end - s->begin + HY_TT - 1) / HY_TT;
+            max_rk = HY_MAX(max_rk, l->r + (l->K > 1 ? l->K : 0));
+        }
+    }
+    return cuda_hydra_launch(c, &p, n, max_rk, x, (float *)hl, vec);
+}
+
+int cuda_hydra(be *b, const float *x, int64_t in, float *y, int64_t out, const be_lora_seg *segs, int n_seg)
+{
+    return cuda_hydra_n(b, 1, x, in, &y, &out, &segs, n_seg);
 }

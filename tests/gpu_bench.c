@@ -170,19 +170,19 @@ static void bench_hydra(be *b, const float *pool, double bw)
             for (int s = 0; s < n_seg; s++)
                 segs[s] = (be_lora_seg){mode == 0 ? s : 0, mode == 0 ? s + 1 : n_tok, l[s], NULL};
             for (int i = 0; i < 5; i++)
-                b->ops->hydra(b, x, in, y, out, segs, n_seg);
+                be_hydra1(b, x, in, y, out, segs, n_seg);
             b->ops->sync(b);
             double t0 = hy_now();
             const int it = 200;
             for (int i = 0; i < it; i++)
-                if (b->ops->hydra(b, x, in, y, out, segs, n_seg))
+                if (be_hydra1(b, x, in, y, out, segs, n_seg))
                     DIE("hydra");
             b->ops->sync(b);
             double dt = (hy_now() - t0) / it, host = 0;
             for (int i = 0; i < 20; i++) { /* the host's cost of one call, device idle */
                 b->ops->sync(b);
                 double h0 = hy_now();
-                if (b->ops->hydra(b, x, in, y, out, segs, n_seg))
+                if (be_hydra1(b, x, in, y, out, segs, n_seg))
                     DIE("hydra");
                 host += (hy_now() - h0) / 20;
             }

@@ -464,7 +464,10 @@ static void check_mm_in(be_in_kind kind, const uint32_t *types, const int64_t *r
     /* cuBLAS (more than 8 tokens, fp16 weights) multiplies fp16 activations: a last-bit difference
      * in the transform flips a few of their roundings (2^-11 relative each; 1.7e-11 seen) */
     CHECK_NMSE("matmul_n transformed product vs plain", ey, n_tok > 8 || types[0] == Q_F16 ? 1e-8 : 1e-10);
-    CHECK_NMSE("matmul_n transformed product vs CPU", ec, types[0] == Q_F16 ? NMSE_VS_CPU_F : NMSE_VS_CPU_Q);
+    /* the CPU quantises the transformed input to 8 bits per block, and SwiGLU outputs are heavy-
+     * tailed (a block's largest value sets its step): up to 3.3e-4 seen (Q6_K, 1 token), against
+     * ~1e-4 for the plain matmul's inputs; the tight check is the one against plain above */
+    CHECK_NMSE("matmul_n transformed product vs CPU", ec, types[0] == Q_F16 ? NMSE_VS_CPU_F : 1e-3);
     for (int i = 0; i < n; i++) {
         for (int bi = 0; bi < 3; bi++)
             free(yo[bi][i]);
@@ -885,7 +888,7 @@ static void check_hydra(int n_tok, int64_t in, int64_t out, int n_ad)
     for (int i = 0; i < 2; i++) {
         be *b = bs[i];
         float *dx = dev_put(b, x, nx * 4), *dy = dev_put(b, y0, ny * 4);
-        OP(b, b->ops->hydra(b, dx, in, dy, out, segs[i], n_seg));
+        OP(b, be_hydra1(b, dx, in, dy, out, segs[i], n_seg));
         o[i] = malloc(ny * 4);
         dev_get(b, o[i], dy, ny * 4);
         b->ops->free(b, dx);
@@ -909,6 +912,108 @@ static void check_hydra(int n_tok, int64_t in, int64_t out, int n_ad)
     free(y0);
     free(o[0]);
     free(o[1]);
+}
+
+/* hydra over n projections that read the same x (q/k/v: other output widths, adapters that
+ * leave some projections alone) in one call: against the CPU (NMSE_HYDRA, stats too), and on the
+ * GPU bit-identical to one call per projection (the same kernels compute every output alike;
+ * only the router stats' atomic sums may round differently). */
+static void check_hydra_n(int n_tok, int64_t in, const int64_t *out, int n, int n_ad)
+{
+    static const int ranks[] = {1, 4, 8, 16, 33};
+    test_lora ad[BE_MM_MAX][8];
+    for (int p = 0; p < n; p++)
+        for (int a = 0; a < n_ad; a++)
+            lora_make(&ad[p][a], ranks[rnd_int((int)HY_ARRAY_LEN(ranks))], 1 + rnd_int(4), in, out[p]);
+    be_lora_seg segs[2][BE_MM_MAX][32];
+    static float stats[3][BE_MM_MAX][32][9];
+    memset(stats, 0, sizeof stats);
+    int n_seg = 0, t = 0;
+    while (t < n_tok && n_seg < 32) {
+        int len = rnd_int(3) == 0 ? rnd_int(2) : 1 + rnd_int(8); /* (HY_MIN evaluates twice) */
+        len = n_seg == 31 ? n_tok - t : HY_MIN(n_tok - t, len);
+        int a = rnd_int(n_ad + 1); /* == n_ad: no adapter */
+        for (int p = 0; p < n; p++) {
+            bool skip = a < n_ad && rnd_int(3) == 0; /* this adapter leaves projection p alone */
+            bool want = rnd_int(2);
+            for (int i = 0; i < 2; i++)
+                segs[i][p][n_seg] = (be_lora_seg){t, t + len, a < n_ad && !skip ? ad[p][a].l[i] : NULL,
+                                                  want ? stats[i][p][n_seg] : NULL};
+        }
+        n_seg++;
+        t += len;
+    }
+    size_t nx = (size_t)n_tok * in, ny[BE_MM_MAX];
+    float *x = rnd_vec(nx, 1.0f), *y0[BE_MM_MAX], *o[3][BE_MM_MAX];
+    for (int p = 0; p < n; p++) {
+        ny[p] = (size_t)n_tok * out[p];
+        y0[p] = rnd_vec(ny[p], 1.0f);
+    }
+    be *bs[3] = {g_cpu, g_gpu, g_gpu}; /* run 2: one call per projection */
+    for (int i = 0; i < 3; i++) {
+        be *b = bs[i];
+        float *dx = dev_put(b, x, nx * 4), *dy[BE_MM_MAX];
+        const be_lora_seg *sp[BE_MM_MAX];
+        for (int p = 0; p < n; p++) {
+            dy[p] = dev_put(b, y0[p], ny[p] * 4);
+            sp[p] = segs[i == 0 ? 0 : 1][p];
+        }
+        if (i < 2) {
+            OP(b, b->ops->hydra(b, n, dx, in, dy, out, sp, n_seg));
+        } else {
+            be_lora_seg one[BE_MM_MAX][32];
+            for (int p = 0; p < n; p++) {
+                for (int k = 0; k < n_seg; k++) {
+                    one[p][k] = segs[1][p][k];
+                    one[p][k].stats = one[p][k].stats ? stats[2][p][k] : NULL;
+                }
+                OP(b, be_hydra1(b, dx, in, dy[p], out[p], one[p], n_seg));
+            }
+        }
+        for (int p = 0; p < n; p++) {
+            o[i][p] = malloc(ny[p] * 4);
+            dev_get(b, o[i][p], dy[p], ny[p] * 4);
+            for (size_t j = 0; j < ny[p]; j++) /* the adapter term, not the y it was added to */
+                o[i][p][j] -= y0[p][j];
+            b->ops->free(b, dy[p]);
+        }
+        b->ops->free(b, dx);
+    }
+    double e = 0;
+    for (int p = 0; p < n; p++) {
+        e = fmax(e, nmse(o[1][p], o[0][p], ny[p]));
+        if (memcmp(o[1][p], o[2][p], ny[p] * 4))
+            fail_msg("hydra x%d: projection %d differs from its own hydra call", n, p);
+    }
+    size_t nst = sizeof stats[0] / sizeof(float);
+    double es = nmse(&stats[1][0][0][0], &stats[0][0][0][0], nst), es1 = nmse(&stats[1][0][0][0], &stats[2][0][0][0], nst);
+    printf("  hydra x%d n_tok %3d in %4lld out %lld/%lld/%lld, %2d segments: NMSE %.2e, stats %.2e (vs one call each %.2e)\n",
+           n, n_tok, (long long)in, (long long)out[0], (long long)out[n > 1], (long long)out[n - 1], n_seg, e, es,
+           es1);
+    CHECK_NMSE("hydra x n output", e, NMSE_HYDRA);
+    CHECK_NMSE("hydra x n stats", es, NMSE_HYDRA);
+    CHECK_NMSE("hydra x n stats vs one call each", es1, 1e-12);
+    for (int p = 0; p < n; p++) {
+        for (int a = 0; a < n_ad; a++)
+            lora_drop(&ad[p][a]);
+        for (int i = 0; i < 3; i++)
+            free(o[i][p]);
+        free(y0[p]);
+    }
+    free(x);
+}
+
+static void test_hydra_n(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    static const int64_t qkv[] = {576, 192, 192}, gu[] = {1536, 1535}, odd[] = {101, 7, 300};
+    static const int toks[] = {1, 5, 64};
+    for (size_t ti = 0; ti < HY_ARRAY_LEN(toks); ti++) {
+        check_hydra_n(toks[ti], 576, qkv, 3, 4);
+        check_hydra_n(toks[ti], 576, gu, 2, 3); /* an odd width: one output per thread for both */
+        check_hydra_n(toks[ti], 64, odd, 3, 2);
+    }
 }
 
 /* Weights far below fp16's smallest normal (A ~ 1e-8: zero in plain fp16) and far above its
@@ -997,7 +1102,7 @@ static void hydra_arena(int64_t in, int64_t out)
     for (int i = 0; i < 2; i++) {
         dx[i] = dev_put(bs[i], x, nx * 4);
         dy[i] = dev_put(bs[i], y0, ny * 4);
-        OP(bs[i], bs[i]->ops->hydra(bs[i], dx[i], in, dy[i], out, segs[i], N));
+        OP(bs[i], be_hydra1(bs[i], dx[i], in, dy[i], out, segs[i], N));
     }
     /* no download yet: the GPU call may still be running */
     for (int a = 1; a < N; a += 2) {
@@ -1013,7 +1118,7 @@ static void hydra_arena(int64_t in, int64_t out)
     hydra_arena_segs(ad, N, PER, segs, stats);
     for (int i = 0; i < 2; i++) {
         OP(bs[i], bs[i]->ops->upload(bs[i], dy[i], y0, ny * 4));
-        OP(bs[i], bs[i]->ops->hydra(bs[i], dx[i], in, dy[i], out, segs[i], N));
+        OP(bs[i], be_hydra1(bs[i], dx[i], in, dy[i], out, segs[i], N));
         dev_get(bs[i], o[i], dy[i], ny * 4);
     }
     hydra_arena_check("20 old + 20 new in reused memory", o, y0, ny, stats);
@@ -1085,7 +1190,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_memory),   cmocka_unit_test(test_matmul), cmocka_unit_test(test_matmul_n), cmocka_unit_test(test_matmul_in),    cmocka_unit_test(test_embed),
         cmocka_unit_test(test_elementwise),   cmocka_unit_test(test_attention),
-        cmocka_unit_test(test_hydra),   cmocka_unit_test(test_hydra_range), cmocka_unit_test(test_hydra_arena),
+        cmocka_unit_test(test_hydra),   cmocka_unit_test(test_hydra_range), cmocka_unit_test(test_hydra_n), cmocka_unit_test(test_hydra_arena),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

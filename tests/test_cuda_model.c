@@ -644,6 +644,13 @@ static void test_graph_replay(void **state)
             assert_true(r > rec0);
             assert_true(k >= (uint64_t)6 * hp->n_layer && k <= (uint64_t)6 * hp->n_layer + 4);
         }
+        if (pi == 5) { /* plan 4's: the same with an adapter on all seven projections */
+            uint64_t r, p, k;
+            g_be[1]->ops->step_counts(g_be[1], &r, &p, &k);
+            /* + a shrink and an expand per hydra call: q/k/v in one, o, gate/up in one, down */
+            printf("  the same with an adapter on all seven projections: %llu kernels\n", (unsigned long long)k);
+            assert_true(k >= (uint64_t)14 * hp->n_layer && k <= (uint64_t)14 * hp->n_layer + 4);
+        }
         for (int st = 0; st < plan[pi][2]; st++, steps++) {
             int t = 0;
             if (ns == 2 && len[1] == 0)
