@@ -163,6 +163,10 @@ static inline int be_hydra1(be *b, const float *x, int64_t in, float *y, int64_t
     return b->ops->hydra(b, 1, x, in, &y, &out, &segs, n_seg);
 }
 
+/* HY_OK, or HY_EINVAL with a message when `in` (may be NULL) is not a valid input transform of x:
+ * an unknown kind, a missing pointer, in->out equal to x or up. Backends call it in matmul_n. */
+int be_mm_in_check(const be_mm_in *in, const float *x); /* engine/backend.c */
+
 /* Constructors. */
 int be_cpu_create(int n_threads, be **out);     /* engine/be_cpu.c */
 /* kernels/: HY_EDEVICE with a message when no usable GPU (or built without CUDA). */

@@ -377,9 +377,12 @@ static int cpu_matmul_x(be *b, int n, const be_weight *const *w, const float *x,
 static int cpu_matmul_n(be *b, int n, const be_weight *const *w, const float *x, const be_mm_in *in,
                         int n_tok, float *const *y, bool add)
 {
+    int rc0 = be_mm_in_check(in, x);
+    if (rc0)
+        return rc0;
     if (in && in->kind != BE_IN_X) {
-        if (n < 1 || !w[0] || !in->out)
-            return hy_err_set(HY_EINVAL, "matmul_n: bad input transform");
+        if (n < 1 || n > BE_MM_MAX || !w[0])
+            return hy_err_set(HY_EINVAL, "matmul_n: bad arguments (n %d)", n);
         int64_t cols = w[0]->cols;
         int rc = in->kind == BE_IN_RMSNORM ? cpu_rmsnorm(b, x, in->w, n_tok, cols, in->eps, in->out)
                                            : cpu_swiglu(b, x, in->up, n_tok, cols, in->out);

@@ -606,6 +606,12 @@ int cpu_hydra_n(be *b, int n, const float *x, int64_t in, float *const *y, const
 {
     if (n < 1 || n > BE_MM_MAX || !y || !out || (n_seg > 0 && !segs))
         return hy_err_set(HY_EINVAL, "hydra: bad arguments (%d projections)", n);
+    for (int i = 0; i < n; i++) { /* every projection checked before any y changes */
+        int rc = n_seg > 0 && !segs[i] ? hy_err_set(HY_EINVAL, "hydra: projection %d has no segments", i)
+                                       : hydra_check(in, out[i], n_seg > 0 ? segs[i] : NULL, n_seg);
+        if (rc)
+            return rc;
+    }
     for (int i = 0; i < n; i++) {
         int rc = cpu_hydra(b, x, in, y[i], out[i], n_seg > 0 ? segs[i] : NULL, n_seg);
         if (rc)

@@ -29,7 +29,7 @@ typedef struct {
 typedef struct {
     int cap_tok, cap_logits;
     float *x;      /* [n_tok][n_embd] residual stream */
-    float *xb;     /* [n_tok][n_embd] normed input / projection output */
+    float *xb;     /* [n_tok][n_embd] the normed input of q/k/v and of gate/up */
     float *q;      /* [n_tok][n_head * head_dim] */
     float *k, *v;  /* [n_tok][n_head_kv * head_dim] */
     float *att;    /* [n_tok][n_head * head_dim] attention output */
@@ -39,7 +39,7 @@ typedef struct {
     float *xg;     /* [n_logits][n_embd] final-normed rows whose logits are wanted */
     float *lg;     /* [n_logits][n_vocab] */
     /* host scratch */
-    be_lora_seg *segs; /* [BE_MM_MAX][cap_seg] */
+    be_lora_seg *segs; /* BE_MM_MAX * cap_seg: a call's projection p at p * (its n_seg) */
     int cap_seg;
     int32_t *hpos, *hseq, *hslot; /* [cap_host] eng_forward_seq metadata */
     int cap_host;

@@ -303,8 +303,6 @@ int cuda_lora_create(be *b, int r, int K, int64_t in, int64_t out, const float *
 void cuda_lora_free(be *b, be_lora *l);
 int cuda_hydra_n(be *b, int n, const float *x, int64_t in, float *const *y, const int64_t *out,
                  const be_lora_seg *const *segs, int n_seg);
-int cuda_hydra(be *b, const float *x, int64_t in, float *y, int64_t out, const be_lora_seg *segs,
-               int n_seg);
 /* Router stats kept on the device: enqueue their download (returns how many entries), and after
  * the stream has been synchronised add them to their host arrays. cuda_gst_flush does both. */
 int cuda_gst_enqueue(be_cuda *c, int *n);

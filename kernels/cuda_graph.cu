@@ -210,16 +210,16 @@ static int graph_keep_gst(be_cuda *c, cuda_graph_ent *g)
     return HY_OK;
 }
 
-/* c->graph_kernels = the kernel nodes of a recorded step (a figure for logs and tests: every
- * kernel of a replayed step still costs the GPU a launch gap of its own) */
-static void graph_count_kernels(be_cuda *c, cudaGraph_t graph)
+/* the kernel nodes of a captured step (a figure for logs and tests: every kernel of a replayed
+ * step still costs the GPU a launch gap of its own); 0 when they cannot be listed */
+static uint64_t graph_count_kernels(cudaGraph_t graph)
 {
     size_t n = 0;
     if (cudaGraphGetNodes(graph, NULL, &n) != cudaSuccess || n == 0)
-        return;
+        return 0;
     cudaGraphNode_t *nodes = (cudaGraphNode_t *)malloc(sizeof(cudaGraphNode_t) * n);
     if (!nodes)
-        return;
+        return 0;
     uint64_t k = 0;
     if (cudaGraphGetNodes(graph, nodes, &n) == cudaSuccess)
         for (size_t i = 0; i < n; i++) {
@@ -227,7 +227,7 @@ static void graph_count_kernels(be_cuda *c, cudaGraph_t graph)
             k += cudaGraphNodeGetType(nodes[i], &t) == cudaSuccess && t == cudaGraphNodeTypeKernel;
         }
     free(nodes);
-    c->graph_kernels = k;
+    return k;
 }
 
 int cuda_step_end(be *b, bool ok, bool *rerun)
@@ -242,8 +242,9 @@ int cuda_step_end(be *b, bool ok, bool *rerun)
     cudaGraph_t graph = NULL;
     cudaError_t e = cudaStreamEndCapture(c->stream, &graph);
     cudaGraphExec_t exec = NULL;
+    uint64_t kernels = 0;
     if (ok && e == cudaSuccess && graph)
-        graph_count_kernels(c, graph);
+        kernels = graph_count_kernels(graph);
     if (ok && e == cudaSuccess && graph)
         e = cudaGraphInstantiate(&exec, graph, 0);
     if (graph)
@@ -254,6 +255,7 @@ int cuda_step_end(be *b, bool ok, bool *rerun)
         g->epoch = c->epoch;
         g->bad = 0;
         c->n_recorded++;
+        c->graph_kernels = kernels;
         CU_CHECK(cudaGraphLaunch(g->exec, c->stream));
         return HY_OK;
     }

@@ -427,6 +427,8 @@ int cuda_hydra_n(be *b, int n, const float *x, int64_t in, float *const *y, cons
             return hy_err_set(HY_EINVAL, "hydra: bad output dimension %lld", (long long)out[i]);
         if ((out[i] + HY_EX_THREADS - 1) / HY_EX_THREADS > 65535)
             return hy_err_set(HY_EUNSUPPORTED, "hydra: output dimension %lld too large", (long long)out[i]);
+        if (n_seg && !segs[i])
+            return hy_err_set(HY_EINVAL, "hydra: projection %d has no segments", i);
         if (n_seg && (rc = cuda_hydra_check(in, out[i], segs[i], n_seg, &nt, &a)))
             return rc;
         n_tok = HY_MAX(n_tok, nt);
@@ -487,9 +489,4 @@ int cuda_hydra_n(be *b, int n, const float *x, int64_t in, float *const *y, cons
         }
     }
     return cuda_hydra_launch(c, &p, n, max_rk, x, (float *)hl, vec);
-}
-
-int cuda_hydra(be *b, const float *x, int64_t in, float *y, int64_t out, const be_lora_seg *segs, int n_seg)
-{
-    return cuda_hydra_n(b, 1, x, in, &y, &out, &segs, n_seg);
 }

@@ -14,7 +14,10 @@
  * kernel once over the rows of all of them (block ranges per matrix in a kernel parameter), so
  * a decode layer launches 3 mat-vec kernels fewer; other cases loop over matmul. With add (the o
  * and down projections), every path adds into y (the residual stream): the kernels' stores read
- * y first, cuBLAS runs with beta 1. */
+ * y first, cuBLAS runs with beta 1. An input transform (be_mm_in: the RMS norm before q/k/v and
+ * gate/up, the SwiGLU before down) is applied on the fly by the row kernel, whose block 0 also
+ * stores it; where the row kernel does not serve (more than 8 tokens, Q6_K, unaligned vectors)
+ * the transform runs as a pass of its own (cuda_rmsnorm / cuda_swiglu) before the products. */
 #include "kernels/cuda.h"
 #include "kernels/cuda_quant.cuh"
 
@@ -349,9 +352,10 @@ int cuda_matmul_n(be *b, int n, const be_weight *const *w, const float *x, const
     for (int i = 0; i < n; i++)
         if (!w[i])
             return hy_err_set(HY_EINVAL, "CUDA matmul_n: weight %d is NULL", i);
+    int rc0 = be_mm_in_check(in, x);
+    if (rc0)
+        return rc0;
     const int mode = !in ? MV_IN_X : in->kind == BE_IN_RMSNORM ? MV_IN_RMS : in->kind == BE_IN_SWIGLU ? MV_IN_SWIGLU : MV_IN_X;
-    if (mode != MV_IN_X && (!in->out || (mode == MV_IN_RMS ? !in->w : !in->up)))
-        return hy_err_set(HY_EINVAL, "CUDA matmul_n: bad input transform");
     if (n_tok == 0)
         return HY_OK;
     /* one row-kernel launch: mat-vec sizes, one type and width, aligned vectors */

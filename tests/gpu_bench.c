@@ -355,8 +355,11 @@ int main(int argc, char **argv)
         uint64_t rec = 0, rep = 0, kern = 0; /* kernels of the last recorded step: this one's */
         if (b->ops->step_counts)
             b->ops->step_counts(b, &rec, &rep, &kern);
-        printf("  %5d %10.3f %12.3f %12.3f %10.2f %12.0f %14.3f %8llu\n", batches[i], dt * 1e3, fq * 1e3, fh * 1e3,
-               dt / floor, batches[i] / dt, host * 1e3, (unsigned long long)kern);
+        char ks[24] = "-"; /* nothing recorded (HY_CUDA_GRAPHS=0) */
+        if (kern)
+            snprintf(ks, sizeof ks, "%llu", (unsigned long long)kern);
+        printf("  %5d %10.3f %12.3f %12.3f %10.2f %12.0f %14.3f %8s\n", batches[i], dt * 1e3, fq * 1e3, fh * 1e3,
+               dt / floor, batches[i] / dt, host * 1e3, ks);
     }
 
     /* adapters */

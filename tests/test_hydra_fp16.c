@@ -21,6 +21,8 @@
 #include <time.h>
 #include <cmocka.h>
 
+#include "tests/testutil.h"
+
 static uint64_t g_rng;
 static tp_pool *g_pool;
 
@@ -264,16 +266,6 @@ static void test_batch_invariance(void **state)
  * or wrong factor (zeros, infinities, a saturated router: NMSE 0.2..1 or NaN). */
 #define NMSE_FP16 2e-6
 
-static double nmse(const float *a, const float *ref, size_t n)
-{
-    double num = 0, den = 0;
-    for (size_t i = 0; i < n; i++) {
-        double d = (double)a[i] - ref[i];
-        num += d * d;
-        den += (double)ref[i] * ref[i];
-    }
-    return den == 0 ? (num == 0 ? 0 : INFINITY) : num / den;
-}
 
 static void rand_lora(w_lora *w, int r, int K, int64_t in, int64_t out, float a_sd, float b_sd)
 {
@@ -335,7 +327,7 @@ static void check_vs_precise(int n_tok, int64_t in, int64_t out, int n_ad, float
     for (size_t i = 0; i < ny; i++)
         if (!isfinite(o[0][i]) || !isfinite(o[1][i]))
             fail_msg("y[%zu]: fp16 %g, fp32 %g", i, (double)o[0][i], (double)o[1][i]);
-    double e = nmse(o[0], o[1], ny), es = nmse(&stats[0][0][0], &stats[1][0][0], sizeof stats[0] / sizeof(float));
+    double e = tu_nmse(o[0], o[1], ny), es = tu_nmse(&stats[0][0][0], &stats[1][0][0], sizeof stats[0] / sizeof(float));
     printf("#   %3d tokens, in %4lld, out %4lld, %2d segments: NMSE y %.2e, stats %.2e\n", n_tok, (long long)in,
            (long long)out, n_seg, e, es);
     if (!(e <= NMSE_FP16) || !(es <= NMSE_FP16))

@@ -1,12 +1,27 @@
 /* testutil.h - helpers shared by the C tests: a growable byte buffer for building GGUF (and other
- * little-endian binary) files by hand, independently of hydrad's own writer. Header-only, to be
- * included after <cmocka.h>; not a test itself (the Makefile builds tests/test_*.c). */
+ * little-endian binary) files by hand, independently of hydrad's own writer, and the normalised
+ * mean squared error the numeric tests bound. Header-only, to be included after <cmocka.h>; not a
+ * test itself (the Makefile builds tests/test_*.c). */
 #ifndef HY_TESTUTIL_H
 #define HY_TESTUTIL_H
 
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* sum (a - ref)^2 / sum ref^2 in double; 0 when both are all zero, infinity for any error
+ * against an all-zero reference (and NaN stays NaN, which fails every bound) */
+static inline double tu_nmse(const float *a, const float *ref, size_t n)
+{
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)a[i] - ref[i];
+        num += d * d;
+        den += (double)ref[i] * ref[i];
+    }
+    return den == 0 ? (num == 0 ? 0 : INFINITY) : num / den;
+}
 
 typedef struct {
     unsigned char *p; /* malloc'ed; the test frees it (or hands it to whoever does) */
