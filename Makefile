@@ -148,7 +148,7 @@ EMU_LDLIBS  := -lmicrohttpd -ljansson -lcurl -lcrypto -lm -lcmocka
 # steps of the 64-sequence test
 EMU_MODEL_ENV ?= HY_TEST_LAYERS=2 HY_TEST_DECODE_STEPS=8 HY_TEST_TOKENS=64
 
-.PHONY: test-emu test-emu-ops emu
+.PHONY: test-emu test-emu-ops test-emu-asan emu
 emu: $(EMU_TESTS)
 
 $(EMU_BUILD)/kernels/%.cpp: $(EMU_KERNELS)/%.cu $(EMU_DIR)/cudapp.py
@@ -177,5 +177,13 @@ test-emu-ops: $(EMU_BIN)/tests/test_backend_ops
 	$(EMU_BIN)/tests/test_backend_ops
 test-emu: test-emu-ops $(EMU_BIN)/tests/test_cuda_model
 	$(EMU_MODEL_ENV) $(EMU_BIN)/tests/test_cuda_model
+
+# The emulator's op tests under AddressSanitizer (out-of-bounds kernel or host accesses; not in
+# `make test`: a few minutes more). A build of its own in build/emu-asan.
+test-emu-asan:
+	$(MAKE) EMU_BUILD=$(BUILD)/emu-asan EMU_BIN=$(BIN)/emu-asan EMU_CXX="$(EMU_CXX) -fsanitize=address" \
+	  CC="$(CC) -fsanitize=address" EMU_CFLAGS="$(filter-out -O2 $(WARN),$(EMU_CFLAGS)) -O1" \
+	  $(BIN)/emu-asan/tests/test_backend_ops
+	ASAN_OPTIONS=detect_leaks=0 $(BIN)/emu-asan/tests/test_backend_ops
 
 -include $(shell find $(EMU_BUILD) -name '*.d' 2>/dev/null)
