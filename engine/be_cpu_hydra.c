@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* fp16 storage: each of A, R and B is multiplied by its own power of two (lora_pow2) before
+/* fp16 storage: each of A, R and B is multiplied by its own power of two (q_f16_pow2) before
  * rounding, so that neither large weights overflow nor small ones sink into fp16's subnormals;
  * the op undoes the factors exactly: router logits times l_mul, the expand sum times out_mul.
  * Same rule as kernels/cuda_hydra.cu, so both backends hold identical adapter values.
@@ -27,32 +27,13 @@ struct be_lora {
     void *Bcat;       /* [out][K * r]: row o = B_0[o] | B_1[o] | ... */
 };
 
-/* The power of two that brings the largest finite |v| of the n values of each of `parts`
- * arrays to [2^13, 2^14), clamped to 2^-40..2^40 (products of factors stay finite in fp32);
- * 1 when all are zero or not finite. */
-static float lora_pow2(const float *const *parts, int n_parts, size_t n)
-{
-    float mx = 0.0f;
-    for (int p = 0; p < n_parts; p++)
-        for (size_t i = 0; i < n; i++) {
-            float a = fabsf(parts[p][i]);
-            if (a > mx && isfinite(a))
-                mx = a;
-        }
-    if (mx == 0.0f)
-        return 1.0f;
-    int e = 0;
-    (void)frexpf(mx, &e); /* mx < 2^e */
-    return ldexpf(1.0f, HY_MAX(-40, HY_MIN(40, 14 - e)));
-}
-
 static void lora_fill_f16(be_lora *l, const float *A, const float *R, const float *const *B, float scale)
 {
     size_t r = (size_t)l->r, in = (size_t)l->in, kr = (size_t)l->K * r;
     uint16_t *ar = l->AR, *bc = l->Bcat;
-    float fa = lora_pow2(&A, 1, r * in);
-    float fr = l->K > 1 ? lora_pow2(&R, 1, (size_t)l->K * in) : 1.0f;
-    float fb = lora_pow2(B, l->K, (size_t)l->out * r);
+    float fa = q_f16_pow2(&A, 1, r * in);
+    float fr = l->K > 1 ? q_f16_pow2(&R, 1, (size_t)l->K * in) : 1.0f;
+    float fb = q_f16_pow2(B, l->K, (size_t)l->out * r);
     l->l_mul = 1.0f / fr;
     l->out_mul = scale / fa / fb; /* powers of two: exact unless scale itself underflows */
     for (size_t i = 0; i < r * in; i++)

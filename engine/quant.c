@@ -124,6 +124,22 @@ uint16_t q_f32_to_f16(float f)
     return (uint16_t)(sign | (x >> 13));
 }
 
+float q_f16_pow2(const float *const *parts, int n_parts, size_t n)
+{
+    float mx = 0.0f;
+    for (int p = 0; p < n_parts; p++)
+        for (size_t i = 0; i < n; i++) {
+            float a = fabsf(parts[p][i]);
+            if (a > mx && isfinite(a))
+                mx = a;
+        }
+    if (mx == 0.0f)
+        return 1.0f;
+    int e = 0;
+    (void)frexpf(mx, &e); /* mx = m 2^e, m in [0.5, 1): mx < 2^e */
+    return ldexpf(1.0f, HY_MAX(-40, HY_MIN(40, 14 - e)));
+}
+
 float q_bf16_to_f32(uint16_t h) { return u2f((uint32_t)h << 16); }
 
 uint16_t q_f32_to_bf16(float f)

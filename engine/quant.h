@@ -26,6 +26,11 @@ float q_f16_to_f32(uint16_t h);
 uint16_t q_f32_to_f16(float f);
 float q_bf16_to_f32(uint16_t h);
 uint16_t q_f32_to_bf16(float f);         /* RNE; NaN stays a (quiet) NaN */
+/* fp16 storage of values of any magnitude: the power of two that brings the largest finite |v|
+ * of the n values of each of the n_parts arrays to [2^13, 2^14), clamped to 2^-40..2^40 (so
+ * products of such factors stay finite in fp32); 1 when all are zero or not finite. Store
+ * fp16(v * factor), divide by the factor after the arithmetic. Both backends' adapters use it. */
+float q_f16_pow2(const float *const *parts, int n_parts, size_t n);
 
 /* Dequantise n elements (a whole number of blocks) of `type` at src into dst. */
 void q_dequant_row(uint32_t type, const void *src, float *dst, int64_t n);

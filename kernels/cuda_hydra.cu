@@ -269,26 +269,6 @@ static int lora_layout(int r, int K, int64_t in, int64_t out, size_t *ar_bytes, 
     return HY_OK;
 }
 
-/* The power of two that brings the largest |v| of the n values (over `parts` arrays) to
- * [2^13, 2^14); 1 when all are zero or not finite. Clamped to 2^-40..2^40 so that the products
- * of factors stay finite in fp32. */
-static float lora_pow2(const float *const *parts, int n_parts, size_t n)
-{
-    float mx = 0.0f;
-    for (int p = 0; p < n_parts; p++)
-        for (size_t i = 0; i < n; i++) {
-            const float a = fabsf(parts[p][i]);
-            if (a > mx && isfinite(a))
-                mx = a;
-        }
-    if (mx == 0.0f)
-        return 1.0f;
-    int e = 0;
-    (void)frexpf(mx, &e); /* mx = m 2^e, m in [0.5, 1): mx < 2^e */
-    const int sh = 14 - e;
-    return ldexpf(1.0f, sh < -40 ? -40 : sh > 40 ? 40 : sh);
-}
-
 static void lora_to_half(__half *dst, const float *src, size_t n, float mul)
 {
     for (size_t i = 0; i < n; i++)
@@ -333,9 +313,9 @@ int cuda_lora_create(be *b, int r, int K, int64_t in, int64_t out, const float *
     if ((rc = cuda_lstage_get(c, total, &slot, &host)))
         goto fail;
     {
-        const float fa = lora_pow2(&A, 1, (size_t)r * in);
-        const float fr = K > 1 ? lora_pow2(&R, 1, (size_t)K * in) : 1.0f;
-        const float fb = lora_pow2(B, K, (size_t)out * r);
+        const float fa = q_f16_pow2(&A, 1, (size_t)r * in);
+        const float fr = K > 1 ? q_f16_pow2(&R, 1, (size_t)K * in) : 1.0f;
+        const float fb = q_f16_pow2(B, K, (size_t)out * r);
         l->l_mul = 1.0f / fr;
         l->out_mul = scale / fa / fb; /* powers of two: exact unless scale itself underflows */
         __half *hAR = (__half *)host, *hB = (__half *)((char *)host + bt_off);
