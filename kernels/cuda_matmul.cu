@@ -88,6 +88,17 @@ typedef struct {
 
 __device__ __forceinline__ float mv_silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
+/* 1 / rms of token t from the warps' sums of squares (as the rmsnorm op computes it) */
+template <int NT>
+__device__ __forceinline__ float mv_rms_scale(const float (*ssp)[NT], int t, int cols, float eps)
+{
+    float tot = 0.0f;
+#pragma unroll
+    for (int k = 0; k < MV_WARPS; k++)
+        tot += ssp[k][t];
+    return 1.0f / sqrtf(tot / (float)cols + eps);
+}
+
 template <int QT, int NT, int R, int MODE>
 __global__ void __launch_bounds__(MV_WARPS * 32)
     cuda_mv_rows_kernel(const __grid_constant__ mv_set set, size_t row_bytes, int cols,
@@ -182,22 +193,14 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
 #pragma unroll
         for (int k = 0; k < MV_WARPS; k++)
             v += part[k][i][t];
-        if (MODE == MV_IN_RMS) {
-            float tot = 0.0f;
-#pragma unroll
-            for (int k = 0; k < MV_WARPS; k++)
-                tot += ssp[k][t];
-            v *= 1.0f / sqrtf(tot / (float)cols + in.eps);
-        }
+        if (MODE == MV_IN_RMS)
+            v *= mv_rms_scale<NT>(ssp, t, cols, in.eps);
         if (r0 + i < rows)
             y[(size_t)t * rows + r0 + i] = add ? y[(size_t)t * rows + r0 + i] + v : v;
     }
     if (MODE == MV_IN_RMS && blockIdx.x == 0) { /* the normed input, as the rmsnorm op computes it */
         for (int t = 0; t < NT; t++) {
-            float tot = 0.0f;
-            for (int k = 0; k < MV_WARPS; k++)
-                tot += ssp[k][t];
-            const float scale = 1.0f / sqrtf(tot / (float)cols + in.eps);
+            const float scale = mv_rms_scale<NT>(ssp, t, cols, in.eps);
             for (int e = threadIdx.x; e < cols; e += MV_WARPS * 32)
                 in.xout[(size_t)t * cols + e] = x[(size_t)t * cols + e] * scale * in.nw[e];
         }
