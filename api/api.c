@@ -1,6 +1,7 @@
 /* api.c - OpenAI wire format with jansson: request parsing/validation, OpenAI-shaped errors,
  * response and SSE chunk formatting. Pure functions only: no sockets, no engine, no globals. */
 #include "api/api.h"
+#include "api/api_hydra.h"
 #include "engine/hy.h"
 
 #include <jansson.h>
@@ -400,6 +401,8 @@ int api_parse_request(api_kind kind, const char *body, size_t len, api_request *
         rc = parse_stop(root, r, err);
     if (!rc)
         rc = parse_logprobs(root, r, err);
+    if (!rc)
+        rc = api_parse_hydra(root, &r->hydra, err);
     json_decref(root);
     if (rc) {
         api_request_free(r);
@@ -607,6 +610,8 @@ static json_t *choice_json(api_kind kind, const api_choice *c, bool want_lp, boo
     else
         json_object_set_new(o, "logprobs", json_null());
     json_object_set_new(o, "finish_reason", c->finish_reason ? json_string(c->finish_reason) : json_null());
+    if (c->router)
+        json_object_set_new(o, "hydra", api_router_json(c->router));
     return o;
 }
 

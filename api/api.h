@@ -41,6 +41,19 @@ typedef struct {
     int n_ids;
 } api_prompt;
 
+/* The `hydra` extension object (both endpoints): HydraLoRA router view and control.
+ *   {"return_router": bool, "temperature": > 0, "top_k": >= 0, "force_head": k, "mask_heads": [k, ...]}
+ * Checked against the adapter's head count by api_hydra_check once the adapter is known. */
+#define API_HYDRA_MAX_K 16
+typedef struct {
+    bool given;            /* the request carried a `hydra` object */
+    bool return_router;    /* the response carries the router view */
+    double temperature;    /* router softmax temperature, 1 */
+    int top_k;             /* 0: every head; else the top_k heads, renormalised */
+    int force_head;        /* -1: none; else only this head (gate 1) */
+    uint32_t mask;         /* bit k: head k masked (gate 0) */
+} api_hydra;
+
 /* A parsed, validated generation request. Every pointer is owned by the struct
  * (api_request_free). Defaults follow OpenAI; unknown fields are ignored. */
 typedef struct {
@@ -67,6 +80,7 @@ typedef struct {
     double presence_penalty, frequency_penalty; /* 0 */
     double repetition_penalty; /* 1.0 */
     bool ignore_eos;
+    api_hydra hydra;
 } api_request;
 
 /* Parse a POST /v1/completions (kind API_COMPLETION) or /v1/chat/completions body.
@@ -89,6 +103,17 @@ typedef struct {
     const float *top_logprob;
 } api_tokenlp;
 
+/* The router view of one choice (or of one streamed chunk's new tokens). */
+typedef struct {
+    int K;
+    int n_tok;
+    const int8_t *head;        /* [n_tok]: dominant head of each token */
+    int n_groups;              /* 0: no means (a chunk before the last) */
+    const char *const *group;  /* [n_groups] names (projections) */
+    const float *mean;         /* [n_groups][K] mean gate of each head */
+    const float *overall;      /* [K] mean gate over every group, or NULL */
+} api_router;
+
 typedef struct {
     int index;
     const char *text;
@@ -96,6 +121,7 @@ typedef struct {
     const char *finish_reason;  /* "stop", "length", or NULL (streaming, not finished) */
     int n_lp;                   /* number of tokens with logprobs; 0 with lp == NULL: no logprobs */
     const api_tokenlp *lp;
+    const api_router *router;   /* NULL: no `hydra` member */
 } api_choice;
 
 typedef struct {
@@ -116,6 +142,11 @@ char *api_format_usage_chunk(api_kind kind, const char *id, int64_t created, con
                              const api_usage *usage);
 /* "data: [DONE]\n\n" (static string). */
 const char *api_sse_done(void);
+
+/* The hydra object against the adapter the request names (K heads; K = 0: the base model):
+ * HY_EINVAL with a 400 naming the field when a head is out of range, every head is masked, or
+ * router options are given for the base model. */
+int api_hydra_check(const api_hydra *h, int K, api_error *err); /* api/api_hydra.c */
 
 /* GET /v1/models entry. parent NULL for the base model. */
 typedef struct {

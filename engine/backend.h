@@ -14,6 +14,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "engine/be_gate.h"
+
 #define BE_KV_BLOCK 16 /* tokens per KV block */
 #define BE_MM_MAX 3     /* weights per matmul_n call (q, k, v) */
 
@@ -40,11 +42,14 @@ typedef struct {
 /* One run of consecutive batch tokens [tok_begin, tok_end) that share an adapter matrix
  * set for the projection being computed; lora == NULL means "no adapter" (skip).
  * stats, when not NULL, is a HOST array of K+1 floats the op ADDS to: the sum over the
- * segment's tokens of each head's gate g_k, then the sum of gate entropies -sum g ln g. */
+ * segment's tokens of each head's gate g_k, then the sum of gate entropies -sum g ln g.
+ * ctl, when not NULL, changes how the segment's gates are computed (be_gate.h: a request's router
+ * temperature, top-k heads, allowed heads); it must allow a head below the lora's K. */
 typedef struct {
     int tok_begin, tok_end;
     const be_lora *lora;
     float *stats;
+    const be_gate_ctl *ctl;
 } be_lora_seg;
 
 /* What a matmul_n multiplies: x itself, or a transform of it that the op also stores, so that a

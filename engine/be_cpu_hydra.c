@@ -345,8 +345,9 @@ typedef struct {
     dot16_fn dot16;       /* fp16 adapters */
 } hydra_job;
 
-/* Softmax gate and z = g (x) h for one token whose [h; l] is in hl. */
-static void hydra_gate(const be_lora *l, const float *hl, float *z, float *g)
+/* The gate (be_gate.h, under the segment's control) and z = g (x) h for one token whose [h; l]
+ * is in hl; g[K] = its entropy. */
+static void hydra_gate(const be_lora *l, const be_gate_ctl *ctl, const float *hl, float *z, float *g)
 {
     if (l->K == 1) {
         memcpy(z, hl, (size_t)l->r * sizeof(float));
@@ -354,23 +355,10 @@ static void hydra_gate(const be_lora *l, const float *hl, float *z, float *g)
         g[1] = 0.0f;
         return;
     }
-    const float *lg = hl + l->r;
-    float m = lg[0];
-    for (int k = 1; k < l->K; k++)
-        m = lg[k] > m ? lg[k] : m;
-    float sum = 0.0f;
-    for (int k = 0; k < l->K; k++) {
-        g[k] = expf(lg[k] - m);
-        sum += g[k];
-    }
-    float inv = 1.0f / sum, lsum = logf(sum), ent = 0.0f;
-    for (int k = 0; k < l->K; k++) {
-        g[k] *= inv;
-        ent -= g[k] * ((lg[k] - m) - lsum); /* -g ln g without log(0) */
+    g[l->K] = be_gate(hl + l->r, l->K, 1.0f, ctl, g);
+    for (int k = 0; k < l->K; k++)
         for (int c = 0; c < l->r; c++)
             z[k * l->r + c] = g[k] * hl[c];
-    }
-    g[l->K] = ent;
 }
 
 /* Rows [r0, r1) of [h; l] for nt tokens at x0 (hl row t of max_rows floats per token). */
@@ -430,7 +418,7 @@ static void hydra_gates(const hydra_job *j)
                     hl[k] *= l->l_mul;
             float *z = j->zbuf + j->seg_z[s] + (size_t)i * (size_t)l->K * (size_t)l->r;
             float *g = j->gbuf + j->seg_g[s] + (size_t)i * (size_t)(l->K + 1);
-            hydra_gate(l, hl, z, g);
+            hydra_gate(l, j->segs[s].ctl, hl, z, g);
         }
     }
 }
@@ -492,6 +480,9 @@ static int hydra_check(int64_t in, int64_t out, const be_lora_seg *segs, int n_s
         if (sg->lora && (sg->lora->in != in || sg->lora->out != out))
             return hy_err_set(HY_EINVAL, "hydra: segment %d adapter is %lld x %lld, op is %lld x %lld", s,
                               (long long)sg->lora->out, (long long)sg->lora->in, (long long)out, (long long)in);
+        if (sg->lora && !be_gate_ok(sg->ctl, sg->lora->K))
+            return hy_err_set(HY_EINVAL, "hydra: segment %d has a router control that allows no head of %d", s,
+                              sg->lora->K);
     }
     return HY_OK;
 }

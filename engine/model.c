@@ -571,6 +571,7 @@ static int eng_proj_lora(eng_model *m, const eng_batch *bt, int il, int n, const
             sp[n_seg].tok_end = bt->seg_begin[i + 1];
             sp[n_seg].lora = ad->lora[idx]; /* NULL: the adapter leaves this projection alone */
             sp[n_seg].stats = ad->stats && ad->lora[idx] ? ad->stats + (size_t)idx * (ad->K + 1) : NULL;
+            sp[n_seg].ctl = ad->ctl;
             any = any || ad->lora[idx];
             n_seg++;
         }
@@ -660,7 +661,14 @@ static int eng_step_ops(eng_model *m, eng_kv *kv, const eng_batch *bt)
 
 /* The step key of backend.h's step_begin into m->run.key: what shapes the op calls of
  * eng_step_ops besides the metadata arrays' contents (the caches, the batch's sizes, which
- * rows get logits, the adapter segments). */
+ * rows get logits, the adapter segments with the stats buffers and router controls they pass,
+ * whose values a recorded launch keeps). */
+typedef struct {
+    const float *stats;
+    int has_ctl;
+    be_gate_ctl ctl;
+} eng_seg_key;
+
 static int eng_step_key(eng_model *m, const eng_kv *kv, const eng_batch *bt, size_t *n)
 {
     struct {
@@ -677,7 +685,8 @@ static int eng_step_key(eng_model *m, const eng_kv *kv, const eng_batch *bt, siz
     size_t nl = (size_t)bt->n_logits * sizeof(int32_t);
     size_t ns = bt->n_seg ? (size_t)(bt->n_seg + 1) * sizeof(int32_t) : 0;
     size_t na = (size_t)bt->n_seg * sizeof(void *);
-    size_t need = sizeof head + nl + ns + na;
+    size_t nc = (size_t)bt->n_seg * sizeof(eng_seg_key);
+    size_t need = sizeof head + nl + ns + na + nc;
     eng_run *r = &m->run;
     if (need > r->cap_key) {
         uint8_t *k = realloc(r->key, need);
@@ -695,6 +704,19 @@ static int eng_step_key(eng_model *m, const eng_kv *kv, const eng_batch *bt, siz
         memcpy(p + nl, bt->seg_begin, ns);
     if (na)
         memcpy(p + nl + ns, bt->seg_adapter, na);
+    p += nl + ns + na;
+    for (int i = 0; i < bt->n_seg; i++, p += sizeof(eng_seg_key)) {
+        const eng_adapter *ad = bt->seg_adapter[i];
+        eng_seg_key sk;
+        memset(&sk, 0, sizeof sk);
+        if (ad) {
+            sk.stats = ad->stats;
+            sk.has_ctl = ad->ctl != NULL;
+            if (ad->ctl)
+                sk.ctl = *ad->ctl;
+        }
+        memcpy(p, &sk, sizeof sk);
+    }
     *n = need;
     return HY_OK;
 }

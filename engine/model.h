@@ -43,11 +43,14 @@ int eng_kv_blocks(const eng_kv *kv);
 
 /* An adapter as the forward pass sees it: lora[layer * ENG_N_PROJ + proj], NULL where the
  * adapter does not target that projection. stats (optional) has
- * n_layer * ENG_N_PROJ * (K + 1) floats the forward ADDS router sums to (see be_lora_seg). */
+ * n_layer * ENG_N_PROJ * (K + 1) floats the forward ADDS router sums to (see be_lora_seg).
+ * ctl (optional) is a request's router control for every projection (be_gate.h). A sequence with
+ * its own control or its own stats uses its own eng_adapter with the shared lora array. */
 typedef struct {
     be_lora *const *lora;
     int K;
     float *stats;
+    const be_gate_ctl *ctl;
 } eng_adapter;
 
 /* One forward step over a flat batch (all host memory).

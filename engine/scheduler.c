@@ -26,6 +26,7 @@ typedef struct sched_seq {
     char *gen;           /* all detokenised text, owned */
     size_t gen_len, gen_cap, shown;
     const eng_adapter *ea;
+    sched_route rt;      /* the request's router control/view, bound at admission */
     bool acquired, preempted;
     uint64_t acq_tokens; /* tokens run since adapter_acquire */
     uint64_t order;      /* admission order (preemption victim = newest) */
@@ -137,6 +138,7 @@ void sched_req_release(sched_req *r)
     for (int i = 0; i < r->n_choices && r->choices; i++) {
         free(r->choices[i].text);
         free(r->choices[i].lp);
+        sched_route_rec_free(&r->choices[i].route);
     }
     free(r->choices);
     pthread_mutex_destroy(&r->mu);
@@ -226,6 +228,7 @@ static void seq_free(sched *s, sched_seq *q)
     free(q->toks);
     free(q->blocks);
     free(q->gen);
+    sched_route_free(&q->rt);
     sched_req_release(q->req);
     free(q);
 }
@@ -327,9 +330,10 @@ int sched_create(const sched_config *cfg, sched **out)
     s->b_slot = malloc((size_t)mt * sizeof(int32_t));
     s->b_seqlen = malloc((size_t)ms * sizeof(int32_t));
     s->b_bt = malloc(bt * sizeof(int32_t));
-    s->b_segbeg = malloc((size_t)(ms + 1) * sizeof(int32_t));
+    /* segments: one per sequence, two for one whose router view splits its last prefill chunk */
+    s->b_segbeg = malloc((size_t)(2 * ms + 1) * sizeof(int32_t));
     s->b_logit_tok = malloc((size_t)ms * sizeof(int32_t));
-    s->b_segad = malloc((size_t)ms * sizeof *s->b_segad);
+    s->b_segad = malloc((size_t)2 * ms * sizeof *s->b_segad);
     s->b_seqs = malloc((size_t)ms * sizeof *s->b_seqs);
     s->logits = malloc(lg * sizeof(float));
     if (!s->running || !s->b_tok || !s->b_pos || !s->b_tseq || !s->b_slot || !s->b_seqlen || !s->b_bt ||
@@ -632,6 +636,8 @@ static int grow_blocks(sched *s, sched_seq *q, int n_tokens)
     return HY_OK;
 }
 
+static bool has_route(const sched_req *r) { return r->route.has_ctl || r->route.view; }
+
 static void admit(sched *s)
 {
     while (s->n_running < s->cfg.max_seqs && s->waiting_head) {
@@ -655,6 +661,13 @@ static void admit(sched *s)
             }
             q->ea = ea;
             q->acquired = true;
+            if (has_route(q->req) && sched_route_bind(&q->rt, &q->req->route, ea, s->cfg.n_layer)) {
+                wait_unlink(s, prev, q);
+                fail_req(s, q->req, hy_err_msg());
+                finish_choice(s, q, "error");
+                seq_free(s, q);
+                continue;
+            }
         }
         wait_unlink(s, prev, q);
         if (grow_blocks(s, q, q->n_tok) != HY_OK) { /* cannot happen after the check above */
@@ -777,12 +790,15 @@ static void build_batch(sched *s, int n_seq, eng_batch *b)
     for (int i = 0; i < n_seq; i++) {
         sched_seq *q = s->b_seqs[i];
         const eng_adapter *ea = q->req->adapter ? q->ea : NULL;
-        if (i == 0 || s->b_seqs[i - 1]->req->adapter != q->req->adapter) {
-            s->b_segbeg[n_seg] = t;
-            s->b_segad[n_seg++] = ea;
-        }
+        bool own = ea && has_route(q->req);
         for (int k = 0; k < q->n_this; k++, t++) {
             int pos = q->n_cached + k;
+            /* a new adapter segment where the adapter (or the request's own router) changes */
+            const eng_adapter *sa = own ? sched_route_pick(&q->rt, &q->req->route, pos + 1 == q->n_tok) : ea;
+            if (t == 0 || s->b_segad[n_seg - 1] != sa) {
+                s->b_segbeg[n_seg] = t;
+                s->b_segad[n_seg++] = sa;
+            }
             s->b_tok[t] = q->toks[pos];
             s->b_pos[t] = pos;
             s->b_tseq[t] = i;
@@ -858,6 +874,7 @@ static bool on_token(sched *s, sched_seq *q, const sched_sample *smp)
     if (r->t_first == 0)
         r->t_first = hy_now();
     c->n_gen++;
+    bool route_oom = r->route.view && q->acquired && sched_route_take(&q->rt, &c->route, s->cfg.n_layer);
     if (r->sp.logprobs) {
         if (c->n_gen > c->lp_cap) {
             int cap = c->lp_cap ? c->lp_cap * 2 : 16;
@@ -875,6 +892,10 @@ static bool on_token(sched *s, sched_seq *q, const sched_sample *smp)
         q->shown = visible;
     sched_req_unlock(r);
     touch(s, r);
+    if (route_oom) {
+        fail_req(s, r, hy_err_msg());
+        finish = "error";
+    }
     if (finish)
         finish_choice(s, q, finish);
     return finish != NULL;

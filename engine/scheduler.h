@@ -6,6 +6,7 @@
 #define HY_SCHEDULER_H
 
 #include "engine/model.h"
+#include "engine/sched_route.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -70,6 +71,7 @@ typedef struct {
     int max_loras;         /* distinct adapters running at once */
     int n_ctx;             /* tokens per sequence at most */
     int n_vocab;
+    int n_layer;           /* the model's layers (router views); 0 with no adapters */
     const sched_ops *ops;
     void *ops_ctx;
 } sched_config;
@@ -83,6 +85,7 @@ typedef struct {
     int lp_cap;
     bool done;
     const char *finish;    /* "stop", "length", "cancelled", "error" once done */
+    sched_route_rec route; /* router view of the sampled tokens (req->route.view) */
 } sched_choice;
 
 /* A request: n_prompts prompts x n samples each = n_choices sequences (choice = p * n + j).
@@ -102,6 +105,7 @@ typedef struct sched_req {
     bool ignore_eos;
     sched_sampling sp;
     void *adapter;         /* NULL = base model; opaque to the scheduler */
+    sched_route_opts route; /* router control/view (needs an adapter); set before sched_submit */
     void (*notify)(void *ctx); /* called by the engine thread after new results (no lock held) */
     void *notify_ctx;
     void (*notify_free)(void *ctx); /* called once when the request is freed (last release) */

@@ -20,7 +20,7 @@
 #include <stdlib.h>
 
 #define HY_TT 8          /* tokens of one segment handled together */
-#define HY_P_SEGS 64     /* segments per launch (kernel parameter space is 4 KiB: 64 x 48 bytes) */
+#define HY_P_SEGS 64     /* segments per launch (kernel parameter space is 4 KiB: 64 x 56 bytes) */
 #define HY_SHRINK_WARPS 8
 #define HY_EX_THREADS 256
 
@@ -33,6 +33,9 @@ typedef struct {
     short r, K;
     short proj;     /* which of the call's projections (its y, out and [h; l] rows) */
     float l_mul, out_mul; /* be_lora's: undo the storage factors */
+    float temp;     /* the segment's router control (be_gate.h; K <= 8 heads fit allow) */
+    unsigned short allow;
+    short top_k;
 } hy_seg;
 
 typedef struct {
@@ -133,30 +136,19 @@ __global__ void __launch_bounds__(HY_EX_THREADS)
     hl += (size_t)s.proj * p.hl_tok * CUDA_HL_STRIDE;
     if (tid < cnt) {
         const float *h = hl + (size_t)(t0 + tid) * CUDA_HL_STRIDE;
-        float g[CUDA_LORA_MAX_K];
+        float g[CUDA_LORA_MAX_K], ent = 0.0f;
         if (K == 1) {
             g[0] = 1.0f;
         } else {
-            float mx = -INFINITY, sum = 0.0f;
-            for (int k = 0; k < K; k++)
-                mx = fmaxf(mx, h[r + k] * s.l_mul);
-            for (int k = 0; k < K; k++) {
-                g[k] = expf(h[r + k] * s.l_mul - mx);
-                sum += g[k];
-            }
-            for (int k = 0; k < K; k++)
-                g[k] /= sum;
+            const be_gate_ctl ctl = {s.temp, s.top_k, s.allow};
+            ent = be_gate(h + r, K, s.l_mul, &ctl, g);
         }
         for (int k = 0; k < K; k++)
             gs[tid][k] = g[k];
         if (blockIdx.y == 0 && s.gst >= 0) {
             float *st = gst + (size_t)s.gst * CUDA_GST_STRIDE;
-            float ent = 0.0f;
-            for (int k = 0; k < K; k++) {
+            for (int k = 0; k < K; k++)
                 atomicAdd(st + k, g[k]);
-                if (g[k] > 0.0f)
-                    ent -= g[k] * logf(g[k]);
-            }
             atomicAdd(st + K, ent);
         }
     }
@@ -358,6 +350,9 @@ static int cuda_hydra_check(int64_t in, int64_t out, const be_lora_seg *segs, in
             return hy_err_set(HY_EINVAL, "hydra: segment %d adapter is %lld x %lld, projection is %lld x %lld",
                               i, (long long)s->lora->out, (long long)s->lora->in, (long long)out,
                               (long long)in);
+        if (!be_gate_ok(s->ctl, s->lora->K))
+            return hy_err_set(HY_EINVAL, "hydra: segment %d has a router control that allows no head of %d", i,
+                              s->lora->K);
         *any = 1;
     }
     *n_tok = end;
@@ -458,6 +453,9 @@ int cuda_hydra_n(be *b, int n, const float *x, int64_t in, float *const *y, cons
             s->l_mul = l->l_mul;
             s->out_mul = l->out_mul;
             s->gst = -1;
+            s->temp = sg->ctl ? sg->ctl->temp : 1.0f;
+            s->allow = (unsigned short)(sg->ctl ? sg->ctl->allow : 0xffffu);
+            s->top_k = (short)(sg->ctl ? sg->ctl->top_k : 0);
             if (want) {
                 s->gst = c->gst_n;
                 c->gst_dst[c->gst_n] = sg->stats;

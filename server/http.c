@@ -2,6 +2,7 @@
  * api/, tokenize, submit to the scheduler, answer whole or stream SSE from suspended
  * connections; admin adapter endpoints; /health and /metrics. Never runs the model. */
 #include "server/http.h"
+#include "server/hydra_view.h"
 #include "api/api.h"
 #include "engine/hy.h"
 
@@ -32,6 +33,7 @@ enum { R_NONE, R_GEN, R_DONE_WAIT, R_LOAD_WAIT };
 typedef struct {
     int sent_text;          /* bytes of choice text already streamed */
     int sent_lp;            /* logprob entries already streamed */
+    int sent_route;         /* router-view tokens already streamed */
     bool role_sent, finish_sent;
 } stream_choice;
 
@@ -521,16 +523,22 @@ static enum MHD_Result answer_whole(conn *c, struct MHD_Connection *mc)
     record_finished(c);
     api_choice *ch = calloc((size_t)r->n_choices, sizeof *ch);
     lp_buf *lb = calloc((size_t)r->n_choices, sizeof *lb);
+    bool want_rt = c->ar.hydra.return_router;
+    srv_hydra_view *hv = want_rt ? calloc((size_t)r->n_choices, sizeof *hv) : NULL;
     int gen = 0;
     char *json = NULL;
-    if (ch && lb) {
+    if (ch && lb && (hv || !want_rt)) {
         for (int i = 0; i < r->n_choices; i++) {
             sched_choice *x = &r->choices[i];
-            ch[i] = (api_choice){i, x->text ? x->text : "", x->len, finish_name(x->finish), 0, NULL};
+            ch[i] = (api_choice){i, x->text ? x->text : "", x->len, finish_name(x->finish), 0, NULL, NULL};
             gen += x->n_gen;
             if (c->ar.logprobs && x->lp && lp_build(c->s, x->lp, 0, x->n_gen, c->ar.top_logprobs, &lb[i]) == 0) {
                 ch[i].n_lp = x->n_gen;
                 ch[i].lp = lb[i].lp;
+            }
+            if (hv) {
+                srv_hydra_view_make(&x->route, 0, true, &hv[i]);
+                ch[i].router = &hv[i].rt;
             }
         }
         api_usage u = {c->n_prompt_total, gen};
@@ -541,6 +549,7 @@ static enum MHD_Result answer_whole(conn *c, struct MHD_Connection *mc)
     sched_req_unlock(r);
     free(ch);
     free(lb);
+    free(hv);
     if (!json)
         return err(c, mc, 500, "server_error", "", "", "out of memory");
     return send_json(c, mc, 200, json);
@@ -581,7 +590,7 @@ static void stream_collect(conn *c)
         bool role = k == API_CHAT && !sc->role_sent;
         if (new_text || role || (x->done && !r->failed)) {
             api_choice ch = {i, x->text ? x->text + sc->sent_text : "", x->len - (size_t)sc->sent_text,
-                             x->done ? finish_name(x->finish) : NULL, 0, NULL};
+                             x->done ? finish_name(x->finish) : NULL, 0, NULL, NULL};
             lp_buf lb = {0};
             int n_lp = 0;
             if (c->ar.logprobs && x->lp && x->n_gen > sc->sent_lp &&
@@ -590,15 +599,21 @@ static void stream_collect(conn *c)
                 ch.n_lp = n_lp;
                 ch.lp = lb.lp;
             }
+            srv_hydra_view hv;
+            if (c->ar.hydra.return_router) {
+                srv_hydra_view_make(&x->route, sc->sent_route, x->done, &hv);
+                ch.router = &hv.rt;
+            }
             if (role && x->done && ch.finish_reason) {
                 /* role chunk first, then the text + finish chunk */
-                api_choice rc = {i, "", 0, NULL, 0, NULL};
+                api_choice rc = {i, "", 0, NULL, 0, NULL, NULL};
                 pend_add(c, api_format_chunk(k, c->id, c->created, c->model, &rc, true, c->ar.logprobs, usage_null));
                 role = false;
             }
             if (pend_add(c, api_format_chunk(k, c->id, c->created, c->model, &ch, role, c->ar.logprobs, usage_null)) == 0) {
                 sc->sent_text = (int)x->len;
                 sc->sent_lp += n_lp;
+                sc->sent_route = x->route.n;
                 sc->role_sent = true;
                 if (x->done)
                     sc->finish_sent = true;
@@ -710,6 +725,9 @@ static enum MHD_Result start_generation(conn *c, struct MHD_Connection *mc, api_
     }
     if (!c->model)
         return MHD_NO;
+    int ad_heads = c->ad ? ad_K(c->ad) : 0;
+    if (api_hydra_check(&ar->hydra, ad_heads, &e))
+        return send_err(c, mc, &e);
     int32_t **ids = NULL;
     int *n = NULL, np = 0;
     if (tokenize_request(c, &e, &ids, &n, &np))
@@ -735,6 +753,7 @@ static enum MHD_Result start_generation(conn *c, struct MHD_Connection *mc, api_
     free(n);
     if (rc)
         return err(c, mc, 500, "server_error", "", "", hy_err_msg());
+    r->route = srv_hydra_opts(&ar->hydra, ad_heads);
     r->notify = on_engine_event;
     r->notify_ctx = c;
     r->notify_free = on_req_free;

@@ -586,7 +586,7 @@ int cli_serve(int argc, char **argv)
                .n_vocab = hp->n_vocab};
     sched_config sc_cfg = {.max_seqs = o.max_seqs, .max_batch_tokens = o.max_batch_tokens, .n_blocks = n_blocks,
                            .max_queue = o.max_queue, .max_loras = o.max_loras, .n_ctx = n_ctx,
-                           .n_vocab = hp->n_vocab, .ops = &glue_ops, .ops_ctx = &g};
+                           .n_vocab = hp->n_vocab, .n_layer = hp->n_layer, .ops = &glue_ops, .ops_ctx = &g};
     if ((rc = sched_create(&sc_cfg, &sc)) || (rc = sched_start(sc))) {
         fprintf(stderr, "hydrad serve: %s\n", hy_err_msg());
         goto done;

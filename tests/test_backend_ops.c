@@ -878,6 +878,7 @@ static void check_hydra(int n_tok, int64_t in, int64_t out, int n_ad)
         lora_make(&ad[a], ranks[rnd_int((int)HY_ARRAY_LEN(ranks))], 1 + (a % 8), in, out);
     be_lora_seg segs[2][64];
     float stats[2][64][9];
+    be_gate_ctl ctls[64];
     memset(stats, 0, sizeof stats);
     int n_seg = 0, t = 0;
     while (t < n_tok && n_seg < 62) {
@@ -886,18 +887,25 @@ static void check_hydra(int n_tok, int64_t in, int64_t out, int n_ad)
             len = n_tok - t;
         int a = rnd_int(n_ad + 1); /* == n_ad: no adapter */
         bool want_stats = rnd_int(3) != 0;
+        /* a third of the segments carry a request's router control (be_gate.h) */
+        static const float temps[] = {0.25f, 1.0f, 3.0f};
+        int K = a < n_ad ? 1 + (a % 8) : 1;
+        uint32_t allow = (uint32_t)rnd_int(1 << K);
+        ctls[n_seg] = (be_gate_ctl){temps[rnd_int(3)], rnd_int(K + 1), allow ? allow : 1u << rnd_int(K)};
+        bool want_ctl = rnd_int(3) == 0;
         for (int i = 0; i < 2; i++) {
             segs[i][n_seg].tok_begin = t;
             segs[i][n_seg].tok_end = t + len;
             segs[i][n_seg].lora = a < n_ad ? ad[a].l[i] : NULL;
             segs[i][n_seg].stats = want_stats ? stats[i][n_seg] : NULL;
+            segs[i][n_seg].ctl = want_ctl ? &ctls[n_seg] : NULL;
         }
         n_seg++;
         t += len;
     }
     if (t < n_tok) { /* the rest in one last segment with adapter 0 */
         for (int i = 0; i < 2; i++) {
-            segs[i][n_seg] = (be_lora_seg){t, n_tok, ad[0].l[i], stats[i][n_seg]};
+            segs[i][n_seg] = (be_lora_seg){t, n_tok, ad[0].l[i], stats[i][n_seg], NULL};
         }
         n_seg++;
     }
@@ -957,7 +965,7 @@ static void check_hydra_n(int n_tok, int64_t in, const int64_t *out, int n, int 
             bool want = rnd_int(2);
             for (int i = 0; i < 2; i++)
                 segs[i][p][n_seg] = (be_lora_seg){t, t + len, a < n_ad && !skip ? ad[p][a].l[i] : NULL,
-                                                  want ? stats[i][p][n_seg] : NULL};
+                                                  want ? stats[i][p][n_seg] : NULL, NULL};
         }
         n_seg++;
         t += len;
@@ -1031,7 +1039,7 @@ static void test_hydra_n(void **state)
     for (int i = 0; i < 2; i++) {
         float *d = dev_put(bs[i], NULL, 64 * 4), *y[2] = {d, d + 32};
         const int64_t out[2] = {32, 32};
-        const be_lora_seg seg = {0, 1, NULL, NULL}, *segs[2] = {&seg, NULL};
+        const be_lora_seg seg = {0, 1, NULL, NULL, NULL}, *segs[2] = {&seg, NULL};
         assert_int_equal(bs[i]->ops->hydra(bs[i], 2, d, 32, y, out, segs, 1), HY_EINVAL);
         bs[i]->ops->free(bs[i], d);
     }
@@ -1095,7 +1103,7 @@ static void hydra_arena_segs(test_lora *ad, int n, int per, be_lora_seg segs[2][
     memset(stats, 0, sizeof(float) * 2 * 64 * 9);
     for (int a = 0; a < n; a++)
         for (int i = 0; i < 2; i++)
-            segs[i][a] = (be_lora_seg){a * per, (a + 1) * per, ad[a].l[i], a % 2 ? stats[i][a] : NULL};
+            segs[i][a] = (be_lora_seg){a * per, (a + 1) * per, ad[a].l[i], a % 2 ? stats[i][a] : NULL, NULL};
 }
 
 static void hydra_arena_check(const char *what, float *o[2], const float *y0, size_t ny, float stats[2][64][9])

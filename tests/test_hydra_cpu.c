@@ -162,6 +162,7 @@ static void run_case_mode(tp_pool *pool, bool precise, int64_t in, int64_t out, 
         segs[s].tok_end = sp[s].end;
         segs[s].lora = sp[s].lora >= 0 ? L[sp[s].lora].l : NULL;
         segs[s].stats = sp[s].lora >= 0 ? stats[s] : NULL;
+        segs[s].ctl = NULL;
         for (int k = 0; k < 17; k++)
             stats_ref[s][k] = stats[s][k] = (float)k; /* the op must ADD */
         if (sp[s].lora < 0)
@@ -256,13 +257,60 @@ static void test_errors(void **state)
     assert_int_equal(cpu_lora_create(b, 2, 2, 4, 2, A, NULL, B, 1.0f, &l), HY_EINVAL); /* K > 1 without R */
     assert_int_equal(cpu_lora_create(b, 2, 1, 4, 2, A, NULL, B, 1.0f, &l), 0);
     float x[8] = {0}, y[8] = {0};
-    be_lora_seg s = {0, 1, l, NULL};
+    be_lora_seg s = {0, 1, l, NULL, NULL};
     assert_int_equal(cpu_hydra(b, x, 5, y, 2, &s, 1), HY_EINVAL); /* wrong in */
     assert_non_null(strstr(hy_err_msg(), "adapter"));
-    be_lora_seg s2[2] = {{0, 2, l, NULL}, {1, 2, l, NULL}};
+    be_lora_seg s2[2] = {{0, 2, l, NULL, NULL}, {1, 2, l, NULL, NULL}};
     assert_int_equal(cpu_hydra(b, x, 4, y, 2, s2, 2), HY_EINVAL); /* overlapping */
     cpu_lora_free(b, l);
     cpu_lora_free(b, NULL);
+}
+
+/* be_gate.h's rules by hand: temperature, forced and masked heads, top-k (ties: lower index
+ * first), the entropy it returns, and the op refusing a control that allows no head. */
+static void expect_gate(const float *l, int K, const be_gate_ctl *c, const double *want)
+{
+    float g[BE_GATE_MAX_K];
+    float ent = be_gate(l, K, 1.0f, c, g);
+    double e = 0.0;
+    for (int k = 0; k < K; k++) {
+        assert_true(fabs(g[k] - want[k]) < 1e-6);
+        if (want[k] > 0)
+            e -= want[k] * log(want[k]);
+    }
+    assert_true(fabs(ent - e) < 1e-5);
+}
+
+static void test_gate_control(void **state)
+{
+    const float l[4] = {1.0f, 2.0f, 3.0f, 0.0f};
+    double z = exp(1) + exp(2) + exp(3) + 1, z2 = exp(0.5) + exp(1) + exp(1.5) + 1, z3 = exp(2) + exp(3);
+    double plain[4] = {exp(1) / z, exp(2) / z, exp(3) / z, 1 / z};
+    expect_gate(l, 4, NULL, plain);
+    expect_gate(l, 4, &(be_gate_ctl){1.0f, 0, 0xf}, plain); /* the neutral control is the router */
+    expect_gate(l, 4, &(be_gate_ctl){2.0f, 0, 0xf}, (double[]){exp(0.5) / z2, exp(1) / z2, exp(1.5) / z2, 1 / z2});
+    expect_gate(l, 4, &(be_gate_ctl){1.0f, 0, 1u << 3}, (double[]){0, 0, 0, 1});           /* force 3 */
+    expect_gate(l, 4, &(be_gate_ctl){1.0f, 2, 0xf}, (double[]){0, exp(2) / z3, exp(3) / z3, 0}); /* top 2 */
+    expect_gate(l, 4, &(be_gate_ctl){1.0f, 1, 0xf & ~4u}, (double[]){0, 1, 0, 0});         /* mask 2, top 1 */
+    expect_gate(l, 4, &(be_gate_ctl){1.0f, 9, 0xf}, plain);                                 /* top_k >= K */
+    const float tie[3] = {1.0f, 1.0f, 1.0f};
+    expect_gate(tie, 3, &(be_gate_ctl){1.0f, 2, 0x7}, (double[]){0.5, 0.5, 0});
+    assert_true(be_gate_ok(NULL, 4) && be_gate_ok(&(be_gate_ctl){0.5f, 0, 1}, 4));
+    assert_false(be_gate_ok(&(be_gate_ctl){1.0f, 0, 1u << 4}, 4)); /* no head below K */
+    assert_false(be_gate_ok(&(be_gate_ctl){0.0f, 0, 1}, 4));
+    assert_false(be_gate_ok(&(be_gate_ctl){NAN, 0, 1}, 4));
+    assert_false(be_gate_ok(&(be_gate_ctl){1.0f, -1, 1}, 4));
+    be_cpu bc = {.base = {.ops = NULL}, .pool = *state};
+    be *b = &bc.base;
+    float A[8] = {0}, R[8] = {0}, B0[4] = {0}, B1[4] = {0}, x[4] = {0}, y[2] = {0};
+    const float *B[2] = {B0, B1};
+    be_lora *lo = NULL;
+    assert_int_equal(cpu_lora_create(b, 2, 2, 4, 2, A, R, B, 1.0f, &lo), 0);
+    be_gate_ctl none = {1.0f, 0, 1u << 2};
+    be_lora_seg sg = {0, 1, lo, NULL, &none};
+    assert_int_equal(cpu_hydra(b, x, 4, y, 2, &sg, 1), HY_EINVAL);
+    assert_non_null(strstr(hy_err_msg(), "router control"));
+    cpu_lora_free(b, lo);
 }
 
 static int setup(void **state)
@@ -290,6 +338,7 @@ int main(void)
         cmocka_unit_test(test_decode_one_token_segments),
         cmocka_unit_test(test_no_adapter_segments_only),
         cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_gate_control),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

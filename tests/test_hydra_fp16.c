@@ -72,7 +72,7 @@ static be_lora *upload(be *b, const w_lora *w)
 static void run_one(be *b, be_lora *l, const float *x, int64_t in, float *y, int64_t out, int n_tok, float *stats)
 {
     memset(y, 0, sizeof(float) * (size_t)n_tok * (size_t)out);
-    be_lora_seg s = {0, n_tok, l, stats};
+    be_lora_seg s = {0, n_tok, l, stats, NULL};
     int rc = cpu_hydra(b, x, in, y, out, &s, 1);
     if (rc)
         fail_msg("hydra: %s", hy_err_msg());
@@ -308,12 +308,12 @@ static void check_vs_precise(int n_tok, int64_t in, int64_t out, int n_ad, float
         len = HY_MIN(len, n_tok - t);
         int a = rnd_int(0, n_ad); /* n_ad: no adapter */
         for (int i = 0; i < 2; i++)
-            segs[i][n_seg] = (be_lora_seg){t, t + len, a < n_ad ? l[i][a] : NULL, stats[i][n_seg]};
+            segs[i][n_seg] = (be_lora_seg){t, t + len, a < n_ad ? l[i][a] : NULL, stats[i][n_seg], NULL};
         n_seg++;
         t += len;
     }
     for (int i = 0; i < 2 && t < n_tok; i++)
-        segs[i][n_seg] = (be_lora_seg){t, n_tok, l[i][0], stats[i][n_seg]};
+        segs[i][n_seg] = (be_lora_seg){t, n_tok, l[i][0], stats[i][n_seg], NULL};
     n_seg += t < n_tok;
     size_t nx = (size_t)n_tok * (size_t)in, ny = (size_t)n_tok * (size_t)out;
     float *x = vec(nx), *o[2] = {vec(ny), vec(ny)};
