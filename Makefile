@@ -32,7 +32,7 @@ LIB     := $(BUILD)/libhydrad.a
 TESTS   := $(patsubst tests/%.c,$(BIN)/tests/%,$(wildcard tests/test_*.c))
 BENCH_C := $(wildcard bench/*.c)
 
-.PHONY: fixtures all test test-c test-py run bench bench-cpu bench-adapters bench-serve bench-streams asan clean setup
+.PHONY: train train-goldens fixtures all test test-c test-py run bench bench-cpu bench-adapters bench-serve bench-streams asan clean setup
 all: $(BIN)/hydrad $(BIN)/hydrad-bench
 
 $(BUILD)/%.o: %.c
@@ -110,6 +110,24 @@ asan: setup
 	$(MAKE) BUILD=build-asan BIN=bin-asan NO_CUDA=1 \
 	  EXTRA_CFLAGS="-O1 -Wno-maybe-uninitialized -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" \
 	  EXTRA_LDFLAGS="-fsanitize=address,undefined" test-c
+
+# The trained demo adapters (off CI; ~30 min on 2 cores): a venv of its own with torch, transformers
+# and PEFT (scripts/requirements-train.txt, several GB), both adapters trained side by side on one
+# thread each, then the training framework's goldens and the loss plot. Commit what it rewrites
+# under tests/fixtures/adapters/trained and tests/golden/trained.
+TRAIN_PY := .venv-train/bin/python
+TRAINED  := tests/fixtures/adapters/trained
+.venv-train/.ok: scripts/requirements-train.txt
+	python3 -m venv .venv-train
+	.venv-train/bin/pip install -q -r scripts/requirements-train.txt
+	touch $@
+train: setup .venv-train/.ok
+	$(TRAIN_PY) scripts/train_hydralora.py --kind hydra --out $(TRAINED)/hydra --threads 1 & \
+	$(TRAIN_PY) scripts/train_hydralora.py --kind lora --out $(TRAINED)/lora --threads 1 & wait
+	$(MAKE) train-goldens
+train-goldens: .venv-train/.ok
+	$(TRAIN_PY) scripts/gen_golden_trained.py
+	$(TRAIN_PY) scripts/plot_training.py
 
 clean:
 	rm -rf build build-asan bin bin-asan

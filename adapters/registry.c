@@ -75,11 +75,13 @@ void ad_reg_free(ad_registry *r)
     free(r);
 }
 
-/* Under mu. */
+/* Under mu: the entry that holds `name` now. A draining entry no longer holds its name: unload
+ * frees the name at once, so the same name can be loaded again (new weights) while requests
+ * that pinned the old weights finish on them. */
 static ad_entry *reg_find(ad_registry *r, const char *name)
 {
     for (ad_entry *e = r->head; e; e = e->next)
-        if (!strcmp(e->name, name))
+        if (e->state != AD_DRAINING && !strcmp(e->name, name))
             return e;
     return NULL;
 }

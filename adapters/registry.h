@@ -35,8 +35,9 @@ int ad_reg_create(int max_cpu_loras, ad_registry **out);
 /* Frees every adapter (engine thread, after the engine stopped using them). NULL no-op. */
 void ad_reg_free(ad_registry *r);
 
-/* Reserve `name` in LOADING state. HY_EBUSY if the name exists (any state), HY_ELIMIT if
- * max_cpu_loras adapters are held, HY_EINVAL for an empty/too long name. */
+/* Reserve `name` in LOADING state. HY_EBUSY if the name is loading or loaded (a draining entry of
+ * the same name does not count), HY_ELIMIT if max_cpu_loras adapters (draining ones included) are
+ * held, HY_EINVAL for an empty/too long name. */
 int ad_reg_begin(ad_registry *r, const char *name, const char *path);
 /* Publish a reserved name: a != NULL -> READY (registry takes ownership of a);
  * a == NULL -> the reservation is dropped (load failed). */
@@ -44,8 +45,10 @@ void ad_reg_finish(ad_registry *r, const char *name, ad_adapter *a);
 /* begin + ad_read(path, s, opts) + finish, on the calling thread. Errors as those. */
 int ad_reg_load(ad_registry *r, const char *name, const char *path, const ad_shape *s, const ad_opts *opts);
 
-/* Unload: READY -> DRAINING (new pins refused); freed when the last pin goes.
- * HY_ENOTFOUND when absent, HY_EBUSY while loading or already draining. */
+/* Unload: READY -> DRAINING. The name is free when this returns: pins and info by name no
+ * longer see the old entry, and a load of the same name may start at once (a new entry with the
+ * new weights); requests that pinned the old weights finish on them, and they are freed when the
+ * last pin goes. HY_ENOTFOUND when no entry holds the name, HY_EBUSY while it is loading. */
 int ad_reg_unload(ad_registry *r, const char *name);
 
 /* Pin a READY adapter for a request: *out stays valid until the matching ad_reg_unpin.

@@ -588,6 +588,10 @@ static json_t *lp_chat(const api_choice *c)
     return o;
 }
 
+/* Numbers in responses are float32 values (logprobs, router gates): 9 significant digits give
+ * every float32 back exactly without printing a double's 17. */
+#define API_REAL_DIGITS JSON_REAL_PRECISION(9)
+
 static json_t *choice_json(api_kind kind, const api_choice *c, bool want_lp, bool stream, bool role)
 {
     json_t *o = json_object();
@@ -638,14 +642,14 @@ char *api_format_response(api_kind kind, const char *id, int64_t created, const 
         json_array_append_new(arr, choice_json(kind, &choices[i], want_logprobs, false, false));
     json_object_set_new(o, "choices", arr);
     json_object_set_new(o, "usage", usage_json(usage));
-    char *s = json_dumps(o, JSON_COMPACT);
+    char *s = json_dumps(o, JSON_COMPACT | API_REAL_DIGITS);
     json_decref(o);
     return s;
 }
 
 static char *sse_wrap(json_t *o)
 {
-    char *s = json_dumps(o, JSON_COMPACT);
+    char *s = json_dumps(o, JSON_COMPACT | API_REAL_DIGITS);
     json_decref(o);
     if (!s)
         return NULL;

@@ -16,7 +16,7 @@ default init). K: --K N, or --K auto (the paper's recipe: k-means over the base 
 last-layer hidden states of training prompts, K = the count with the best silhouette in 2..8).
 
 Usage:
-    .venv-train/bin/python scripts/train_hydralora.py --kind lora|hydra --out DIR [--steps 300]
+    .venv-train/bin/python scripts/train_hydralora.py --kind lora|hydra --out DIR [--steps 240] [--threads 1]
 Writes DIR/ (the adapter hydrad loads, fp16), DIR/train_log.json (loss per step, wall time,
 parameter counts, hyper-parameters).
 """
@@ -193,9 +193,9 @@ def main() -> None:
     ap.add_argument("--kind", choices=["lora", "hydra"], required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--base", default=os.path.join(ROOT, "models/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=240)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--r", type=int, default=0, help="rank (0: hydra 4; lora matched to hydra's budget)")
     ap.add_argument("--K", default="auto", help="HydraLoRA heads: N, or auto (k-means, see above)")
     ap.add_argument("--alpha-per-r", type=float, default=2.0, help="alpha = this x r (s = alpha / r)")

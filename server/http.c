@@ -318,8 +318,9 @@ static void on_req_free(void *ctx) { conn_unref(ctx); }
 /* ---------- disconnect watch of whole answers ----------
  * libmicrohttpd 0.9.75 does not poll a suspended connection ("While a connection is suspended,
  * MHD will not detect disconnects by the client"), and a whole answer stays suspended until
- * its generation ends; a stream notices because its writes fail. So one thread waits in epoll
- * for EPOLLRDHUP (and HUP/ERR) on the sockets of whole answers: a client that closed gets its
+ * its generation ends; a stream waits suspended as well while it is queued or between tokens (its
+ * failed writes tell only once it has something to send). So one thread waits in epoll for
+ * EPOLLRDHUP (and HUP/ERR) on the sockets of whole answers and streams: a client that closed gets its
  * request cancelled at once (the engine frees its KV within a step) and its connection resumed,
  * and the handler then closes it instead of answering. Slots are removed (EPOLL_CTL_DEL) while
  * the socket is still open: when the answer is queued or in on_completed, which MHD calls
@@ -658,6 +659,10 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
     conn *c = cls;
     (void)pos;
     pthread_mutex_lock(&c->mu);
+    if (c->gone) { /* the watcher saw the client close: the request is cancelled, end the reply */
+        pthread_mutex_unlock(&c->mu);
+        return MHD_CONTENT_READER_END_WITH_ERROR;
+    }
     if (c->pend_off == c->pend_len)
         stream_collect(c);
     ssize_t out;
@@ -777,6 +782,8 @@ static enum MHD_Result start_generation(conn *c, struct MHD_Connection *mc, api_
     c->submitted = true;
     if (ar->stream) {
         c->stream = true;
+        /* a stream waits suspended too (queued, or between tokens): the watcher sees its client go */
+        watch_add(c, mc);
         struct MHD_Response *resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384, stream_reader, c, stream_free);
         if (!resp)
             return MHD_NO;
