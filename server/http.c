@@ -93,8 +93,9 @@ static void conn_unref(conn *c)
 
 /* ---------- responses ---------- */
 
+/* hname/hval (both NULL: none): one more header, e.g. Retry-After or Allow. */
 static enum MHD_Result send_buf(conn *c, struct MHD_Connection *mc, int status, const char *ctype, char *buf,
-                                size_t len, const char *retry_after)
+                                size_t len, const char *hname, const char *hval)
 {
     struct MHD_Response *r = MHD_create_response_from_buffer(len, buf, MHD_RESPMEM_MUST_FREE);
     if (!r) {
@@ -102,8 +103,8 @@ static enum MHD_Result send_buf(conn *c, struct MHD_Connection *mc, int status, 
         return MHD_NO;
     }
     MHD_add_response_header(r, "Content-Type", ctype);
-    if (retry_after)
-        MHD_add_response_header(r, "Retry-After", retry_after);
+    if (hname)
+        MHD_add_response_header(r, hname, hval);
     enum MHD_Result ret = MHD_queue_response(mc, (unsigned)status, r);
     MHD_destroy_response(r);
     srv_metrics_status(&c->s->metrics, status);
@@ -114,7 +115,7 @@ static enum MHD_Result send_json(conn *c, struct MHD_Connection *mc, int status,
 {
     if (!json)
         return MHD_NO;
-    return send_buf(c, mc, status, "application/json", json, strlen(json), NULL);
+    return send_buf(c, mc, status, "application/json", json, strlen(json), NULL, NULL);
 }
 
 static enum MHD_Result send_err(conn *c, struct MHD_Connection *mc, const api_error *e)
@@ -122,7 +123,8 @@ static enum MHD_Result send_err(conn *c, struct MHD_Connection *mc, const api_er
     char *j = api_error_json(e);
     if (!j)
         return MHD_NO;
-    return send_buf(c, mc, e->status, "application/json", j, strlen(j), e->status == 429 ? "1" : NULL);
+    return send_buf(c, mc, e->status, "application/json", j, strlen(j), e->status == 429 ? "Retry-After" : NULL,
+                    e->status == 429 ? "1" : NULL);
 }
 
 static enum MHD_Result err(conn *c, struct MHD_Connection *mc, int status, const char *type, const char *param,
@@ -744,7 +746,18 @@ static enum MHD_Result start_generation(conn *c, struct MHD_Connection *mc, api_
         c->n_prompt_total += n[i] * ar->n;
     }
     int max_tokens = ar->max_tokens > 0 ? ar->max_tokens : (kind == API_COMPLETION ? 16 : min_room);
-    if (max_tokens > min_room)
+    if (ar->max_tokens > 0 && max_tokens > min_room) { /* as OpenAI and vLLM: refused, never cut */
+        for (int i = 0; i < np; i++)
+            free(ids[i]);
+        free(ids);
+        free(n);
+        char msg[300];
+        snprintf(msg, sizeof msg, "This model's maximum context length is %d tokens. However, you requested %lld "
+                 "tokens (%d in the prompt, %d in the completion).", s->n_ctx,
+                 (long long)s->n_ctx - min_room + ar->max_tokens, s->n_ctx - min_room, ar->max_tokens);
+        return err(c, mc, 400, "invalid_request_error", "max_tokens", "context_length_exceeded", msg);
+    }
+    if (max_tokens > min_room) /* the defaults: 16 (completions) near the end of the context */
         max_tokens = min_room;
     sched_sampling sp = {ar->temperature, ar->top_p, ar->min_p, ar->top_k, ar->presence_penalty,
                          ar->frequency_penalty, ar->repetition_penalty, ar->has_seed, (uint64_t)ar->seed,
@@ -1253,10 +1266,30 @@ static enum MHD_Result metrics_page(conn *c, struct MHD_Connection *mc)
     free(copy);
     if (!t)
         return MHD_NO;
-    return send_buf(c, mc, 200, "text/plain; version=0.0.4", t, strlen(t), NULL);
+    return send_buf(c, mc, 200, "text/plain; version=0.0.4", t, strlen(t), NULL, NULL);
 }
 
 /* ---------- dispatch ---------- */
+
+/* A known route asked with another method: 405 naming the one it takes (Allow); else 404. */
+static enum MHD_Result wrong_method_or_404(conn *c, struct MHD_Connection *mc, const char *url, const char *method)
+{
+    static const struct {
+        const char *path, *method;
+    } routes[] = {{"/health", "GET"}, {"/metrics", "GET"}, {"/v1/models", "GET"}, {"/v1/adapters", "GET"},
+                  {"/v1/completions", "POST"}, {"/v1/chat/completions", "POST"},
+                  {"/v1/load_lora_adapter", "POST"}, {"/v1/unload_lora_adapter", "POST"}};
+    for (size_t i = 0; i < HY_ARRAY_LEN(routes); i++) {
+        if (strcmp(url, routes[i].path) != 0)
+            continue;
+        api_error e;
+        api_error_set(&e, 405, "invalid_request_error", "", "method_not_allowed", "%.16s %.200s is not supported; use %s",
+                      method, url, routes[i].method);
+        char *j = api_error_json(&e);
+        return j ? send_buf(c, mc, 405, "application/json", j, strlen(j), "Allow", routes[i].method) : MHD_NO;
+    }
+    return err(c, mc, 404, "invalid_request_error", "", "not_found", "no such route");
+}
 
 static enum MHD_Result route(conn *c, struct MHD_Connection *mc, const char *url, const char *method)
 {
@@ -1288,7 +1321,7 @@ static enum MHD_Result route(conn *c, struct MHD_Connection *mc, const char *url
         return load_lora(c, mc);
     if (post && strcmp(url, "/v1/unload_lora_adapter") == 0)
         return unload_lora(c, mc);
-    return err(c, mc, 404, "invalid_request_error", "", "not_found", "no such route");
+    return wrong_method_or_404(c, mc, url, method);
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const char *url, const char *method,

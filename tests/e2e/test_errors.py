@@ -60,10 +60,26 @@ def test_400_client_and_context(keyed):
     with pytest.raises(openai.BadRequestError) as ei:
         c.completions.create(model=SERVED, prompt="word " * 400, max_tokens=2)
     assert ei.value.body["code"] == "context_length_exceeded"
-    # max_tokens beyond the context is clamped, not refused
-    r = c.completions.create(model=SERVED, prompt="Hi", max_tokens=100000, temperature=0, extra_body={"ignore_eos": True})
+    # prompt + max_tokens beyond the context is refused (as OpenAI and vLLM), never silently cut
+    with pytest.raises(openai.BadRequestError) as ei:
+        c.completions.create(model=SERVED, prompt="Hi", max_tokens=100000, temperature=0)
+    assert ei.value.body["code"] == "context_length_exceeded" and ei.value.body["param"] == "max_tokens"
+    assert "maximum context length is 128 tokens" in ei.value.body["message"]
+    # without max_tokens a chat answer may use the rest of the context
+    r = c.chat.completions.create(model=SERVED, messages=[{"role": "user", "content": "Hi"}], temperature=0,
+                                  extra_body={"ignore_eos": True})
     assert r.usage.prompt_tokens + r.usage.completion_tokens <= 128
     assert r.choices[0].finish_reason == "length"
+
+
+def test_405_with_allow(keyed):
+    for method, path, allow in (("GET", "/v1/completions", "POST"), ("PUT", "/v1/chat/completions", "POST"),
+                                ("POST", "/v1/models", "GET"), ("DELETE", "/v1/adapters", "GET")):
+        r = requests.request(method, keyed.url + path, headers={"Authorization": "Bearer sekret"})
+        assert r.status_code == 405 and r.headers["Allow"] == allow, (method, path, r.status_code)
+        assert r.headers["Content-Type"] == "application/json" and err_body(r)["code"] == "method_not_allowed"
+    r = requests.get(keyed.url + "/v1/nothing", headers={"Authorization": "Bearer sekret"})
+    assert r.status_code == 404
 
 
 def test_413(keyed):
