@@ -830,6 +830,26 @@ static bool path_under_roots(srv *s, const char *path, char *resolved)
     return false;
 }
 
+/* Every file an adapter directory (already under a root) holds must resolve under a root too: a
+ * symlinked adapter_config.json or weights file must not reach outside (checked before any byte is
+ * read, so an error never quotes what such a file holds). false with the file's name in bad. */
+static bool files_under_roots(srv *s, const char *dir, char *bad, size_t cap)
+{
+    static const char *const files[] = {"adapter_config.json", "adapter_model.safetensors"};
+    for (size_t i = 0; i < HY_ARRAY_LEN(files); i++) {
+        char p[PATH_MAX + 32], r[PATH_MAX];
+        struct stat st;
+        if (snprintf(p, sizeof p, "%s/%s", dir, files[i]) >= (int)sizeof p || lstat(p, &st) != 0)
+            continue; /* missing: the loader says so */
+        if (!path_under_roots(s, p, r)) {
+            snprintf(bad, cap, "%s", files[i]);
+            return false;
+        }
+    }
+    return true;
+}
+
+
 /* ---- https:// adapters: download both files into the cache, size-capped, sha256 checked ---- */
 
 typedef struct {
@@ -1057,7 +1077,7 @@ static enum MHD_Result load_lora(conn *c, struct MHD_Connection *mc)
     if (api_parse_load_lora(c->body ? c->body : "", c->len, &name, &path, &sha, &e))
         return send_err(c, mc, &e);
     enum MHD_Result ret = MHD_YES;
-    char resolved[PATH_MAX], msg[1400];
+    char resolved[PATH_MAX], msg[1400], bad[64];
     bool url = strncmp(path, "https://", 8) == 0;
     if (is_base_name(s, name)) {
         ret = err(c, mc, 400, "invalid_request_error", "lora_name", "", "that name is the base model's");
@@ -1074,6 +1094,10 @@ static enum MHD_Result load_lora(conn *c, struct MHD_Connection *mc)
                   "no --adapter-root is configured; adapters cannot be loaded from paths at run time");
     } else if (!url && !path_under_roots(s, path, resolved)) {
         snprintf(msg, sizeof msg, "lora_path '%s' does not exist or is outside every --adapter-root", path);
+        ret = err(c, mc, 400, "invalid_request_error", "lora_path", "", msg);
+    } else if (!url && !files_under_roots(s, resolved, bad, sizeof bad)) {
+        snprintf(msg, sizeof msg, "%s of lora_path '%.900s' is a link that resolves outside every --adapter-root",
+                 bad, path);
         ret = err(c, mc, 400, "invalid_request_error", "lora_path", "", msg);
     } else {
         snprintf(c->load_name, sizeof c->load_name, "%s", name);

@@ -90,6 +90,32 @@ def test_load_list_unload(env):
     assert 'max_lora="2"' in m
 
 
+def test_file_links_out_of_root_refused(env):
+    """A directory inside the root whose files are symlinks to files outside it is refused, and
+    the error quotes no file content (an adapter_config.json linked to /etc/passwd)."""
+    srv, root, a1, a2, outside = env
+    d = root / "linked"
+    d.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        os.symlink(os.path.join(outside, f), d / f)
+    r = admin(srv, "/v1/load_lora_adapter", {"lora_name": "linked", "lora_path": str(d)})
+    assert r.status_code == 400 and "outside every --adapter-root" in r.json()["error"]["message"], r.text
+    p = root / "passwd"
+    p.mkdir()
+    os.symlink("/etc/passwd", p / "adapter_config.json")
+    os.symlink(os.path.join(a1, "adapter_model.safetensors"), p / "adapter_model.safetensors")
+    r = admin(srv, "/v1/load_lora_adapter", {"lora_name": "pw", "lora_path": str(p)})
+    assert r.status_code == 400 and "root" not in r.json()["error"]["message"].split("adapter_config.json")[0]
+    assert "root:" not in r.text and "/bin/" not in r.text, r.text
+    # a link that stays inside the root is fine
+    ok = root / "inside"
+    ok.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        os.symlink(os.path.join(a1, f), ok / f)
+    assert admin(srv, "/v1/load_lora_adapter", {"lora_name": "inside", "lora_path": str(ok)}).status_code == 200
+    assert admin(srv, "/v1/unload_lora_adapter", {"lora_name": "inside"}).status_code == 200
+
+
 def test_url_loading_refusals(env):
     srv, *_ = env
     r = admin(srv, "/v1/load_lora_adapter", {"lora_name": "u1", "lora_path": "http://127.0.0.1:1/a"})
