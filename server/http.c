@@ -437,13 +437,24 @@ static void watch_stop(srv *s)
     s->watch_ep = s->watch_ev = -1;
 }
 
+/* OpenAI's finish reasons only: a choice that ended otherwise (cancelled at shutdown, failed)
+ * has none; its request answers with an error instead (req_cut). */
 static const char *finish_name(const char *f)
 {
     if (!f)
         return NULL;
     if (!strcmp(f, "stop") || !strcmp(f, "length"))
         return f;
-    return "abort";
+    return NULL;
+}
+
+/* Under the request lock: the request ended without finishing a choice (the server stopped). */
+static bool req_cut(const sched_req *r)
+{
+    for (int i = 0; i < r->n_choices; i++)
+        if (r->choices[i].done && r->choices[i].finish && !finish_name(r->choices[i].finish))
+            return true;
+    return false;
 }
 
 /* Token text for logprobs. */
@@ -523,6 +534,10 @@ static enum MHD_Result answer_whole(conn *c, struct MHD_Connection *mc)
         sched_req_unlock(r);
         return err(c, mc, 500, "server_error", "", "", msg);
     }
+    if (req_cut(r)) {
+        sched_req_unlock(r);
+        return err(c, mc, 503, "server_error", "", "", "the server is shutting down; the request was not completed");
+    }
     record_finished(c);
     api_choice *ch = calloc((size_t)r->n_choices, sizeof *ch);
     lp_buf *lb = calloc((size_t)r->n_choices, sizeof *lb);
@@ -591,7 +606,9 @@ static void stream_collect(conn *c)
             continue;
         bool new_text = (size_t)sc->sent_text < x->len;
         bool role = k == API_CHAT && !sc->role_sent;
-        if (new_text || role || (x->done && !r->failed)) {
+        if (x->done && !finish_name(x->finish) && !new_text && !role)
+            continue; /* cut: its client gets the error event below */
+        if (new_text || role || (x->done && !r->failed && finish_name(x->finish))) {
             api_choice ch = {i, x->text ? x->text + sc->sent_text : "", x->len - (size_t)sc->sent_text,
                              x->done ? finish_name(x->finish) : NULL, 0, NULL, NULL};
             lp_buf lb = {0};
@@ -618,7 +635,7 @@ static void stream_collect(conn *c)
                 sc->sent_lp += n_lp;
                 sc->sent_route = x->route.n;
                 sc->role_sent = true;
-                if (x->done)
+                if (x->done && ch.finish_reason)
                     sc->finish_sent = true;
             }
             lp_free(&lb);
@@ -626,9 +643,13 @@ static void stream_collect(conn *c)
     }
     bool finished = sched_req_finished(r);
     if (finished && !c->done_sent) {
-        if (r->failed) {
+        bool cut = !r->failed && req_cut(r);
+        if (r->failed || cut) {
             api_error e;
-            api_error_set(&e, 500, "server_error", "", "", "%s", r->error);
+            if (cut)
+                api_error_set(&e, 503, "server_error", "", "", "the server is shutting down; the stream was cut");
+            else
+                api_error_set(&e, 500, "server_error", "", "", "%s", r->error);
             char *j = api_error_json(&e);
             if (j) {
                 size_t n = strlen(j);
@@ -1321,7 +1342,9 @@ static enum MHD_Result route(conn *c, struct MHD_Connection *mc, const char *url
     bool get = strcmp(method, "GET") == 0, post = strcmp(method, "POST") == 0;
     if (strcmp(url, "/health") == 0) {
         bool ok = atomic_load(&s->ready) && !atomic_load(&s->stopping);
-        return send_json(c, mc, ok ? 200 : 503, strdup(ok ? "{\"status\":\"ok\"}" : "{\"status\":\"starting\"}"));
+        const char *st = ok ? "{\"status\":\"ok\"}"
+                         : atomic_load(&s->stopping) ? "{\"status\":\"draining\"}" : "{\"status\":\"starting\"}";
+        return send_json(c, mc, ok ? 200 : 503, strdup(st));
     }
     if (strcmp(url, "/metrics") == 0 && get)
         return metrics_page(c, mc);
@@ -1331,6 +1354,8 @@ static enum MHD_Result route(conn *c, struct MHD_Connection *mc, const char *url
         return err(c, mc, 401, "authentication_error", "", "invalid_api_key", "Incorrect API key provided.");
     if (!atomic_load(&s->ready))
         return err(c, mc, 503, "server_error", "", "", "the model is still loading");
+    if (atomic_load(&s->stopping) && post)
+        return err(c, mc, 503, "server_error", "", "", "the server is shutting down");
     if (c->too_big)
         return err(c, mc, 413, "invalid_request_error", "", "request_too_large", "request body too large");
     if (get && strcmp(url, "/v1/models") == 0)

@@ -309,7 +309,7 @@ static const sched_ops glue_ops = {
 typedef struct {
     const char *model, *host, *served, *api_key, *admin_key, *device, *cache;
     int port, max_seqs, max_batch_tokens, kv_mb, kv_blocks, max_loras, max_cpu_loras, max_queue, threads,
-        http_threads, max_conns, ctx, adapter_max_mb;
+        http_threads, max_conns, ctx, adapter_max_mb, drain_s;
     const char *adapters[MAX_ADAPTER_ARGS];
     int n_adapters;
     const char *scales[MAX_ADAPTER_ARGS]; /* NAME=X, X parsed in scale_of */
@@ -348,6 +348,10 @@ static void usage(FILE *f)
             "      --max-loras N         adapters resident on the device at once (default 8)\n"
             "      --max-cpu-loras N     adapters held in host memory (default 64)\n"
             "      --max-queue N         requests waiting for admission; more get 429 (default 256)\n"
+            "      --drain-timeout S     on SIGTERM/SIGINT: stop accepting, answer /health 503 and let\n"
+            "                            requests in flight finish for up to S seconds (default 30); what\n"
+            "                            is left then gets an error; a second signal cuts at once. Exit\n"
+            "                            status 0 when nothing was cut, 3 otherwise\n"
             "      --threads N           compute threads of the CPU backend (default: all cores)\n"
             "      --http-threads N      HTTP worker threads (default 4)\n"
             "      --max-connections N   open connections at most (default 512)\n"
@@ -411,7 +415,8 @@ static ad_opts opts_of(const serve_opts *o, const char *name)
 static int parse_flags(int argc, char **argv, serve_opts *o)
 {
     enum { O_HOST = 256, O_PORT, O_SERVED, O_ADAPTER, O_ROOT, O_API, O_ADMIN, O_SEQS, O_BT, O_KVMB, O_KVB,
-           O_LORAS, O_CPU, O_QUEUE, O_THREADS, O_HTHREADS, O_CONNS, O_DEVICE, O_CTX, O_CACHE, O_AMB, O_SCALE };
+           O_LORAS, O_CPU, O_QUEUE, O_THREADS, O_HTHREADS, O_CONNS, O_DEVICE, O_CTX, O_CACHE, O_AMB, O_SCALE,
+           O_DRAIN };
     static const struct option lo[] = {
         {"model", required_argument, 0, 'm'}, {"host", required_argument, 0, O_HOST},
         {"port", required_argument, 0, O_PORT}, {"served-model-name", required_argument, 0, O_SERVED},
@@ -425,6 +430,7 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
         {"http-threads", required_argument, 0, O_HTHREADS}, {"max-connections", required_argument, 0, O_CONNS},
         {"device", required_argument, 0, O_DEVICE}, {"max-model-len", required_argument, 0, O_CTX},
         {"adapter-cache", required_argument, 0, O_CACHE}, {"adapter-max-mb", required_argument, 0, O_AMB},
+        {"drain-timeout", required_argument, 0, O_DRAIN},
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     int c, rc = 0;
     optind = 1;
@@ -472,6 +478,7 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
         case O_DEVICE: o->device = optarg; break;
         case O_CACHE: o->cache = optarg; break;
         case O_AMB: rc = parse_int("adapter-max-mb", optarg, 1, &o->adapter_max_mb); break;
+        case O_DRAIN: rc = parse_int("drain-timeout", optarg, 0, &o->drain_s); break;
         case O_CTX: rc = parse_int("max-model-len", optarg, 16, &o->ctx); break;
         default: usage(stderr); return -1;
         }
@@ -501,15 +508,22 @@ static char *default_served_name(const char *path)
     return s;
 }
 
-static void wait_drained(srv *s, double seconds)
+/* Wait until nothing runs or waits, for at most `seconds` or until one more of `sigs` arrives.
+ * Returns the requests (running sequences + waiting requests) still there: what will be cut. */
+static int wait_drained(srv *s, double seconds, const sigset_t *sigs)
 {
     double until = hy_now() + seconds;
-    while (hy_now() < until) {
+    for (;;) {
         sched_stats st;
         sched_get_stats(s->sched, &st);
-        if (st.running_seqs == 0 && st.waiting_reqs == 0)
-            return;
-        usleep(20000);
+        int left = st.running_seqs + st.waiting_reqs;
+        if (left == 0 || hy_now() >= until)
+            return left;
+        struct timespec ts = {0, 20 * 1000 * 1000};
+        if (sigtimedwait(sigs, NULL, &ts) > 0) {
+            fprintf(stderr, "hydrad serve: second signal: stopping now\n");
+            return left;
+        }
     }
 }
 
@@ -517,7 +531,7 @@ int cli_serve(int argc, char **argv)
 {
     serve_opts o = {.host = "127.0.0.1", .port = 8000, .device = "auto", .max_seqs = 32, .max_batch_tokens = 512,
                     .kv_mb = 256, .max_loras = 8, .max_cpu_loras = 64, .max_queue = 256, .http_threads = 4,
-                    .max_conns = 512, .ctx = 0, .adapter_max_mb = 1024};
+                    .max_conns = 512, .ctx = 0, .adapter_max_mb = 1024, .drain_s = 30};
     int prc = parse_flags(argc, argv, &o);
     if (prc)
         return prc > 0 ? 0 : 2;
@@ -605,13 +619,18 @@ int cli_serve(int argc, char **argv)
 
     int sig = 0;
     sigwait(&sigs, &sig);
-    fprintf(stderr, "hydrad serve: signal %d: stopping\n", sig);
+    fprintf(stderr, "hydrad serve: signal %d: draining for up to %d s (a second signal stops at once)\n", sig,
+            o.drain_s);
+    /* new work gets 503 and /health 503 draining (load balancers stop sending) while the listener
+     * stays open to say so; it closes once the work in flight is done or cut */
     atomic_store(&s.stopping, true);
+    int cut = wait_drained(&s, o.drain_s, &sigs);
     srv_quiesce(&s);
-    wait_drained(&s, 10.0);
-    sched_stop(sc); /* ends what is left ("abort") and resumes every waiting connection */
+    sched_stop(sc); /* ends what is left ("cancelled": an error to its client) and resumes every connection */
     usleep(200000); /* let the last chunks reach their sockets */
-    ret = 0;
+    if (cut)
+        fprintf(stderr, "hydrad serve: %d request(s) cut at shutdown\n", cut);
+    ret = cut ? 3 : 0;
 done:
     srv_stop(&s);
     sched_free(sc);
