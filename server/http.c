@@ -10,6 +10,7 @@
 #include <limits.h>
 #include <microhttpd.h>
 #include <netdb.h>
+#include <arpa/inet.h>
 #include <curl/curl.h>
 #include <errno.h>
 #include <openssl/crypto.h>
@@ -1088,6 +1089,63 @@ static enum MHD_Result load_wait_or_answer(conn *c, struct MHD_Connection *mc)
     return send_json(c, mc, c->load_status, json);
 }
 
+/* The host of an https:// URL ("https://HOST[:PORT]/..." or "https://[V6]:PORT/..."): it must be
+ * listed in --adapter-url-allow (none listed: URL loading is off), and unless it is an address
+ * itself, none of the addresses it resolves to may be loopback, link-local or private. Decided
+ * before any connection; false with the reason in msg. */
+static bool url_host_allowed(srv *s, const char *url, char *msg, size_t cap)
+{
+    char host[256];
+    const char *h = url + 8, *end;
+    if (*h == '[') {
+        end = strchr(++h, ']');
+    } else {
+        end = h + strcspn(h, ":/?#");
+    }
+    if (!end || end == h || (size_t)(end - h) >= sizeof host || memchr(h, '@', (size_t)(end - h))) {
+        snprintf(msg, cap, "lora_path has no usable host");
+        return false;
+    }
+    memcpy(host, h, (size_t)(end - h));
+    host[end - h] = '\0';
+    if (s->cfg.n_url_allow == 0) {
+        snprintf(msg, cap, "loading adapters from URLs is off (host '%s'); allow hosts with --adapter-url-allow", host);
+        return false;
+    }
+    bool listed = false;
+    for (int i = 0; i < s->cfg.n_url_allow && !listed; i++)
+        listed = strcasecmp(host, s->cfg.url_allow[i]) == 0;
+    if (!listed) {
+        snprintf(msg, cap, "host '%s' is not in --adapter-url-allow", host);
+        return false;
+    }
+    struct in6_addr a6;
+    struct in_addr a4;
+    if (inet_pton(AF_INET, host, &a4) == 1 || inet_pton(AF_INET6, host, &a6) == 1)
+        return true; /* an address listed as itself */
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM}, *res = NULL;
+    if (getaddrinfo(host, NULL, &hints, &res) != 0) {
+        snprintf(msg, cap, "host '%s' does not resolve", host);
+        return false;
+    }
+    bool ok = true;
+    for (struct addrinfo *ai = res; ai && ok; ai = ai->ai_next) {
+        if (ai->ai_family == AF_INET) {
+            uint32_t ip = ntohl(((struct sockaddr_in *)ai->ai_addr)->sin_addr.s_addr);
+            ok = !((ip >> 24) == 127 || (ip >> 24) == 10 || (ip >> 24) == 0 || (ip >> 16) == 0xa9fe ||
+                   (ip >> 20) == 0xac1 || (ip >> 16) == 0xc0a8 || (ip >> 22) == (100u << 2 | 1u));
+        } else if (ai->ai_family == AF_INET6) {
+            const struct in6_addr *x = &((struct sockaddr_in6 *)ai->ai_addr)->sin6_addr;
+            ok = !(IN6_IS_ADDR_LOOPBACK(x) || IN6_IS_ADDR_LINKLOCAL(x) || IN6_IS_ADDR_V4MAPPED(x) ||
+                   IN6_IS_ADDR_UNSPECIFIED(x) || (x->s6_addr[0] & 0xfe) == 0xfc);
+        }
+    }
+    freeaddrinfo(res);
+    if (!ok)
+        snprintf(msg, cap, "host '%s' resolves to a loopback, link-local or private address", host);
+    return ok;
+}
+
 /* Reading (and maybe downloading) an adapter takes time: it runs on its own thread while the
  * connection is suspended, so no MHD worker (and no stream it serves) waits on it. */
 static enum MHD_Result load_lora(conn *c, struct MHD_Connection *mc)
@@ -1110,6 +1168,8 @@ static enum MHD_Result load_lora(conn *c, struct MHD_Connection *mc)
         ret = err(c, mc, 400, "invalid_request_error", "lora_path", "", "the URL is too long");
     } else if (strstr(path, "://") && !url) {
         ret = err(c, mc, 400, "invalid_request_error", "lora_path", "", "only https:// URLs are accepted");
+    } else if (url && !url_host_allowed(s, path, msg, sizeof msg)) {
+        ret = err(c, mc, 400, "invalid_request_error", "lora_path", "", msg);
     } else if (!url && s->cfg.n_roots == 0) {
         ret = err(c, mc, 400, "invalid_request_error", "lora_path", "",
                   "no --adapter-root is configured; adapters cannot be loaded from paths at run time");
@@ -1191,6 +1251,14 @@ static int reg_snapshot(srv *s, ad_reg_info **out, int *n)
     return HY_OK;
 }
 
+/* Whether the request may see what only admins see (server paths): it carries the admin key, or
+ * the key the admin endpoints take when no --admin-key is set (no key at all: everyone). */
+static bool is_admin(srv *s, struct MHD_Connection *mc)
+{
+    return key_ok(mc, s->cfg.admin_key ? s->cfg.admin_key : s->cfg.api_key);
+}
+
+/* root is the adapter's name, not its path: paths are for admins (GET /v1/adapters). */
 static enum MHD_Result list_models(conn *c, struct MHD_Connection *mc)
 {
     srv *s = c->s;
@@ -1205,7 +1273,7 @@ static enum MHD_Result list_models(conn *c, struct MHD_Connection *mc)
         m[k++] = (api_model_entry){s->cfg.served_name, NULL, NULL, s->created};
         for (int i = 0; i < n; i++)
             if (info[i].state == AD_READY)
-                m[k++] = (api_model_entry){info[i].name, s->cfg.served_name, info[i].path, s->created};
+                m[k++] = (api_model_entry){info[i].name, s->cfg.served_name, info[i].name, s->created};
         json = api_format_models(m, k);
     }
     free(m);
@@ -1218,6 +1286,7 @@ static enum MHD_Result list_models(conn *c, struct MHD_Connection *mc)
 static enum MHD_Result list_adapters(conn *c, struct MHD_Connection *mc)
 {
     srv *s = c->s;
+    bool admin = is_admin(s, mc);
     ad_reg_info *info;
     int n;
     if (reg_snapshot(s, &info, &n))
@@ -1231,9 +1300,11 @@ static enum MHD_Result list_adapters(conn *c, struct MHD_Connection *mc)
             if (strcmp(s->served[k].name, x->name) == 0)
                 served = s->served[k].requests;
         pthread_mutex_unlock(&s->mu);
-        json_t *o = json_pack("{s:s,s:s,s:s,s:i,s:i,s:i,s:I,s:I}", "name", x->name, "path", x->path, "state",
+        json_t *o = json_pack("{s:s,s:s,s:i,s:i,s:i,s:I,s:I}", "name", x->name, "state",
                               ad_state_name(x->state), "K", x->K, "r", x->r, "refcount", x->refcount,
                               "requests", (json_int_t)served, "host_bytes", (json_int_t)x->host_bytes);
+        if (admin) /* server paths only for admins */
+            json_object_set_new(o, "path", json_string(x->path));
         /* targets: the projections the adapter touches in any layer, and tokens run through it
          * (a brief pin to read them; the engine's snapshot below lags and forgets evicted ones) */
         ad_adapter *a = NULL;
@@ -1346,11 +1417,15 @@ static enum MHD_Result route(conn *c, struct MHD_Connection *mc, const char *url
                          : atomic_load(&s->stopping) ? "{\"status\":\"draining\"}" : "{\"status\":\"starting\"}";
         return send_json(c, mc, ok ? 200 : 503, strdup(st));
     }
-    if (strcmp(url, "/metrics") == 0 && get)
+    if (strcmp(url, "/metrics") == 0 && get) {
+        if (s->cfg.metrics_auth && !key_ok(mc, s->cfg.api_key))
+            return err(c, mc, 401, "authentication_error", "", "invalid_api_key", "Incorrect API key provided.");
         return metrics_page(c, mc);
+    }
     bool admin = strcmp(url, "/v1/load_lora_adapter") == 0 || strcmp(url, "/v1/unload_lora_adapter") == 0;
     const char *want = admin && s->cfg.admin_key ? s->cfg.admin_key : s->cfg.api_key;
-    if (!key_ok(mc, want))
+    /* the admin key opens the user endpoints too (an admin reads /v1/adapters with its paths) */
+    if (!key_ok(mc, want) && !(!admin && s->cfg.admin_key && key_ok(mc, s->cfg.admin_key)))
         return err(c, mc, 401, "authentication_error", "", "invalid_api_key", "Incorrect API key provided.");
     if (!atomic_load(&s->ready))
         return err(c, mc, 503, "server_error", "", "", "the model is still loading");

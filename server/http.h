@@ -29,6 +29,9 @@ typedef struct {
     int max_loras;
     const char *adapter_cache; /* where https:// adapters are downloaded (created on demand) */
     size_t adapter_max_bytes;  /* download cap per file */
+    const char *const *url_allow; /* hosts https:// adapters may come from (none: URL loading off) */
+    int n_url_allow;
+    bool metrics_auth;         /* /metrics needs the API key */
 } srv_config;
 
 /* Router statistics snapshot taken on the engine thread, read by GET /v1/adapters. */

@@ -316,6 +316,9 @@ typedef struct {
     int n_scales;
     const char *roots[MAX_ADAPTER_ARGS];
     int n_roots;
+    const char *url_allow[MAX_ADAPTER_ARGS];
+    int n_url_allow;
+    bool metrics_auth;
 } serve_opts;
 
 static void usage(FILE *f)
@@ -348,6 +351,11 @@ static void usage(FILE *f)
             "      --max-loras N         adapters resident on the device at once (default 8)\n"
             "      --max-cpu-loras N     adapters held in host memory (default 64)\n"
             "      --max-queue N         requests waiting for admission; more get 429 (default 256)\n"
+            "      --adapter-url-allow HOST  a host https:// adapter URLs may name (repeatable; none: URL\n"
+            "                            loading is off); its addresses must not be loopback, link-local\n"
+            "                            or private unless HOST is that address itself\n"
+            "      --metrics-auth        /metrics needs the API key too (default: open, for scrapers;\n"
+            "                            it names the adapters and their request counts)\n"
             "      --drain-timeout S     on SIGTERM/SIGINT: stop accepting, answer /health 503 and let\n"
             "                            requests in flight finish for up to S seconds (default 30); what\n"
             "                            is left then gets an error; a second signal cuts at once. Exit\n"
@@ -416,7 +424,7 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
 {
     enum { O_HOST = 256, O_PORT, O_SERVED, O_ADAPTER, O_ROOT, O_API, O_ADMIN, O_SEQS, O_BT, O_KVMB, O_KVB,
            O_LORAS, O_CPU, O_QUEUE, O_THREADS, O_HTHREADS, O_CONNS, O_DEVICE, O_CTX, O_CACHE, O_AMB, O_SCALE,
-           O_DRAIN };
+           O_DRAIN, O_URLALLOW, O_METRICSAUTH };
     static const struct option lo[] = {
         {"model", required_argument, 0, 'm'}, {"host", required_argument, 0, O_HOST},
         {"port", required_argument, 0, O_PORT}, {"served-model-name", required_argument, 0, O_SERVED},
@@ -430,7 +438,8 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
         {"http-threads", required_argument, 0, O_HTHREADS}, {"max-connections", required_argument, 0, O_CONNS},
         {"device", required_argument, 0, O_DEVICE}, {"max-model-len", required_argument, 0, O_CTX},
         {"adapter-cache", required_argument, 0, O_CACHE}, {"adapter-max-mb", required_argument, 0, O_AMB},
-        {"drain-timeout", required_argument, 0, O_DRAIN},
+        {"drain-timeout", required_argument, 0, O_DRAIN}, {"adapter-url-allow", required_argument, 0, O_URLALLOW},
+        {"metrics-auth", no_argument, 0, O_METRICSAUTH},
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     int c, rc = 0;
     optind = 1;
@@ -479,6 +488,13 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
         case O_CACHE: o->cache = optarg; break;
         case O_AMB: rc = parse_int("adapter-max-mb", optarg, 1, &o->adapter_max_mb); break;
         case O_DRAIN: rc = parse_int("drain-timeout", optarg, 0, &o->drain_s); break;
+        case O_METRICSAUTH: o->metrics_auth = true; break;
+        case O_URLALLOW:
+            if (o->n_url_allow == MAX_ADAPTER_ARGS)
+                rc = -1;
+            else
+                o->url_allow[o->n_url_allow++] = optarg;
+            break;
         case O_CTX: rc = parse_int("max-model-len", optarg, 16, &o->ctx); break;
         default: usage(stderr); return -1;
         }
@@ -557,7 +573,8 @@ int cli_serve(int argc, char **argv)
     memset(&g, 0, sizeof g);
     srv s;
     srv_config cfg = {o.host, o.port, served, o.api_key, o.admin_key, o.http_threads, o.max_conns, 1u << 20,
-                      o.roots, o.n_roots, o.max_loras, o.cache, (size_t)o.adapter_max_mb << 20};
+                      o.roots, o.n_roots, o.max_loras, o.cache, (size_t)o.adapter_max_mb << 20,
+                      o.url_allow, o.n_url_allow, o.metrics_auth};
     curl_global_init(CURL_GLOBAL_DEFAULT);
     srv_init(&s, &cfg);
     if (!served)

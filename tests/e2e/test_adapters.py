@@ -5,6 +5,7 @@ requests routed by `model`, mixed base/adapter concurrency, 404 after unload, to
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import os
 import subprocess
 
@@ -105,8 +106,8 @@ def test_file_links_out_of_root_refused(env):
     os.symlink("/etc/passwd", p / "adapter_config.json")
     os.symlink(os.path.join(a1, "adapter_model.safetensors"), p / "adapter_model.safetensors")
     r = admin(srv, "/v1/load_lora_adapter", {"lora_name": "pw", "lora_path": str(p)})
-    assert r.status_code == 400 and "root" not in r.json()["error"]["message"].split("adapter_config.json")[0]
-    assert "root:" not in r.text and "/bin/" not in r.text, r.text
+    assert r.status_code == 400 and "outside every --adapter-root" in r.json()["error"]["message"], r.text
+    assert "root:" not in r.text and "/bin/" not in r.text, r.text  # /etc/passwd's first line
     # a link that stays inside the root is fine
     ok = root / "inside"
     ok.mkdir()
@@ -163,3 +164,27 @@ def test_generate_adapter_scale(env):
     assert run("--adapter", a1) != base
     assert run("--adapter", a1, "--adapter-scale", "0") == base
     assert run("--adapter", a1, "--adapter-scale", "1") == run("--adapter", a1)
+
+
+def test_url_allow_list_paths_and_metrics_auth(start_server, tmp_path_factory):
+    """https adapter URLs only from --adapter-url-allow hosts, never to loopback through a name;
+    server paths only for admins; /metrics behind the API key with --metrics-auth."""
+    root = tmp_path_factory.mktemp("sec")
+    a = make_adapter(root / "a", seed=9, r=2, K=2, targets="v_proj")
+    srv = start_server("--adapter", f"a={a}", "--adapter-root", str(root), "--api-key", "user", "--admin-key", "adm",
+                       "--adapter-url-allow", "localhost", "--adapter-url-allow", "models.example.org",
+                       "--metrics-auth")
+    for url, needle in (("https://localhost:1/x", "loopback"), ("https://127.0.0.1:1/x", "not in --adapter-url-allow"),
+                        ("https://evil.example.org/x", "not in --adapter-url-allow"),
+                        ("https://user@localhost/x", "no usable host")):
+        r = admin(srv, "/v1/load_lora_adapter", {"lora_name": "u", "lora_path": url})
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], (url, r.text)
+    user = {"Authorization": "Bearer user"}
+    models = requests.get(srv.url + "/v1/models", headers=user).json()["data"]
+    assert all(str(root) not in json.dumps(m) for m in models), models
+    listed = requests.get(srv.url + "/v1/adapters", headers=user).json()["data"]
+    assert listed and all("path" not in x for x in listed), listed
+    listed = requests.get(srv.url + "/v1/adapters", headers={"Authorization": "Bearer adm"}).json()["data"]
+    assert listed[0]["path"].startswith(str(root))
+    assert requests.get(srv.url + "/metrics").status_code == 401
+    assert requests.get(srv.url + "/metrics", headers=user).status_code == 200

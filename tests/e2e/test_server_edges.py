@@ -55,8 +55,8 @@ def raw_request(port, path, body, host="127.0.0.1"):
     return s
 
 
-def long_body(kind, prompt):
-    return body_of(kind, SERVED, prompt, LONG)
+def long_body(kind, prompt, n=LONG):
+    return body_of(kind, SERVED, prompt, n)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_dropped_whole_request_cancelled(one_seq, kind):
     idle, _ = wait_for(srv, lambda m: m["kv"] == 0 and m["running"] == 0, 10)
     assert idle["kv"] == 0 and idle["running"] == 0, idle
     # ~2000 prompt tokens: the prefill alone takes seconds at 128 tokens a step
-    s = raw_request(srv.port, path_of(kind), long_body(kind, "word " * 2000))
+    s = raw_request(srv.port, path_of(kind), long_body(kind, "word " * 2000, 2000))  # within the 4096 context
     try:
         busy, _ = wait_for(srv, lambda m: m["running"] == 1 and m["kv"] >= 100, 20)
         assert busy["running"] == 1 and busy["kv"] >= 100, busy
@@ -249,7 +249,7 @@ def test_host_name_and_bad_host(tmp_path):
 
 def test_refused_download_leaves_no_temp(start_server, tmp_path):
     cache = tmp_path / "cache"
-    srv = start_server("--adapter-cache", str(cache), "--admin-key", "adm")
+    srv = start_server("--adapter-cache", str(cache), "--admin-key", "adm", "--adapter-url-allow", "127.0.0.1")
     r = requests.post(srv.url + "/v1/load_lora_adapter", headers={"Authorization": "Bearer adm"},
                       json={"lora_name": "u", "lora_path": "https://127.0.0.1:1/adapter"}, timeout=60)
     assert r.status_code == 400 and "127.0.0.1" in r.json()["error"]["message"], r.text
