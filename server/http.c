@@ -1360,7 +1360,8 @@ static enum MHD_Result metrics_page(conn *c, struct MHD_Connection *mc)
         sched_get_stats(s->sched, &st);
     srv_gauges g = {st.waiting_reqs, st.running_seqs, st.kv_used, st.kv_total,
                     s->reg ? ad_reg_count(s->reg) : 0, s->cfg.max_loras, st.preemptions, st.steps,
-                    st.running_adapters, st.waiting_adapters, s->cfg.served_name, NULL, 0};
+                    st.running_adapters, st.waiting_adapters, s->cfg.served_name, NULL, 0,
+                    (uint64_t)atomic_load(&s->guard.timed_out)};
     /* per-adapter counts: copied under mu so the render runs without it */
     pthread_mutex_lock(&s->mu);
     int n = s->n_served;
@@ -1448,6 +1449,24 @@ static enum MHD_Result route(conn *c, struct MHD_Connection *mc, const char *url
     return wrong_method_or_404(c, mc, url, method);
 }
 
+static int conn_fd(struct MHD_Connection *mc)
+{
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(mc, MHD_CONNECTION_INFO_CONNECTION_FD);
+    return ci && ci->connect_fd != MHD_INVALID_SOCKET ? (int)ci->connect_fd : -1;
+}
+
+/* Connection open/close events for the whole-request deadline (conn_guard.c). */
+static void on_connection(void *cls, struct MHD_Connection *mc, void **socket_context,
+                          enum MHD_ConnectionNotificationCode toe)
+{
+    srv *s = cls;
+    (void)socket_context;
+    if (toe == MHD_CONNECTION_NOTIFY_STARTED)
+        srv_guard_open(&s->guard, conn_fd(mc));
+    else
+        srv_guard_close(&s->guard, conn_fd(mc));
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const char *url, const char *method,
                                   const char *version, const char *upload, size_t *upload_size, void **con_cls)
 {
@@ -1495,15 +1514,15 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
         return MHD_YES;
     }
     c->state = R_GEN;
+    srv_guard_received(&s->guard, conn_fd(mc)); /* the request is whole: no deadline while answered */
     return route(c, mc, url, method);
 }
 
 static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls, enum MHD_RequestTerminationCode toe)
 {
     conn *c = *con_cls;
-    (void)cls;
-    (void)mc;
     (void)toe;
+    srv_guard_answered(&((srv *)cls)->guard, conn_fd(mc)); /* keep-alive: the next request's clock */
     if (!c)
         return;
     watch_remove(c);
@@ -1582,6 +1601,8 @@ int srv_start(srv *s)
     if (gai != 0)
         return hy_err_set(HY_EINVAL, "--host '%s': %s", s->cfg.host, gai_strerror(gai));
     int rc = watch_start(s);
+    if (!rc && (rc = srv_guard_start(&s->guard, s->cfg.request_deadline)))
+        watch_stop(s);
     if (rc) {
         freeaddrinfo(res);
         return rc;
@@ -1597,13 +1618,15 @@ int srv_start(srv *s)
                                   MHD_OPTION_THREAD_POOL_SIZE, (unsigned)HY_MAX(1, s->cfg.http_threads),
                                   MHD_OPTION_CONNECTION_LIMIT, (unsigned)HY_MAX(4, s->cfg.max_conns),
                                   MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)600,
-                                  MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_END);
+                                  MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
+                                  MHD_OPTION_NOTIFY_CONNECTION, on_connection, s, MHD_OPTION_END);
         if (s->mhd)
             addr_text(a->ai_addr, a->ai_addrlen, s->bound, sizeof s->bound);
     }
     freeaddrinfo(res);
     if (!s->mhd) {
         watch_stop(s);
+        srv_guard_stop(&s->guard);
         return hy_err_set(HY_EIO, "cannot listen on %s port %d (port in use?)", s->cfg.host, s->cfg.port);
     }
     return HY_OK;
@@ -1624,4 +1647,5 @@ void srv_stop(srv *s)
         MHD_stop_daemon(s->mhd);
     s->mhd = NULL;
     watch_stop(s);
+    srv_guard_stop(&s->guard);
 }

@@ -8,6 +8,7 @@
 #include "engine/model.h"
 #include "engine/scheduler.h"
 #include "engine/tokenizer.h"
+#include "server/conn_guard.h"
 #include "server/metrics.h"
 
 #include <pthread.h>
@@ -32,6 +33,7 @@ typedef struct {
     const char *const *url_allow; /* hosts https:// adapters may come from (none: URL loading off) */
     int n_url_allow;
     bool metrics_auth;         /* /metrics needs the API key */
+    double request_deadline;   /* seconds a connection has for a whole request (<= 0: none) */
 } srv_config;
 
 /* Router statistics snapshot taken on the engine thread, read by GET /v1/adapters. */
@@ -87,6 +89,7 @@ typedef struct srv {
     uint64_t watch_next;
     int watch_ep, watch_ev;  /* epoll and its stop eventfd; -1 when not started */
     pthread_t watch_th;
+    srv_guard guard;         /* the whole-request deadline (slow clients) */
 } srv;
 
 /* Initialise s (cfg copied by value: its strings must outlive s). */

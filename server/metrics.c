@@ -172,6 +172,9 @@ char *srv_metrics_render(srv_metrics *m, const srv_gauges *g)
     sb_printf(&b, "# HELP hydrad_requests_cancelled_total Requests cancelled because the client disconnected "
                   "before the answer was complete.\n# TYPE hydrad_requests_cancelled_total counter\n"
                   "hydrad_requests_cancelled_total %llu\n", (unsigned long long)m->cancelled);
+    sb_printf(&b, "# HELP hydrad_connections_timed_out_total Connections shut down because they did not send "
+                  "a whole request within the request deadline.\n# TYPE hydrad_connections_timed_out_total counter\n"
+                  "hydrad_connections_timed_out_total %llu\n", (unsigned long long)g->conns_timed_out);
     hist(&b, "hydrad_time_to_first_token_seconds", "Time from arrival to the first generated token.", &m->ttft);
     hist(&b, "hydrad_time_per_output_token_seconds", "Mean time between output tokens of a request.", &m->tpot);
     hist(&b, "hydrad_e2e_request_latency_seconds", "Time from arrival to the last token.", &m->e2e);

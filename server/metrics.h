@@ -41,6 +41,7 @@ typedef struct {
     const char *model_name;
     const srv_adapter_requests *adapters; /* [n_adapters], may be NULL when n_adapters is 0 */
     int n_adapters;
+    uint64_t conns_timed_out; /* connections shut down for not sending a whole request in time */
 } srv_gauges;
 
 void srv_metrics_init(srv_metrics *m);
