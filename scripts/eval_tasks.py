@@ -3,8 +3,8 @@
 the official openai client: greedy chat completions, concurrently, base model + LoRA + HydraLoRA
 requests mixed in the same batches. Prints exact match per task and overall for each model next
 to the training framework's figures (tests/golden/trained/trained.json), and the HydraLoRA
-router's mean gate per head per task (the `hydra.return_router` view) with the Jensen-Shannon
-divergence between tasks.
+router's mean gate per head per task (the `hydra.return_router` view) and the Jensen-Shannon
+divergence between tasks, of the mean gates and of the share of tokens each head dominates.
 
     .venv/bin/python scripts/eval_tasks.py --url http://127.0.0.1:8000 [--per-task 50]
         [--base-name SmolLM2-135M-Instruct] [--lora lora] [--hydra hydra] [--json OUT]
@@ -100,7 +100,17 @@ def evaluate(url: str, models: Dict[str, str], per_task: int, workers: int = 16,
             for b in tasks.TASKS[i + 1:]:
                 if a in means and b in means:
                     js[f"{a}/{b}"] = js_divergence(means[a], means[b])
-        router = {"mean_gate": means, "js_divergence_nats": js, "dominant_head_counts": heads_used}
+        # the same measure over the per-token dominant head (what the view reports per token)
+        K = len(next(iter(means.values())))
+        hist = {t: [heads_used.get(t, {}).get(k, 0) / max(1, sum(heads_used.get(t, {}).values())) for k in range(K)]
+                for t in means}
+        js_dom = {}
+        for i, a in enumerate(tasks.TASKS):
+            for b in tasks.TASKS[i + 1:]:
+                if a in hist and b in hist:
+                    js_dom[f"{a}/{b}"] = js_divergence(hist[a], hist[b])
+        router = {"mean_gate": means, "js_divergence_nats": js, "dominant_head_counts": heads_used,
+                  "dominant_head_share": hist, "dominant_head_js_divergence_nats": js_dom}
     return {"exact_match": em, "router": router, "seconds": time.time() - t0, "requests": len(jobs)}
 
 
@@ -143,8 +153,10 @@ def main() -> None:
             print(f"  {t:8s} " + " ".join(f"{x:.3f}" for x in g) +
                   "   dominant head per token: " + ", ".join(f"{h}: {n}" for h, n in
                                                            sorted(r["dominant_head_counts"][t].items())))
-        print("  Jensen-Shannon divergence between tasks (nats): " +
+        print("  Jensen-Shannon divergence between tasks' mean gates (nats): " +
               ", ".join(f"{k} {v:.4f}" for k, v in r["js_divergence_nats"].items()))
+        print("  Jensen-Shannon divergence between tasks' dominant-head shares (nats, max ln 2 = 0.693): " +
+              ", ".join(f"{k} {v:.3f}" for k, v in r["dominant_head_js_divergence_nats"].items()))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)

@@ -26,13 +26,14 @@ def main() -> None:
         log = json.load(open(os.path.join(D, kind, "train_log.json")))
         loss = log["loss"]
         name = (f"{label} r={log['r']}" + (f" K={log['K']}" if kind == "hydra" else "") +
-                f", {log['trainable_params'] / 1e6:.2f} M params, {log['train_seconds'] / 60:.0f} min")
+                f", {log['trainable_params'] / 1e6:.2f} M params, {log['train_seconds'] / 60:.0f} min on "
+                f"{log['threads']} thread{'s' if log['threads'] > 1 else ''}")
         line, = ax.plot(range(1, len(loss) + 1), loss, alpha=0.25)
         ax.plot(range(1, len(loss) + 1), smooth(loss), color=line.get_color(), label=name)
     ax.set_yscale("log")
     ax.set_xlabel("step (batch 8, mixed tasks)")
     ax.set_ylabel("loss on answer tokens")
-    ax.set_title("SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised), CPU, 1 thread each")
+    ax.set_title("SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised), 2-core CPU VM")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
