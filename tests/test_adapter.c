@@ -27,6 +27,8 @@
 #include <unistd.h>
 #include <cmocka.h>
 
+#include "tests/testutil.h"
+
 static char tmpdir[256];
 
 /* ------------------------------------------------------------------ synthetic adapters */
@@ -800,15 +802,6 @@ static ad_adapter *load_gen(const char *name)
     return a;
 }
 
-static int argmax(const float *x, int n)
-{
-    int best = 0;
-    for (int i = 1; i < n; i++)
-        if (x[i] > x[best])
-            best = i;
-    return best;
-}
-
 /* Greedy continuation of n tokens from ids (last logits also returned). */
 static void greedy(const int32_t *ids, int n_ids, const eng_adapter *ad, int n, int32_t *out, float *last)
 {
@@ -817,7 +810,7 @@ static void greedy(const int32_t *ids, int n_ids, const eng_adapter *ad, int n, 
     if (last)
         memcpy(last, lg, sizeof(float) * (size_t)M.n_vocab);
     for (int i = 0; i < n; i++) {
-        out[i] = argmax(lg, M.n_vocab);
+        out[i] = tu_argmax(lg, M.n_vocab);
         if (i + 1 < n && eng_forward_seq(MM(), KV(), &out[i], 1, n_ids + i, 0, ad, lg))
             fail_msg("decode: %s", hy_err_msg());
     }
@@ -875,7 +868,7 @@ static void test_golden_logits_and_greedy(void **state)
             double maxerr = 0;
             for (int v = 0; v < M.n_vocab; v++)
                 maxerr = fmax(maxerr, fabs((double)lg[v] - ref[v]));
-            int am = argmax(lg, M.n_vocab);
+            int am = tu_argmax(lg, M.n_vocab);
             printf("# %s/%s: %d tokens, max|logit err| %.2e (tol %.2e), argmax %d/%d", name,
                    json_string_value(json_object_get(pr, "name")), n, maxerr, rel * range, am,
                    (int)json_integer_value(json_object_get(pr, "argmax")));
@@ -1100,7 +1093,7 @@ static void test_mixed_batch_matches_alone(void **state)
         if (eng_forward(M.m, kv, &bt, lg))
             fail_msg("mixed step %d: %s", step, hy_err_msg());
         for (int s = 0; s < NS; s++)
-            mixed[s][step] = argmax(lg + (size_t)s * M.n_vocab, M.n_vocab);
+            mixed[s][step] = tu_argmax(lg + (size_t)s * M.n_vocab, M.n_vocab);
     }
     for (int s = 0; s < NS; s++) {
         int same = 0;

@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include "tests/testutil.h"
+
 #include "engine/gguf.h"
 #include "engine/hy.h"
 #include "engine/model.h"
@@ -175,15 +177,6 @@ static int group_teardown(void **state)
         }                                                                                          \
     } while (0)
 
-static int argmax_of(const float *x, int n)
-{
-    int best = 0;
-    for (int i = 1; i < n; i++)
-        if (x[i] > x[best])
-            best = i;
-    return best;
-}
-
 static double max_abs_diff(const float *a, const float *b, int n)
 {
     double m = 0;
@@ -208,7 +201,7 @@ static void check_precise_prefill(int chunk)
         if (rc)
             fail_msg("%s: %s", g->name, hy_err_msg());
         double err = max_abs_diff(lg, g->logits, n_vocab), tol = 1e-3 * g->range;
-        int am = argmax_of(lg, n_vocab);
+        int am = tu_argmax(lg, n_vocab);
         printf("  %-16s %3d tokens chunk %3d: max|err| %.5f (tol %.5f) argmax %d/%d\n", g->name,
                g->n, chunk > 0 ? chunk : g->n, err, tol, am, g->argmax);
         if (!(err <= tol) || am != g->argmax)
@@ -235,7 +228,7 @@ static void greedy_free_running(const gprompt *g)
     bool near_tie = false;
     for (int s = 0; s < N_GREEDY; s++) {
         near_tie |= g->margins[s] < tol;
-        int32_t id = argmax_of(lg, n_vocab);
+        int32_t id = tu_argmax(lg, n_vocab);
         if (id != g->greedy[s]) {
             if (near_tie) {
                 printf("  %s: diverges at step %d after a near-tie (allowed)\n", g->name, s);
@@ -282,7 +275,7 @@ static void greedy_teacher_forced(const gprompt *g)
     double tol = 1e-3 * g->range;
     int n_tie = 0;
     for (int s = 0; s < N_GREEDY; s++) {
-        int id = argmax_of(lg + (size_t)s * n_vocab, n_vocab);
+        int id = tu_argmax(lg + (size_t)s * n_vocab, n_vocab);
         if (id == g->greedy[s])
             continue;
         if (g->margins[s] < tol) {
@@ -376,7 +369,7 @@ static void test_two_sequences_one_batch(void **state)
     for (int s = 0; s < 2; s++) {
         float *o = alone + (size_t)2 * s * n_vocab;
         assert_int_equal(eng_forward_seq(Mf, KVf, gp[s]->ids, gp[s]->n, 0, 0, NULL, o), 0);
-        next[s] = argmax_of(o, n_vocab);
+        next[s] = tu_argmax(o, n_vocab);
         assert_int_equal(eng_forward_seq(Mf, KVf, &next[s], 1, gp[s]->n, 0, NULL, o + n_vocab), 0);
     }
 

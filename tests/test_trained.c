@@ -26,6 +26,8 @@
 #include <string.h>
 #include <cmocka.h>
 
+#include "tests/testutil.h"
+
 #define FIX "tests/fixtures/adapters/trained"
 #define GOLDEN "tests/golden/trained/trained.json"
 #define MAX_IDS 256
@@ -101,15 +103,6 @@ static int group_teardown(void **state)
     return 0;
 }
 
-static int argmax(const float *x, int n)
-{
-    int best = 0;
-    for (int i = 1; i < n; i++)
-        if (x[i] > x[best])
-            best = i;
-    return best;
-}
-
 static int ids_of(const json_t *arr, int32_t *out, int max)
 {
     size_t i;
@@ -152,7 +145,7 @@ static cmp check_record(side *s, const eng_adapter *ad, const json_t *rec, doubl
             fail_msg("logit %d is not finite", k);
     const json_t *margin = json_object_get(rec, "margin");
     for (int t = 0; t < ng; t++) {
-        int am = argmax(lg, T.n_vocab);
+        int am = tu_argmax(lg, T.n_vocab);
         c.n++;
         if (am == greedy[t])
             c.agree++;

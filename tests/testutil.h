@@ -29,6 +29,16 @@ typedef struct {
     uint64_t n_kv;    /* key/values written so far, for builders that patch the GGUF header */
 } tu_buf;
 
+/* Index of the largest of x[0..n) (the first one on ties): greedy decoding in tests. */
+static inline int tu_argmax(const float *x, int n)
+{
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[best])
+            best = i;
+    return best;
+}
+
 static inline void tu_put(tu_buf *b, const void *src, size_t n)
 {
     if (b->n + n > b->cap) {

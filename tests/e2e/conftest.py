@@ -106,3 +106,13 @@ def body_of(kind, model, prompt, n):
 
 def path_of(kind):
     return "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+
+
+def mkadapter(out_dir, seed, r=4, K=2, targets="q_proj,v_proj", ratio=1.0):
+    """A seeded random adapter directory written by `hydrad mkadapter` (ratio 1.0: the adapter
+    moves each projection by about its own output, so greedy text differs from the base)."""
+    p = subprocess.run([BIN, "mkadapter", "--out", str(out_dir), "--base", MODEL, "--seed", str(seed), "--r", str(r),
+                        "--K", str(K), "--targets", targets, "--ratio", str(ratio)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return str(out_dir)

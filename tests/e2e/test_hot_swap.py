@@ -8,31 +8,22 @@ adapters served under fixed names, sent alone). The adapters are seeded random o
 from __future__ import annotations
 
 import concurrent.futures as cf
-import subprocess
 import threading
 import time
 
 import pytest
 import requests
 
-from conftest import BIN, MODEL, SERVED
+from conftest import SERVED, mkadapter
 
 PROMPT = "The three primary colours are"
 CYCLES = 200
 
 
-def mkadapter(out_dir, seed):
-    p = subprocess.run([BIN, "mkadapter", "--out", str(out_dir), "--base", MODEL, "--seed", str(seed), "--r", "4",
-                        "--K", "2", "--targets", "q_proj,v_proj,o_proj", "--ratio", "1.0"],
-                       capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
-    return str(out_dir)
-
-
 @pytest.fixture(scope="module")
 def env(start_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("swap")
-    a, b = mkadapter(root / "a", 31), mkadapter(root / "b", 32)
+    a, b = mkadapter(root / "a", 31, targets="q_proj,v_proj,o_proj"), mkadapter(root / "b", 32, targets="q_proj,v_proj,o_proj")
     srv = start_server("--adapter", f"fixed_a={a}", "--adapter", f"fixed_b={b}", "--adapter", f"x={a}",
                        "--adapter-root", str(root), "--admin-key", "adm", "--max-seqs", "32",
                        "--max-batch-tokens", "512")

@@ -19,22 +19,12 @@ import time
 import pytest
 import requests
 
-from conftest import BIN, MODEL, SERVED, body_of, make_adapter, path_of
+from conftest import BIN, MODEL, SERVED, body_of, make_adapter, mkadapter, path_of
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "The three primary colours are",
            "def fibonacci(n):", "My favourite food is", "Water boils at a temperature of",
            "The quick brown fox", "In the year 1492,"]
 N_MIX = 8  # adapters m0..m7 started with the server, for the batch-invariance test
-
-
-def mkadapter(out_dir, seed, r=4, K=2, targets="q_proj,v_proj", ratio=1.0):
-    """A seeded random adapter directory written by `hydrad mkadapter` (ratio 1.0: the adapter
-    moves each projection by about its own output, so greedy text differs from the base)."""
-    p = subprocess.run([BIN, "mkadapter", "--out", str(out_dir), "--base", MODEL, "--seed", str(seed), "--r", str(r),
-                        "--K", str(K), "--targets", targets, "--ratio", str(ratio)],
-                       capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
-    return str(out_dir)
 
 
 @pytest.fixture(scope="module")
