@@ -1618,6 +1618,7 @@ int srv_start(srv *s)
                                   MHD_OPTION_THREAD_POOL_SIZE, (unsigned)HY_MAX(1, s->cfg.http_threads),
                                   MHD_OPTION_CONNECTION_LIMIT, (unsigned)HY_MAX(4, s->cfg.max_conns),
                                   MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)600,
+                                  MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)HY_MAX(0, s->cfg.max_conns_per_ip),
                                   MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
                                   MHD_OPTION_NOTIFY_CONNECTION, on_connection, s, MHD_OPTION_END);
         if (s->mhd)

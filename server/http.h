@@ -34,6 +34,7 @@ typedef struct {
     int n_url_allow;
     bool metrics_auth;         /* /metrics needs the API key */
     double request_deadline;   /* seconds a connection has for a whole request (<= 0: none) */
+    int max_conns_per_ip;      /* 0: no per-address limit */
 } srv_config;
 
 /* Router statistics snapshot taken on the engine thread, read by GET /v1/adapters. */

@@ -309,7 +309,7 @@ static const sched_ops glue_ops = {
 typedef struct {
     const char *model, *host, *served, *api_key, *admin_key, *device, *cache;
     int port, max_seqs, max_batch_tokens, kv_mb, kv_blocks, max_loras, max_cpu_loras, max_queue, threads,
-        http_threads, max_conns, ctx, adapter_max_mb, drain_s, request_deadline;
+        http_threads, max_conns, ctx, adapter_max_mb, drain_s, request_deadline, max_conns_ip;
     const char *adapters[MAX_ADAPTER_ARGS];
     int n_adapters;
     const char *scales[MAX_ADAPTER_ARGS]; /* NAME=X, X parsed in scale_of */
@@ -356,6 +356,8 @@ static void usage(FILE *f)
             "                            or private unless HOST is that address itself\n"
             "      --metrics-auth        /metrics needs the API key too (default: open, for scrapers;\n"
             "                            it names the adapters and their request counts)\n"
+            "      --max-connections-per-ip N  connections one client address may hold (default: half of\n"
+            "                            --max-connections; 0: no limit)\n"
             "      --request-timeout S   a connection must send a whole request (headers and body) within\n"
             "                            S seconds of opening or of its previous answer, else it is shut\n"
             "                            down: slow clients cannot hold connection slots (default 30; 0 off)\n"
@@ -427,7 +429,7 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
 {
     enum { O_HOST = 256, O_PORT, O_SERVED, O_ADAPTER, O_ROOT, O_API, O_ADMIN, O_SEQS, O_BT, O_KVMB, O_KVB,
            O_LORAS, O_CPU, O_QUEUE, O_THREADS, O_HTHREADS, O_CONNS, O_DEVICE, O_CTX, O_CACHE, O_AMB, O_SCALE,
-           O_DRAIN, O_URLALLOW, O_METRICSAUTH, O_DEADLINE };
+           O_DRAIN, O_URLALLOW, O_METRICSAUTH, O_DEADLINE, O_CONNSIP };
     static const struct option lo[] = {
         {"model", required_argument, 0, 'm'}, {"host", required_argument, 0, O_HOST},
         {"port", required_argument, 0, O_PORT}, {"served-model-name", required_argument, 0, O_SERVED},
@@ -443,6 +445,7 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
         {"adapter-cache", required_argument, 0, O_CACHE}, {"adapter-max-mb", required_argument, 0, O_AMB},
         {"drain-timeout", required_argument, 0, O_DRAIN}, {"adapter-url-allow", required_argument, 0, O_URLALLOW},
         {"metrics-auth", no_argument, 0, O_METRICSAUTH}, {"request-timeout", required_argument, 0, O_DEADLINE},
+        {"max-connections-per-ip", required_argument, 0, O_CONNSIP},
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     int c, rc = 0;
     optind = 1;
@@ -493,6 +496,7 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
         case O_DRAIN: rc = parse_int("drain-timeout", optarg, 0, &o->drain_s); break;
         case O_METRICSAUTH: o->metrics_auth = true; break;
         case O_DEADLINE: rc = parse_int("request-timeout", optarg, 0, &o->request_deadline); break;
+        case O_CONNSIP: rc = parse_int("max-connections-per-ip", optarg, 0, &o->max_conns_ip); break;
         case O_URLALLOW:
             if (o->n_url_allow == MAX_ADAPTER_ARGS)
                 rc = -1;
@@ -552,7 +556,7 @@ int cli_serve(int argc, char **argv)
     serve_opts o = {.host = "127.0.0.1", .port = 8000, .device = "auto", .max_seqs = 32, .max_batch_tokens = 512,
                     .kv_mb = 256, .max_loras = 8, .max_cpu_loras = 64, .max_queue = 256, .http_threads = 4,
                     .max_conns = 512, .ctx = 0, .adapter_max_mb = 1024, .drain_s = 30,
-                    .request_deadline = 30};
+                    .request_deadline = 30, .max_conns_ip = -1};
     int prc = parse_flags(argc, argv, &o);
     if (prc)
         return prc > 0 ? 0 : 2;
@@ -579,7 +583,8 @@ int cli_serve(int argc, char **argv)
     srv s;
     srv_config cfg = {o.host, o.port, served, o.api_key, o.admin_key, o.http_threads, o.max_conns, 1u << 20,
                       o.roots, o.n_roots, o.max_loras, o.cache, (size_t)o.adapter_max_mb << 20,
-                      o.url_allow, o.n_url_allow, o.metrics_auth, o.request_deadline};
+                      o.url_allow, o.n_url_allow, o.metrics_auth, o.request_deadline,
+                      o.max_conns_ip >= 0 ? o.max_conns_ip : (o.max_conns + 1) / 2};
     curl_global_init(CURL_GLOBAL_DEFAULT);
     srv_init(&s, &cfg);
     if (!served)

@@ -1,8 +1,8 @@
 """test_slowloris.py - slow clients cannot lock everyone out: a connection that does not send a
 whole request within --request-timeout is shut down (libmicrohttpd's own timeout restarts with
 every byte), so with --max-connections 20 and 20 sockets trickling header bytes new clients are
-served within the deadline; and 50 trickling sockets under the default limit do not slow a normal
-request by more than 100 ms."""
+served within the deadline; 50 trickling sockets under the default limits do not slow a normal
+request by more than 100 ms; one address holds at most --max-connections-per-ip connections."""
 from __future__ import annotations
 
 import re
@@ -55,7 +55,8 @@ def latency(url, n=15):
 
 
 def test_trickling_sockets_dropped_at_the_deadline(start_server):
-    srv = start_server("--max-connections", "20", "--request-timeout", "2")
+    # no per-address limit here: the 20 sockets fill every slot, as the probe's did
+    srv = start_server("--max-connections", "20", "--max-connections-per-ip", "0", "--request-timeout", "2")
     t = Trickle(srv.port, 20)
     try:
         time.sleep(0.3)
@@ -87,3 +88,22 @@ def test_fifty_trickling_sockets_do_not_slow_requests(start_server):
         t.close()
     print(f"/health median latency: idle {idle * 1000:.1f} ms, with 50 trickling sockets {busy * 1000:.1f} ms")
     assert busy - idle < 0.1, (idle, busy)
+
+
+def test_per_address_limit(start_server):
+    srv = start_server("--max-connections", "20", "--max-connections-per-ip", "5")
+    t = Trickle(srv.port, 5)
+    try:
+        time.sleep(0.3)
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        try:
+            got = s.recv(100)
+        except ConnectionResetError:
+            got = b""
+        s.close()
+        assert got == b"", got  # a sixth connection from the same address is closed unanswered
+    finally:
+        t.close()
+    time.sleep(0.2)
+    assert requests.get(srv.url + "/health", timeout=10).status_code == 200
