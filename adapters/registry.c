@@ -343,6 +343,16 @@ int ad_reg_count(ad_registry *r)
 
 int ad_reg_max(const ad_registry *r) { return r->max; }
 
+int ad_reg_state_of(ad_registry *r, const ad_adapter *a, ad_state *out)
+{
+    pthread_mutex_lock(&r->mu);
+    ad_entry *e = reg_find_adapter(r, a);
+    if (e)
+        *out = e->state;
+    pthread_mutex_unlock(&r->mu);
+    return e ? HY_OK : HY_ENOTFOUND;
+}
+
 int ad_reg_name_of(ad_registry *r, const ad_adapter *a, char *buf, size_t cap)
 {
     int rc = HY_ENOTFOUND;

@@ -81,6 +81,9 @@ int ad_reg_list(ad_registry *r, ad_reg_info *out, int max);
 int ad_reg_info_get(ad_registry *r, const char *name, ad_reg_info *out);
 int ad_reg_count(ad_registry *r);
 int ad_reg_max(const ad_registry *r);
+/* The state of a held adapter, found by its pointer (a draining one no longer holds its name, which
+ * a new load may already hold): 0, or HY_ENOTFOUND once it left the table. */
+int ad_reg_state_of(ad_registry *r, const ad_adapter *a, ad_state *out);
 /* The name of a held adapter (READY, or DRAINING while pinned) into buf: 0, or HY_ENOTFOUND. */
 int ad_reg_name_of(ad_registry *r, const ad_adapter *a, char *buf, size_t cap);
 

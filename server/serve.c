@@ -233,8 +233,8 @@ static void stats_publish_one(glue *g, int i, bool resident)
 /* The registry no longer serves this resident (unloaded, or draining until its pins go). */
 static bool res_retired(glue *g, const resident *r)
 {
-    ad_reg_info info;
-    return ad_reg_info_get(g->reg, r->name, &info) != 0 || info.state == AD_DRAINING;
+    ad_state st; /* by pointer: the name may already belong to a new load */
+    return ad_reg_state_of(g->reg, r->a, &st) != 0 || st == AD_DRAINING;
 }
 
 static void g_release(void *ctx, void *adapter, uint64_t n_tokens)

@@ -589,12 +589,19 @@ static void test_registry_states(void **state)
     assert_int_equal(ad_reg_info_get(r, "a", &inf), HY_ENOTFOUND);
     assert_int_equal(ad_reg_name_of(r, p1, nm, sizeof nm), 0); /* draining: still named for its pins */
     assert_string_equal(nm, "a");
+    ad_state st;
+    assert_int_equal(ad_reg_state_of(r, p1, &st), 0);
+    assert_int_equal(st, AD_DRAINING);
     /* ... and a load of the same name succeeds while they drain: new weights, a new entry */
     assert_int_equal(ad_reg_load(r, "a", reg_dir(), &S, NULL), 0);
     assert_int_equal(ad_reg_count(r), 2);
     ad_adapter *p3;
     assert_int_equal(ad_reg_pin(r, "a", &p3), 0);
     assert_ptr_not_equal(p3, p1);
+    assert_int_equal(ad_reg_state_of(r, p3, &st), 0);
+    assert_int_equal(st, AD_READY);
+    assert_int_equal(ad_reg_state_of(r, p1, &st), 0); /* the old weights still drain */
+    assert_int_equal(st, AD_DRAINING);
     ad_reg_unpin(r, p3);
     assert_int_equal(ad_reg_unload(r, "a"), 0); /* unpinned, never uploaded: freed at once */
     assert_int_equal(ad_reg_count(r), 1);

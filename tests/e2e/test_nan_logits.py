@@ -267,11 +267,12 @@ def test_poisoned_token_fails_alone(tok_srv):
     base = [tokens_of(complete(tok_srv, h)) for h in HEALTHY]  # the NaN logit of POISON is never picked
     poisoned = [POISON] + list(range(110, 139))  # 30 tokens: fills 2 KV blocks with NaN
     # alone, batched with healthy requests, and inside a request with a healthy prompt
-    r = complete(tok_srv, poisoned)
+    # (poisoned requests ask for 2 tokens: 30 + 2 fill the 32-token context; more is a 400 now)
+    r = complete(tok_srv, poisoned, 2)
     assert r.status_code == 500 and check_error(r.json()["error"])
     jobs = [poisoned, HEALTHY[0], [110, POISON, 111], HEALTHY[1], [HEALTHY[0], [POISON, 5]], poisoned[:20]]
     with cf.ThreadPoolExecutor(len(jobs)) as ex:
-        rs = list(ex.map(lambda p: complete(tok_srv, p), jobs))
+        rs = list(ex.map(lambda p: complete(tok_srv, p, 6 if p in HEALTHY else 2), jobs))
     for p, r in zip(jobs, rs):
         if p in HEALTHY:
             assert tokens_of(r) == base[HEALTHY.index(p)]
@@ -280,7 +281,7 @@ def test_poisoned_token_fails_alone(tok_srv):
             check_error(r.json()["error"])
     # two poisoned sequences at once hold all 4 KV blocks; healthy prompts then reuse them
     with cf.ThreadPoolExecutor(2) as ex:
-        rs = list(ex.map(lambda i: complete(tok_srv, poisoned[:1] + poisoned[1 + i:]), range(2)))
+        rs = list(ex.map(lambda i: complete(tok_srv, poisoned[:1] + poisoned[1 + i:], 2), range(2)))
     assert [r.status_code for r in rs] == [500, 500]
     for _ in range(2):
         assert [tokens_of(complete(tok_srv, h)) for h in HEALTHY] == base

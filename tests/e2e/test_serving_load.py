@@ -274,4 +274,4 @@ def test_sigterm_drains_stream(start_server):
     assert finish == "length" and usage == n and text == alone
     assert srv.proc.wait(timeout=30) == 0
     srv.log.seek(0)
-    assert "stopping" in srv.log.read()
+    assert "draining" in srv.log.read()
