@@ -1037,9 +1037,11 @@ int sched_step(sched *s)
             s->n_forwarded += (uint64_t)n_tok;
         }
     }
-    notify_touched(s);
+    /* stats before the clients hear of this step: a client that saw a token finds its request
+     * counted (the drain at shutdown reads these) */
     count_waiting(s);
     publish_stats(s);
+    notify_touched(s);
     return n_tok;
 }
 
