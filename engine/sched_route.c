@@ -32,7 +32,6 @@ int sched_route_bind(sched_route *rt, const sched_route_opts *o, const eng_adapt
     const be_gate_ctl *ctl = o->has_ctl ? &o->ctl : NULL;
     rt->ctl = (eng_adapter){ea->lora, ea->K, ea->stats, ctl};
     rt->view = (eng_adapter){ea->lora, ea->K, rt->buf, ctl};
-    rt->ad_stats = ea->stats;
     return HY_OK;
 }
 
@@ -81,9 +80,9 @@ int sched_route_take(sched_route *rt, sched_route_rec *rec, int n_layer)
         if (tot[k] > tot[best])
             best = k;
     rec->head[rec->n++] = (int8_t)best;
-    if (rt->ad_stats) { /* the adapter's router sums (GET /v1/adapters) see these tokens too */
+    if (rt->ctl.stats) { /* the adapter's router sums (GET /v1/adapters) see these tokens too */
         for (size_t i = 0; i < rt->n_use; i++)
-            rt->ad_stats[i] += rt->buf[i];
+            rt->ctl.stats[i] += rt->buf[i];
     }
     memset(rt->buf, 0, rt->n_use * sizeof(float));
     return HY_OK;

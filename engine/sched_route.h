@@ -29,11 +29,11 @@ void sched_route_rec_free(sched_route_rec *rec);
 
 /* Per-sequence state; owned by the sequence (sched_route_free). */
 typedef struct {
-    eng_adapter ctl;   /* the adapter's loras and stats with the request's control */
+    eng_adapter ctl;   /* the adapter's loras and stats (its own router sums, which buf is added
+                        * to after use) with the request's control */
     eng_adapter view;  /* the same, its stats into buf: for the token whose logits are sampled */
     float *buf;        /* [n_layer * ENG_N_PROJ * (K + 1)] */
     size_t n_buf, n_use; /* allocated, used by the bound adapter */
-    float *ad_stats;   /* the adapter's own router sums (same layout), which buf is added to */
 } sched_route;
 
 /* (Re)bind rt to the adapter the sequence acquired (at every admission: a preempted sequence may
