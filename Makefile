@@ -30,6 +30,8 @@ endif
 LIB_OBJ := $(LIB_C:%.c=$(BUILD)/%.o) $(LIB_CU:%.cu=$(BUILD)/%.cu.o)
 LIB     := $(BUILD)/libhydrad.a
 TESTS   := $(patsubst tests/%.c,$(BIN)/tests/%,$(wildcard tests/test_*.c))
+# Helper programs the end-to-end tests drive (tests/tool_*.c), e.g. grammar masks for llguidance.
+TOOLS   := $(patsubst tests/%.c,$(BIN)/tests/%,$(wildcard tests/tool_*.c))
 BENCH_C := $(wildcard bench/*.c)
 
 .PHONY: train train-goldens fixtures all test test-c test-py run bench bench-cpu bench-adapters bench-serve bench-streams asan clean setup
@@ -81,7 +83,7 @@ $(K4R16)/adapter_model.safetensors: scripts/make_test_adapter.py
 # tests with its kernels run by the CPU emulator (tests/cuda_emu: logic only; the real GPU
 # run is scripts/gpu-check.sh). HY_MODEL points tests at the model.
 test: setup
-	$(MAKE) all $(TESTS) $(GPU_BENCH) fixtures
+	$(MAKE) all $(TESTS) $(TOOLS) $(GPU_BENCH) fixtures
 	$(MAKE) test-c test-py
 	$(MAKE) test-emu
 

@@ -604,6 +604,14 @@ static void utf8_feed(tok_detok *d, u8 b, sink *k)
     }
 }
 
+const unsigned char *tok_piece(const tok_vocab *v, int32_t id, size_t *len)
+{
+    if (id < 0 || id >= v->n)
+        return NULL;
+    *len = v->piece_len[id];
+    return v->piece + v->piece_off[id];
+}
+
 static void detok_id(tok_detok *d, int32_t id, bool skip_special, sink *k)
 {
     const tok_vocab *v = d->v;

@@ -28,6 +28,9 @@ bool tok_add_bos(const tok_vocab *v);  /* tokenizer.ggml.add_bos_token */
 bool tok_is_eog(const tok_vocab *v, int32_t id);
 /* The token's raw vocabulary string (NUL-terminated), NULL when out of range. */
 const char *tok_text(const tok_vocab *v, int32_t id);
+/* The raw bytes a token decodes to (byte-level mapping undone; SentencePiece ▁ as a space), not
+ * NUL-terminated, *len of them; NULL when out of range. Owned by the vocab. */
+const unsigned char *tok_piece(const tok_vocab *v, int32_t id, size_t *len);
 /* True for control tokens (token_type 3: BOS, EOS, <|im_start|>, ...). */
 bool tok_is_control(const tok_vocab *v, int32_t id);
 
