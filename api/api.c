@@ -2,6 +2,7 @@
  * response and SSE chunk formatting. Pure functions only: no sockets, no engine, no globals. */
 #include "api/api.h"
 #include "api/api_hydra.h"
+#include "api/api_struct.h"
 #include "engine/hy.h"
 
 #include <jansson.h>
@@ -249,12 +250,14 @@ static int parse_messages(json_t *root, api_request *r, api_error *err)
         const char *rs = json_string_value(role);
         if (strcmp(rs, "developer") == 0)
             rs = "system";
-        if (strcmp(rs, "system") && strcmp(rs, "user") && strcmp(rs, "assistant"))
+        if (strcmp(rs, "system") && strcmp(rs, "user") && strcmp(rs, "assistant") && strcmp(rs, "tool"))
             return api_error_set(err, 400, "invalid_request_error", "messages", "invalid_value",
-                                 "unsupported message role '%s' (system, user, assistant)", rs);
+                                 "unsupported message role '%s' (system, user, assistant, tool)", rs);
         int rc = dup_str(rs, strlen(rs), &r->msgs[i].role, err);
         if (!rc)
             rc = parse_content(json_object_get(e, "content"), &r->msgs[i].content, err);
+        if (!rc)
+            rc = api_parse_msg_tools(e, &r->msgs[i], err);
         if (rc)
             return rc;
     }
@@ -403,6 +406,8 @@ int api_parse_request(api_kind kind, const char *body, size_t len, api_request *
         rc = parse_logprobs(root, r, err);
     if (!rc)
         rc = api_parse_hydra(root, &r->hydra, err);
+    if (!rc)
+        rc = api_parse_struct(root, kind, &r->st, err);
     json_decref(root);
     if (rc) {
         api_request_free(r);
@@ -424,7 +429,10 @@ void api_request_free(api_request *r)
     for (int i = 0; i < r->n_msgs; i++) {
         free(r->msgs[i].role);
         free(r->msgs[i].content);
+        free(r->msgs[i].tool_calls);
+        free(r->msgs[i].tool_call_id);
     }
+    api_struct_free(&r->st);
     free(r->msgs);
     for (int i = 0; i < r->n_stop; i++)
         free(r->stop[i]);
@@ -603,10 +611,14 @@ static json_t *choice_json(api_kind kind, const api_choice *c, bool want_lp, boo
         json_t *m = json_object();
         if (!stream || role)
             json_object_set_new(m, "role", json_string("assistant"));
-        if (stream && !role && c->text_len == 0 && c->finish_reason)
+        if (stream && !role && c->text_len == 0 && (c->finish_reason || c->n_calls))
             json_decref(text); /* the final chunk carries an empty delta */
+        else if (c->n_calls && c->text_len == 0)
+            json_object_set_new(m, "content", (json_decref(text), json_null()));
         else
             json_object_set_new(m, "content", text);
+        if (c->n_calls)
+            json_object_set_new(m, "tool_calls", api_tool_calls_json(c, stream));
         json_object_set_new(o, stream ? "delta" : "message", m);
     }
     if (want_lp && (c->n_lp > 0 || !stream))

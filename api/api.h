@@ -30,9 +30,37 @@ int api_error_set(api_error *e, int status, const char *type, const char *param,
 char *api_error_json(const api_error *e);
 
 typedef struct {
-    char *role;     /* system | user | assistant | developer (developer is treated as system) */
-    char *content;  /* text parts joined */
+    char *role;     /* system | user | assistant | tool | developer (developer is treated as system) */
+    char *content;  /* text parts joined ("" when null) */
+    char *tool_calls;   /* assistant: its tool_calls as compact JSON [{"name","arguments"}], or NULL */
+    char *tool_call_id; /* tool: the call it answers, or NULL */
 } api_msg;
+
+/* Structured outputs and tools (api/api_struct.c). Only the shapes are checked here; the server
+ * compiles schemas and grammars (engine/gram*.h) and reports their errors. */
+typedef enum { API_RF_TEXT = 0, API_RF_JSON_OBJECT, API_RF_JSON_SCHEMA, API_RF_GRAMMAR } api_rf;
+typedef enum { API_TC_NONE = 0, API_TC_AUTO, API_TC_REQUIRED, API_TC_NAMED } api_tc;
+#define API_MAX_TOOLS 128
+#define API_MAX_BIAS 1024
+typedef struct {
+    char *name;         /* [A-Za-z0-9_-]{1,64} */
+    char *description;  /* NULL when absent */
+    char *parameters;   /* compact JSON text of the parameters schema ("{}" when absent) */
+} api_tool;
+typedef struct {
+    api_rf rf;
+    char *schema;       /* API_RF_JSON_SCHEMA: compact JSON text of json_schema.schema */
+    char *grammar;      /* API_RF_GRAMMAR: GBNF text (extension field `grammar`) */
+    const char *param;  /* the field the constraint came from, for errors */
+    int n_bias;         /* logit_bias: token id -> bias in [-100, 100] */
+    int32_t *bias_id;
+    float *bias;
+    int n_tools;        /* tools, or 0 */
+    api_tool *tools;
+    api_tc tool_choice; /* API_TC_NONE when there are no tools */
+    int tool_named;     /* API_TC_NAMED: index into tools */
+    bool parallel_tool_calls; /* true (OpenAI's default) */
+} api_struct;
 
 /* One prompt of a completions request: text, or token ids. */
 typedef struct {
@@ -81,6 +109,7 @@ typedef struct {
     double repetition_penalty; /* 1.0 */
     bool ignore_eos;
     api_hydra hydra;
+    api_struct st;
 } api_request;
 
 /* Parse a POST /v1/completions (kind API_COMPLETION) or /v1/chat/completions body.
@@ -114,14 +143,26 @@ typedef struct {
     const float *overall;      /* [K] mean gate over every group, or NULL */
 } api_router;
 
+/* One tool call of a chat choice, or (streaming) a fragment of one: id and name only in the
+ * call's first chunk (NULL after), arguments as they arrive. */
+typedef struct {
+    int index;
+    const char *id;
+    const char *name;
+    const char *args;
+    size_t args_len;
+} api_tool_call;
+
 typedef struct {
     int index;
     const char *text;
     size_t text_len;
-    const char *finish_reason;  /* "stop", "length", or NULL (streaming, not finished) */
+    const char *finish_reason;  /* "stop", "length", "tool_calls", or NULL (streaming, not finished) */
     int n_lp;                   /* number of tokens with logprobs; 0 with lp == NULL: no logprobs */
     const api_tokenlp *lp;
     const api_router *router;   /* NULL: no `hydra` member */
+    int n_calls;                /* > 0: message.tool_calls (content null unless text_len > 0) */
+    const api_tool_call *calls;
 } api_choice;
 
 typedef struct {

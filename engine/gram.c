@@ -89,8 +89,11 @@ struct gram {
     VEC(item) lists;     /* memoised steps: count, items... */
     uint32_t **mask;     /* [node] -> cached mask of the node, or NULL */
     size_t mask_cap;
+    int n_masks;         /* cached, at most GRAM_MAX_MASKS; past it masks go to `scratch` */
+    uint32_t *scratch;
     const gram_vocab *gv;
-    bool overflow;       /* the node cap was reached */
+    bool overflow;       /* the node cap was reached (this operation fails) */
+    atomic_bool spent;   /* it was reached once: caches should compile the grammar afresh */
     int depth;
 };
 
@@ -718,6 +721,7 @@ int gram_compile(const char *text, size_t len, gram **out, char *err, size_t err
     if ((rc = check_rules(&p, &g->root)) || (rc = flatten(&p, g)))
         goto fail;
     atomic_init(&g->refs, 1);
+    atomic_init(&g->spent, false);
     parser_free(&p);
     *out = g;
     return HY_OK;
@@ -730,7 +734,48 @@ fail:
     return rc ? rc : HY_EINVAL;
 }
 
+int gram_gbnf_prefix(const char *text, const char *prefix, char **out)
+{
+    size_t n = strlen(text), np = strlen(prefix), names = 0;
+    for (size_t i = 0; i < n; i++)
+        names += is_name_char(text[i]) && (i == 0 || !is_name_char(text[i - 1]));
+    char *o = malloc(n + names * np + 1), *w = o;
+    if (!(*out = o))
+        return hy_err_set(HY_ENOMEM, "out of memory");
+    for (size_t i = 0; i < n;) {
+        char c = text[i];
+        if (c == '"' || c == '[') { /* a literal or a class: copied through, escapes included */
+            char close = c == '"' ? '"' : ']';
+            *w++ = text[i++];
+            while (i < n && text[i] != close) {
+                if (text[i] == '\\' && i + 1 < n)
+                    *w++ = text[i++];
+                *w++ = text[i++];
+            }
+            if (i < n)
+                *w++ = text[i++];
+        } else if (c == '{') { /* a repetition count */
+            while (i < n && text[i] != '}')
+                *w++ = text[i++];
+        } else if (c == '#') {
+            while (i < n && text[i] != '\n')
+                *w++ = text[i++];
+        } else if (is_name_char(c)) {
+            memcpy(w, prefix, np);
+            w += np;
+            while (i < n && is_name_char(text[i]))
+                *w++ = text[i++];
+        } else {
+            *w++ = text[i++];
+        }
+    }
+    *w = 0;
+    return HY_OK;
+}
+
 void gram_retain(gram *g) { atomic_fetch_add(&g->refs, 1); }
+
+bool gram_spent(gram *g) { return atomic_load(&g->spent); }
 
 void gram_release(gram *g)
 {
@@ -742,6 +787,7 @@ void gram_release(gram *g)
         free(g->mask[i]);
     free(g->memo);
     free(g->mask);
+    free(g->scratch);
     free(g->lists.v);
     free(g->nodes.v);
     free(g->hmap);
@@ -796,6 +842,7 @@ static int32_t intern(gram *g, int32_t pos, int32_t parent)
     return (int32_t)g->nodes.n - 1;
 fail:
     g->overflow = true;
+    atomic_store(&g->spent, true);
     return -2;
 }
 
@@ -991,6 +1038,13 @@ fail:
     g->overflow = true;
 }
 
+/* Each public operation starts with a clean failure flag (the node cap stays: old nodes work). */
+static void op_begin(gram *g)
+{
+    g->overflow = false;
+    g->depth = 0;
+}
+
 static void start_items(gram *g, item_vec *out)
 {
     for (int32_t a = g->rule_alt[g->root]; a < g->rule_alt[g->root + 1]; a++)
@@ -1002,6 +1056,7 @@ static void start_items(gram *g, item_vec *out)
 static bool run_bytes(gram *g, const char *s, size_t len, item_vec *st)
 {
     item_vec cur = {0};
+    op_begin(g);
     start_items(g, &cur);
     for (size_t i = 0; i < len && cur.n && !g->overflow; i++) {
         item_vec next = {0};
@@ -1217,11 +1272,20 @@ static const uint32_t *node_mask(gram *g, const gram_vocab *gv, int32_t nd)
         return NULL;
     if (g->mask[nd])
         return g->mask[nd];
-    uint32_t *m = calloc((size_t)gv->words, sizeof *m);
+    bool keep = g->n_masks < GRAM_MAX_MASKS;
+    if (!keep && !g->scratch && !(g->scratch = malloc((size_t)gv->words * sizeof *g->scratch)))
+        return NULL;
+    uint32_t *m = keep ? calloc((size_t)gv->words, sizeof *m) : g->scratch;
+    if (!keep)
+        memset(m, 0, (size_t)gv->words * sizeof *m);
     if (!m || item_mask(g, gv, item_make(nd, 0, 0, 0), m)) {
-        free(m);
+        if (keep)
+            free(m);
         return NULL;
     }
+    if (!keep)
+        return m;
+    g->n_masks++;
     return g->mask[nd] = m;
 }
 
@@ -1243,6 +1307,7 @@ int gram_matcher_create(gram *g, const gram_vocab *gv, gram_matcher **out)
         return hy_err_set(HY_ENOMEM, "out of memory");
     m->g = g;
     m->gv = gv;
+    op_begin(g);
     start_items(g, &m->st);
     if (g->overflow) {
         free(m->st.v);
@@ -1282,9 +1347,12 @@ int gram_matcher_mask(gram_matcher *m, uint32_t *allowed)
 {
     gram *g = m->g;
     const gram_vocab *gv = m->gv;
+    op_begin(g);
     memset(allowed, 0, (size_t)gv->words * sizeof *allowed);
-    if (m->ended)
+    if (m->ended) { /* past the end (a request that ignores EOS): only end tokens */
+        memcpy(allowed, gv->eog, (size_t)gv->words * sizeof *allowed);
         return HY_OK;
+    }
     for (size_t i = 0; i < m->st.n; i++) {
         item it = m->st.v[i];
         if (it == ITEM_ACCEPT) {
@@ -1307,7 +1375,7 @@ int gram_matcher_mask(gram_matcher *m, uint32_t *allowed)
 int gram_matcher_accept(gram_matcher *m, int32_t token)
 {
     const gram_vocab *gv = m->gv;
-    if (token < 0 || token >= gv->n_vocab || m->ended)
+    if (token < 0 || token >= gv->n_vocab || (m->ended && !gv->is_eog[token]))
         return hy_err_set(HY_EINVAL, "grammar: token %d not allowed", token);
     if (gv->is_eog[token]) {
         if (!gram_matcher_accepting(m))
@@ -1320,6 +1388,7 @@ int gram_matcher_accept(gram_matcher *m, int32_t token)
     size_t len = 0;
     const unsigned char *b = tok_piece(gv->v, token, &len);
     item_vec cur = {0};
+    op_begin(m->g);
     for (size_t i = 0; i < m->st.n; i++)
         VEC_PUSH(cur, m->st.v[i], nomem);
     for (size_t i = 0; i < len && cur.n; i++) {

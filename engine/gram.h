@@ -25,6 +25,8 @@
 /* Automaton states (stacks) one grammar may create while sequences run, all together. Past it a
  * matcher reports HY_ELIMIT (the sequence ends). */
 #define GRAM_MAX_NODES 400000
+/* Masks one grammar keeps (6 KiB each with a 49k vocabulary); past it they are recomputed. */
+#define GRAM_MAX_MASKS 2048
 
 typedef struct gram gram;
 
@@ -36,6 +38,12 @@ typedef struct gram gram;
 int gram_compile(const char *text, size_t len, gram **out, char *err, size_t errlen);
 void gram_retain(gram *g);
 void gram_release(gram *g); /* NULL: no-op */
+/* The state cap was hit once (any thread): a cache should compile the grammar afresh. */
+bool gram_spent(gram *g);
+
+/* Copy GBNF text with every rule name prefixed by `prefix` (names in string literals, classes and
+ * comments untouched), so several grammars' rules can live in one. *out malloc'ed, caller frees. */
+int gram_gbnf_prefix(const char *text, const char *prefix, char **out);
 
 /* Whether the whole of s[0..len) is a sentence of the grammar (tests and tools). */
 bool gram_match(gram *g, const char *s, size_t len);

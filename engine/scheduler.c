@@ -141,6 +141,8 @@ void sched_req_release(sched_req *r)
         sched_route_rec_free(&r->choices[i].route);
     }
     free(r->choices);
+    if (r->constraint_free)
+        r->constraint_free(r->sp.constraint);
     pthread_mutex_destroy(&r->mu);
     if (r->notify_free)
         r->notify_free(r->notify_ctx);

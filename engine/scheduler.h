@@ -25,6 +25,9 @@ typedef struct {
     uint64_t seed;
     int top_logprobs;          /* alternatives wanted per token (0..SCHED_MAX_TOP) */
     bool logprobs;
+    /* Opaque to the scheduler (the glue's smp_constraint: grammar, logit_bias), NULL for none.
+     * Owned by the request: sched_req.constraint_free frees it with the request. */
+    void *constraint;
 } sched_sampling;
 
 /* One sampled token (what sched_ops.sample fills). */
@@ -109,6 +112,7 @@ typedef struct sched_req {
     void (*notify)(void *ctx); /* called by the engine thread after new results (no lock held) */
     void *notify_ctx;
     void (*notify_free)(void *ctx); /* called once when the request is freed (last release) */
+    void (*constraint_free)(void *constraint); /* frees sp.constraint with the request (NULL: none) */
     /* results (mu) */
     int n_choices;
     sched_choice *choices;

@@ -62,6 +62,7 @@ typedef struct conn {
     /* streaming */
     bool stream;
     stream_choice *sc;
+    srv_toolscan *ts;       /* [n_choices] when the answer may be a tool call, else NULL */
     char *pend;
     size_t pend_len, pend_off;
     bool usage_sent, done_sent, recorded;
@@ -84,6 +85,7 @@ static void conn_unref(conn *c)
     free(c->body);
     free(c->model);
     free(c->sc);
+    free(c->ts);
     free(c->pend);
     free(c->load_json);
     free(c->load_path);
@@ -241,14 +243,13 @@ static int tokenize_request(conn *c, api_error *e, int32_t ***ids_out, int **n_o
                               "this model has no supported chat template; use /v1/completions");
                 goto fail;
             }
-            tok_msg *msgs = calloc((size_t)r->n_msgs, sizeof *msgs);
-            char *text = NULL;
-            if (!msgs)
+            tok_msg *msgs;
+            char **owned, *text = NULL;
+            int n_owned, n_msgs = srv_tools_msgs(r, &msgs, &owned, &n_owned);
+            if (n_msgs < 0)
                 goto oom;
-            for (int k = 0; k < r->n_msgs; k++)
-                msgs[k] = (tok_msg){r->msgs[k].role, r->msgs[k].content};
-            rc = tok_chat_apply(s->chat, msgs, r->n_msgs, true, &text);
-            free(msgs);
+            rc = tok_chat_apply(s->chat, msgs, n_msgs, true, &text);
+            srv_tools_msgs_free(msgs, owned, n_owned);
             if (rc) {
                 api_error_set(e, 400, "invalid_request_error", "messages", "", "%s", hy_err_msg());
                 goto fail;
@@ -549,7 +550,7 @@ static enum MHD_Result answer_whole(conn *c, struct MHD_Connection *mc)
     if (ch && lb && (hv || !want_rt)) {
         for (int i = 0; i < r->n_choices; i++) {
             sched_choice *x = &r->choices[i];
-            ch[i] = (api_choice){i, x->text ? x->text : "", x->len, finish_name(x->finish), 0, NULL, NULL};
+            ch[i] = (api_choice){i, x->text ? x->text : "", x->len, finish_name(x->finish), 0, NULL, NULL, 0, NULL};
             gen += x->n_gen;
             if (c->ar.logprobs && x->lp && lp_build(c->s, x->lp, 0, x->n_gen, c->ar.top_logprobs, &lb[i]) == 0) {
                 ch[i].n_lp = x->n_gen;
@@ -559,6 +560,8 @@ static enum MHD_Result answer_whole(conn *c, struct MHD_Connection *mc)
                 srv_hydra_view_make(&x->route, 0, true, &hv[i]);
                 ch[i].router = &hv[i].rt;
             }
+            if (c->ts)
+                srv_toolscan_whole(&c->ts[i], ch[i].text, ch[i].text_len, &ch[i]);
         }
         api_usage u = {c->n_prompt_total, gen};
         json = api_format_response(c->ar.kind, c->id, c->created, c->model, ch, r->n_choices, &u, c->ar.logprobs);
@@ -611,7 +614,7 @@ static void stream_collect(conn *c)
             continue; /* cut: its client gets the error event below */
         if (new_text || role || (x->done && !r->failed && finish_name(x->finish))) {
             api_choice ch = {i, x->text ? x->text + sc->sent_text : "", x->len - (size_t)sc->sent_text,
-                             x->done ? finish_name(x->finish) : NULL, 0, NULL, NULL};
+                             x->done ? finish_name(x->finish) : NULL, 0, NULL, NULL, 0, NULL};
             lp_buf lb = {0};
             int n_lp = 0;
             if (c->ar.logprobs && x->lp && x->n_gen > sc->sent_lp &&
@@ -625,9 +628,17 @@ static void stream_collect(conn *c)
                 srv_hydra_view_make(&x->route, sc->sent_route, x->done, &hv);
                 ch.router = &hv.rt;
             }
+            if (c->ts) {
+                srv_toolscan_stream(&c->ts[i], x->text ? x->text : "", x->len, x->done, &ch);
+                if (!ch.text_len && !ch.n_calls && !role && !(x->done && ch.finish_reason)) {
+                    sc->sent_text = (int)x->len; /* nothing to say yet (a call's name is not complete) */
+                    lp_free(&lb);
+                    continue;
+                }
+            }
             if (role && x->done && ch.finish_reason) {
                 /* role chunk first, then the text + finish chunk */
-                api_choice rc = {i, "", 0, NULL, 0, NULL, NULL};
+                api_choice rc = {i, "", 0, NULL, 0, NULL, NULL, 0, NULL};
                 pend_add(c, api_format_chunk(k, c->id, c->created, c->model, &rc, true, c->ar.logprobs, usage_null));
                 role = false;
             }
@@ -781,18 +792,25 @@ static enum MHD_Result start_generation(conn *c, struct MHD_Connection *mc, api_
     }
     if (max_tokens > min_room) /* the defaults: 16 (completions) near the end of the context */
         max_tokens = min_room;
+    smp_constraint *cst = NULL;
+    int rc = s->gcache ? srv_struct_constraint(s->gcache, ar, tok_n_vocab(s->vocab), s->cfg.json_ws_flexible, &cst, &e)
+                       : api_error_set(&e, 500, "server_error", "", "", "out of memory");
     sched_sampling sp = {ar->temperature, ar->top_p, ar->min_p, ar->top_k, ar->presence_penalty,
                          ar->frequency_penalty, ar->repetition_penalty, ar->has_seed, (uint64_t)ar->seed,
-                         ar->top_logprobs, ar->logprobs};
+                         ar->top_logprobs, ar->logprobs, cst};
     sched_req *r = NULL;
-    int rc = sched_req_create(np, (const int32_t *const *)ids, n, ar->n, max_tokens,
-                              (const char *const *)ar->stop, ar->n_stop, ar->ignore_eos, &sp, c->ad, &r);
+    if (!rc && (rc = sched_req_create(np, (const int32_t *const *)ids, n, ar->n, max_tokens,
+                                      (const char *const *)ar->stop, ar->n_stop, ar->ignore_eos, &sp, c->ad, &r)))
+        api_error_set(&e, 500, "server_error", "", "", "%s", hy_err_msg());
     for (int i = 0; i < np; i++)
         free(ids[i]);
     free(ids);
     free(n);
-    if (rc)
-        return err(c, mc, 500, "server_error", "", "", hy_err_msg());
+    if (rc) {
+        smp_constraint_free(cst);
+        return send_err(c, mc, &e);
+    }
+    r->constraint_free = smp_constraint_free;
     r->route = srv_hydra_opts(&ar->hydra, ad_heads);
     r->notify = on_engine_event;
     r->notify_ctx = c;
@@ -805,6 +823,12 @@ static enum MHD_Result start_generation(conn *c, struct MHD_Connection *mc, api_
     c->sc = calloc((size_t)r->n_choices, sizeof *c->sc);
     if (!c->sc)
         return err(c, mc, 500, "server_error", "", "", "out of memory");
+    if (kind == API_CHAT && ar->st.tool_choice != API_TC_NONE) {
+        if (!(c->ts = calloc((size_t)r->n_choices, sizeof *c->ts)))
+            return err(c, mc, 500, "server_error", "", "", "out of memory");
+        for (int i = 0; i < r->n_choices; i++)
+            srv_toolscan_init(&c->ts[i], c->id + strlen("chatcmpl-"), i);
+    }
     rc = sched_submit(s->sched, r);
     if (rc == HY_EBUSY)
         return err(c, mc, 429, "rate_limit_error", "", "rate_limit_exceeded", hy_err_msg());
@@ -1561,6 +1585,8 @@ void srv_init(srv *s, const srv_config *cfg)
     atomic_init(&s->ready, false);
     atomic_init(&s->stopping, false);
     atomic_init(&s->next_id, 1);
+    if (srv_gcache_create(32, &s->gcache))
+        s->gcache = NULL;
 }
 
 void srv_clear(srv *s)
@@ -1571,6 +1597,8 @@ void srv_clear(srv *s)
     free(s->stats);
     free(s->served);
     free(s->watch);
+    srv_gcache_free(s->gcache);
+    s->gcache = NULL;
     s->stats = NULL;
     s->served = NULL;
     s->watch = NULL;

@@ -10,6 +10,7 @@
 #include "engine/tokenizer.h"
 #include "server/conn_guard.h"
 #include "server/metrics.h"
+#include "server/srv_struct.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -35,6 +36,7 @@ typedef struct {
     bool metrics_auth;         /* /metrics needs the API key */
     double request_deadline;   /* seconds a connection has for a whole request (<= 0: none) */
     int max_conns_per_ip;      /* 0: no per-address limit */
+    bool json_ws_flexible;     /* structured JSON may carry whitespace (default: compact) */
 } srv_config;
 
 /* Router statistics snapshot taken on the engine thread, read by GET /v1/adapters. */
@@ -91,6 +93,7 @@ typedef struct srv {
     int watch_ep, watch_ev;  /* epoll and its stop eventfd; -1 when not started */
     pthread_t watch_th;
     srv_guard guard;         /* the whole-request deadline (slow clients) */
+    srv_gcache *gcache;      /* compiled grammars (structured outputs, tools); NULL: out of memory */
 } srv;
 
 /* Initialise s (cfg copied by value: its strings must outlive s). */

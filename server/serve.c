@@ -7,6 +7,7 @@
 #include "engine/hy.h"
 #include "engine/model.h"
 #include "engine/sampler.h"
+#include "engine/smp_constrain.h"
 #include "engine/scheduler.h"
 #include "engine/tokenizer.h"
 #include "server/cli.h"
@@ -41,6 +42,7 @@ typedef struct {
     eng_kv *kv;
     be *b;
     tok_vocab *v;
+    gram_vocab *gv;      /* the vocabulary's bytes for grammar masks */
     ad_registry *reg;
     int max_loras;
     int n_vocab;
@@ -53,6 +55,7 @@ typedef struct {
 typedef struct {
     tok_detok dt;
     smp_seq *smp;
+    smp_cseq *cs;        /* grammar / logit_bias of the request, or NULL */
     int n_accepted;      /* tokens of the sequence already given to the sampler's penalties */
     float *logits;       /* [n_vocab] scratch: smp_sample modifies its input */
 } seq_state;
@@ -78,6 +81,7 @@ static void g_seq_free(void *ctx, void *state)
     if (!st)
         return;
     smp_free(st->smp);
+    smp_cseq_free(st->cs);
     free(st->logits);
     free(st);
 }
@@ -104,6 +108,8 @@ static int g_seq_init(void *ctx, const sched_sampling *p, int choice, void **sta
     sp.logprobs = p->logprobs;
     sp.n_logprobs = HY_MIN(p->top_logprobs, SMP_MAX_LOGPROBS);
     int rc = smp_create(&sp, g->n_vocab, &st->smp);
+    if (!rc && p->constraint)
+        rc = smp_cseq_create(p->constraint, g->gv, &st->cs);
     if (rc) {
         g_seq_free(ctx, st);
         return rc;
@@ -128,6 +134,8 @@ static int g_sample(void *ctx, void *state, const float *logits, const int32_t *
     if (rc)
         return rc;
     memcpy(st->logits, logits, (size_t)g->n_vocab * sizeof(float));
+    if (st->cs && (rc = smp_cseq_apply(st->cs, toks, n_prompt, n_toks, st->logits, g->n_vocab)))
+        return rc;
     smp_result res;
     if ((rc = smp_sample(st->smp, st->logits, &res)))
         return rc;
@@ -319,6 +327,7 @@ typedef struct {
     const char *url_allow[MAX_ADAPTER_ARGS];
     int n_url_allow;
     bool metrics_auth;
+    bool json_ws;        /* --json-whitespace flexible */
 } serve_opts;
 
 static void usage(FILE *f)
@@ -365,6 +374,9 @@ static void usage(FILE *f)
             "                            requests in flight finish for up to S seconds (default 30); what\n"
             "                            is left then gets an error; a second signal cuts at once. Exit\n"
             "                            status 0 when nothing was cut, 3 otherwise\n"
+            "      --json-whitespace compact|flexible  JSON from response_format: none outside strings\n"
+            "                            (default, as xgrammar and llguidance) or optional whitespace\n"
+            "                            around every structural character\n"
             "      --threads N           compute threads of the CPU backend (default: all cores)\n"
             "      --http-threads N      HTTP worker threads (default 4)\n"
             "      --max-connections N   open connections at most (default 512)\n"
@@ -429,7 +441,7 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
 {
     enum { O_HOST = 256, O_PORT, O_SERVED, O_ADAPTER, O_ROOT, O_API, O_ADMIN, O_SEQS, O_BT, O_KVMB, O_KVB,
            O_LORAS, O_CPU, O_QUEUE, O_THREADS, O_HTHREADS, O_CONNS, O_DEVICE, O_CTX, O_CACHE, O_AMB, O_SCALE,
-           O_DRAIN, O_URLALLOW, O_METRICSAUTH, O_DEADLINE, O_CONNSIP };
+           O_DRAIN, O_URLALLOW, O_METRICSAUTH, O_DEADLINE, O_CONNSIP, O_JSONWS };
     static const struct option lo[] = {
         {"model", required_argument, 0, 'm'}, {"host", required_argument, 0, O_HOST},
         {"port", required_argument, 0, O_PORT}, {"served-model-name", required_argument, 0, O_SERVED},
@@ -445,7 +457,7 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
         {"adapter-cache", required_argument, 0, O_CACHE}, {"adapter-max-mb", required_argument, 0, O_AMB},
         {"drain-timeout", required_argument, 0, O_DRAIN}, {"adapter-url-allow", required_argument, 0, O_URLALLOW},
         {"metrics-auth", no_argument, 0, O_METRICSAUTH}, {"request-timeout", required_argument, 0, O_DEADLINE},
-        {"max-connections-per-ip", required_argument, 0, O_CONNSIP},
+        {"max-connections-per-ip", required_argument, 0, O_CONNSIP}, {"json-whitespace", required_argument, 0, O_JSONWS},
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     int c, rc = 0;
     optind = 1;
@@ -497,6 +509,13 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
         case O_METRICSAUTH: o->metrics_auth = true; break;
         case O_DEADLINE: rc = parse_int("request-timeout", optarg, 0, &o->request_deadline); break;
         case O_CONNSIP: rc = parse_int("max-connections-per-ip", optarg, 0, &o->max_conns_ip); break;
+        case O_JSONWS:
+            o->json_ws = !strcmp(optarg, "flexible");
+            if (!o->json_ws && strcmp(optarg, "compact")) {
+                fprintf(stderr, "hydrad serve: --json-whitespace takes compact or flexible\n");
+                rc = -1;
+            }
+            break;
         case O_URLALLOW:
             if (o->n_url_allow == MAX_ADAPTER_ARGS)
                 rc = -1;
@@ -588,7 +607,7 @@ int cli_serve(int argc, char **argv)
     srv_config cfg = {o.host, o.port, served, o.api_key, o.admin_key, o.http_threads, o.max_conns, 1u << 20,
                       o.roots, o.n_roots, o.max_loras, o.cache, (size_t)o.adapter_max_mb << 20,
                       o.url_allow, o.n_url_allow, o.metrics_auth, o.request_deadline,
-                      o.max_conns_ip >= 0 ? o.max_conns_ip : (o.max_conns + 1) / 2};
+                      o.max_conns_ip >= 0 ? o.max_conns_ip : (o.max_conns + 1) / 2, o.json_ws};
     curl_global_init(CURL_GLOBAL_DEFAULT);
     srv_init(&s, &cfg);
     if (!served)
@@ -600,7 +619,7 @@ int cli_serve(int argc, char **argv)
     fprintf(stderr, "hydrad serve: listening on http://%s:%d (loading %s)\n", s.bound, o.port, o.model);
     ret = 2;
     if ((rc = gguf_open(o.model, &f)) || (rc = be_open(o.device, o.threads, &b)) ||
-        (rc = eng_model_load(f, b, &m)) || (rc = tok_load(f, &v))) {
+        (rc = eng_model_load(f, b, &m)) || (rc = tok_load(f, &v)) || (rc = gram_vocab_create(v, &g.gv))) {
         fprintf(stderr, "hydrad serve: %s: %s\n", o.model, hy_err_msg());
         goto done;
     }
@@ -627,7 +646,7 @@ int cli_serve(int argc, char **argv)
             goto done;
         }
     }
-    g = (glue){.s = &s, .m = m, .kv = kv, .b = b, .v = v, .reg = reg, .max_loras = o.max_loras,
+    g = (glue){.s = &s, .m = m, .kv = kv, .b = b, .v = v, .gv = g.gv, .reg = reg, .max_loras = o.max_loras,
                .n_vocab = hp->n_vocab};
     sched_config sc_cfg = {.max_seqs = o.max_seqs, .max_batch_tokens = o.max_batch_tokens, .n_blocks = n_blocks,
                            .max_queue = o.max_queue, .max_loras = o.max_loras, .n_ctx = n_ctx,
@@ -668,6 +687,7 @@ done:
     ad_reg_free(reg);
     eng_kv_free(kv);
     eng_model_free(m);
+    gram_vocab_free(g.gv);
     tok_free(v);
     if (b)
         b->ops->destroy(b);
