@@ -266,7 +266,8 @@ static int finish_set(parser *p, size_t first, bool negate, elem *out)
     p->rng.n = first + m;
     if (negate) {
         range tmp[m + 1];
-        memcpy(tmp, r, m * sizeof *r);
+        if (m)
+            memcpy(tmp, r, m * sizeof *r);
         p->rng.n = first;
         uint32_t next = 0;
         for (size_t i = 0; i < m; i++) {
@@ -311,41 +312,46 @@ fail:
     return hy_err_set(HY_ENOMEM, "out of memory");
 }
 
-static int copy_seq(parser *p, elem_vec *dst, const elem *src, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        if (add_elem(p, dst, src[i]))
-            return HY_EINVAL;
-    return HY_OK;
-}
-
 /* A rule whose alternatives are `x R` and empty (R itself): x*. */
-static int star_rule(parser *p, const elem *x, size_t nx)
+static int star_rule(parser *p, elem x)
 {
     int r = new_rule(p, "star");
     if (r < 0)
         return -1;
     elem_vec a = {0}, b = {0};
-    if (copy_seq(p, &a, x, nx) || add_elem(p, &a, (elem){E_REF, r, 0}) || add_alt(p, r, a))
+    if (add_elem(p, &a, x) || add_elem(p, &a, (elem){E_REF, r, 0}) || add_alt(p, r, a)) {
+        free(a.v);
         return -1;
-    if (add_alt(p, r, b))
-        return -1;
-    return r;
+    }
+    return add_alt(p, r, b) ? -1 : r;
 }
 
-/* Apply a postfix operator to the symbol seq[from..) (replaced in place). */
+/* Apply a postfix operator to the symbol seq[from..) (replaced in place). A symbol of several
+ * elements (a literal) becomes a rule of its own first, so the repeated unit is one element. */
 static int repeat(parser *p, elem_vec *seq, size_t from, int min, int max /* -1: unbounded */)
 {
     size_t nx = seq->n - from;
-    elem x[nx];
-    memcpy(x, seq->v + from, nx * sizeof *x);
+    elem x;
+    if (nx == 1) {
+        x = seq->v[from];
+    } else {
+        int r = new_rule(p, "lit");
+        elem_vec a = {0};
+        if (r < 0)
+            return HY_EINVAL;
+        for (size_t i = 0; i < nx; i++)
+            VEC_PUSH(a, seq->v[from + i], nomem);
+        if (add_alt(p, r, a))
+            return HY_EINVAL;
+        x = (elem){E_REF, r, 0};
+    }
     seq->n = from;
     p->n_elems -= nx;
     for (int i = 0; i < min; i++)
-        if (copy_seq(p, seq, x, nx))
+        if (add_elem(p, seq, x))
             return HY_EINVAL;
     if (max < 0) {
-        int r = star_rule(p, x, nx);
+        int r = star_rule(p, x);
         return r < 0 ? HY_EINVAL : add_elem(p, seq, (elem){E_REF, r, 0});
     }
     /* up to max - min more: opt_k ::= x opt_(k-1) | empty */
@@ -355,12 +361,18 @@ static int repeat(parser *p, elem_vec *seq, size_t from, int min, int max /* -1:
         if (r < 0)
             return HY_EINVAL;
         elem_vec a = {0}, b = {0};
-        if (copy_seq(p, &a, x, nx) || (prev >= 0 && add_elem(p, &a, (elem){E_REF, prev, 0})) ||
-            add_alt(p, r, a) || add_alt(p, r, b))
+        if (add_elem(p, &a, x) || (prev >= 0 && add_elem(p, &a, (elem){E_REF, prev, 0}))) {
+            free(a.v);
+            return HY_EINVAL;
+        }
+        if (add_alt(p, r, a) || add_alt(p, r, b))
             return HY_EINVAL;
         prev = r;
     }
     return prev >= 0 ? add_elem(p, seq, (elem){E_REF, prev, 0}) : HY_OK;
+nomem:
+    p->failed = true;
+    return hy_err_set(HY_ENOMEM, "out of memory");
 }
 
 static int parse_int(parser *p, int *out)
@@ -665,7 +677,8 @@ static int flatten(parser *p, gram *g)
     g->rng = malloc((p->rng.n + 1) * sizeof *g->rng);
     if (!g->el || !g->alt || !g->rule_alt || !g->rng)
         return hy_err_set(HY_ENOMEM, "out of memory");
-    memcpy(g->rng, p->rng.v, p->rng.n * sizeof *g->rng);
+    if (p->rng.n)
+        memcpy(g->rng, p->rng.v, p->rng.n * sizeof *g->rng);
     g->n_rng = (int)p->rng.n;
     int ia = 0, ie = 0;
     for (size_t r = 0; r < p->rules.n; r++) {
@@ -673,7 +686,8 @@ static int flatten(parser *p, gram *g)
         for (size_t a = 0; a < p->rules.v[r].alts.n; a++) {
             const elem_vec *s = &p->rules.v[r].alts.v[a];
             g->alt[ia++] = ie;
-            memcpy(g->el + ie, s->v, s->n * sizeof *s->v);
+            if (s->n)
+                memcpy(g->el + ie, s->v, s->n * sizeof *s->v);
             ie += (int)s->n;
             g->el[ie++] = (elem){E_END, 0, 0};
         }
@@ -711,6 +725,8 @@ int gram_compile(const char *text, size_t len, gram **out, char *err, size_t err
     int rc = HY_ENOMEM;
     if (!g)
         goto fail;
+    atomic_init(&g->refs, 1);
+    atomic_init(&g->spent, false);
     for (;;) {
         skip_space(&p, true);
         if (p.s >= p.end)
@@ -720,8 +736,6 @@ int gram_compile(const char *text, size_t len, gram **out, char *err, size_t err
     }
     if ((rc = check_rules(&p, &g->root)) || (rc = flatten(&p, g)))
         goto fail;
-    atomic_init(&g->refs, 1);
-    atomic_init(&g->spent, false);
     parser_free(&p);
     *out = g;
     return HY_OK;

@@ -158,7 +158,7 @@ static void test_errors(void **state)
     expect_error("root ::= \"\\q\"\n", "unknown escape");
     expect_error("root ::= * \"a\"\n", "must follow a symbol");
     expect_error("root ::= \"a\"{3,1}\n", "max below min");
-    expect_error("root ::= \"abc\"{90000}\n", "elements");
+    expect_error("root ::= \"a\"{90000} \"b\"{90000} \"c\"{90000}\n", "elements");
     expect_error("root \"a\"\n", "expected '::='");
 }
 
