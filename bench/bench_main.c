@@ -11,7 +11,9 @@ static void usage(FILE *f)
                "commands:\n"
                "  serve     load generator for an OpenAI-compatible server: Poisson arrivals,\n"
                "            streaming TTFT/TPOT/ITL/E2E, many adapters (--help)\n"
-               "  kernels   HydraLoRA op sweep (r, K, batch, adapters) against memcpy bandwidth (--help)\n");
+               "  kernels   HydraLoRA op sweep (r, K, batch, adapters) against memcpy bandwidth (--help)\n"
+               "  gram      per-token cost of constrained decoding: mask + advance along random valid\n"
+               "            paths of a JSON Schema, cold and cached (--help)\n");
 }
 
 int main(int argc, char **argv)
@@ -24,6 +26,8 @@ int main(int argc, char **argv)
         return bench_serve_main(argc - 1, argv + 1);
     if (!strcmp(argv[1], "kernels"))
         return bench_kernels_main(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "gram"))
+        return bench_gram_main(argc - 1, argv + 1);
     if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) {
         usage(stdout);
         return 0;

@@ -106,9 +106,15 @@ int smp_cseq_apply(smp_cseq *q, const int32_t *toks, int n_prompt, int n_toks, f
         if (bits == 0xFFFFFFFFu)
             continue;
         int end = HY_MIN(32, nv - w * 32);
+        float *l = logits + w * 32;
+        if (bits == 0) {
+            for (int b = 0; b < end; b++)
+                l[b] = -INFINITY;
+            continue;
+        }
         for (int b = 0; b < end; b++)
             if (!(bits >> b & 1))
-                logits[w * 32 + b] = -INFINITY;
+                l[b] = -INFINITY;
     }
     for (int id = nv; id < n_vocab; id++)
         logits[id] = -INFINITY;
