@@ -107,10 +107,11 @@ bench-streams: setup all
 	bash bench/bench_streams.sh
 
 # ASan + UBSan build of the library and C tests, in its own tree, then run them (test_trained on one
-# held-out prompt per task: there the point is memory safety, and its full check takes ~30 min).
+# held-out prompt per task, test_gram on one random walk per grammar: there the point is memory
+# safety, and the full checks take ~30 min).
 # (-O1 makes gcc's maybe-uninitialized analysis report false positives; the -O2 build keeps it.)
 asan: setup
-	HY_TRAINED_PROMPTS=1 $(MAKE) BUILD=build-asan BIN=bin-asan NO_CUDA=1 \
+	HY_TRAINED_PROMPTS=1 HY_GRAM_WALKS=1 $(MAKE) BUILD=build-asan BIN=bin-asan NO_CUDA=1 \
 	  EXTRA_CFLAGS="-O1 -Wno-maybe-uninitialized -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" \
 	  EXTRA_LDFLAGS="-fsanitize=address,undefined" test-c
 

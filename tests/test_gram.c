@@ -196,8 +196,12 @@ static void brute_mask(gram *g, const char *text, size_t len, uint32_t *mask, in
     }
 }
 
+/* HY_GRAM_WALKS caps the walks per grammar (make asan: 1; there the point is memory safety). */
 static void walk_and_compare(const char *text, int walks, int steps)
 {
+    const char *cap = getenv("HY_GRAM_WALKS");
+    if (cap && atoi(cap) > 0 && atoi(cap) < walks)
+        walks = atoi(cap);
     gram *g = compile(text);
     gram_vocab *gv;
     assert_int_equal(gram_vocab_create(g_vocab, &gv), 0);
