@@ -3,6 +3,7 @@
  * connections; admin adapter endpoints; /health and /metrics. Never runs the model. */
 #include "server/http.h"
 #include "server/hydra_view.h"
+#include "server/srv_tokenize.h"
 #include "api/api.h"
 #include "engine/hy.h"
 
@@ -1419,7 +1420,8 @@ static enum MHD_Result wrong_method_or_404(conn *c, struct MHD_Connection *mc, c
         const char *path, *method;
     } routes[] = {{"/health", "GET"}, {"/metrics", "GET"}, {"/v1/models", "GET"}, {"/v1/adapters", "GET"},
                   {"/v1/completions", "POST"}, {"/v1/chat/completions", "POST"},
-                  {"/v1/load_lora_adapter", "POST"}, {"/v1/unload_lora_adapter", "POST"}};
+                  {"/v1/load_lora_adapter", "POST"}, {"/v1/unload_lora_adapter", "POST"},
+                  {"/tokenize", "POST"}, {"/detokenize", "POST"}};
     for (size_t i = 0; i < HY_ARRAY_LEN(routes); i++) {
         if (strcmp(url, routes[i].path) != 0)
             continue;
@@ -1466,6 +1468,14 @@ static enum MHD_Result route(conn *c, struct MHD_Connection *mc, const char *url
         return start_generation(c, mc, API_COMPLETION);
     if (post && strcmp(url, "/v1/chat/completions") == 0)
         return start_generation(c, mc, API_CHAT);
+    if (post && (strcmp(url, "/tokenize") == 0 || strcmp(url, "/detokenize") == 0)) {
+        api_error e;
+        char *out;
+        bool tok = strcmp(url, "/tokenize") == 0;
+        if ((tok ? srv_tokenize : srv_detokenize)(s, c->body ? c->body : "", c->len, &out, &e))
+            return send_err(c, mc, &e);
+        return send_json(c, mc, 200, out);
+    }
     if (post && strcmp(url, "/v1/load_lora_adapter") == 0)
         return load_lora(c, mc);
     if (post && strcmp(url, "/v1/unload_lora_adapter") == 0)
