@@ -20,7 +20,14 @@
  *    \d \w ASCII and \s Unicode, as llguidance does. Formats: date, time, date-time, uuid, email,
  *    ipv4, hostname with llguidance's definitions.
  *  - enum / const match the value's canonical text: keys in order, no whitespace in compact mode,
- *    numbers printed as Rust prints an f64 (1.0 -> 1, 1e-7 -> 0.0000001), as llguidance does. */
+ *    numbers printed as Rust prints an f64 (1.0 -> 1, 1e-7 -> 0.0000001), as llguidance does.
+ *
+ * Deliberately unlike llguidance (which accepts these): what a grammar cannot intersect or bound
+ * is refused, never loosened: `pattern` or `format` together with minLength / maxLength,
+ * `pattern` with `format`, bounds on non-integer numbers, multipleOf, minProperties,
+ * patternProperties, formats other than the seven above, enum / const next to other constraints,
+ * repetition counts above GS_MAX_REPEAT. And a pattern class covering all of U+0000..U+001F (such
+ * as [^"]) does not let \" or \\ through unless it holds '"' or '\', where llguidance 1.9 does. */
 #include "engine/gram_schema.h"
 
 #include "engine/gram.h"
@@ -258,8 +265,11 @@ static void cps_intersect(const cp_set *a, const cp_set *b, cp_set *out)
     cps_norm(out);
 }
 
-static void cps_free(cp_set *s)
+/* Free s; a failed allocation in it becomes sink's error (sink may be NULL). */
+static void cps_free(cp_set *s, gs_buf *sink)
 {
+    if (s->err && sink && !sink->err)
+        sink->err = s->err;
     free(s->r);
     memset(s, 0, sizeof *s);
 }
@@ -611,7 +621,7 @@ static bool put_nibbles(gs_buf *out, const cp_set *s, uint32_t hi)
         put_class_ranges(out, &d);
         buf_puts(out, "]");
     }
-    cps_free(&d);
+    cps_free(&d, out);
     return any;
 }
 
@@ -683,8 +693,8 @@ static void put_charset(gs_ctx *c, gs_buf *out, const cp_set *s, bool *nothing)
             put_class_ranges(out, &raw);
         }
         buf_puts(out, "]");
-        cps_free(&neg);
-        cps_free(&rest);
+        cps_free(&neg, out);
+        cps_free(&rest, out);
     }
     if (n_spec_alt)
         buf_printf(out, "%s%s", raw.n ? " | " : "", buf_str(&spec));
@@ -692,8 +702,8 @@ static void put_charset(gs_ctx *c, gs_buf *out, const cp_set *s, bool *nothing)
         buf_puts(out, " )");
     buf_free(&spec);
 done:
-    cps_free(&all);
-    cps_free(&raw);
+    cps_free(&all, out);
+    cps_free(&raw, out);
 }
 
 static void put_char_cp(gs_ctx *c, gs_buf *out, uint32_t cp)
@@ -702,7 +712,7 @@ static void put_char_cp(gs_ctx *c, gs_buf *out, uint32_t cp)
     bool nothing;
     cps_add(&s, cp, cp);
     put_charset(c, out, &s, &nothing);
-    cps_free(&s);
+    cps_free(&s, out);
 }
 
 /* A string with value s[0..n) (with its quotes when `quoted`): runs of plain characters as one
@@ -775,6 +785,9 @@ static void canon_key(const char *s, size_t n, gs_buf *out)
 /* ------------------------------------------------------------------------------------------ */
 /* Shared rules. */
 
+static void prim_format_body(gs_ctx *c, int p, gs_buf *b);
+
+/* The JSON building blocks. */
 static void prim_body(gs_ctx *c, int p, gs_buf *b)
 {
     switch (p) {
@@ -833,7 +846,16 @@ static void prim_body(gs_ctx *c, int p, gs_buf *b)
         buf_puts(b, "[0-9a-cA-CeEfF] [0-9a-fA-F]{3} | [dD] [0-7] [0-9a-fA-F]{2}"
                     " | [dD] [89abAB] [0-9a-fA-F]{2} \"\\\\u\" [dD] [c-fC-F] [0-9a-fA-F]{2}");
         break;
-    case P_DATE: /* llguidance: days per month, February up to 29 */
+    default:
+        prim_format_body(c, p, b);
+    }
+}
+
+/* The string formats, as llguidance defines them (its json/formats.rs). */
+static void prim_format_body(gs_ctx *c, int p, gs_buf *b)
+{
+    switch (p) {
+    case P_DATE: /* days per month, February up to 29 */
         buf_puts(b, "[0-9]{4} \"-\" ( ( \"0\" [13578] | \"1\" [02] ) \"-\" ( \"0\" [1-9] | [12] [0-9]"
                     " | \"3\" [01] ) | ( \"0\" [469] | \"11\" ) \"-\" ( \"0\" [1-9] | [12] [0-9] | \"30\" )"
                     " | \"02-\" ( \"0\" [1-9] | [12] [0-9] ) )");
@@ -1178,7 +1200,9 @@ static int merge_props(gs_ctx *c, const json_t *a, const json_t *b, json_t *res)
     }
     json_t *addl = NULL;
     int rc = merge(c, prop_of(a, "\x01"), prop_of(b, "\x01"), &addl); /* no such key: additional */
-    if (!rc && json_object_set_new(res, "properties", props))
+    if (rc)
+        json_decref(props);
+    else if (json_object_set_new(res, "properties", props)) /* takes props, even on failure */
         rc = oom(c);
     if (!rc && !json_is_true(addl) && json_object_set(res, "additionalProperties", addl))
         rc = oom(c);
@@ -1827,22 +1851,22 @@ static bool rx_class_escape(uint32_t e, cp_set *s)
         cps_negate(&t);
     for (int i = 0; i < t.n; i++)
         cps_add(s, t.r[i].lo, t.r[i].hi);
-    cps_free(&t);
+    if (t.err)
+        s->err = t.err;
+    cps_free(&t, NULL);
     return true;
 }
 
+/* ndig hex digits, or {digits} (Rust's \x{...}, \u{...}), after \x, \u or \U. */
 static int rx_hex(rx_st *r, int ndig, uint32_t *v)
 {
     *v = 0;
-    bool brace = ndig != 2 && rx_at(r, '{');
-    if (ndig == 2 && rx_at(r, '{'))
-        brace = true;
-    if (brace)
-        r->i++;
+    bool brace = rx_at(r, '{');
+    r->i += brace;
     int got = 0;
     while (r->i < r->n && (brace || got < ndig)) {
-        uint32_t ch = r->cp[r->i];
-        int d = ch >= '0' && ch <= '9' ? (int)(ch - '0') : (ch | 0x20) >= 'a' && (ch | 0x20) <= 'f' ? (int)((ch | 0x20) - 'a' + 10) : -1;
+        uint32_t ch = r->cp[r->i], low = ch | 0x20;
+        int d = ch >= '0' && ch <= '9' ? (int)(ch - '0') : low >= 'a' && low <= 'f' ? (int)(low - 'a' + 10) : -1;
         if (d < 0)
             break;
         *v = *v * 16 + (uint32_t)d;
@@ -2065,6 +2089,8 @@ static int rx_atom(rx_st *r, gs_buf *out, uint32_t *lit, bool *is_lit)
         if (!is_set)
             cps_norm(&s);
     }
+    if (!rc && s.err)
+        rc = oom(r->c);
     if (!rc && !is_set) {
         *lit = ch;
         *is_lit = true;
@@ -2073,7 +2099,7 @@ static int rx_atom(rx_st *r, gs_buf *out, uint32_t *lit, bool *is_lit)
         if (nothing)
             rc = rx_fail(r, "a class that matches nothing");
     }
-    cps_free(&s);
+    cps_free(&s, out);
     return rc;
 }
 
@@ -2309,9 +2335,9 @@ static void key_others(gs_ctx *c, int state, const cp_set *kids, gs_buf *b)
         buf_printf(b, " | [dD] ( [0-7] [0-9a-fA-F]{2} | [89abAB] [0-9a-fA-F]{2} \"\\\\u\" [dD] [c-fC-F]"
                       " [0-9a-fA-F]{2} ) %s* \"\\\"\"", pname(c, P_KCHAR));
     buf_free(&tail);
-    cps_free(&s);
-    cps_free(&minus);
-    cps_free(&keep);
+    cps_free(&s, b);
+    cps_free(&minus, b);
+    cps_free(&keep, b);
 }
 
 static int key_state_after(int state, uint32_t ch)
@@ -2323,18 +2349,25 @@ static int key_state_after(int state, uint32_t ch)
     return state == 5 ? 0 : state + 1;
 }
 
+/* The keys[lo..hi) that share bytes [depth, *at) with keys[lo] (its next character). */
+static size_t key_group(const gs_keys *k, size_t lo, size_t hi, size_t depth, size_t at)
+{
+    size_t j = lo;
+    while (j < hi && strlen(k->keys[j]) >= at && !memcmp(k->keys[j] + depth, k->keys[lo] + depth, at - depth))
+        j++;
+    return j;
+}
+
 /* Rule for keys[lo..hi) sharing their first `depth` bytes, in `state`: the end of the key (unless
  * one of them ends here), each next character with its subtree, any other character. */
 static int key_node(gs_ctx *c, gs_keys *k, size_t lo, size_t hi, size_t depth, int state, int *rule)
 {
     int rc = rule_new(c, buf_str(&c->stem), rule);
-    if (rc)
-        return rc;
-    gs_buf b = {0};
-    if (!depth) /* the root holds the opening quote: the key is one lexeme */
-        buf_puts(&b, "\"\\\"\" ( ");
+    gs_buf b = {0}, o = {0};
     cp_set kids = {0};
     bool alt = false;
+    if (!depth) /* the root holds the opening quote: the key is one lexeme */
+        buf_puts(&b, "\"\\\"\" ( ");
     if (state == 0 && strlen(k->keys[lo]) != depth) {
         buf_puts(&b, "\"\\\"\"");
         alt = true;
@@ -2347,13 +2380,13 @@ static int key_node(gs_ctx *c, gs_keys *k, size_t lo, size_t hi, size_t depth, i
             continue;
         }
         int64_t cp = utf8_next(key, len, &at);
-        if (cp < 0)
-            return buf_free(&b), cps_free(&kids), gs_fail(c, HY_EINVAL, "", "a property name is not UTF-8");
-        size_t j = i;
-        while (j < hi && strlen(k->keys[j]) >= at && !memcmp(k->keys[j] + depth, key + depth, at - depth))
-            j++;
-        cps_add(&kids, (uint32_t)cp, (uint32_t)cp);
+        if (cp < 0) {
+            rc = gs_fail(c, HY_EINVAL, "", "a property name is not UTF-8");
+            break;
+        }
+        size_t j = key_group(k, i, hi, depth, at);
         int child;
+        cps_add(&kids, (uint32_t)cp, (uint32_t)cp);
         rc = key_node(c, k, i, j, at, key_state_after(state, (uint32_t)cp), &child);
         if (!rc) {
             buf_puts(&b, alt ? " | " : "");
@@ -2364,17 +2397,19 @@ static int key_node(gs_ctx *c, gs_keys *k, size_t lo, size_t hi, size_t depth, i
         i = j;
     }
     if (!rc) {
-        gs_buf o = {0};
         cps_norm(&kids);
         key_others(c, state, &kids, &o);
         if (o.n)
             buf_puts(&b, alt ? o.p : o.p + 3);
         if (!depth)
             buf_puts(&b, " )");
-        buf_free(&o);
+        if (o.err && !b.err)
+            b.err = o.err;
+        cps_free(&kids, &b);
         rc = rule_define(c, *rule, &b);
     }
-    cps_free(&kids);
+    cps_free(&kids, NULL);
+    buf_free(&o);
     buf_free(&b);
     return rc;
 }
