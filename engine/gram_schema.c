@@ -2912,6 +2912,84 @@ static int gen_typed(gs_ctx *c, const json_t *s, gs_buf *out)
 
 static int gen_expr(gs_ctx *c, const json_t *s, gs_buf *out);
 
+/* oneOf: exactly one branch may match. A grammar cannot count matches, so a oneOf is compiled as
+ * anyOf only when no two branches can match one value: their types exclude each other, or they are
+ * objects that require one property with different constant values (a tagged union: pydantic's
+ * discriminated unions). Anything else is refused rather than loosened. */
+static const json_t *follow_ref(gs_ctx *c, const json_t *s)
+{
+    for (int i = 0; i < 32 && json_is_object(s); i++) {
+        const json_t *r = json_object_get(s, "$ref"), *t = NULL;
+        if (!json_is_string(r) || ref_resolve(c, json_string_value(r), &t))
+            break;
+        s = t;
+    }
+    return s;
+}
+
+static int branch_types(gs_ctx *c, const json_t *s)
+{
+    const json_t *k = json_object_get(s, "const"), *e = json_object_get(s, "enum"), *v;
+    int t = T_ALL;
+    size_t i;
+    if (k) {
+        t = value_type(k);
+    } else if (json_is_array(e)) {
+        t = 0;
+        json_array_foreach(e, i, v)
+            t |= value_type(v);
+    } else if (schema_types(c, s, &t)) {
+        t = T_ALL;
+    }
+    return t & T_NUMBER ? t | T_INTEGER : t;
+}
+
+/* The constant a branch's property `name` must hold when required, or NULL. */
+static const json_t *tag_of(gs_ctx *c, const json_t *s, const char *name)
+{
+    const json_t *req = json_object_get(s, "required"), *v;
+    bool required = false;
+    size_t i;
+    json_array_foreach(req, i, v)
+        required |= json_is_string(v) && !strcmp(json_string_value(v), name);
+    const json_t *p = required ? follow_ref(c, json_object_get(json_object_get(s, "properties"), name)) : NULL;
+    if (!json_is_object(p))
+        return NULL;
+    const json_t *k = json_object_get(p, "const"), *e = json_object_get(p, "enum");
+    return k ? k : json_is_array(e) && json_array_size(e) == 1 ? json_array_get(e, 0) : NULL;
+}
+
+static bool branches_exclusive(gs_ctx *c, const json_t *a, const json_t *b)
+{
+    a = follow_ref(c, a);
+    b = follow_ref(c, b);
+    if (!json_is_object(a) || !json_is_object(b))
+        return false;
+    if (!(branch_types(c, a) & branch_types(c, b)))
+        return true;
+    const char *name;
+    json_t *sub;
+    json_object_foreach((json_t *)json_object_get(a, "properties"), name, sub) {
+        const json_t *ta = tag_of(c, a, name), *tb = ta ? tag_of(c, b, name) : NULL;
+        if (ta && tb && !json_equal((json_t *)ta, (json_t *)tb))
+            return true;
+    }
+    return false;
+}
+
+static int check_oneof(gs_ctx *c, const json_t *alts)
+{
+    size_t n = json_array_size(alts);
+    for (size_t i = 0; i < n; i++)
+        for (size_t j = i + 1; j < n; j++)
+            if (!branches_exclusive(c, json_array_get(alts, i), json_array_get(alts, j)))
+                return gs_fail(c, HY_EINVAL, "oneOf",
+                               "'oneOf' branches %zu and %zu may both match one value; only branches that exclude "
+                               "each other (different types, or a required property with different const values) "
+                               "are supported: use anyOf if a value may match several", i, j);
+    return 0;
+}
+
 static int gen_anyof(gs_ctx *c, const json_t *s, gs_buf *out)
 {
     static const char *const both[] = {"anyOf", "oneOf"};
@@ -2921,6 +2999,8 @@ static int gen_anyof(gs_ctx *c, const json_t *s, gs_buf *out)
     const json_t *alts = json_object_get(s, kw);
     if (!json_is_array(alts) || !json_array_size(alts))
         return gs_fail(c, HY_EINVAL, "", "'%s' must be a non-empty array of schemas", kw);
+    if (!strcmp(kw, "oneOf") && check_oneof(c, alts))
+        return HY_EINVAL;
     bool siblings = constraint_besides(s, both, 2) != NULL;
     json_t *rest = siblings ? without(s, "anyOf", "oneOf") : NULL;
     if (siblings && !rest)

@@ -465,6 +465,12 @@ static void test_refusals(void **state)
     expect_refusal("{'enum':[1,2],'minimum':2}", HY_EINVAL, "minimum", "", "'enum'");
     expect_refusal("{'$ref':'https://example.com/s.json'}", HY_EINVAL, "$ref", "", "local");
     expect_refusal("{'anyOf':[{}],'oneOf':[{}]}", HY_EINVAL, "oneOf", "", NULL);
+    /* oneOf means exactly one: branches that may both match cannot be compiled as anyOf */
+    expect_refusal("{'properties':{'v':{'oneOf':[{'type':'integer','minimum':0},{'type':'integer','maximum':10}]}}}",
+                   HY_EINVAL, "oneOf", "/properties/v", "may both match");
+    expect_refusal("{'oneOf':[{'type':'number'},{'type':'integer'}]}", HY_EINVAL, "oneOf", "", "branches 0 and 1");
+    expect_refusal("{'oneOf':[{'type':'object','properties':{'t':{'const':'a'}}},"
+                   "{'type':'object','properties':{'t':{'const':'b'}}}]}", HY_EINVAL, "oneOf", "", NULL); /* t optional */
 }
 
 static void test_malformed(void **state)
