@@ -104,6 +104,7 @@ typedef struct {
     char *name;
     VEC(elem_vec) alts;
     bool defined;
+    const char *used_at, *def_at; /* where the text first names / defines it (errors) */
 } prule;
 
 typedef struct {
@@ -168,6 +169,8 @@ static int rule_id(parser *p, const char *name, size_t len, bool define)
         if (strlen(p->rules.v[i].name) == len && !memcmp(p->rules.v[i].name, name, len)) {
             if (define && p->rules.v[i].defined)
                 return perr(p, name, "rule '%.*s' is defined twice", (int)len, name), -1;
+            if (define)
+                p->rules.v[i].def_at = name;
             p->rules.v[i].defined |= define;
             return (int)i;
         }
@@ -175,6 +178,8 @@ static int rule_id(parser *p, const char *name, size_t len, bool define)
     if (!(r.name = strndup(name, len)))
         goto fail;
     r.defined = define;
+    /* a name from the text points at itself; a generated one at where the parser stands */
+    r.used_at = r.def_at = name >= p->start && name < p->end ? name : p->s;
     VEC_PUSH(p->rules, r, fail);
     return (int)p->rules.n - 1;
 fail:
@@ -616,8 +621,8 @@ static int left_rec(parser *p, const bool *nullable, uint8_t *color, int r)
         for (size_t i = 0; i < s->n && s->v[i].kind == E_REF; i++) {
             int q = s->v[i].arg;
             if (color[q] == 1)
-                return perr(p, NULL, "rule '%s' is left-recursive (through '%s')", p->rules.v[q].name,
-                            p->rules.v[r].name);
+                return perr(p, p->rules.v[r].def_at, "rule '%s' is left-recursive (through '%s')",
+                            p->rules.v[q].name, p->rules.v[r].name);
             if (color[q] == 0 && left_rec(p, nullable, color, q))
                 return HY_EINVAL;
             if (!nullable[q])
@@ -634,7 +639,7 @@ static int check_rules(parser *p, int *root)
     *root = -1;
     for (int r = 0; r < nr; r++) {
         if (!p->rules.v[r].defined)
-            return perr(p, NULL, "rule '%s' is used but never defined", p->rules.v[r].name);
+            return perr(p, p->rules.v[r].used_at, "rule '%s' is used but never defined", p->rules.v[r].name);
         if (!strcmp(p->rules.v[r].name, "root"))
             *root = r;
     }

@@ -148,8 +148,10 @@ static void test_errors(void **state)
 {
     (void)state;
     expect_error("root ::= foo\n", "rule 'foo' is used but never defined");
+    expect_error("root ::= \"a\"\n  | foo\n", "line 2 column 5");
     expect_error("item ::= \"a\"\n", "no 'root' rule");
     expect_error("root ::= root \"a\" | \"b\"\n", "left-recursive");
+    expect_error("x ::= \"x\"\nroot ::= root \"a\" | \"b\"\n", "line 2 column 1");
     expect_error("root ::= x\nx ::= y? root\ny ::= \"y\"\n", "left-recursive");
     expect_error("root ::= \"abc\n", "line 1");
     expect_error("root ::= \"a\"\n\nroot ::= \"b\"\n", "defined twice");
