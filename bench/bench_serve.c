@@ -45,7 +45,8 @@ static const char *const k_words[] = {
 
 typedef struct {
     const char *url, *endpoint, *model, *api_key, *admin_key, *dataset, *make_dir, *base_gguf, *hydrad;
-    const char *targets, *prefix, *goodput, *result_json, *label;
+    const char *targets, *prefix, *goodput, *result_json, *label, *response_format;
+    json_t *rf; /* owned: the response_format sent with every request, or NULL */
     int num_prompts, max_conc, input_len, output_len, num_adapters, ad_r, ad_K, quiet, no_ignore_eos, round_robin;
     double rate, burstiness, duration, range_ratio, zipf, timeout, temperature;
     uint64_t seed;
@@ -69,7 +70,9 @@ typedef struct {
     long prompt_tokens, completion_tokens;
     char *buf; /* pending SSE bytes, or the error body */
     size_t len, cap;
-    bool saw_done, failed;
+    char *text; /* owned: the answer, kept only with --response-format to check it parses; freed last */
+    size_t text_len, text_cap;
+    bool keep_text, saw_done, failed, bad_json;
     char err_kind[64], err_msg[256];
 } sv_req;
 
@@ -317,6 +320,37 @@ static int make_adapters(const sv_opts *o, char **names)
     return 0;
 }
 
+/* ---------- --response-format ---------- */
+
+/* A record of a few fields of each kind, bounded (maxLength, maxItems, enum, integer ranges) so
+ * a small model's answer is about 60-150 tokens whatever it rambles about. */
+static const char k_builtin_rf[] =
+    "{\"type\":\"json_schema\",\"json_schema\":{\"name\":\"record\",\"strict\":true,\"schema\":{"
+    "\"type\":\"object\",\"properties\":{"
+    "\"title\":{\"type\":\"string\",\"maxLength\":48},"
+    "\"category\":{\"type\":\"string\",\"enum\":[\"news\",\"sports\",\"science\",\"music\",\"travel\",\"other\"]},"
+    "\"year\":{\"type\":\"integer\",\"minimum\":1900,\"maximum\":2030},"
+    "\"rating\":{\"type\":\"integer\",\"minimum\":1,\"maximum\":5},"
+    "\"published\":{\"type\":\"boolean\"},"
+    "\"tags\":{\"type\":\"array\",\"items\":{\"type\":\"string\",\"maxLength\":16},\"maxItems\":4},"
+    "\"summary\":{\"type\":\"string\",\"maxLength\":160}},"
+    "\"required\":[\"title\",\"category\",\"year\",\"rating\",\"published\",\"tags\",\"summary\"],"
+    "\"additionalProperties\":false}}}";
+
+/* o->rf from --response-format: "builtin" or a file holding an OpenAI response_format object. */
+static int load_response_format(sv_opts *o)
+{
+    json_error_t je;
+    bool builtin = !strcmp(o->response_format, "builtin");
+    o->rf = builtin ? json_loads(k_builtin_rf, 0, &je) : json_load_file(o->response_format, 0, &je);
+    if (!o->rf)
+        return hy_err_set(HY_EFORMAT, "--response-format %s:%d: %s", o->response_format, je.line, je.text);
+    if (!json_is_object(o->rf) || !json_is_string(json_object_get(o->rf, "type")))
+        return hy_err_set(HY_EFORMAT, "--response-format %s: not an object with a string \"type\"",
+                          o->response_format);
+    return 0;
+}
+
 /* ---------- prompts ---------- */
 
 static char *random_prompt(bench_rng *r, int words)
@@ -414,6 +448,8 @@ static char *request_body(const sv_opts *o, const char *model, const char *promp
         return NULL;
     if (!o->no_ignore_eos)
         json_object_set_new(j, "ignore_eos", json_true());
+    if (o->rf)
+        json_object_set(j, "response_format", o->rf);
     if (is_chat(o))
         json_object_set_new(j, "messages", json_pack("[{s:s, s:s}]", "role", "user", "content", prompt));
     else
@@ -430,6 +466,23 @@ static void req_fail(sv_req *q, const char *kind, const char *msg)
     q->failed = true;
     snprintf(q->err_kind, sizeof q->err_kind, "%s", kind);
     snprintf(q->err_msg, sizeof q->err_msg, "%s", msg);
+}
+
+static void text_append(sv_req *q, const char *s, size_t n)
+{
+    if (q->text_len + n + 1 > q->text_cap) {
+        size_t nc = (q->text_len + n + 1) * 2;
+        char *nt = realloc(q->text, nc);
+        if (!nt) {
+            req_fail(q, "oom", "out of memory keeping the answer");
+            return;
+        }
+        q->text = nt;
+        q->text_cap = nc;
+    }
+    memcpy(q->text + q->text_len, s, n);
+    q->text_len += n;
+    q->text[q->text_len] = 0;
 }
 
 static void on_event(sv_req *q, const char *data, size_t n, double now)
@@ -471,6 +524,8 @@ static void on_event(sv_req *q, const char *data, size_t n, double now)
             }
             q->n_chunks++;
             q->t_last = now;
+            if (q->keep_text)
+                text_append(q, json_string_value(t), json_string_length(t));
         }
     }
     json_t *u = json_object_get(j, "usage");
@@ -578,6 +633,11 @@ static void req_finish(sv_req *q, CURLcode cc, double now)
     }
     if (q->completion_tokens <= 0)
         q->completion_tokens = q->n_chunks; /* server sent no usage */
+    if (q->keep_text && !q->failed) {
+        json_t *j = json_loadb(q->text ? q->text : "", q->text_len, 0, NULL);
+        q->bad_json = !json_is_object(j); /* json_object and json_schema both ask for an object */
+        json_decref(j);
+    }
 }
 
 static void req_release(CURLM *m, sv_req *q)
@@ -599,10 +659,20 @@ static void req_release(CURLM *m, sv_req *q)
 
 typedef struct {
     bench_summary ttft, tpot, itl, e2el;
-    int completed, failed, short_out;
+    int completed, failed, short_out, bad_json;
+    char bad_example[128]; /* the start of the first answer that is not a JSON object */
     long in_tok, out_tok;
     double duration, goodput;
 } sv_result;
+
+/* The start of an answer on one table line: no newline or '|' to break the markdown. */
+static void example_of(char *dst, size_t cap, const char *text)
+{
+    snprintf(dst, cap, "%.100s%s", text ? text : "", text && strlen(text) > 100 ? "..." : "");
+    for (char *p = dst; *p; p++)
+        if (*p == '\n' || *p == '\r' || *p == '|')
+            *p = ' ';
+}
 
 static int compute(const sv_opts *o, sv_req *q, int n, double duration, const bench_slo *slo, sv_result *res)
 {
@@ -625,6 +695,8 @@ static int compute(const sv_opts *o, sv_req *q, int n, double duration, const be
             continue;
         }
         res->completed++;
+        if (q[i].bad_json && !res->bad_json++)
+            example_of(res->bad_example, sizeof res->bad_example, q[i].text);
         res->in_tok += q[i].prompt_tokens > 0 ? q[i].prompt_tokens : 0;
         res->out_tok += q[i].completion_tokens;
         if (q[i].completion_tokens < q[i].max_tokens)
@@ -677,6 +749,10 @@ static void print_table(const sv_opts *o, const char *model, int n_adapters, con
     if (slo->ttft_ms > 0 || slo->tpot_ms > 0 || slo->e2el_ms > 0)
         printf("| goodput | %.3f req/s (ttft<=%g tpot<=%g e2el<=%g ms; 0 = unchecked) |\n", r->goodput, slo->ttft_ms,
                slo->tpot_ms, slo->e2el_ms);
+    if (o->rf)
+        printf("| response_format | %s; %d answers not a JSON object%s%s |\n",
+               json_string_value(json_object_get(o->rf, "type")), r->bad_json, r->bad_json ? ", e.g. " : "",
+               r->bad_example);
     if (r->short_out)
         printf("| short outputs | %d requests stopped before max_tokens |\n", r->short_out);
     printf("\n| latency (ms) | mean | p50 | p90 | p99 |\n|---|---|---|---|---|\n");
@@ -730,6 +806,8 @@ static int write_json(const sv_opts *o, const char *model, int n_adapters, const
     json_object_set_new(j, "max_concurrency", o->max_conc > 0 ? json_integer(o->max_conc) : json_null());
     json_object_set_new(j, "num_adapters", json_integer(n_adapters));
     json_object_set_new(j, "zipf_alpha", json_real(o->zipf));
+    json_object_set(j, "response_format", o->rf ? o->rf : json_null());
+    json_object_set_new(j, "invalid_json", json_integer(r->bad_json));
     json_object_set_new(j, "duration", json_real(r->duration));
     json_object_set_new(j, "completed", json_integer(r->completed));
     json_object_set_new(j, "failed", json_integer(r->failed));
@@ -789,6 +867,9 @@ static void usage(FILE *f)
             "  --range-ratio X        draw lengths uniformly in N*(1-X)..N*(1+X) (default 0)\n"
             "  --dataset FILE         JSONL prompts: {\"prompt\": ..., \"max_tokens\": N optional}\n"
             "  --no-ignore-eos        let the model stop at end of sequence\n"
+            "  --response-format F    send F's OpenAI response_format object with every request, or\n"
+            "                         'builtin': a JSON schema of 7 bounded fields (60-150 tokens);\n"
+            "                         answers that are not a JSON object are counted\n"
             "  --temperature T        sampling temperature (default 0)\n"
             "  --num-adapters N       spread requests over N adapters (default 0: base model)\n"
             "                         named by --make-adapters, else the first N of GET /v1/adapters\n"
@@ -817,7 +898,7 @@ static void usage(FILE *f)
 enum {
     O_URL = 256, O_ENDPOINT, O_MODEL, O_KEY, O_ADMIN, O_NUM, O_DUR, O_RATE, O_BURST, O_CONC, O_IN, O_OUT,
     O_RANGE, O_DATA, O_NOEOS, O_TEMP, O_NAD, O_ZIPF, O_MAKE, O_AR, O_AK, O_ATGT, O_APFX, O_BASE, O_HYDRAD,
-    O_GOOD, O_JSON, O_LABEL, O_SEED, O_TIMEOUT, O_QUIET, O_RR
+    O_GOOD, O_JSON, O_LABEL, O_SEED, O_TIMEOUT, O_QUIET, O_RR, O_RF
 };
 
 static int num_arg(const char *name, const char *v, double lo, double hi, double *out)
@@ -845,7 +926,8 @@ static int parse_opts(int argc, char **argv, sv_opts *o)
         {"adapter-targets", 1, 0, O_ATGT}, {"adapter-prefix", 1, 0, O_APFX}, {"base", 1, 0, O_BASE},
         {"hydrad", 1, 0, O_HYDRAD},    {"goodput", 1, 0, O_GOOD},         {"result-json", 1, 0, O_JSON},
         {"label", 1, 0, O_LABEL},      {"seed", 1, 0, O_SEED},            {"timeout", 1, 0, O_TIMEOUT},
-        {"quiet", 0, 0, O_QUIET},      {"round-robin", 0, 0, O_RR},       {"help", 0, 0, 'h'},
+        {"quiet", 0, 0, O_QUIET},      {"round-robin", 0, 0, O_RR},       {"response-format", 1, 0, O_RF},
+        {"help", 0, 0, 'h'},
         {0, 0, 0, 0},
     };
     double x;
@@ -894,6 +976,7 @@ static int parse_opts(int argc, char **argv, sv_opts *o)
         case O_TIMEOUT: bad = num_arg("timeout", optarg, 0.001, 1e6, &o->timeout); break;
         case O_QUIET: o->quiet = 1; break;
         case O_RR: o->round_robin = 1; break;
+        case O_RF: o->response_format = optarg; break;
         case 'h': usage(stdout); return 1;
         default: usage(stderr); return -1;
         }
@@ -979,6 +1062,8 @@ int bench_serve_main(int argc, char **argv)
         goto fail;
     if (o.dataset && load_dataset(o.dataset, &data, &n_data))
         goto fail;
+    if (o.response_format && load_response_format(&o))
+        goto fail;
     if (o.num_adapters > 0) {
         names = calloc((size_t)o.num_adapters, sizeof(char *));
         if (!names) {
@@ -1010,6 +1095,7 @@ int bench_serve_main(int argc, char **argv)
         arrive[i] = t_acc;
         q[i].id = i;
         q[i].prompt_tokens = -1;
+        q[i].keep_text = o.rf != NULL;
         if (o.num_adapters > 0) {
             q[i].model = names[o.round_robin ? i % o.num_adapters : bench_zipf_draw(&zipf, &ad_rng)];
         } else {
@@ -1108,6 +1194,7 @@ out:
         for (int i = 0; i < o.num_prompts; i++) {
             req_release(m, &q[i]);
             free(q[i].itl);
+            free(q[i].text);
         }
     }
     free(q);
@@ -1122,6 +1209,7 @@ out:
         free(data[i].prompt);
     free(data);
     bench_zipf_free(&zipf);
+    json_decref(o.rf);
     free(model);
     curl_global_cleanup();
     return exit_code;
