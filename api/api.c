@@ -57,7 +57,7 @@ static int bad(api_error *err, const char *param, const char *fmt, const char *w
     return api_error_set(err, 400, "invalid_request_error", param, "invalid_type", fmt, param, what);
 }
 
-static json_t *field(json_t *o, const char *k)
+json_t *api_field(json_t *o, const char *k)
 {
     json_t *v = json_object_get(o, k);
     return (v && !json_is_null(v)) ? v : NULL;
@@ -65,7 +65,7 @@ static json_t *field(json_t *o, const char *k)
 
 static int get_bool(json_t *o, const char *k, bool *out, api_error *err)
 {
-    json_t *v = field(o, k);
+    json_t *v = api_field(o, k);
     if (!v)
         return 0;
     if (!json_is_boolean(v))
@@ -77,7 +77,7 @@ static int get_bool(json_t *o, const char *k, bool *out, api_error *err)
 static int get_int(json_t *o, const char *k, int64_t lo, int64_t hi, int64_t *out, bool *given,
                    api_error *err)
 {
-    json_t *v = field(o, k);
+    json_t *v = api_field(o, k);
     if (!v)
         return 0;
     if (!json_is_integer(v))
@@ -95,7 +95,7 @@ static int get_int(json_t *o, const char *k, int64_t lo, int64_t hi, int64_t *ou
 
 static int get_num(json_t *o, const char *k, double lo, double hi, double *out, api_error *err)
 {
-    json_t *v = field(o, k);
+    json_t *v = api_field(o, k);
     if (!v)
         return 0;
     if (!json_is_number(v))
@@ -143,7 +143,7 @@ static int parse_ids(json_t *arr, const char *param, api_prompt *p, api_error *e
 
 static int parse_prompt(json_t *root, api_request *r, api_error *err)
 {
-    json_t *p = field(root, "prompt");
+    json_t *p = api_field(root, "prompt");
     const char *want = "a string, a list of strings or a list of token ids";
     if (!p)
         return api_error_set(err, 400, "invalid_request_error", "prompt", "missing_required_parameter",
@@ -226,7 +226,7 @@ static int parse_content(json_t *c, char **out, api_error *err)
 
 static int parse_messages(json_t *root, api_request *r, api_error *err)
 {
-    json_t *m = field(root, "messages");
+    json_t *m = api_field(root, "messages");
     if (!m)
         return api_error_set(err, 400, "invalid_request_error", "messages", "missing_required_parameter",
                              "'messages' is required");
@@ -266,7 +266,7 @@ static int parse_messages(json_t *root, api_request *r, api_error *err)
 
 static int parse_stop(json_t *root, api_request *r, api_error *err)
 {
-    json_t *s = field(root, "stop");
+    json_t *s = api_field(root, "stop");
     if (!s)
         return 0;
     size_t n = json_is_string(s) ? 1 : json_array_size(s);
@@ -295,7 +295,7 @@ static int parse_stop(json_t *root, api_request *r, api_error *err)
 
 static int parse_logprobs(json_t *root, api_request *r, api_error *err)
 {
-    json_t *lp = field(root, "logprobs");
+    json_t *lp = api_field(root, "logprobs");
     int64_t v = 0;
     if (r->kind == API_COMPLETION) {
         if (!lp)
@@ -328,7 +328,7 @@ static int parse_sampling(json_t *root, api_request *r, api_error *err)
         get_num(root, "repetition_penalty", 1e-3, 100.0, &r->repetition_penalty, err) ||
         get_bool(root, "ignore_eos", &r->ignore_eos, err) || get_bool(root, "stream", &r->stream, err))
         return HY_EINVAL;
-    if (field(root, "top_p") && r->top_p <= 0.0)
+    if (api_field(root, "top_p") && r->top_p <= 0.0)
         return api_error_set(err, 400, "invalid_request_error", "top_p", "invalid_value",
                              "'top_p' must be in (0, 1]");
     v = 0;
@@ -348,7 +348,7 @@ static int parse_sampling(json_t *root, api_request *r, api_error *err)
         get_int(root, "max_completion_tokens", 1, INT32_MAX, &v, &given, err))
         return HY_EINVAL;
     r->max_tokens = given ? (int)v : -1;
-    json_t *so = field(root, "stream_options");
+    json_t *so = api_field(root, "stream_options");
     if (so) {
         if (!json_is_object(so))
             return bad(err, "stream_options", "'%s' must be %s", "an object");
@@ -391,7 +391,7 @@ int api_parse_request(api_kind kind, const char *body, size_t len, api_request *
     if (!root)
         return HY_EINVAL;
     int rc = 0;
-    json_t *model = field(root, "model");
+    json_t *model = api_field(root, "model");
     if (model && !json_is_string(model))
         rc = bad(err, "model", "'%s' must be %s", "a string");
     else if (model)
@@ -442,7 +442,7 @@ void api_request_free(api_request *r)
 
 static int get_req_str(json_t *root, const char *k, char **out, bool required, api_error *err)
 {
-    json_t *v = field(root, k);
+    json_t *v = api_field(root, k);
     if (!v) {
         if (!required)
             return 0;

@@ -11,12 +11,6 @@
 
 #define MAX_GRAMMAR_TEXT (256 * 1024)
 
-static json_t *field(json_t *o, const char *k)
-{
-    json_t *v = json_object_get(o, k);
-    return (v && !json_is_null(v)) ? v : NULL;
-}
-
 static int oom(api_error *err) { return api_error_set(err, 500, "server_error", "", "", "out of memory"); }
 
 static int invalid(api_error *err, const char *param, const char *msg)
@@ -43,22 +37,22 @@ static int refuse_unsupported(json_t *root, api_kind kind, api_error *err)
         "structured_outputs", "min_tokens", "stop_token_ids", "bad_words", "allowed_token_ids",
     };
     for (size_t i = 0; i < sizeof always / sizeof *always; i++)
-        if (field(root, always[i]))
+        if (api_field(root, always[i]))
             return api_error_set(err, 400, "invalid_request_error", always[i], "unsupported_parameter",
                                  "'%s' is not supported by this server", always[i]);
     if (kind == API_COMPLETION) {
         json_t *v;
-        if ((v = field(root, "echo")) && !json_is_false(v))
+        if ((v = api_field(root, "echo")) && !json_is_false(v))
             return api_error_set(err, 400, "invalid_request_error", "echo", "unsupported_parameter",
                                  "'echo' is not supported by this server");
-        if ((v = field(root, "suffix")) && !(json_is_string(v) && json_string_length(v) == 0))
+        if ((v = api_field(root, "suffix")) && !(json_is_string(v) && json_string_length(v) == 0))
             return api_error_set(err, 400, "invalid_request_error", "suffix", "unsupported_parameter",
                                  "'suffix' is not supported by this server");
-        if ((v = field(root, "best_of")) && !(json_is_integer(v) && json_integer_value(v) == 1))
+        if ((v = api_field(root, "best_of")) && !(json_is_integer(v) && json_integer_value(v) == 1))
             return api_error_set(err, 400, "invalid_request_error", "best_of", "unsupported_parameter",
                                  "'best_of' other than 1 is not supported by this server");
-        if (field(root, "tools") || field(root, "tool_choice"))
-            return api_error_set(err, 400, "invalid_request_error", field(root, "tools") ? "tools" : "tool_choice",
+        if (api_field(root, "tools") || api_field(root, "tool_choice"))
+            return api_error_set(err, 400, "invalid_request_error", api_field(root, "tools") ? "tools" : "tool_choice",
                                  "unsupported_parameter", "tools belong to /v1/chat/completions");
     }
     return 0;
@@ -66,7 +60,7 @@ static int refuse_unsupported(json_t *root, api_kind kind, api_error *err)
 
 static int parse_response_format(json_t *root, api_struct *st, api_error *err)
 {
-    json_t *rf = field(root, "response_format");
+    json_t *rf = api_field(root, "response_format");
     if (!rf)
         return 0;
     json_t *type = json_object_get(rf, "type");
@@ -87,7 +81,7 @@ static int parse_response_format(json_t *root, api_struct *st, api_error *err)
     if (!json_is_object(js))
         return api_error_set(err, 400, "invalid_request_error", "response_format.json_schema",
                              "missing_required_parameter", "'response_format.json_schema' must be an object");
-    json_t *name = json_object_get(js, "name"), *schema = field(js, "schema");
+    json_t *name = json_object_get(js, "name"), *schema = api_field(js, "schema");
     if (name && !json_is_string(name))
         return invalid(err, "response_format.json_schema.name", "'response_format.json_schema.name' must be a string");
     if (!schema)
@@ -102,7 +96,7 @@ static int parse_response_format(json_t *root, api_struct *st, api_error *err)
 
 static int parse_grammar(json_t *root, api_struct *st, api_error *err)
 {
-    json_t *g = field(root, "grammar");
+    json_t *g = api_field(root, "grammar");
     if (!g)
         return 0;
     if (!json_is_string(g) || json_string_length(g) == 0 || strlen(json_string_value(g)) != json_string_length(g))
@@ -119,7 +113,7 @@ static int parse_grammar(json_t *root, api_struct *st, api_error *err)
 
 static int parse_logit_bias(json_t *root, api_struct *st, api_error *err)
 {
-    json_t *lb = field(root, "logit_bias");
+    json_t *lb = api_field(root, "logit_bias");
     if (!lb)
         return 0;
     if (!json_is_object(lb))
@@ -169,7 +163,7 @@ static int parse_tool(json_t *t, size_t i, api_tool *out, api_error *err)
     if (!json_is_object(t) || !json_is_string(type) || strcmp(json_string_value(type), "function") || !json_is_object(fn))
         return api_error_set(err, 400, "invalid_request_error", param, "invalid_value",
                              "%s must be {\"type\": \"function\", \"function\": {...}}", param);
-    json_t *name = json_object_get(fn, "name"), *desc = field(fn, "description"), *params = field(fn, "parameters");
+    json_t *name = json_object_get(fn, "name"), *desc = api_field(fn, "description"), *params = api_field(fn, "parameters");
     if (!json_is_string(name) || !tool_name_ok(json_string_value(name)))
         return api_error_set(err, 400, "invalid_request_error", param, "invalid_value",
                              "%s.function.name must be 1 to 64 of a-z, A-Z, 0-9, _ and -", param);
@@ -189,7 +183,7 @@ static int parse_tool(json_t *t, size_t i, api_tool *out, api_error *err)
 
 static int parse_tool_choice(json_t *root, api_struct *st, api_error *err)
 {
-    json_t *tc = field(root, "tool_choice");
+    json_t *tc = api_field(root, "tool_choice");
     st->tool_choice = st->n_tools ? API_TC_AUTO : API_TC_NONE;
     if (!tc)
         return 0;
@@ -224,9 +218,9 @@ static int parse_tool_choice(json_t *root, api_struct *st, api_error *err)
 
 static int parse_tools(json_t *root, api_struct *st, api_error *err)
 {
-    json_t *tools = field(root, "tools");
+    json_t *tools = api_field(root, "tools");
     st->parallel_tool_calls = true;
-    json_t *ptc = field(root, "parallel_tool_calls");
+    json_t *ptc = api_field(root, "parallel_tool_calls");
     if (ptc && !json_is_boolean(ptc))
         return api_error_set(err, 400, "invalid_request_error", "parallel_tool_calls", "invalid_type",
                              "'parallel_tool_calls' must be a boolean");
@@ -284,7 +278,7 @@ void api_struct_free(api_struct *st)
  * value (OpenAI sends them as a string holding JSON), the shape the prompt shows the model. */
 int api_parse_msg_tools(json_t *msg, api_msg *m, api_error *err)
 {
-    json_t *id = field(msg, "tool_call_id"), *calls = field(msg, "tool_calls");
+    json_t *id = api_field(msg, "tool_call_id"), *calls = api_field(msg, "tool_calls");
     if (!strcmp(m->role, "tool")) {
         if (!json_is_string(id))
             return api_error_set(err, 400, "invalid_request_error", "messages", "missing_required_parameter",

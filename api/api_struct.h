@@ -9,6 +9,9 @@
 
 #include <jansson.h>
 
+/* Member k of object o, NULL when absent or null (api/api.c; every request parser uses it). */
+json_t *api_field(json_t *o, const char *k);
+
 int api_parse_struct(json_t *root, api_kind kind, api_struct *st, api_error *err);
 void api_struct_free(api_struct *st);
 /* A chat message's tool fields (role tool: tool_call_id; assistant: tool_calls). */

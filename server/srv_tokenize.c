@@ -5,21 +5,17 @@
  * HTTP threads; the vocabulary only, never the model. */
 #include "server/srv_tokenize.h"
 
+#include "api/api_struct.h"
+
 #include "engine/hy.h"
 
 #include <jansson.h>
 #include <stdlib.h>
 #include <string.h>
 
-static json_t *field(json_t *o, const char *k)
-{
-    json_t *v = json_object_get(o, k);
-    return v && !json_is_null(v) ? v : NULL;
-}
-
 static int get_flag(json_t *o, const char *k, bool dflt, bool *out, api_error *e)
 {
-    json_t *v = field(o, k);
+    json_t *v = api_field(o, k);
     *out = dflt;
     if (!v)
         return 0;
@@ -120,7 +116,7 @@ int srv_tokenize(srv *s, const char *body, size_t len, char **out, api_error *e)
         json_decref(root);
         return api_error_set(e, 400, "invalid_request_error", "", "invalid_json", "request body is not a JSON object");
     }
-    json_t *content = field(root, "content"), *prompt = field(root, "prompt"), *messages = field(root, "messages");
+    json_t *content = api_field(root, "content"), *prompt = api_field(root, "prompt"), *messages = api_field(root, "messages");
     bool llama = content != NULL, special, pieces = false;
     char *owned_text = NULL;
     const char *text = NULL;
@@ -175,7 +171,7 @@ int srv_detokenize(srv *s, const char *body, size_t len, char **out, api_error *
 {
     *out = NULL;
     json_error_t je;
-    json_t *root = json_loadb(body, len, 0, &je), *toks = json_is_object(root) ? field(root, "tokens") : NULL;
+    json_t *root = json_loadb(body, len, 0, &je), *toks = json_is_object(root) ? api_field(root, "tokens") : NULL;
     int rc = 0;
     int32_t *ids = NULL;
     if (!json_is_array(toks)) {
