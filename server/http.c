@@ -1421,7 +1421,7 @@ static enum MHD_Result wrong_method_or_404(conn *c, struct MHD_Connection *mc, c
     } routes[] = {{"/health", "GET"}, {"/metrics", "GET"}, {"/v1/models", "GET"}, {"/v1/adapters", "GET"},
                   {"/v1/completions", "POST"}, {"/v1/chat/completions", "POST"},
                   {"/v1/load_lora_adapter", "POST"}, {"/v1/unload_lora_adapter", "POST"},
-                  {"/tokenize", "POST"}, {"/detokenize", "POST"}};
+                  {"/tokenize", "POST"}, {"/detokenize", "POST"}, {"/tokenizer_info", "GET"}};
     for (size_t i = 0; i < HY_ARRAY_LEN(routes); i++) {
         if (strcmp(url, routes[i].path) != 0)
             continue;
@@ -1473,6 +1473,13 @@ static enum MHD_Result route(conn *c, struct MHD_Connection *mc, const char *url
         char *out;
         bool tok = strcmp(url, "/tokenize") == 0;
         if ((tok ? srv_tokenize : srv_detokenize)(s, c->body ? c->body : "", c->len, &out, &e))
+            return send_err(c, mc, &e);
+        return send_json(c, mc, 200, out);
+    }
+    if (get && strcmp(url, "/tokenizer_info") == 0) {
+        api_error e;
+        char *out;
+        if (srv_tokenizer_info(s, &out, &e))
             return send_err(c, mc, &e);
         return send_json(c, mc, 200, out);
     }

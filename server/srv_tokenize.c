@@ -217,3 +217,10 @@ done:
     json_decref(root);
     return rc;
 }
+
+int srv_tokenizer_info(srv *s, char **out, api_error *e)
+{
+    (void)s;
+    *out = NULL;
+    return api_error_set(e, 501, "server_error", "", "", "tokenizer_info is not implemented yet");
+}
