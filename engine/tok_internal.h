@@ -53,8 +53,9 @@ struct tok_vocab {
     /* Control and user-defined tokens, longest first, for special parsing. */
     int32_t *special;
     int n_special;
-    int32_t bos, eos, unk;
+    int32_t bos, eos, unk, pad;
     bool add_bos, add_space_prefix;
+    char *chat_template;  /* tokenizer.chat_template as the file has it (NUL-terminated), or NULL */
 };
 
 /* A growable id list. */

@@ -91,6 +91,23 @@ static int get_opt_bool(const gguf_file *f, const char *key, bool dflt, bool *ou
     return rc ? hy_err_wrap(rc, "%s", key) : 0;
 }
 
+/* Kept verbatim for clients that render it themselves (GET /tokenizer_info); the server renders
+ * with tok_chat_apply, never with this text. A template longer than 1 MiB is not a template. */
+static int load_chat_template(const gguf_file *f, tok_vocab *v)
+{
+    gguf_str s;
+    int rc = gguf_get_str(f, "tokenizer.chat_template", &s);
+    if (rc == HY_ENOTFOUND)
+        return 0;
+    if (rc)
+        return hy_err_wrap(rc, "tokenizer.chat_template");
+    if (s.len > ((uint64_t)1 << 20) || memchr(s.ptr, 0, (size_t)s.len))
+        return 0;
+    if (!(v->chat_template = strndup(s.ptr, (size_t)s.len)))
+        return hy_err_set(HY_ENOMEM, "out of memory for the chat template");
+    return 0;
+}
+
 static int load_model_kind(const gguf_file *f, tok_vocab *v)
 {
     gguf_str s;
@@ -399,7 +416,9 @@ int tok_load(const gguf_file *f, tok_vocab **out)
         goto fail;
     if ((rc = get_opt_id(f, "tokenizer.ggml.bos_token_id", v->n, &v->bos)) ||
         (rc = get_opt_id(f, "tokenizer.ggml.eos_token_id", v->n, &v->eos)) ||
-        (rc = get_opt_id(f, "tokenizer.ggml.unknown_token_id", v->n, &v->unk)))
+        (rc = get_opt_id(f, "tokenizer.ggml.unknown_token_id", v->n, &v->unk)) ||
+        (rc = get_opt_id(f, "tokenizer.ggml.padding_token_id", v->n, &v->pad)) ||
+        (rc = load_chat_template(f, v)))
         goto fail;
     bool spm = v->model == TOK_MODEL_SPM;
     if ((rc = get_opt_bool(f, "tokenizer.ggml.add_bos_token", spm, &v->add_bos)) ||
@@ -439,6 +458,7 @@ void tok_free(tok_vocab *v)
     free(v->mrank);
     free(v->mres);
     free(v->special);
+    free(v->chat_template);
     free(v);
 }
 
@@ -446,6 +466,16 @@ int tok_n_vocab(const tok_vocab *v) { return v->n; }
 int32_t tok_bos(const tok_vocab *v) { return v->bos; }
 int32_t tok_eos(const tok_vocab *v) { return v->eos; }
 bool tok_add_bos(const tok_vocab *v) { return v->add_bos; }
+int32_t tok_pad(const tok_vocab *v) { return v->pad; }
+int32_t tok_unk(const tok_vocab *v) { return v->unk; }
+const char *tok_chat_template(const tok_vocab *v) { return v->chat_template; }
+
+const char *tok_hf_class(const tok_vocab *v)
+{
+    if (v->model == TOK_MODEL_SPM)
+        return "LlamaTokenizerFast";
+    return v->pre == TOK_PRE_LLAMA3 ? "PreTrainedTokenizerFast" : "GPT2TokenizerFast";
+}
 
 bool tok_is_eog(const tok_vocab *v, int32_t id)
 {

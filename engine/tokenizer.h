@@ -24,6 +24,14 @@ int tok_n_vocab(const tok_vocab *v);
 int32_t tok_bos(const tok_vocab *v);   /* -1 when none */
 int32_t tok_eos(const tok_vocab *v);
 bool tok_add_bos(const tok_vocab *v);  /* tokenizer.ggml.add_bos_token */
+int32_t tok_pad(const tok_vocab *v);   /* tokenizer.ggml.padding_token_id; -1 when none */
+int32_t tok_unk(const tok_vocab *v);   /* -1 when none */
+/* tokenizer.chat_template verbatim (Jinja text, owned by the vocab), NULL when the file has none
+ * (or one that is over 1 MiB or holds a NUL). */
+const char *tok_chat_template(const tok_vocab *v);
+/* The Hugging Face tokenizer class this vocabulary corresponds to ("GPT2TokenizerFast" for GPT-2
+ * style BPE, "PreTrainedTokenizerFast" for Llama 3's, "LlamaTokenizerFast" for SentencePiece). */
+const char *tok_hf_class(const tok_vocab *v);
 /* End of generation: EOS, EOT, <|im_end|>, <|eot_id|> and other control tokens marked so. */
 bool tok_is_eog(const tok_vocab *v, int32_t id);
 /* The token's raw vocabulary string (NUL-terminated), NULL when out of range. */

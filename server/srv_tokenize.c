@@ -1,8 +1,8 @@
 /* srv_tokenize.c - POST /tokenize and /detokenize in both shapes clients send: vLLM's
  * ({"model", "prompt" | "messages", "add_special_tokens", "add_generation_prompt"} ->
  * {"tokens", "count", "max_model_len"}) and llama.cpp's server's ({"content", "add_special",
- * "with_pieces"} -> {"tokens"}, pieces as text, or as byte lists where a piece is not valid UTF-8).
- * HTTP threads; the vocabulary only, never the model. */
+ * "with_pieces"} -> {"tokens"}, pieces as text, or as byte lists where a piece is not valid UTF-8),
+ * and GET /tokenizer_info (vLLM's). HTTP threads; the vocabulary only, never the model. */
 #include "server/srv_tokenize.h"
 
 #include "api/api_struct.h"
@@ -218,9 +218,35 @@ done:
     return rc;
 }
 
+/* A token's text as a string (its raw vocabulary text, as Hugging Face shows special tokens), or null. */
+static json_t *token_or_null(const tok_vocab *v, int32_t id)
+{
+    const char *t = id >= 0 ? tok_text(v, id) : NULL;
+    return t ? json_string(t) : json_null();
+}
+
+/* vLLM's shape (the tokenizer class plus the tokenizer_config.json-style fields): lm-eval's
+ * RemoteTokenizer reads eos/bos/pad_token and chat_template, and turns tokens into ids through
+ * /tokenize. json_string returns NULL on text that is not UTF-8: such a template becomes null. */
 int srv_tokenizer_info(srv *s, char **out, api_error *e)
 {
-    (void)s;
-    *out = NULL;
-    return api_error_set(e, 501, "server_error", "", "", "tokenizer_info is not implemented yet");
+    const tok_vocab *v = s->vocab;
+    const char *tmpl = tok_chat_template(v);
+    json_t *t = tmpl ? json_string(tmpl) : NULL;
+    json_t *reply = json_pack("{s:s, s:o, s:o, s:o, s:o, s:o, s:b, s:b, s:i, s:i}",
+                              "tokenizer_class", tok_hf_class(v),
+                              "bos_token", token_or_null(v, tok_bos(v)),
+                              "eos_token", token_or_null(v, tok_eos(v)),
+                              "pad_token", token_or_null(v, tok_pad(v)),
+                              "unk_token", token_or_null(v, tok_unk(v)),
+                              "chat_template", t ? t : json_null(),
+                              "add_bos_token", tok_add_bos(v),
+                              "add_eos_token", 0,
+                              "model_max_length", s->n_ctx,
+                              "vocab_size", tok_n_vocab(v));
+    *out = reply ? json_dumps(reply, JSON_COMPACT) : NULL;
+    json_decref(reply);
+    if (!*out)
+        return api_error_set(e, 500, "server_error", "", "", "out of memory");
+    return 0;
 }

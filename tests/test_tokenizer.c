@@ -369,6 +369,15 @@ static void test_smollm2_vocab(void **state)
     assert_int_equal(tok_bos(g_vocab), 1);
     assert_int_equal(tok_eos(g_vocab), 2);
     assert_false(tok_add_bos(g_vocab));
+    assert_int_equal(tok_pad(g_vocab), 2);
+    assert_int_equal(tok_unk(g_vocab), 0);
+    assert_string_equal(tok_hf_class(g_vocab), "GPT2TokenizerFast");
+    /* the raw template, kept verbatim (GET /tokenizer_info hands it to clients that render it) */
+    const char *tmpl = tok_chat_template(g_vocab);
+    assert_non_null(tmpl);
+    assert_int_equal(strncmp(tmpl, "{% for message in messages %}", 29), 0);
+    assert_non_null(strstr(tmpl, "You are a helpful AI assistant named SmolLM"));
+    assert_string_equal(tmpl + strlen(tmpl) - 11, "{% endif %}");
     assert_string_equal(tok_text(g_vocab, 1), "<|im_start|>");
     assert_string_equal(tok_text(g_vocab, 2), "<|im_end|>");
     assert_null(tok_text(g_vocab, 49152));
@@ -623,6 +632,8 @@ static void test_tiny_bpe(void **state)
     /* user-defined tokens are not control tokens: decode keeps them even with skip_special */
     expect_decode(v, (int32_t[]){0, 11, 1}, 3, true, "a<x>b");
     expect_decode(v, (int32_t[]){9, 1}, 2, true, " ab");
+    assert_null(tok_chat_template(v)); /* the tiny file has none */
+    assert_int_equal(tok_pad(v), -1);
     tok_free(v);
     mem_close(f);
 

@@ -99,3 +99,37 @@ def test_auth_and_method(srv):
     assert post(srv, "/tokenize", {"content": "a"}, key="wrong").status_code == 401
     r = requests.get(srv.url + "/tokenize", headers={"Authorization": "Bearer k"}, timeout=10)
     assert r.status_code == 405 and r.headers["Allow"] == "POST"
+
+
+def test_tokenizer_info(srv):
+    """GET /tokenizer_info in vLLM's shape, checked against the GGUF's own metadata (read with the
+    `gguf` package), and used the way lm-eval's RemoteTokenizer uses it: token strings turned into
+    ids through /tokenize with no `model` field, the raw chat template rendered with Jinja."""
+    from gguf import GGUFReader
+
+    from conftest import MODEL
+    r = requests.get(srv.url + "/tokenizer_info", headers={"Authorization": "Bearer k"}, timeout=10)
+    assert r.status_code == 200, r.text
+    info = r.json()
+    meta = GGUFReader(MODEL).fields
+    vocab = meta["tokenizer.ggml.tokens"].contents()
+    for field, key in [("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("pad_token", "padding_token_id"),
+                       ("unk_token", "unknown_token_id")]:
+        assert info[field] == vocab[meta["tokenizer.ggml." + key].contents()], field
+    assert info["chat_template"] == meta["tokenizer.chat_template"].contents()
+    assert info["vocab_size"] == len(vocab)
+    assert info["add_bos_token"] is meta["tokenizer.ggml.add_bos_token"].contents()
+    assert info["tokenizer_class"] == "GPT2TokenizerFast"
+    assert info["model_max_length"] == post(srv, "/tokenize", {"prompt": "a"}).json()["max_model_len"]
+    # RemoteTokenizer: eos_token_id = encode(eos_token)[0] with exactly this body (no model)
+    for field in ("bos_token", "eos_token"):
+        j = post(srv, "/tokenize", {"prompt": info[field], "add_special_tokens": False}).json()
+        assert j["tokens"] == [vocab.index(info[field])]
+    assert post(srv, "/detokenize", {"tokens": [2129, 1]}).json()["prompt"] == "test<|im_start|>"
+    assert requests.get(srv.url + "/tokenizer_info", timeout=10).status_code == 401
+    assert requests.post(srv.url + "/tokenizer_info", headers={"Authorization": "Bearer k"}, timeout=10).status_code == 405
+    jinja2 = pytest.importorskip("jinja2")
+    msgs = [{"role": "user", "content": "Hi"}]
+    text = jinja2.Environment().from_string(info["chat_template"]).render(messages=msgs, add_generation_prompt=True)
+    ids = post(srv, "/tokenize", {"messages": msgs}).json()["tokens"]
+    assert post(srv, "/detokenize", {"tokens": ids}).json()["prompt"] == text
