@@ -462,6 +462,24 @@ int smp_sample(smp_seq *s, float *logits, smp_result *res)
     return HY_OK;
 }
 
+int smp_score(const float *logits, int n_vocab, int32_t id, int n_top, smp_result *res)
+{
+    res->id = -1;
+    res->n_top = 0;
+    if (id < 0 || id >= n_vocab || n_top < 0 || n_top > SMP_MAX_LOGPROBS)
+        return hy_err_set(HY_EINVAL, "sampler: token %d or top %d out of range", id, n_top);
+    int best = smp_argmax(logits, n_vocab);
+    if (best < 0)
+        return hy_err_set(HY_EINVAL, "sampler: every logit is -inf or NaN, nothing can be scored");
+    smp_norm z;
+    smp_normaliser(logits, n_vocab, logits[best], &z);
+    smp_top(logits, n_vocab, n_top, &z, res);
+    res->id = id;
+    float lp = smp_logprob(&z, logits[id]);
+    res->logprob = lp == -INFINITY ? -FLT_MAX : lp;
+    return HY_OK;
+}
+
 /* ------------------------------------------------------------------ stop conditions */
 
 long smp_stop_check(const char *text, size_t len, size_t from, const char *const *stops,

@@ -62,6 +62,12 @@ int smp_accept(smp_seq *s, int32_t id);
  * above -inf is HY_EINVAL (res->id = -1). */
 int smp_sample(smp_seq *s, float *logits, smp_result *res);
 
+/* Score a known token (prompt logprobs): log-softmax of the raw logits [n_vocab] (no penalties,
+ * no temperature, no filters), the logprob of `id` in res->logprob (finite, clamped to -FLT_MAX)
+ * and the n_top (0..SMP_MAX_LOGPROBS) most likely tokens, as smp_sample reports them.
+ * res->id = id. HY_EINVAL when id is out of range or every logit is -inf or NaN. */
+int smp_score(const float *logits, int n_vocab, int32_t id, int n_top, smp_result *res);
+
 /* smp_sample keeps a per-thread scratch of n_vocab candidates; a thread that samples and then
  * goes on living without sampling may release it with this. */
 void smp_thread_cleanup(void);

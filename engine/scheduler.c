@@ -31,6 +31,9 @@ typedef struct sched_seq {
     uint64_t acq_tokens; /* tokens run since adapter_acquire */
     uint64_t order;      /* admission order (preemption victim = newest) */
     int n_this;          /* tokens in the current step */
+    bool scores;         /* computes its prompt's logprobs (the first choice of a prompt_lp request) */
+    int plp_done;        /* prompt tokens scored so far (the request's n_plp[prompt_idx]) */
+    int n_lp_this;       /* prompt-logprob rows in the current step */
     struct sched_seq *next;
 } sched_seq;
 
@@ -62,6 +65,7 @@ struct sched {
     int n_touched, cap_touched;
     /* batch buffers */
     int32_t *b_tok, *b_pos, *b_tseq, *b_slot, *b_seqlen, *b_bt, *b_segbeg, *b_logit_tok;
+    sched_sample *b_plp;  /* [SCHED_LP_ROWS] one step's prompt-logprob results */
     const eng_adapter **b_segad;
     sched_seq **b_seqs;
     float *logits;
@@ -77,7 +81,7 @@ int sched_req_create(int n_prompts, const int32_t *const *prompts, const int *n_
                      const sched_sampling *sp, void *adapter, sched_req **out)
 {
     *out = NULL;
-    if (n_prompts < 1 || n < 1 || max_tokens < 1 || n_stop < 0 || n_prompts > 1024 || n > 1024)
+    if (n_prompts < 1 || n < 1 || max_tokens < 0 || n_stop < 0 || n_prompts > 1024 || n > 1024)
         return hy_err_set(HY_EINVAL, "bad request shape");
     sched_req *r = calloc(1, sizeof *r);
     if (!r)
@@ -92,6 +96,7 @@ int sched_req_create(int n_prompts, const int32_t *const *prompts, const int *n_
     r->sp = *sp;
     r->adapter = adapter;
     r->n_choices = n_prompts * n;
+    r->prompt_lp = -1;
     r->t_arrival = hy_now();
     r->prompt = calloc((size_t)n_prompts, sizeof *r->prompt);
     r->n_prompt = calloc((size_t)n_prompts, sizeof *r->n_prompt);
@@ -141,12 +146,34 @@ void sched_req_release(sched_req *r)
         sched_route_rec_free(&r->choices[i].route);
     }
     free(r->choices);
+    for (int i = 0; i < r->n_prompts && r->plp; i++)
+        free(r->plp[i]);
+    free(r->plp);
+    free(r->n_plp);
     if (r->constraint_free)
         r->constraint_free(r->sp.constraint);
     pthread_mutex_destroy(&r->mu);
     if (r->notify_free)
         r->notify_free(r->notify_ctx);
     free(r);
+}
+
+int sched_req_want_prompt_lp(sched_req *r, int n_top)
+{
+    if (n_top < 0 || n_top > SCHED_MAX_TOP || r->plp)
+        return hy_err_set(HY_EINVAL, "bad prompt logprobs request");
+    r->plp = calloc((size_t)r->n_prompts, sizeof *r->plp);
+    r->n_plp = calloc((size_t)r->n_prompts, sizeof *r->n_plp);
+    if (!r->plp || !r->n_plp)
+        return hy_err_set(HY_ENOMEM, "out of memory for prompt logprobs");
+    for (int p = 0; p < r->n_prompts; p++) {
+        if (!(r->plp[p] = calloc((size_t)r->n_prompt[p], sizeof *r->plp[p])))
+            return hy_err_set(HY_ENOMEM, "out of memory for prompt logprobs");
+        r->plp[p][0].token = r->prompt[p][0];
+        r->n_plp[p] = 1;
+    }
+    r->prompt_lp = n_top;
+    return HY_OK;
 }
 
 void sched_req_cancel(sched_req *r) { atomic_store(&r->cancelled, true); }
@@ -323,7 +350,7 @@ int sched_create(const sched_config *cfg, sched **out)
     int ms = s->cfg.max_seqs, mt = cfg->max_batch_tokens;
     size_t bt, lg;
     if (kv_alloc_init(&s->kv, cfg->n_blocks) || hy_mul_size((size_t)ms, (size_t)s->max_blocks_seq, &bt) ||
-        hy_mul_size((size_t)ms, (size_t)cfg->n_vocab, &lg))
+        hy_mul_size((size_t)(ms + SCHED_LP_ROWS), (size_t)cfg->n_vocab, &lg))
         goto fail;
     s->running = calloc((size_t)ms, sizeof *s->running);
     s->b_tok = malloc((size_t)mt * sizeof(int32_t));
@@ -334,12 +361,13 @@ int sched_create(const sched_config *cfg, sched **out)
     s->b_bt = malloc(bt * sizeof(int32_t));
     /* segments: one per sequence, two for one whose router view splits its last prefill chunk */
     s->b_segbeg = malloc((size_t)(2 * ms + 1) * sizeof(int32_t));
-    s->b_logit_tok = malloc((size_t)ms * sizeof(int32_t));
+    s->b_logit_tok = malloc((size_t)(ms + SCHED_LP_ROWS) * sizeof(int32_t));
+    s->b_plp = malloc(SCHED_LP_ROWS * sizeof *s->b_plp);
     s->b_segad = malloc((size_t)2 * ms * sizeof *s->b_segad);
     s->b_seqs = malloc((size_t)ms * sizeof *s->b_seqs);
     s->logits = malloc(lg * sizeof(float));
     if (!s->running || !s->b_tok || !s->b_pos || !s->b_tseq || !s->b_slot || !s->b_seqlen || !s->b_bt ||
-        !s->b_segbeg || !s->b_logit_tok || !s->b_segad || !s->b_seqs || !s->logits) {
+        !s->b_segbeg || !s->b_logit_tok || !s->b_plp || !s->b_segad || !s->b_seqs || !s->logits) {
         hy_err_set(HY_ENOMEM, "out of memory for the scheduler's batch buffers");
         goto fail;
     }
@@ -405,6 +433,7 @@ void sched_free(sched *s)
     free(s->b_bt);
     free(s->b_segbeg);
     free(s->b_logit_tok);
+    free(s->b_plp);
     free(s->b_segad);
     free(s->b_seqs);
     free(s->logits);
@@ -502,6 +531,13 @@ static void drain_inbox(sched *s)
             q->cap_blocks = s->max_blocks_seq;
             memcpy(q->toks, r->prompt[p], (size_t)r->n_prompt[p] * sizeof(int32_t));
             q->n_tok = q->n_prompt = r->n_prompt[p];
+            q->scores = r->prompt_lp >= 0 && c % r->n == 0;
+            q->plp_done = 1;
+            if (r->max_tokens == 0 && (!q->scores || q->n_prompt == 1)) {
+                finish_choice(s, q, "length"); /* nothing to run: echo of the prompt alone */
+                seq_free(s, q);
+                continue;
+            }
             wait_push_back(s, q);
         }
         sched_req_release(r); /* the sequences hold it now */
@@ -716,15 +752,25 @@ static int cmp_seq(const void *a, const void *b)
     return x->order < y->order ? -1 : x->order > y->order;
 }
 
+/* Prompt-logprob rows q needs when it runs its next n tokens: the positions not scored yet
+ * among n_cached .. n_cached + n - 1 that predict a prompt token (<= n_prompt - 2). */
+static int lp_rows(const sched_seq *q, int n)
+{
+    if (!q->scores)
+        return 0;
+    int lo = HY_MAX(q->n_cached, q->plp_done - 1), hi = HY_MIN(q->n_cached + n, q->n_prompt - 1);
+    return hi > lo ? hi - lo : 0;
+}
+
 /* Decide how many tokens each running sequence runs this step (decodes first, then prefill
  * chunks in admission order) and make sure its KV blocks exist, preempting the newest
  * sequences when the cache is full. Returns the number of sequences in the step. */
 static int plan_step(sched *s)
 {
     for (;;) {
-        int budget = s->cfg.max_batch_tokens;
+        int budget = s->cfg.max_batch_tokens, lp_budget = SCHED_LP_ROWS;
         for (int i = 0; i < s->n_running; i++)
-            s->running[i]->n_this = 0;
+            s->running[i]->n_this = s->running[i]->n_lp_this = 0;
         for (int i = 0; i < s->n_running; i++) {
             sched_seq *q = s->running[i];
             if (q->n_tok - q->n_cached == 1 && budget > 0) {
@@ -742,10 +788,21 @@ static int plan_step(sched *s)
             }
             if (!oldest || budget == 0)
                 break;
-            int n = oldest->n_tok - oldest->n_cached;
-            oldest->n_this = n < budget ? n : budget;
-            budget -= oldest->n_this;
+            int n = HY_MIN(oldest->n_tok - oldest->n_cached, budget);
+            if (lp_rows(oldest, n) > lp_budget) /* a scoring chunk ends where the logit rows run out */
+                n = HY_MAX(oldest->n_cached, oldest->plp_done - 1) - oldest->n_cached + lp_budget;
+            if (n == 0) {
+                oldest->n_this = -1; /* no rows left this step: wait for the next */
+                continue;
+            }
+            oldest->n_this = n;
+            oldest->n_lp_this = lp_rows(oldest, n);
+            lp_budget -= oldest->n_lp_this;
+            budget -= n;
         }
+        for (int i = 0; i < s->n_running; i++)
+            if (s->running[i]->n_this < 0)
+                s->running[i]->n_this = 0;
         /* Blocks for this step's tokens. */
         bool short_of_blocks = false;
         for (int i = 0; i < s->n_running; i++) {
@@ -793,6 +850,7 @@ static void build_batch(sched *s, int n_seq, eng_batch *b)
         sched_seq *q = s->b_seqs[i];
         const eng_adapter *ea = q->req->adapter ? q->ea : NULL;
         bool own = ea && has_route(q->req);
+        int t0 = t;
         for (int k = 0; k < q->n_this; k++, t++) {
             int pos = q->n_cached + k;
             /* a new adapter segment where the adapter (or the request's own router) changes */
@@ -810,7 +868,11 @@ static void build_batch(sched *s, int n_seq, eng_batch *b)
         memcpy(s->b_bt + (size_t)i * mb, q->blocks, (size_t)q->n_blocks * sizeof(int32_t));
         for (int k = q->n_blocks; k < mb; k++)
             s->b_bt[(size_t)i * mb + k] = 0;
-        if (q->n_cached + q->n_this == q->n_tok)
+        /* rows ascend: this sequence's prompt-logprob rows, then its sampling row */
+        int lo = HY_MAX(q->n_cached, q->plp_done - 1);
+        for (int k = 0; k < q->n_lp_this; k++)
+            s->b_logit_tok[n_logits++] = t0 + lo - q->n_cached + k;
+        if (q->n_cached + q->n_this == q->n_tok && q->req->max_tokens > 0)
             s->b_logit_tok[n_logits++] = t - 1;
     }
     s->b_segbeg[n_seg] = t;
@@ -901,6 +963,39 @@ static bool on_token(sched *s, sched_seq *q, const sched_sample *smp)
     if (finish)
         finish_choice(s, q, finish);
     return finish != NULL;
+}
+
+/* The logprobs of q's prompt tokens from this step's rows lg[n_lp_this][n_vocab] (before
+ * n_cached moves on). False when the logits cannot be scored (the request has failed). */
+static bool score_prompt(sched *s, sched_seq *q, const float *lg)
+{
+    sched_req *r = q->req;
+    int first = HY_MAX(q->n_cached, q->plp_done - 1) + 1; /* prompt token the first row scores */
+    for (int k = 0; k < q->n_lp_this; k++) {
+        smp_result res;
+        sched_sample *o = &s->b_plp[k];
+        if (smp_score(lg + (size_t)k * (size_t)s->cfg.n_vocab, s->cfg.n_vocab, q->toks[first + k], r->prompt_lp,
+                      &res)) {
+            char msg[256];
+            snprintf(msg, sizeof msg, "prompt logprobs: %s", hy_err_msg());
+            fail_req(s, r, msg);
+            return false;
+        }
+        o->token = res.id;
+        o->logprob = res.logprob;
+        o->n_top = HY_MIN(res.n_top, SCHED_MAX_TOP);
+        for (int j = 0; j < o->n_top; j++) {
+            o->top_id[j] = res.top_id[j];
+            o->top_lp[j] = res.top_logprob[j];
+        }
+    }
+    q->plp_done = first + q->n_lp_this;
+    sched_req_lock(r);
+    memcpy(r->plp[q->prompt_idx] + first, s->b_plp, (size_t)q->n_lp_this * sizeof *s->b_plp);
+    r->n_plp[q->prompt_idx] = q->plp_done;
+    sched_req_unlock(r);
+    touch(s, r);
+    return true;
 }
 
 /* Requests with sequences waiting for their first admission. Their sequences are contiguous in
@@ -1011,18 +1106,28 @@ int sched_step(sched *s)
             int li = 0;
             for (int i = 0; i < n_seq; i++) {
                 sched_seq *q = s->b_seqs[i];
+                bool lp_ok = true;
+                if (q->n_lp_this) {
+                    lp_ok = score_prompt(s, q, s->logits + (size_t)li * (size_t)s->cfg.n_vocab);
+                    li += q->n_lp_this;
+                }
                 q->n_cached += q->n_this;
                 q->acq_tokens += (uint64_t)q->n_this;
-                if (q->n_cached != q->n_tok)
+                bool at_end = q->n_cached == q->n_tok;
+                const float *lg = at_end && q->req->max_tokens > 0 ? s->logits + (size_t)li++ * (size_t)s->cfg.n_vocab
+                                                                   : NULL;
+                if (!at_end && lp_ok)
                     continue;
-                const float *lg = s->logits + (size_t)li++ * (size_t)s->cfg.n_vocab;
                 sched_sample smp;
                 memset(&smp, 0, sizeof smp);
-                bool done;
-                if (ops->sample(s->cfg.ops_ctx, q->state, lg, q->toks, q->n_prompt, q->n_tok, &smp)) {
+                bool done = true;
+                if (!lp_ok) {
+                    finish_choice(s, q, "error");
+                } else if (!lg) {
+                    finish_choice(s, q, "length"); /* max_tokens 0: scored, nothing to generate */
+                } else if (ops->sample(s->cfg.ops_ctx, q->state, lg, q->toks, q->n_prompt, q->n_tok, &smp)) {
                     fail_req(s, q->req, hy_err_msg());
                     finish_choice(s, q, "error");
-                    done = true;
                 } else {
                     done = on_token(s, q, &smp);
                 }

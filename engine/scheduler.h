@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #define SCHED_MAX_TOP 20 /* most alternatives reported per token */
+#define SCHED_LP_ROWS 128 /* prompt-logprob logit rows per engine step at most (x n_vocab floats) */
 
 /* Sampling parameters of one request, passed through to sched_ops.seq_init. */
 typedef struct {
@@ -102,7 +103,7 @@ typedef struct sched_req {
     int n_prompts, n;
     int32_t **prompt;      /* [n_prompts], owned */
     int *n_prompt;
-    int max_tokens;        /* new tokens per choice at most (>= 1) */
+    int max_tokens;        /* new tokens per choice at most (0: score the prompt only, see prompt_lp) */
     char **stop;           /* owned */
     int n_stop;
     bool ignore_eos;
@@ -113,7 +114,12 @@ typedef struct sched_req {
     void *notify_ctx;
     void (*notify_free)(void *ctx); /* called once when the request is freed (last release) */
     void (*constraint_free)(void *constraint); /* frees sp.constraint with the request (NULL: none) */
+    int prompt_lp;         /* -1: no prompt logprobs (sched_req_create); else alternatives per token,
+                            * set with sched_req_want_prompt_lp before sched_submit */
     /* results (mu) */
+    sched_sample **plp;    /* [n_prompts][n_prompt[p]] prompt logprobs: entry i scores prompt token i
+                            * given the tokens before it (entry 0 has none); computed once per prompt */
+    int *n_plp;            /* [n_prompts] entries final so far (entry 0 always): n_prompt[p] = all */
     int n_choices;
     sched_choice *choices;
     int n_done;
@@ -129,6 +135,10 @@ int sched_req_create(int n_prompts, const int32_t *const *prompts, const int *n_
                      int max_tokens, const char *const *stop, int n_stop, bool ignore_eos,
                      const sched_sampling *sp, void *adapter, sched_req **out);
 void sched_req_release(sched_req *r);
+/* Ask for the log-probability of every prompt token (echo + logprobs, scoring), with n_top
+ * (0..SCHED_MAX_TOP) alternatives each; before sched_submit. Only requests that ask pay: the
+ * engine computes logits at prompt positions in chunks of at most SCHED_LP_ROWS rows per step. */
+int sched_req_want_prompt_lp(sched_req *r, int n_top);
 /* Ask the engine to stop this request (client went away); takes effect within one step. */
 void sched_req_cancel(sched_req *r);
 void sched_req_lock(sched_req *r);

@@ -10,6 +10,7 @@
 #include <cmocka.h>
 
 #include <limits.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -47,6 +48,19 @@ static int32_t ref_next(const int32_t *t, int n)
     return (int32_t)(1 + h % (V - 2));
 }
 
+/* The fake's logits for the sequence hist[0..n): 1 at ref_next, and below 0.5 elsewhere, a
+ * function of the whole history and the token (so a prompt-logprob row read from the wrong
+ * position or sequence shows). */
+static void fake_logits(const int32_t *hist, int n, float *lg)
+{
+    uint32_t h = 2166136261u;
+    for (int i = 0; i < n; i++)
+        h = (h ^ (uint32_t)hist[i]) * 16777619u;
+    for (int v = 0; v < V; v++)
+        lg[v] = (float)(((h ^ (uint32_t)v * 2654435761u) * 16777619u) % 97u) / 200.0f;
+    lg[ref_next(hist, n)] = 1.0f;
+}
+
 static int fake_forward(void *ctx, const eng_batch *b, float *logits)
 {
     fake *f = ctx;
@@ -76,7 +90,7 @@ static int fake_forward(void *ctx, const eng_batch *b, float *logits)
     }
     for (int i = 0; i < b->n_logits; i++) {
         int t = b->logits_tok[i], s = m->tok_seq[t], n = m->pos[t] + 1;
-        if (n != m->seq_len[s])
+        if (n > m->seq_len[s])
             f->errors++;
         int32_t hist[4096];
         for (int p = 0; p < n && p < 4096; p++) {
@@ -93,10 +107,7 @@ static int fake_forward(void *ctx, const eng_batch *b, float *logits)
         int want = b->seg_adapter[seg] ? b->seg_adapter[seg]->K : 0;
         if (hist[0] != want)
             f->errors++;
-        float *lg = logits + (size_t)i * V;
-        for (int v = 0; v < V; v++)
-            lg[v] = 0.0f;
-        lg[ref_next(hist, n)] = 1.0f;
+        fake_logits(hist, n, logits + (size_t)i * V);
     }
     return 0;
 }
@@ -458,6 +469,116 @@ static void on_notify(void *ctx)
     pthread_mutex_unlock(&nmu);
 }
 
+/* Every prompt logprob of r (prompt 0) equals the log-softmax of the fake's logits for the
+ * prefix before it, with `top` alternatives, most likely first. */
+static void check_prompt_lp(const sched_req *r, int top)
+{
+    int n = r->n_prompt[0];
+    const int32_t *t = r->prompt[0];
+    assert_non_null(r->plp);
+    assert_int_equal(r->n_plp[0], n);
+    assert_int_equal(r->plp[0][0].token, t[0]);
+    for (int i = 1; i < n; i++) {
+        float lg[V];
+        fake_logits(t, i, lg);
+        double mx = lg[0], sum = 0;
+        for (int v = 1; v < V; v++)
+            mx = lg[v] > mx ? lg[v] : mx;
+        for (int v = 0; v < V; v++)
+            sum += exp((double)lg[v] - mx);
+        const sched_sample *x = &r->plp[0][i];
+        assert_int_equal(x->token, t[i]);
+        assert_true(fabs(x->logprob - ((double)lg[t[i]] - mx - log(sum))) < 1e-5);
+        assert_int_equal(x->n_top, top);
+        if (top > 0) {
+            assert_int_equal(x->top_id[0], ref_next(t, i));
+            assert_true(fabs(x->top_lp[0] - (1.0 - mx - log(sum))) < 1e-5);
+        }
+        for (int k = 1; k < top; k++)
+            assert_true(x->top_lp[k] <= x->top_lp[k - 1]);
+    }
+}
+
+/* Prompt logprobs (echo scoring): computed at every prompt position in chunks of at most
+ * SCHED_LP_ROWS rows per step, once per prompt whatever n, across preemption by recompute, next
+ * to ordinary requests; max_tokens 0 scores without generating. */
+static void test_prompt_logprobs(void **st)
+{
+    (void)st;
+    /* long prompt, small token budget, n = 2, generation after scoring */
+    fake *f = fake_new(256);
+    sched *s = mk(f, 8, 40, 256, 16, 4);
+    sched_req *a = mkreq(0, 300, 5, 2, 4, NULL), *b = mkreq(0, 200, 6, 1, 0, NULL), *c = mkreq(0, 50, 7, 1, 6, NULL);
+    assert_int_equal(sched_req_want_prompt_lp(a, 3), 0);
+    assert_int_equal(sched_req_want_prompt_lp(b, 0), 0);
+    assert_int_equal(sched_req_want_prompt_lp(b, 1), HY_EINVAL); /* once */
+    sched_req *rs[3] = {a, b, c};
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(sched_submit(s, rs[i]), 0);
+    run_until_done(s, rs, 3, 2000);
+    char want[64];
+    check_prompt_lp(a, 3);
+    check_prompt_lp(b, 0);
+    assert_null(c->plp);
+    ref_text(a, 4, want);
+    for (int j = 0; j < 2; j++) {
+        assert_string_equal(a->choices[j].text, want);
+        assert_int_equal(a->choices[j].n_gen, 4);
+    }
+    assert_int_equal(b->choices[0].n_gen, 0);
+    assert_string_equal(b->choices[0].finish, "length");
+    ref_text(c, 6, want);
+    assert_string_equal(c->choices[0].text, want);
+    assert_int_equal(f->errors, 0);
+    for (int i = 0; i < 3; i++)
+        sched_req_release(rs[i]);
+    sched_free(s);
+    fake_free(f);
+
+    /* a cache too small for all: scoring sequences are preempted and recomputed */
+    f = fake_new(10);
+    s = mk(f, 6, 64, 10, 16, 4);
+    sched_req *p[6];
+    for (int i = 0; i < 6; i++) {
+        p[i] = mkreq(0, 40 + i * 13, 20 + i, 1, i % 2 ? 0 : 30, NULL);
+        assert_int_equal(sched_req_want_prompt_lp(p[i], 2), 0);
+        assert_int_equal(sched_submit(s, p[i]), 0);
+    }
+    run_until_done(s, p, 6, 5000);
+    sched_stats stt;
+    sched_get_stats(s, &stt);
+    assert_true(stt.preemptions > 0);
+    assert_int_equal(stt.kv_used, 0);
+    for (int i = 0; i < 6; i++) {
+        check_prompt_lp(p[i], 2);
+        ref_text(p[i], i % 2 ? 0 : 30, want);
+        assert_string_equal(p[i]->choices[0].text ? p[i]->choices[0].text : "", want);
+        sched_req_release(p[i]);
+    }
+    assert_int_equal(f->errors, 0);
+    sched_free(s);
+    fake_free(f);
+
+    /* max_tokens 0 with nothing to score never reaches the model */
+    f = fake_new(16);
+    s = mk(f, 2, 16, 16, 4, 1);
+    sched_req *z = mkreq(0, 9, 1, 3, 0, NULL), *one = mkreq(0, 1, 1, 1, 0, NULL);
+    assert_int_equal(sched_req_want_prompt_lp(one, 1), 0);
+    rs[0] = z;
+    rs[1] = one;
+    for (int i = 0; i < 2; i++)
+        assert_int_equal(sched_submit(s, rs[i]), 0);
+    run_until_done(s, rs, 2, 10);
+    assert_int_equal(f->steps, 0);
+    for (int j = 0; j < 3; j++)
+        assert_string_equal(z->choices[j].finish, "length");
+    assert_int_equal(one->n_plp[0], 1);
+    sched_req_release(z);
+    sched_req_release(one);
+    sched_free(s);
+    fake_free(f);
+}
+
 static void test_thread(void **st)
 {
     (void)st;
@@ -502,6 +623,7 @@ int main(void)
         cmocka_unit_test(test_preemption),       cmocka_unit_test(test_stop_and_eog),
         cmocka_unit_test(test_cancel_and_limits), cmocka_unit_test(test_adapters_and_n),
         cmocka_unit_test(test_fairness_max_loras), cmocka_unit_test(test_thread),
+        cmocka_unit_test(test_prompt_logprobs),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
