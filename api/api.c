@@ -169,9 +169,9 @@ static int parse_prompt(json_t *root, api_request *r, api_error *err)
         r->n_prompts = 1;
         return parse_ids(p, "prompt", &r->prompts[0], err);
     }
-    if (n > 64)
+    if (n > API_MAX_PROMPTS)
         return api_error_set(err, 400, "invalid_request_error", "prompt", "invalid_value",
-                             "'prompt' may hold at most 64 prompts");
+                             "'prompt' may hold at most %d prompts", API_MAX_PROMPTS);
     r->prompts = calloc(n, sizeof *r->prompts);
     if (!r->prompts)
         return api_error_set(err, 500, "server_error", "", "", "out of memory");
@@ -344,10 +344,16 @@ static int parse_sampling(json_t *root, api_request *r, api_error *err)
     /* max_completion_tokens (newer name) wins over max_tokens when both are given. */
     given = false;
     v = -1;
-    if (get_int(root, "max_tokens", 1, INT32_MAX, &v, &given, err) ||
-        get_int(root, "max_completion_tokens", 1, INT32_MAX, &v, &given, err))
+    if (get_int(root, "max_tokens", 0, INT32_MAX, &v, &given, err) ||
+        get_int(root, "max_completion_tokens", 0, INT32_MAX, &v, &given, err))
         return HY_EINVAL;
     r->max_tokens = given ? (int)v : -1;
+    if (r->kind == API_COMPLETION && get_bool(root, "echo", &r->echo, err))
+        return HY_EINVAL;
+    if (r->max_tokens == 0 && !r->echo)
+        return api_error_set(err, 400, "invalid_request_error",
+                             api_field(root, "max_completion_tokens") ? "max_completion_tokens" : "max_tokens",
+                             "invalid_value", "'max_tokens' must be at least 1 (0 only with 'echo': true, to score the prompt)");
     json_t *so = api_field(root, "stream_options");
     if (so) {
         if (!json_is_object(so))
@@ -550,11 +556,17 @@ static json_t *lp_completion(const api_choice *c)
 {
     json_t *o = json_object(), *toks = json_array(), *lps = json_array(), *tops = json_array(),
            *offs = json_array();
-    size_t off = 0;
+    size_t off = c->lp_offset;
     for (int i = 0; i < c->n_lp; i++) {
         const api_tokenlp *t = &c->lp[i];
         json_array_append_new(toks, jstr(t->token));
-        json_array_append_new(lps, json_real(t->logprob));
+        json_array_append_new(lps, t->none ? json_null() : json_real(t->logprob));
+        if (t->none) { /* the first prompt token: nothing before it to predict it from */
+            json_array_append_new(tops, json_null());
+            json_array_append_new(offs, json_integer((json_int_t)off));
+            off += t->token ? strlen(t->token) : 0;
+            continue;
+        }
         json_t *top = json_object();
         for (int k = 0; k < t->n_top; k++) {
             json_t *key = jstr(t->top_token[k]);

@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #define API_MAX_N 16          /* most choices per request */
+#define API_MAX_PROMPTS 1024  /* most prompts in one completions request (the server's --max-prompts is lower) */
 #define API_MAX_STOP 16       /* most stop strings */
 #define API_MAX_TOP_LOGPROBS 20
 
@@ -91,7 +92,9 @@ typedef struct {
     api_prompt *prompts;
     int n_msgs;               /* chat: >= 1 */
     api_msg *msgs;
-    int max_tokens;           /* -1 = not given (server picks: 16 completions, context rest for chat) */
+    int max_tokens;           /* -1 = not given (server picks: 16 completions, context rest for chat);
+                               * 0 only with echo (score the prompt, generate nothing) */
+    bool echo;                /* completions: the text starts with the prompt, logprobs cover it */
     double temperature;       /* 1.0 */
     double top_p;             /* 1.0 */
     int top_k;                /* 0 = off (-1 accepted as off) */
@@ -130,6 +133,7 @@ typedef struct {
     int n_top;
     const char *const *top_token;
     const float *top_logprob;
+    bool none;                /* no logprob (echo: the first prompt token): null in JSON */
 } api_tokenlp;
 
 /* The router view of one choice (or of one streamed chunk's new tokens). */
@@ -163,6 +167,7 @@ typedef struct {
     const api_router *router;   /* NULL: no `hydra` member */
     int n_calls;                /* > 0: message.tool_calls (content null unless text_len > 0) */
     const api_tool_call *calls;
+    size_t lp_offset;           /* completions: text_offset of lp[0] (streaming: text sent before) */
 } api_choice;
 
 typedef struct {

@@ -42,9 +42,6 @@ static int refuse_unsupported(json_t *root, api_kind kind, api_error *err)
                                  "'%s' is not supported by this server", always[i]);
     if (kind == API_COMPLETION) {
         json_t *v;
-        if ((v = api_field(root, "echo")) && !json_is_false(v))
-            return api_error_set(err, 400, "invalid_request_error", "echo", "unsupported_parameter",
-                                 "'echo' is not supported by this server");
         if ((v = api_field(root, "suffix")) && !(json_is_string(v) && json_string_length(v) == 0))
             return api_error_set(err, 400, "invalid_request_error", "suffix", "unsupported_parameter",
                                  "'suffix' is not supported by this server");

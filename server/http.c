@@ -3,6 +3,7 @@
  * connections; admin adapter endpoints; /health and /metrics. Never runs the model. */
 #include "server/http.h"
 #include "server/hydra_view.h"
+#include "server/srv_lp.h"
 #include "server/srv_tokenize.h"
 #include "api/api.h"
 #include "engine/hy.h"
@@ -36,7 +37,8 @@ typedef struct {
     int sent_text;          /* bytes of choice text already streamed */
     int sent_lp;            /* logprob entries already streamed */
     int sent_route;         /* router-view tokens already streamed */
-    bool role_sent, finish_sent;
+    size_t sent_off;        /* completions: text_offset after the logprob entries streamed */
+    bool role_sent, finish_sent, echo_sent;
 } stream_choice;
 
 typedef struct conn {
@@ -60,6 +62,8 @@ typedef struct conn {
     int64_t created;
     char *model;            /* name echoed in responses */
     int n_prompt_total;
+    char **echo;            /* [req_prompts] prompt texts when the request echoes, else NULL */
+    int req_prompts;
     /* streaming */
     bool stream;
     stream_choice *sc;
@@ -85,6 +89,9 @@ static void conn_unref(conn *c)
         api_request_free(&c->ar);
     free(c->body);
     free(c->model);
+    for (int i = 0; c->echo && c->req_prompts && i < c->req_prompts; i++)
+        free(c->echo[i]);
+    free(c->echo);
     free(c->sc);
     free(c->ts);
     free(c->pend);
@@ -460,59 +467,6 @@ static bool req_cut(const sched_req *r)
     return false;
 }
 
-/* Token text for logprobs. */
-static char *piece(srv *s, int32_t id)
-{
-    char *out = NULL;
-    size_t n;
-    if (tok_decode(s->vocab, &id, 1, false, &out, &n))
-        return NULL;
-    return out;
-}
-
-typedef struct {
-    api_tokenlp *lp;
-    char **strs;
-    const char **tops;
-    int n_strs;
-} lp_buf;
-
-static void lp_free(lp_buf *b)
-{
-    for (int i = 0; i < b->n_strs; i++)
-        free(b->strs[i]);
-    free(b->strs);
-    free(b->tops);
-    free(b->lp);
-    memset(b, 0, sizeof *b);
-}
-
-/* Build api_tokenlp entries for lp[from..to) (request locked by caller). */
-static int lp_build(srv *s, const sched_sample *lp, int from, int to, int top, lp_buf *b)
-{
-    int n = to - from;
-    memset(b, 0, sizeof *b);
-    if (n <= 0)
-        return 0;
-    b->lp = calloc((size_t)n, sizeof *b->lp);
-    b->strs = calloc((size_t)n * (size_t)(top + 1), sizeof *b->strs);
-    b->tops = calloc((size_t)n * (size_t)(top + 1), sizeof *b->tops);
-    if (!b->lp || !b->strs || !b->tops)
-        return HY_ENOMEM;
-    for (int i = 0; i < n; i++) {
-        const sched_sample *x = &lp[from + i];
-        api_tokenlp *t = &b->lp[i];
-        t->token = b->strs[b->n_strs++] = piece(s, x->token);
-        t->logprob = x->logprob;
-        t->n_top = HY_MIN(x->n_top, top);
-        t->top_token = &b->tops[(size_t)i * (size_t)(top + 1)];
-        t->top_logprob = x->top_lp;
-        for (int k = 0; k < t->n_top; k++)
-            b->tops[(size_t)i * (size_t)(top + 1) + (size_t)k] = b->strs[b->n_strs++] = piece(s, x->top_id[k]);
-    }
-    return 0;
-}
-
 static void record_finished(conn *c)
 {
     if (c->recorded)
@@ -543,18 +497,34 @@ static enum MHD_Result answer_whole(conn *c, struct MHD_Connection *mc)
     }
     record_finished(c);
     api_choice *ch = calloc((size_t)r->n_choices, sizeof *ch);
-    lp_buf *lb = calloc((size_t)r->n_choices, sizeof *lb);
+    srv_lp *lb = calloc((size_t)r->n_choices, sizeof *lb);
+    char **texts = c->echo ? calloc((size_t)r->n_choices, sizeof *texts) : NULL;
     bool want_rt = c->ar.hydra.return_router;
     srv_hydra_view *hv = want_rt ? calloc((size_t)r->n_choices, sizeof *hv) : NULL;
     int gen = 0;
     char *json = NULL;
-    if (ch && lb && (hv || !want_rt)) {
+    if (ch && lb && (hv || !want_rt) && (texts || !c->echo)) {
         for (int i = 0; i < r->n_choices; i++) {
             sched_choice *x = &r->choices[i];
-            ch[i] = (api_choice){i, x->text ? x->text : "", x->len, finish_name(x->finish), 0, NULL, NULL, 0, NULL};
+            int p = i / r->n;
+            ch[i] = (api_choice){.index = i, .text = x->text ? x->text : "", .text_len = x->len,
+                                 .finish_reason = finish_name(x->finish)};
             gen += x->n_gen;
-            if (c->ar.logprobs && x->lp && lp_build(c->s, x->lp, 0, x->n_gen, c->ar.top_logprobs, &lb[i]) == 0) {
-                ch[i].n_lp = x->n_gen;
+            if (c->echo) { /* the prompt, then the completion */
+                size_t pl = strlen(c->echo[p]);
+                if ((texts[i] = malloc(pl + x->len + 1))) {
+                    memcpy(texts[i], c->echo[p], pl);
+                    memcpy(texts[i] + pl, ch[i].text, x->len);
+                    texts[i][pl + x->len] = '\0';
+                    ch[i].text = texts[i];
+                    ch[i].text_len = pl + x->len;
+                }
+            }
+            bool with_plp = c->echo && r->plp;
+            if (c->ar.logprobs && (x->lp || with_plp) &&
+                srv_lp_build(c->s, with_plp ? r->plp[p] : NULL, with_plp ? r->n_plp[p] : 0, x->lp, 0,
+                             x->lp ? x->n_gen : 0, c->ar.top_logprobs, &lb[i]) == 0) {
+                ch[i].n_lp = lb[i].n;
                 ch[i].lp = lb[i].lp;
             }
             if (hv) {
@@ -567,9 +537,12 @@ static enum MHD_Result answer_whole(conn *c, struct MHD_Connection *mc)
         api_usage u = {c->n_prompt_total, gen};
         json = api_format_response(c->ar.kind, c->id, c->created, c->model, ch, r->n_choices, &u, c->ar.logprobs);
         for (int i = 0; i < r->n_choices; i++)
-            lp_free(&lb[i]);
+            srv_lp_free(&lb[i]);
     }
     sched_req_unlock(r);
+    for (int i = 0; texts && i < r->n_choices; i++)
+        free(texts[i]);
+    free(texts);
     free(ch);
     free(lb);
     free(hv);
@@ -597,6 +570,32 @@ static int pend_add(conn *c, char *chunk)
     return 0;
 }
 
+/* Echo: choice i's first chunk is its prompt (and the prompt's logprobs); false while those are
+ * still being computed (request locked, conn->mu held). */
+static bool stream_echo(conn *c, int i)
+{
+    sched_req *r = c->req;
+    stream_choice *sc = &c->sc[i];
+    int p = i / r->n;
+    bool with_plp = c->ar.logprobs && r->plp;
+    if (with_plp && r->n_plp[p] < r->n_prompt[p])
+        return false;
+    api_choice ch = {.index = i, .text = c->echo[p], .text_len = strlen(c->echo[p])};
+    srv_lp lb = {0};
+    if (with_plp && srv_lp_build(c->s, r->plp[p], r->n_plp[p], NULL, 0, 0, c->ar.top_logprobs, &lb) == 0) {
+        ch.n_lp = lb.n;
+        ch.lp = lb.lp;
+    }
+    if (pend_add(c, api_format_chunk(c->ar.kind, c->id, c->created, c->model, &ch, false, c->ar.logprobs,
+                                     c->ar.include_usage)) == 0) {
+        sc->echo_sent = true;
+        for (int j = 0; j < lb.n; j++)
+            sc->sent_off += lb.lp[j].token ? strlen(lb.lp[j].token) : 0;
+    }
+    srv_lp_free(&lb);
+    return sc->echo_sent;
+}
+
 /* Turn new engine results into SSE text (conn->mu held). */
 static void stream_collect(conn *c)
 {
@@ -609,17 +608,20 @@ static void stream_collect(conn *c)
         stream_choice *sc = &c->sc[i];
         if (sc->finish_sent)
             continue;
+        if (c->echo && !sc->echo_sent && !stream_echo(c, i))
+            continue; /* the prompt's logprobs are not all computed yet: nothing after them either */
         bool new_text = (size_t)sc->sent_text < x->len;
         bool role = k == API_CHAT && !sc->role_sent;
         if (x->done && !finish_name(x->finish) && !new_text && !role)
             continue; /* cut: its client gets the error event below */
         if (new_text || role || (x->done && !r->failed && finish_name(x->finish))) {
-            api_choice ch = {i, x->text ? x->text + sc->sent_text : "", x->len - (size_t)sc->sent_text,
-                             x->done ? finish_name(x->finish) : NULL, 0, NULL, NULL, 0, NULL};
-            lp_buf lb = {0};
+            api_choice ch = {.index = i, .text = x->text ? x->text + sc->sent_text : "",
+                             .text_len = x->len - (size_t)sc->sent_text,
+                             .finish_reason = x->done ? finish_name(x->finish) : NULL, .lp_offset = sc->sent_off};
+            srv_lp lb = {0};
             int n_lp = 0;
             if (c->ar.logprobs && x->lp && x->n_gen > sc->sent_lp &&
-                lp_build(c->s, x->lp, sc->sent_lp, x->n_gen, c->ar.top_logprobs, &lb) == 0) {
+                srv_lp_build(c->s, NULL, 0, x->lp, sc->sent_lp, x->n_gen, c->ar.top_logprobs, &lb) == 0) {
                 n_lp = x->n_gen - sc->sent_lp;
                 ch.n_lp = n_lp;
                 ch.lp = lb.lp;
@@ -633,25 +635,27 @@ static void stream_collect(conn *c)
                 srv_toolscan_stream(&c->ts[i], x->text ? x->text : "", x->len, x->done, &ch);
                 if (!ch.text_len && !ch.n_calls && !role && !(x->done && ch.finish_reason)) {
                     sc->sent_text = (int)x->len; /* nothing to say yet (a call's name is not complete) */
-                    lp_free(&lb);
+                    srv_lp_free(&lb);
                     continue;
                 }
             }
             if (role && x->done && ch.finish_reason) {
                 /* role chunk first, then the text + finish chunk */
-                api_choice rc = {i, "", 0, NULL, 0, NULL, NULL, 0, NULL};
+                api_choice rc = {.index = i, .text = ""};
                 pend_add(c, api_format_chunk(k, c->id, c->created, c->model, &rc, true, c->ar.logprobs, usage_null));
                 role = false;
             }
             if (pend_add(c, api_format_chunk(k, c->id, c->created, c->model, &ch, role, c->ar.logprobs, usage_null)) == 0) {
                 sc->sent_text = (int)x->len;
                 sc->sent_lp += n_lp;
+                for (int j = 0; j < n_lp; j++)
+                    sc->sent_off += lb.lp[j].token ? strlen(lb.lp[j].token) : 0;
                 sc->sent_route = x->route.n;
                 sc->role_sent = true;
                 if (x->done && ch.finish_reason)
                     sc->finish_sent = true;
             }
-            lp_free(&lb);
+            srv_lp_free(&lb);
         }
     }
     bool finished = sched_req_finished(r);
@@ -769,8 +773,14 @@ static enum MHD_Result start_generation(conn *c, struct MHD_Connection *mc, api_
     int ad_heads = c->ad ? ad_K(c->ad) : 0;
     if (api_hydra_check(&ar->hydra, ad_heads, &e))
         return send_err(c, mc, &e);
+    if (kind == API_COMPLETION && ar->n_prompts > s->cfg.max_prompts) {
+        api_error_set(&e, 400, "invalid_request_error", "prompt", "invalid_value",
+                      "'prompt' holds %d prompts; this server takes at most %d per request", ar->n_prompts,
+                      s->cfg.max_prompts);
+        return send_err(c, mc, &e);
+    }
     int32_t **ids = NULL;
-    int *n = NULL, np = 0;
+    int *n = NULL, np = 0, rc_echo = 0;
     if (tokenize_request(c, &e, &ids, &n, &np))
         return send_err(c, mc, &e);
     int min_room = INT_MAX;
@@ -779,8 +789,8 @@ static enum MHD_Result start_generation(conn *c, struct MHD_Connection *mc, api_
         min_room = HY_MIN(min_room, s->n_ctx - n[i]);
         c->n_prompt_total += n[i] * ar->n;
     }
-    int max_tokens = ar->max_tokens > 0 ? ar->max_tokens : (kind == API_COMPLETION ? 16 : min_room);
-    if (ar->max_tokens > 0 && max_tokens > min_room) { /* as OpenAI and vLLM: refused, never cut */
+    int max_tokens = ar->max_tokens >= 0 ? ar->max_tokens : (kind == API_COMPLETION ? 16 : min_room);
+    if (ar->max_tokens >= 0 && max_tokens > min_room) { /* as OpenAI and vLLM: refused, never cut */
         for (int i = 0; i < np; i++)
             free(ids[i]);
         free(ids);
@@ -793,6 +803,14 @@ static enum MHD_Result start_generation(conn *c, struct MHD_Connection *mc, api_
     }
     if (max_tokens > min_room) /* the defaults: 16 (completions) near the end of the context */
         max_tokens = min_room;
+    if (ar->echo) {
+        if (!(c->echo = calloc((size_t)np, sizeof *c->echo)))
+            rc_echo = HY_ENOMEM;
+        c->req_prompts = np;
+        for (int i = 0; !rc_echo && i < np; i++)
+            if (!(c->echo[i] = srv_echo_text(s, &ar->prompts[i])))
+                rc_echo = HY_ENOMEM;
+    }
     smp_constraint *cst = NULL;
     int rc = s->gcache ? srv_struct_constraint(s->gcache, ar, tok_n_vocab(s->vocab), s->cfg.json_ws_flexible, &cst, &e)
                        : api_error_set(&e, 500, "server_error", "", "", "out of memory");
@@ -800,9 +818,17 @@ static enum MHD_Result start_generation(conn *c, struct MHD_Connection *mc, api_
                          ar->frequency_penalty, ar->repetition_penalty, ar->has_seed, (uint64_t)ar->seed,
                          ar->top_logprobs, ar->logprobs, cst};
     sched_req *r = NULL;
+    if (!rc && rc_echo)
+        rc = api_error_set(&e, 500, "server_error", "", "", "out of memory");
     if (!rc && (rc = sched_req_create(np, (const int32_t *const *)ids, n, ar->n, max_tokens,
                                       (const char *const *)ar->stop, ar->n_stop, ar->ignore_eos, &sp, c->ad, &r)))
         api_error_set(&e, 500, "server_error", "", "", "%s", hy_err_msg());
+    /* echo + logprobs: the prompt tokens' logprobs too (the engine computes them only when asked) */
+    if (!rc && ar->echo && ar->logprobs && (rc = sched_req_want_prompt_lp(r, ar->top_logprobs))) {
+        api_error_set(&e, 500, "server_error", "", "", "%s", hy_err_msg());
+        sched_req_release(r);
+        r = NULL;
+    }
     for (int i = 0; i < np; i++)
         free(ids[i]);
     free(ids);

@@ -37,6 +37,7 @@ typedef struct {
     double request_deadline;   /* seconds a connection has for a whole request (<= 0: none) */
     int max_conns_per_ip;      /* 0: no per-address limit */
     bool json_ws_flexible;     /* structured JSON may carry whitespace (default: compact) */
+    int max_prompts;           /* prompts in one completions request at most */
 } srv_config;
 
 /* Router statistics snapshot taken on the engine thread, read by GET /v1/adapters. */

@@ -317,7 +317,7 @@ static const sched_ops glue_ops = {
 typedef struct {
     const char *model, *host, *served, *api_key, *admin_key, *device, *cache;
     int port, max_seqs, max_batch_tokens, kv_mb, kv_blocks, max_loras, max_cpu_loras, max_queue, threads,
-        http_threads, max_conns, ctx, adapter_max_mb, drain_s, request_deadline, max_conns_ip;
+        http_threads, max_conns, ctx, adapter_max_mb, drain_s, request_deadline, max_conns_ip, max_prompts;
     const char *adapters[MAX_ADAPTER_ARGS];
     int n_adapters;
     const char *scales[MAX_ADAPTER_ARGS]; /* NAME=X, X parsed in scale_of */
@@ -360,6 +360,7 @@ static void usage(FILE *f)
             "      --max-loras N         adapters resident on the device at once (default 8)\n"
             "      --max-cpu-loras N     adapters held in host memory (default 64)\n"
             "      --max-queue N         requests waiting for admission; more get 429 (default 256)\n"
+            "      --max-prompts N       prompts in one /v1/completions request (default 64, at most %d)\n"
             "      --adapter-url-allow HOST  a host https:// adapter URLs may name (repeatable; none: URL\n"
             "                            loading is off); its addresses must not be loopback, link-local\n"
             "                            or private unless HOST is that address itself\n"
@@ -382,7 +383,7 @@ static void usage(FILE *f)
             "      --max-connections N   open connections at most (default 512)\n"
             "      --device auto|cpu|cuda  compute device (default auto)\n"
             "  -h, --help                this text\n",
-            BE_KV_BLOCK);
+            BE_KV_BLOCK, API_MAX_PROMPTS);
 }
 
 static int parse_int(const char *name, const char *v, int lo, int *out)
@@ -441,7 +442,7 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
 {
     enum { O_HOST = 256, O_PORT, O_SERVED, O_ADAPTER, O_ROOT, O_API, O_ADMIN, O_SEQS, O_BT, O_KVMB, O_KVB,
            O_LORAS, O_CPU, O_QUEUE, O_THREADS, O_HTHREADS, O_CONNS, O_DEVICE, O_CTX, O_CACHE, O_AMB, O_SCALE,
-           O_DRAIN, O_URLALLOW, O_METRICSAUTH, O_DEADLINE, O_CONNSIP, O_JSONWS };
+           O_DRAIN, O_URLALLOW, O_METRICSAUTH, O_DEADLINE, O_CONNSIP, O_JSONWS, O_PROMPTS };
     static const struct option lo[] = {
         {"model", required_argument, 0, 'm'}, {"host", required_argument, 0, O_HOST},
         {"port", required_argument, 0, O_PORT}, {"served-model-name", required_argument, 0, O_SERVED},
@@ -458,6 +459,7 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
         {"drain-timeout", required_argument, 0, O_DRAIN}, {"adapter-url-allow", required_argument, 0, O_URLALLOW},
         {"metrics-auth", no_argument, 0, O_METRICSAUTH}, {"request-timeout", required_argument, 0, O_DEADLINE},
         {"max-connections-per-ip", required_argument, 0, O_CONNSIP}, {"json-whitespace", required_argument, 0, O_JSONWS},
+        {"max-prompts", required_argument, 0, O_PROMPTS},
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     int c, rc = 0;
     optind = 1;
@@ -499,6 +501,13 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
         case O_LORAS: rc = parse_int("max-loras", optarg, 1, &o->max_loras); break;
         case O_CPU: rc = parse_int("max-cpu-loras", optarg, 1, &o->max_cpu_loras); break;
         case O_QUEUE: rc = parse_int("max-queue", optarg, 1, &o->max_queue); break;
+        case O_PROMPTS:
+            rc = parse_int("max-prompts", optarg, 1, &o->max_prompts);
+            if (!rc && o->max_prompts > API_MAX_PROMPTS) {
+                fprintf(stderr, "hydrad serve: --max-prompts must be at most %d\n", API_MAX_PROMPTS);
+                rc = -1;
+            }
+            break;
         case O_THREADS: rc = parse_int("threads", optarg, 0, &o->threads); break;
         case O_HTHREADS: rc = parse_int("http-threads", optarg, 1, &o->http_threads); break;
         case O_CONNS: rc = parse_int("max-connections", optarg, 1, &o->max_conns); break;
@@ -579,7 +588,7 @@ int cli_serve(int argc, char **argv)
     serve_opts o = {.host = "127.0.0.1", .port = 8000, .device = "auto", .max_seqs = 32, .max_batch_tokens = 512,
                     .kv_mb = 256, .max_loras = 8, .max_cpu_loras = 64, .max_queue = 256, .http_threads = 4,
                     .max_conns = 512, .ctx = 0, .adapter_max_mb = 1024, .drain_s = 30,
-                    .request_deadline = 30, .max_conns_ip = -1};
+                    .request_deadline = 30, .max_conns_ip = -1, .max_prompts = 64};
     int prc = parse_flags(argc, argv, &o);
     if (prc)
         return prc > 0 ? 0 : 2;
@@ -607,7 +616,8 @@ int cli_serve(int argc, char **argv)
     srv_config cfg = {o.host, o.port, served, o.api_key, o.admin_key, o.http_threads, o.max_conns, 1u << 20,
                       o.roots, o.n_roots, o.max_loras, o.cache, (size_t)o.adapter_max_mb << 20,
                       o.url_allow, o.n_url_allow, o.metrics_auth, o.request_deadline,
-                      o.max_conns_ip >= 0 ? o.max_conns_ip : (o.max_conns + 1) / 2, o.json_ws};
+                      o.max_conns_ip >= 0 ? o.max_conns_ip : (o.max_conns + 1) / 2, o.json_ws,
+                      o.max_prompts};
     curl_global_init(CURL_GLOBAL_DEFAULT);
     srv_init(&s, &cfg);
     if (!served)

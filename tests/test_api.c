@@ -191,8 +191,8 @@ static void test_format_response(void **st)
     (void)st;
     const char *tops[2] = {"a", "b"};
     float toplp[2] = {-0.1f, -2.5f};
-    api_tokenlp lp[2] = {{"a", -0.1f, 2, tops, toplp}, {"\xC3", -1.0f, 0, NULL, NULL}};
-    api_choice c[2] = {{0, "hello", 5, "stop", 2, lp, NULL, 0, NULL}, {1, "wor\xC3", 4, "length", 0, NULL, NULL, 0, NULL}};
+    api_tokenlp lp[2] = {{"a", -0.1f, 2, tops, toplp, false}, {"\xC3", -1.0f, 0, NULL, NULL, false}};
+    api_choice c[2] = {{0, "hello", 5, "stop", 2, lp, NULL, 0, NULL, 0}, {1, "wor\xC3", 4, "length", 0, NULL, NULL, 0, NULL, 0}};
     api_usage u = {3, 9};
     char *s = api_format_response(API_COMPLETION, "cmpl-1", 42, "base", c, 2, &u, true);
     json_t *j = json_loads(s, 0, NULL);
@@ -230,7 +230,7 @@ static void test_format_response(void **st)
 static void test_sse(void **st)
 {
     (void)st;
-    api_choice c = {0, "he", 2, NULL, 0, NULL, NULL, 0, NULL};
+    api_choice c = {0, "he", 2, NULL, 0, NULL, NULL, 0, NULL, 0};
     char *s = api_format_chunk(API_CHAT, "id1", 5, "m", &c, true, false, true);
     assert_true(strncmp(s, "data: {", 7) == 0);
     size_t n = strlen(s);

@@ -64,7 +64,15 @@ static void test_shapes(void **state)
     snprintf(b, sizeof b, "{%s,\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"f\"}}],"
              "\"tool_choice\":{\"type\":\"function\",\"function\":{\"name\":\"g\"}}}", msgs);
     expect_400(API_CHAT, b, "tool_choice", "not in 'tools'");
-    expect_400(API_COMPLETION, "{\"prompt\":\"x\",\"echo\":true}", "echo", "not supported");
+    expect_400(API_COMPLETION, "{\"prompt\":\"x\",\"echo\":1}", "echo", "boolean");
+    expect_400(API_COMPLETION, "{\"prompt\":\"x\",\"max_tokens\":0}", "max_tokens", "only with 'echo'");
+    expect_400(API_COMPLETION, "{\"prompt\":\"x\",\"logprobs\":21,\"echo\":true}", "logprobs", "");
+    assert_int_equal(parse(API_COMPLETION, "{\"prompt\":[[1,2],[3]],\"echo\":true,\"max_tokens\":0,\"logprobs\":2}", &r, &e), 0);
+    assert_true(r.echo);
+    assert_int_equal(r.max_tokens, 0);
+    assert_int_equal(r.n_prompts, 2);
+    assert_int_equal(r.prompts[1].n_ids, 1);
+    api_request_free(&r);
     expect_400(API_COMPLETION, "{\"prompt\":\"x\",\"tools\":[]}", "tools", "chat");
     expect_400(API_COMPLETION, "{\"prompt\":\"x\",\"grammar\":\"root ::= \\\"a\\\"\",\"response_format\":{\"type\":\"json_object\"}}",
                "grammar", "not both");
@@ -171,7 +179,7 @@ static void test_toolscan(void **state)
     size_t n = strlen(t);
     srv_toolscan ts;
     srv_toolscan_init(&ts, "abc", 0);
-    api_choice c = {0, t, n, "stop", 0, NULL, NULL, 0, NULL};
+    api_choice c = {0, t, n, "stop", 0, NULL, NULL, 0, NULL, 0};
     srv_toolscan_whole(&ts, t, n, &c);
     assert_int_equal(c.n_calls, 2);
     assert_string_equal(c.finish_reason, "tool_calls");
@@ -188,7 +196,7 @@ static void test_toolscan(void **state)
     char args[2][256] = {{0}}, names[2][80] = {{0}};
     const char *finish = NULL;
     for (size_t len = 1; len <= n; len++) {
-        api_choice s = {0, t, len, len == n ? "stop" : NULL, 0, NULL, NULL, 0, NULL};
+        api_choice s = {0, t, len, len == n ? "stop" : NULL, 0, NULL, NULL, 0, NULL, 0};
         srv_toolscan_stream(&ts, t, len, len == n, &s);
         assert_int_equal(s.text_len, 0);
         for (int k = 0; k < s.n_calls; k++) {
@@ -222,7 +230,7 @@ static void test_toolscan(void **state)
     assert_int_equal(s.text_len, 1);
     assert_int_equal(s.n_calls, 0);
     srv_toolscan_init(&ts, "abc", 0);
-    api_choice w = {0, "Hi", 2, "stop", 0, NULL, NULL, 0, NULL};
+    api_choice w = {0, "Hi", 2, "stop", 0, NULL, NULL, 0, NULL, 0};
     srv_toolscan_whole(&ts, "Hi", 2, &w);
     assert_int_equal(w.n_calls, 0);
     assert_int_equal(w.text_len, 2);

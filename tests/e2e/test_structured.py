@@ -749,7 +749,7 @@ def test_unsupported_parameter(srv, field):
         assert e["code"] == "unsupported_parameter" and e["param"] == field and field in e["message"], e
 
 
-@pytest.mark.parametrize("field,value", [("echo", True), ("suffix", "tail"), ("best_of", 2), ("tools", TOOLS),
+@pytest.mark.parametrize("field,value", [("suffix", "tail"), ("best_of", 2), ("tools", TOOLS),
                                          ("tool_choice", "required")])
 def test_unsupported_completions_parameter(srv, field, value):
     e = err_of(srv, COMPL, {**compl(SERVED, "x", max_tokens=2), field: value})
