@@ -231,7 +231,10 @@ def load_adapter(path: str) -> Adapter:
 class Model:
     """fp32 llama forward in HF layout from a GGUF file (all weights dequantised up front)."""
 
-    def __init__(self, gguf_path: str):
+    def __init__(self, gguf_path: str, kv_fp16: bool = False):
+        # kv_fp16: round K and V to float16 as they enter the cache (everything else stays fp32),
+        # to compare with an engine whose KV cache is fp16 at tolerances below that rounding.
+        self.kv_fp16 = kv_fp16
         reader = GGUFReader(gguf_path)
         self.cfg = c = Config(reader)
         t = {tt.name: tt for tt in reader.tensors}
@@ -302,6 +305,9 @@ class Model:
             v = self._lin(i, "v_proj", h, adapter).reshape(T, Hkv, d).transpose(1, 0, 2)
             q = self._rope(q, pos)
             k = self._rope(k, pos)
+            if self.kv_fp16:  # model a KV cache stored in fp16 (what hydrad keeps)
+                k = k.astype(np.float16).astype(np.float32)
+                v = v.astype(np.float16).astype(np.float32)
             if cache["k"][i] is None:
                 cache["k"][i], cache["v"][i] = k, v
             else:
