@@ -47,7 +47,7 @@ typedef struct {
     const char *url, *endpoint, *model, *api_key, *admin_key, *dataset, *make_dir, *base_gguf, *hydrad;
     const char *targets, *prefix, *goodput, *result_json, *label, *response_format;
     json_t *rf; /* owned: the response_format sent with every request, or NULL */
-    int num_prompts, max_conc, input_len, output_len, num_adapters, ad_r, ad_K, quiet, no_ignore_eos, round_robin;
+    int num_prompts, max_conc, input_len, output_len, num_adapters, ad_r, ad_K, quiet, no_ignore_eos, round_robin, echo;
     double rate, burstiness, duration, range_ratio, zipf, timeout, temperature;
     uint64_t seed;
 } sv_opts;
@@ -450,6 +450,10 @@ static char *request_body(const sv_opts *o, const char *model, const char *promp
         json_object_set_new(j, "ignore_eos", json_true());
     if (o->rf)
         json_object_set(j, "response_format", o->rf);
+    if (o->echo) { /* prompt scoring: every prompt token's logprob comes back */
+        json_object_set_new(j, "echo", json_true());
+        json_object_set_new(j, "logprobs", json_integer(1));
+    }
     if (is_chat(o))
         json_object_set_new(j, "messages", json_pack("[{s:s, s:s}]", "role", "user", "content", prompt));
     else
@@ -863,7 +867,9 @@ static void usage(FILE *f)
             "  --burstiness B         gamma shape of the gaps: 1 Poisson, <1 burstier (default 1)\n"
             "  --max-concurrency N    requests in flight at most (default 0: unbounded)\n"
             "  --input-len N          prompt length in words, about one token each (default 128)\n"
-            "  --output-len N         max_tokens of every request, with ignore_eos (default 64)\n"
+            "  --output-len N         max_tokens of every request, with ignore_eos (default 64; 0 only\n"
+            "                         with --echo)\n"
+            "  --echo                 completions with echo and logprobs 1: score every prompt token\n"
             "  --range-ratio X        draw lengths uniformly in N*(1-X)..N*(1+X) (default 0)\n"
             "  --dataset FILE         JSONL prompts: {\"prompt\": ..., \"max_tokens\": N optional}\n"
             "  --no-ignore-eos        let the model stop at end of sequence\n"
@@ -898,7 +904,7 @@ static void usage(FILE *f)
 enum {
     O_URL = 256, O_ENDPOINT, O_MODEL, O_KEY, O_ADMIN, O_NUM, O_DUR, O_RATE, O_BURST, O_CONC, O_IN, O_OUT,
     O_RANGE, O_DATA, O_NOEOS, O_TEMP, O_NAD, O_ZIPF, O_MAKE, O_AR, O_AK, O_ATGT, O_APFX, O_BASE, O_HYDRAD,
-    O_GOOD, O_JSON, O_LABEL, O_SEED, O_TIMEOUT, O_QUIET, O_RR, O_RF
+    O_GOOD, O_JSON, O_LABEL, O_SEED, O_TIMEOUT, O_QUIET, O_RR, O_RF, O_ECHO
 };
 
 static int num_arg(const char *name, const char *v, double lo, double hi, double *out)
@@ -927,7 +933,7 @@ static int parse_opts(int argc, char **argv, sv_opts *o)
         {"hydrad", 1, 0, O_HYDRAD},    {"goodput", 1, 0, O_GOOD},         {"result-json", 1, 0, O_JSON},
         {"label", 1, 0, O_LABEL},      {"seed", 1, 0, O_SEED},            {"timeout", 1, 0, O_TIMEOUT},
         {"quiet", 0, 0, O_QUIET},      {"round-robin", 0, 0, O_RR},       {"response-format", 1, 0, O_RF},
-        {"help", 0, 0, 'h'},
+        {"echo", 0, 0, O_ECHO},        {"help", 0, 0, 'h'},
         {0, 0, 0, 0},
     };
     double x;
@@ -955,7 +961,7 @@ static int parse_opts(int argc, char **argv, sv_opts *o)
         case O_BURST: bad = num_arg("burstiness", optarg, 1e-3, 1e3, &o->burstiness); break;
         case O_CONC: bad = num_arg("max-concurrency", optarg, 0, 1e5, &x); o->max_conc = (int)x; break;
         case O_IN: bad = num_arg("input-len", optarg, 1, 1e6, &x); o->input_len = (int)x; break;
-        case O_OUT: bad = num_arg("output-len", optarg, 1, 1e6, &x); o->output_len = (int)x; break;
+        case O_OUT: bad = num_arg("output-len", optarg, 0, 1e6, &x); o->output_len = (int)x; break;
         case O_RANGE: bad = num_arg("range-ratio", optarg, 0, 0.999, &o->range_ratio); break;
         case O_DATA: o->dataset = optarg; break;
         case O_NOEOS: o->no_ignore_eos = 1; break;
@@ -977,6 +983,7 @@ static int parse_opts(int argc, char **argv, sv_opts *o)
         case O_QUIET: o->quiet = 1; break;
         case O_RR: o->round_robin = 1; break;
         case O_RF: o->response_format = optarg; break;
+        case O_ECHO: o->echo = 1; break;
         case 'h': usage(stdout); return 1;
         default: usage(stderr); return -1;
         }
@@ -988,6 +995,11 @@ static int parse_opts(int argc, char **argv, sv_opts *o)
     }
     if (optind < argc) {
         fprintf(stderr, "hydrad-bench serve: unexpected argument '%s'\n", argv[optind]);
+        return -1;
+    }
+    if ((o->output_len == 0 && !o->echo) || (o->echo && is_chat(o))) {
+        fprintf(stderr, "hydrad-bench serve: %s\n", o->echo ? "--echo is for --endpoint completions"
+                                                             : "--output-len 0 needs --echo (scoring only)");
         return -1;
     }
     size_t ul = strlen(o->url);
