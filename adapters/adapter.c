@@ -41,7 +41,10 @@ struct ad_adapter {
     float *stats;    /* [n_layer * ENG_N_PROJ * (K + 1)] */
     eng_adapter eng;
     atomic_ullong n_tok;
+    uint64_t load_id; /* unique per adapter object in this process (ad_load_id) */
 };
+
+static atomic_ullong next_load_id = 1;
 
 /* ------------------------------------------------------------------ config */
 
@@ -661,6 +664,8 @@ static int ad_build(ad_config *cfg, const st_file *st, const ad_shape *s, const 
     uint8_t *mask = NULL;
     ad_found *found = NULL;
     ad_adapter *a = calloc(1, sizeof *a);
+    if (a)
+        a->load_id = atomic_fetch_add(&next_load_id, 1);
     if (!a) {
         ad_config_clear(cfg);
         return hy_err_set(HY_ENOMEM, "out of memory");
@@ -883,6 +888,7 @@ void ad_shape_from_model(const eng_model *m, ad_shape *s)
 const eng_adapter *ad_eng(const ad_adapter *a) { return &a->eng; }
 int ad_r(const ad_adapter *a) { return a->r; }
 int ad_K(const ad_adapter *a) { return a->K; }
+uint64_t ad_load_id(const ad_adapter *a) { return a->load_id; }
 float ad_scale(const ad_adapter *a) { return a->scale; }
 int ad_n_layer(const ad_adapter *a) { return a->n_layer; }
 const ad_config *ad_cfg(const ad_adapter *a) { return &a->cfg; }

@@ -90,6 +90,9 @@ const eng_adapter *ad_eng(const ad_adapter *a);
 
 int ad_r(const ad_adapter *a);
 int ad_K(const ad_adapter *a);
+/* Unique per adapter object read in this process, never reused (1, 2, ...): the same name loaded
+ * again is another object with another id (the prefix cache keys K/V by it). */
+uint64_t ad_load_id(const ad_adapter *a);
 float ad_scale(const ad_adapter *a);      /* s including --adapter-scale */
 int ad_n_layer(const ad_adapter *a);
 bool ad_targets(const ad_adapter *a, int layer, int proj);

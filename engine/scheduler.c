@@ -4,7 +4,7 @@
  * It never touches HTTP or JSON; the forward and the sampler come in through sched_ops. */
 #include "engine/scheduler.h"
 #include "engine/hy.h"
-#include "engine/kv_alloc.h"
+#include "engine/kv_prefix.h"
 #include "engine/sampler.h"
 
 #include <stdio.h>
@@ -34,13 +34,17 @@ typedef struct sched_seq {
     bool scores;         /* computes its prompt's logprobs (the first choice of a prompt_lp request) */
     int plp_done;        /* prompt tokens scored so far (the request's n_plp[prompt_idx]) */
     int n_lp_this;       /* prompt-logprob rows in the current step */
+    kv_key key;          /* what besides the tokens decides its K/V (set at admission) */
+    kv_link link;        /* the prefix cache chain through blocks[0 .. n_committed) */
+    int n_committed;     /* full blocks offered to the prefix cache */
+    bool counted;        /* its prompt was looked up in the prefix cache (first admission) */
     struct sched_seq *next;
 } sched_seq;
 
 struct sched {
     sched_config cfg;
     int max_blocks_seq;
-    kv_alloc kv;
+    kv_prefix kv;
     /* submit queue (mu) */
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -56,6 +60,7 @@ struct sched {
     int n_running;
     uint64_t next_order;
     uint64_t n_steps, n_forwarded, n_preempt;
+    uint64_t prefix_queries, prefix_hits;
     struct {
         void *ad;
         uint64_t when;
@@ -229,12 +234,15 @@ static int append(char **buf, size_t *len, size_t *cap, const char *src, size_t 
     return HY_OK;
 }
 
+/* Last block first: a cached chain's tail goes to the LRU list before its head, so eviction takes
+ * tails first and never leaves a block whose parent is gone. */
 static void release_blocks(sched *s, sched_seq *q)
 {
-    for (int i = 0; i < q->n_blocks; i++)
-        kv_alloc_put(&s->kv, q->blocks[i]);
+    for (int i = q->n_blocks - 1; i >= 0; i--)
+        kv_prefix_put(&s->kv, q->blocks[i]);
     q->n_blocks = 0;
     q->n_cached = 0;
+    q->n_committed = 0;
 }
 
 static void release_adapter(sched *s, sched_seq *q)
@@ -349,7 +357,7 @@ int sched_create(const sched_config *cfg, sched **out)
     pthread_mutex_init(&s->stats_mu, NULL);
     int ms = s->cfg.max_seqs, mt = cfg->max_batch_tokens;
     size_t bt, lg;
-    if (kv_alloc_init(&s->kv, cfg->n_blocks) || hy_mul_size((size_t)ms, (size_t)s->max_blocks_seq, &bt) ||
+    if (kv_prefix_init(&s->kv, cfg->n_blocks, cfg->prefix_cache) || hy_mul_size((size_t)ms, (size_t)s->max_blocks_seq, &bt) ||
         hy_mul_size((size_t)(ms + SCHED_LP_ROWS), (size_t)cfg->n_vocab, &lg))
         goto fail;
     s->running = calloc((size_t)ms, sizeof *s->running);
@@ -423,7 +431,7 @@ void sched_free(sched *s)
         return;
     sched_stop(s);
     fail_everything(s, "cancelled");
-    kv_alloc_clear(&s->kv);
+    kv_prefix_clear(&s->kv);
     free(s->running);
     free(s->b_tok);
     free(s->b_pos);
@@ -667,7 +675,7 @@ static int grow_blocks(sched *s, sched_seq *q, int n_tokens)
         return HY_ELIMIT;
     while (q->n_blocks < need) {
         int32_t id;
-        if (kv_alloc_get(&s->kv, &id))
+        if (kv_prefix_get(&s->kv, &id))
             return HY_EBUSY;
         q->blocks[q->n_blocks++] = id;
     }
@@ -676,20 +684,63 @@ static int grow_blocks(sched *s, sched_seq *q, int n_tokens)
 
 static bool has_route(const sched_req *r) { return r->route.has_ctl || r->route.view; }
 
+/* The prefix-cache key of q's K/V: the adapter's load identity, the request's router control
+ * (it changes every hidden state) and its cache salt. */
+static kv_key seq_key(const sched *s, const sched_seq *q)
+{
+    const sched_req *r = q->req;
+    kv_key k = {0, r->cache_salt};
+    if (r->adapter)
+        k.adapter = s->cfg.ops->adapter_ident ? s->cfg.ops->adapter_ident(s->cfg.ops_ctx, r->adapter)
+                                              : (uint64_t)(uintptr_t)r->adapter;
+    if (r->route.has_ctl) {
+        const be_gate_ctl *c = &r->route.ctl;
+        uint32_t t;
+        memcpy(&t, &c->temp, sizeof t);
+        k.salt ^= 0x8badf00dull * (((uint64_t)t << 32) ^ ((uint64_t)(uint32_t)c->top_k << 8) ^ c->allow) + 1;
+    }
+    return k;
+}
+
+/* A later choice of a prompt waits while the prompt's first choice is still prefilling, then
+ * finds the prompt's blocks in the prefix cache: n samples never prefill n times. */
+static bool sibling_prefilling(const sched *s, const sched_seq *q)
+{
+    if (!s->kv.on || q->choice % q->req->n == 0)
+        return false;
+    for (int i = 0; i < s->n_running; i++) {
+        const sched_seq *o = s->running[i];
+        if (o->req == q->req && o->prompt_idx == q->prompt_idx && o->choice % q->req->n == 0)
+            return o->n_cached < o->n_prompt;
+    }
+    return false;
+}
+
 static void admit(sched *s)
 {
     while (s->n_running < s->cfg.max_seqs && s->waiting_head) {
         sched_seq *prev = NULL, *q = pick_candidate(s, &prev);
-        if (!q)
+        if (!q || sibling_prefilling(s, q))
             return;
+        /* The longest cached prefix of whole blocks (the last known token is always computed:
+         * its logits are needed); a sequence that scores its prompt computes every position. */
+        q->key = seq_key(s, q);
+        int m = 0;
+        if (!(q->scores && q->plp_done < q->n_prompt))
+            m = kv_prefix_match(&s->kv, q->key, q->toks, (q->n_tok - 1) / BE_KV_BLOCK, q->blocks, &q->link);
+        q->n_blocks = q->n_committed = m;
         /* Blocks for everything known now plus the first new token. */
-        if (kv_blocks_for(q->n_tok + 1) > kv_alloc_free_count(&s->kv))
+        if (kv_blocks_for(q->n_tok + 1) - m > kv_prefix_available(&s->kv)) {
+            release_blocks(s, q); /* not admitted after all: the matched blocks go back */
             return;
+        }
         if (q->req->adapter && !q->acquired) {
             const eng_adapter *ea = NULL;
             int rc = s->cfg.ops->adapter_acquire(s->cfg.ops_ctx, q->req->adapter, &ea);
-            if (rc == HY_EBUSY)
+            if (rc == HY_EBUSY) {
+                release_blocks(s, q);
                 return; /* no device slot free right now */
+            }
             if (rc) {
                 wait_unlink(s, prev, q);
                 fail_req(s, q->req, hy_err_msg()[0] ? hy_err_msg() : "adapter could not be loaded");
@@ -712,6 +763,15 @@ static void admit(sched *s)
             release_blocks(s, q);
             wait_push_front(s, q);
             return;
+        }
+        q->n_cached = m * BE_KV_BLOCK;
+        if (!q->counted) {
+            q->counted = true;
+            s->prefix_queries += (uint64_t)q->n_prompt;
+            s->prefix_hits += (uint64_t)q->n_cached;
+            sched_req_lock(q->req);
+            q->req->n_cached_tokens += q->n_cached;
+            sched_req_unlock(q->req);
         }
         q->preempted = false;
         q->order = s->next_order++;
@@ -1027,7 +1087,10 @@ static void publish_stats(sched *s)
     for (sched_seq *q = s->waiting_head; q; q = q->next)
         st.waiting_seqs++;
     st.kv_total = s->kv.n_blocks;
-    st.kv_used = s->kv.n_blocks - s->kv.n_free;
+    st.kv_used = kv_prefix_held(&s->kv);
+    st.kv_cached = s->kv.n_lru;
+    st.prefix_queries = s->prefix_queries;
+    st.prefix_hits = s->prefix_hits;
     st.running_adapters[0] = st.waiting_adapters[0] = '\0';
     if (ops->adapter_name) {
         for (int pass = 0; pass < 2; pass++) {
@@ -1113,6 +1176,9 @@ int sched_step(sched *s)
                 }
                 q->n_cached += q->n_this;
                 q->acq_tokens += (uint64_t)q->n_this;
+                for (; (q->n_committed + 1) * BE_KV_BLOCK <= q->n_cached; q->n_committed++)
+                    kv_prefix_commit(&s->kv, q->key, q->blocks[q->n_committed],
+                                     q->toks + (size_t)q->n_committed * BE_KV_BLOCK, &q->link);
                 bool at_end = q->n_cached == q->n_tok;
                 const float *lg = at_end && q->req->max_tokens > 0 ? s->logits + (size_t)li++ * (size_t)s->cfg.n_vocab
                                                                    : NULL;

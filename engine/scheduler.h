@@ -60,6 +60,8 @@ typedef struct {
     int (*adapter_acquire)(void *ctx, void *adapter, const eng_adapter **out);
     void (*adapter_release)(void *ctx, void *adapter, uint64_t n_tokens);
     const char *(*adapter_name)(void *ctx, void *adapter);
+    /* Optional: the adapter's identity for the prefix cache, unique per load (NULL: the pointer). */
+    uint64_t (*adapter_ident)(void *ctx, void *adapter);
     /* Optional: run at the start of every engine step and whenever sched_wake is called
      * (free drained adapters, ...). */
     void (*housekeeping)(void *ctx);
@@ -76,6 +78,7 @@ typedef struct {
     int n_ctx;             /* tokens per sequence at most */
     int n_vocab;
     int n_layer;           /* the model's layers (router views); 0 with no adapters */
+    bool prefix_cache;     /* reuse the K/V of full blocks of earlier prompts (kv_prefix.h) */
     const sched_ops *ops;
     void *ops_ctx;
 } sched_config;
@@ -114,6 +117,7 @@ typedef struct sched_req {
     void *notify_ctx;
     void (*notify_free)(void *ctx); /* called once when the request is freed (last release) */
     void (*constraint_free)(void *constraint); /* frees sp.constraint with the request (NULL: none) */
+    uint64_t cache_salt;   /* prefix cache tenant: only requests with the same salt share blocks (0: none) */
     int prompt_lp;         /* -1: no prompt logprobs (sched_req_create); else alternatives per token,
                             * set with sched_req_want_prompt_lp before sched_submit */
     /* results (mu) */
@@ -123,6 +127,7 @@ typedef struct sched_req {
     int n_choices;
     sched_choice *choices;
     int n_done;
+    int n_cached_tokens;   /* prompt tokens whose K/V came from the prefix cache (all sequences) */
     bool failed;
     char error[256];
     double t_arrival, t_first, t_done;
@@ -171,7 +176,9 @@ typedef struct {
     int waiting_reqs;      /* submitted, not yet fully admitted */
     int waiting_seqs;
     int running_seqs;
-    int kv_used, kv_total; /* blocks */
+    int kv_used, kv_total; /* blocks held by sequences, all blocks */
+    int kv_cached;         /* blocks in the prefix cache that no sequence holds (reusable) */
+    uint64_t prefix_queries, prefix_hits; /* prompt tokens looked up / found, at first admission */
     uint64_t steps, tokens_forwarded, preemptions;
     char running_adapters[1024]; /* comma-separated names (adapter_name) */
     char waiting_adapters[1024];

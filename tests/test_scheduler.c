@@ -168,11 +168,13 @@ static void fake_free(fake *f)
     free(f);
 }
 
+static bool g_prefix_cache; /* mk's sched_config.prefix_cache */
+
 static sched *mk(fake *f, int max_seqs, int max_batch, int n_blocks, int max_queue, int max_loras)
 {
     sched_config c = {.max_seqs = max_seqs, .max_batch_tokens = max_batch, .n_blocks = n_blocks,
                       .max_queue = max_queue, .max_loras = max_loras, .n_ctx = 512, .n_vocab = V,
-                      .ops = &fake_ops, .ops_ctx = f};
+                      .prefix_cache = g_prefix_cache, .ops = &fake_ops, .ops_ctx = f};
     sched *s = NULL;
     assert_int_equal(sched_create(&c, &s), 0);
     return s;
@@ -579,6 +581,80 @@ static void test_prompt_logprobs(void **st)
     fake_free(f);
 }
 
+/* A request on adapter `ad` (0 = base) whose prompt is system prompt `sys` (0..2) then a question
+ * of q_len tokens drawn from seed. */
+static sched_req *mkshared(int ad, int sys, int q_len, int seed, int n, int max_tokens, uint64_t salt)
+{
+    static const int sys_len[3] = {40, 48, 17}; /* 2.5 blocks, exactly 3, one block + 1 */
+    int32_t p[200];
+    int np = 0;
+    p[np++] = ad;
+    for (int i = 1; i < sys_len[sys]; i++)
+        p[np++] = (sys * 17 + i * 5) % V;
+    for (int i = 0; i < q_len; i++)
+        p[np++] = (seed * 29 + i * 11 + 3) % V;
+    const int32_t *pp = p;
+    sched_sampling sp = {0};
+    sched_req *r = NULL;
+    assert_int_equal(sched_req_create(1, &pp, &np, n, max_tokens, NULL, 0, false, &sp, (void *)(intptr_t)ad, &r), 0);
+    r->cache_salt = salt;
+    return r;
+}
+
+/* Prefix caching: outputs equal the reference (the fake reads every token's K/V back through the
+ * block tables, so a wrong shared block shows), with n > 1, adapters and salts kept apart, under
+ * preemption and eviction, and every block accounted for afterwards. */
+static void check_prefix_run(int n_blocks, int max_seqs, int max_batch, bool expect_preempt)
+{
+    fake *f = fake_new(n_blocks);
+    g_prefix_cache = true;
+    sched *s = mk(f, max_seqs, max_batch, n_blocks, 64, 4);
+    g_prefix_cache = false;
+    enum { N = 24 };
+    sched_req *rs[N];
+    int mt[N];
+    for (int i = 0; i < N; i++) {
+        mt[i] = 4 + (i * 5) % 13;
+        /* questions of 0..9 tokens: some prompts end exactly on a block boundary (48 + 0) */
+        rs[i] = mkshared(i % 3, (i / 3) % 3, (i * 7) % 10, i, i % 5 == 0 ? 3 : 1, mt[i], i % 4 == 3 ? 77 : 0);
+        assert_int_equal(sched_submit(s, rs[i]), 0);
+    }
+    run_until_done(s, rs, N, 20000);
+    uint64_t hits = 0;
+    for (int i = 0; i < N; i++) {
+        char want[64];
+        ref_text(rs[i], mt[i], want);
+        for (int j = 0; j < rs[i]->n_choices; j++) {
+            assert_string_equal(rs[i]->choices[j].text, want);
+            assert_int_equal(rs[i]->choices[j].n_gen, mt[i]);
+        }
+        hits += (uint64_t)rs[i]->n_cached_tokens;
+        if (rs[i]->n > 1) /* the later samples found the first one's prompt blocks */
+            assert_true(rs[i]->n_cached_tokens >= 2 * ((rs[i]->n_prompt[0] - 1) / BE_KV_BLOCK) * BE_KV_BLOCK);
+        sched_req_release(rs[i]);
+    }
+    sched_stats stt;
+    sched_get_stats(s, &stt);
+    assert_true(hits > 0);
+    assert_int_equal(stt.prefix_hits, hits);
+    assert_true(stt.prefix_queries > stt.prefix_hits);
+    assert_int_equal(stt.kv_used, 0);
+    assert_true(stt.kv_cached > 0);
+    if (expect_preempt)
+        assert_true(stt.preemptions > 0);
+    assert_int_equal(f->errors, 0);
+    sched_free(s);
+    fake_free(f);
+}
+
+static void test_prefix_cache(void **st)
+{
+    (void)st;
+    check_prefix_run(256, 8, 64, false);
+    check_prefix_run(256, 16, 16, false);
+    check_prefix_run(14, 6, 32, true); /* eviction and preemption: 14 blocks for up to 6 of ~5 */
+}
+
 static void test_thread(void **st)
 {
     (void)st;
@@ -623,7 +699,7 @@ int main(void)
         cmocka_unit_test(test_preemption),       cmocka_unit_test(test_stop_and_eog),
         cmocka_unit_test(test_cancel_and_limits), cmocka_unit_test(test_adapters_and_n),
         cmocka_unit_test(test_fairness_max_loras), cmocka_unit_test(test_thread),
-        cmocka_unit_test(test_prompt_logprobs),
+        cmocka_unit_test(test_prompt_logprobs), cmocka_unit_test(test_prefix_cache),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
