@@ -350,6 +350,11 @@ static int parse_sampling(json_t *root, api_request *r, api_error *err)
     r->max_tokens = given ? (int)v : -1;
     if (r->kind == API_COMPLETION && get_bool(root, "echo", &r->echo, err))
         return HY_EINVAL;
+    json_t *salt = api_field(root, "cache_salt");
+    if (salt && (!json_is_string(salt) || json_string_length(salt) == 0))
+        return bad(err, "cache_salt", "'%s' must be %s", "a non-empty string");
+    if (salt && dup_str(json_string_value(salt), json_string_length(salt), &r->cache_salt, err))
+        return HY_EINVAL;
     if (r->max_tokens == 0 && !r->echo)
         return api_error_set(err, 400, "invalid_request_error",
                              api_field(root, "max_completion_tokens") ? "max_completion_tokens" : "max_tokens",
@@ -427,6 +432,7 @@ void api_request_free(api_request *r)
     if (!r)
         return;
     free(r->model);
+    free(r->cache_salt);
     for (int i = 0; i < r->n_prompts; i++) {
         free(r->prompts[i].text);
         free(r->prompts[i].ids);
@@ -540,6 +546,7 @@ static json_t *usage_json(const api_usage *u)
     json_object_set_new(o, "prompt_tokens", json_integer(u->prompt_tokens));
     json_object_set_new(o, "completion_tokens", json_integer(u->completion_tokens));
     json_object_set_new(o, "total_tokens", json_integer(u->prompt_tokens + u->completion_tokens));
+    json_object_set_new(o, "prompt_tokens_details", json_pack("{s:i}", "cached_tokens", u->cached_tokens));
     return o;
 }
 

@@ -95,6 +95,7 @@ typedef struct {
     int max_tokens;           /* -1 = not given (server picks: 16 completions, context rest for chat);
                                * 0 only with echo (score the prompt, generate nothing) */
     bool echo;                /* completions: the text starts with the prompt, logprobs cover it */
+    char *cache_salt;         /* vLLM's prefix-cache tenant, NULL when absent */
     double temperature;       /* 1.0 */
     double top_p;             /* 1.0 */
     int top_k;                /* 0 = off (-1 accepted as off) */
@@ -172,6 +173,7 @@ typedef struct {
 
 typedef struct {
     int prompt_tokens, completion_tokens;
+    int cached_tokens;          /* prompt tokens served from the prefix cache */
 } api_usage;
 
 /* Whole (non-streamed) response body. malloc'ed JSON, caller frees. NULL on ENOMEM. */

@@ -534,7 +534,7 @@ static enum MHD_Result answer_whole(conn *c, struct MHD_Connection *mc)
             if (c->ts)
                 srv_toolscan_whole(&c->ts[i], ch[i].text, ch[i].text_len, &ch[i]);
         }
-        api_usage u = {c->n_prompt_total, gen};
+        api_usage u = {c->n_prompt_total, gen, r->n_cached_tokens};
         json = api_format_response(c->ar.kind, c->id, c->created, c->model, ch, r->n_choices, &u, c->ar.logprobs);
         for (int i = 0; i < r->n_choices; i++)
             srv_lp_free(&lb[i]);
@@ -682,7 +682,7 @@ static void stream_collect(conn *c)
                 int gen = 0;
                 for (int i = 0; i < r->n_choices; i++)
                     gen += r->choices[i].n_gen;
-                api_usage u = {c->n_prompt_total, gen};
+                api_usage u = {c->n_prompt_total, gen, r->n_cached_tokens};
                 pend_add(c, api_format_usage_chunk(k, c->id, c->created, c->model, &u));
                 c->usage_sent = true;
             }
@@ -838,6 +838,12 @@ static enum MHD_Result start_generation(conn *c, struct MHD_Connection *mc, api_
         return send_err(c, mc, &e);
     }
     r->constraint_free = smp_constraint_free;
+    if (ar->cache_salt) { /* the prefix cache's tenant: 64 bits of its SHA-256 (0 stays "none") */
+        unsigned char d[SHA256_DIGEST_LENGTH];
+        SHA256((const unsigned char *)ar->cache_salt, strlen(ar->cache_salt), d);
+        memcpy(&r->cache_salt, d, sizeof r->cache_salt);
+        r->cache_salt |= 1;
+    }
     r->route = srv_hydra_opts(&ar->hydra, ad_heads);
     r->notify = on_engine_event;
     r->notify_ctx = c;
@@ -1412,7 +1418,8 @@ static enum MHD_Result metrics_page(conn *c, struct MHD_Connection *mc)
     srv_gauges g = {st.waiting_reqs, st.running_seqs, st.kv_used, st.kv_total,
                     s->reg ? ad_reg_count(s->reg) : 0, s->cfg.max_loras, st.preemptions, st.steps,
                     st.running_adapters, st.waiting_adapters, s->cfg.served_name, NULL, 0,
-                    (uint64_t)atomic_load(&s->guard.timed_out)};
+                    (uint64_t)atomic_load(&s->guard.timed_out), st.kv_cached, st.prefix_queries,
+                    st.prefix_hits};
     /* per-adapter counts: copied under mu so the render runs without it */
     pthread_mutex_lock(&s->mu);
     int n = s->n_served;

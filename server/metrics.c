@@ -188,6 +188,15 @@ char *srv_metrics_render(srv_metrics *m, const srv_gauges *g)
                   "hydrad_kv_blocks_used %d\n", g->kv_used);
     sb_printf(&b, "# HELP hydrad_kv_blocks_total KV cache blocks.\n# TYPE hydrad_kv_blocks_total gauge\n"
                   "hydrad_kv_blocks_total %d\n", g->kv_total);
+    sb_printf(&b, "# HELP hydrad_kv_blocks_cached KV cache blocks holding a cached prefix that no sequence "
+                  "holds (reusable; free = total - used - cached).\n# TYPE hydrad_kv_blocks_cached gauge\n"
+                  "hydrad_kv_blocks_cached %d\n", g->kv_cached);
+    sb_printf(&b, "# HELP vllm:prefix_cache_queries Prompt tokens looked up in the prefix cache.\n"
+                  "# TYPE vllm:prefix_cache_queries counter\nvllm:prefix_cache_queries_total{model_name=\"%s\"} %llu\n",
+              model, (unsigned long long)g->prefix_queries);
+    sb_printf(&b, "# HELP vllm:prefix_cache_hits Prompt tokens found in the prefix cache.\n"
+                  "# TYPE vllm:prefix_cache_hits counter\nvllm:prefix_cache_hits_total{model_name=\"%s\"} %llu\n",
+              model, (unsigned long long)g->prefix_hits);
     sb_printf(&b, "# HELP hydrad_kv_cache_usage_ratio Fraction of KV blocks in use.\n"
                   "# TYPE hydrad_kv_cache_usage_ratio gauge\nhydrad_kv_cache_usage_ratio %.6f\n", kv);
     sb_printf(&b, "# HELP hydrad_adapters_loaded Adapters held by the registry.\n"

@@ -42,6 +42,8 @@ typedef struct {
     const srv_adapter_requests *adapters; /* [n_adapters], may be NULL when n_adapters is 0 */
     int n_adapters;
     uint64_t conns_timed_out; /* connections shut down for not sending a whole request in time */
+    int kv_cached;            /* prefix-cache blocks no sequence holds */
+    uint64_t prefix_queries, prefix_hits; /* prompt tokens looked up / found in the prefix cache */
 } srv_gauges;
 
 void srv_metrics_init(srv_metrics *m);

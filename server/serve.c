@@ -305,10 +305,16 @@ static void g_thread_exit(void *ctx)
     smp_thread_cleanup();
 }
 
+static uint64_t g_ident(void *ctx, void *adapter)
+{
+    (void)ctx;
+    return ad_load_id(adapter);
+}
+
 static const sched_ops glue_ops = {
     .forward = g_forward, .seq_init = g_seq_init, .seq_free = g_seq_free, .sample = g_sample,
     .detok = g_detok, .detok_flush = g_detok_flush, .is_eog = g_is_eog, .adapter_acquire = g_acquire,
-    .adapter_release = g_release, .adapter_name = g_name, .housekeeping = g_housekeeping,
+    .adapter_release = g_release, .adapter_name = g_name, .adapter_ident = g_ident, .housekeeping = g_housekeeping,
     .thread_exit = g_thread_exit,
 };
 
@@ -328,6 +334,7 @@ typedef struct {
     int n_url_allow;
     bool metrics_auth;
     bool json_ws;        /* --json-whitespace flexible */
+    bool no_prefix_cache;
 } serve_opts;
 
 static void usage(FILE *f)
@@ -361,6 +368,9 @@ static void usage(FILE *f)
             "      --max-cpu-loras N     adapters held in host memory (default 64)\n"
             "      --max-queue N         requests waiting for admission; more get 429 (default 256)\n"
             "      --max-prompts N       prompts in one /v1/completions request (default 64, at most %d)\n"
+            "      --no-prefix-cache     prefill every prompt in full (default: reuse the K/V of whole\n"
+            "                            16-token blocks an earlier prompt with the same adapter load,\n"
+            "                            router control and cache_salt computed)\n"
             "      --adapter-url-allow HOST  a host https:// adapter URLs may name (repeatable; none: URL\n"
             "                            loading is off); its addresses must not be loopback, link-local\n"
             "                            or private unless HOST is that address itself\n"
@@ -442,7 +452,7 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
 {
     enum { O_HOST = 256, O_PORT, O_SERVED, O_ADAPTER, O_ROOT, O_API, O_ADMIN, O_SEQS, O_BT, O_KVMB, O_KVB,
            O_LORAS, O_CPU, O_QUEUE, O_THREADS, O_HTHREADS, O_CONNS, O_DEVICE, O_CTX, O_CACHE, O_AMB, O_SCALE,
-           O_DRAIN, O_URLALLOW, O_METRICSAUTH, O_DEADLINE, O_CONNSIP, O_JSONWS, O_PROMPTS };
+           O_DRAIN, O_URLALLOW, O_METRICSAUTH, O_DEADLINE, O_CONNSIP, O_JSONWS, O_PROMPTS, O_NOPC };
     static const struct option lo[] = {
         {"model", required_argument, 0, 'm'}, {"host", required_argument, 0, O_HOST},
         {"port", required_argument, 0, O_PORT}, {"served-model-name", required_argument, 0, O_SERVED},
@@ -459,7 +469,7 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
         {"drain-timeout", required_argument, 0, O_DRAIN}, {"adapter-url-allow", required_argument, 0, O_URLALLOW},
         {"metrics-auth", no_argument, 0, O_METRICSAUTH}, {"request-timeout", required_argument, 0, O_DEADLINE},
         {"max-connections-per-ip", required_argument, 0, O_CONNSIP}, {"json-whitespace", required_argument, 0, O_JSONWS},
-        {"max-prompts", required_argument, 0, O_PROMPTS},
+        {"max-prompts", required_argument, 0, O_PROMPTS}, {"no-prefix-cache", no_argument, 0, O_NOPC},
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     int c, rc = 0;
     optind = 1;
@@ -501,6 +511,7 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
         case O_LORAS: rc = parse_int("max-loras", optarg, 1, &o->max_loras); break;
         case O_CPU: rc = parse_int("max-cpu-loras", optarg, 1, &o->max_cpu_loras); break;
         case O_QUEUE: rc = parse_int("max-queue", optarg, 1, &o->max_queue); break;
+        case O_NOPC: o->no_prefix_cache = true; break;
         case O_PROMPTS:
             rc = parse_int("max-prompts", optarg, 1, &o->max_prompts);
             if (!rc && o->max_prompts > API_MAX_PROMPTS) {
@@ -660,7 +671,8 @@ int cli_serve(int argc, char **argv)
                .n_vocab = hp->n_vocab};
     sched_config sc_cfg = {.max_seqs = o.max_seqs, .max_batch_tokens = o.max_batch_tokens, .n_blocks = n_blocks,
                            .max_queue = o.max_queue, .max_loras = o.max_loras, .n_ctx = n_ctx,
-                           .n_vocab = hp->n_vocab, .n_layer = hp->n_layer, .ops = &glue_ops, .ops_ctx = &g};
+                           .n_vocab = hp->n_vocab, .n_layer = hp->n_layer, .prefix_cache = !o.no_prefix_cache,
+                           .ops = &glue_ops, .ops_ctx = &g};
     if ((rc = sched_create(&sc_cfg, &sc)) || (rc = sched_start(sc))) {
         fprintf(stderr, "hydrad serve: %s\n", hy_err_msg());
         goto done;
