@@ -193,7 +193,7 @@ static void test_format_response(void **st)
     float toplp[2] = {-0.1f, -2.5f};
     api_tokenlp lp[2] = {{"a", -0.1f, 2, tops, toplp, false}, {"\xC3", -1.0f, 0, NULL, NULL, false}};
     api_choice c[2] = {{0, "hello", 5, "stop", 2, lp, NULL, 0, NULL, 0}, {1, "wor\xC3", 4, "length", 0, NULL, NULL, 0, NULL, 0}};
-    api_usage u = {3, 9};
+    api_usage u = {3, 9, 0};
     char *s = api_format_response(API_COMPLETION, "cmpl-1", 42, "base", c, 2, &u, true);
     json_t *j = json_loads(s, 0, NULL);
     assert_non_null(j);
@@ -245,11 +245,13 @@ static void test_sse(void **st)
     json_decref(j);
     free(s);
 
-    api_usage u = {4, 2};
+    api_usage u = {4, 2, 1};
     s = api_format_usage_chunk(API_COMPLETION, "id2", 5, "m", &u);
     j = json_loads(s + 6, JSON_DISABLE_EOF_CHECK, NULL);
     assert_int_equal(json_array_size(json_object_get(j, "choices")), 0);
     assert_int_equal(json_integer_value(json_object_get(json_object_get(j, "usage"), "completion_tokens")), 2);
+    json_t *det = json_object_get(json_object_get(j, "usage"), "prompt_tokens_details");
+    assert_int_equal(json_integer_value(json_object_get(det, "cached_tokens")), 1);
     json_decref(j);
     free(s);
     assert_string_equal(api_sse_done(), "data: [DONE]\n\n");
