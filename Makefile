@@ -34,7 +34,7 @@ TESTS   := $(patsubst tests/%.c,$(BIN)/tests/%,$(wildcard tests/test_*.c))
 TOOLS   := $(patsubst tests/%.c,$(BIN)/tests/%,$(wildcard tests/tool_*.c))
 BENCH_C := $(wildcard bench/*.c)
 
-.PHONY: train train-goldens fixtures all test test-c test-py run bench bench-cpu bench-adapters bench-serve bench-streams asan clean setup
+.PHONY: train train-goldens fixtures all test test-c test-py run bench bench-cpu bench-adapters bench-serve bench-streams bench-prefix asan clean setup
 all: $(BIN)/hydrad $(BIN)/hydrad-bench
 
 $(BUILD)/%.o: %.c
@@ -105,6 +105,8 @@ bench-serve: setup all
 	bash bench/bench_serve.sh
 bench-streams: setup all
 	bash bench/bench_streams.sh
+bench-prefix: setup all
+	bash bench/bench_prefix.sh
 
 # ASan + UBSan build of the library and C tests, in its own tree, then run them (test_trained on one
 # held-out prompt per task, test_gram on one random walk per grammar: there the point is memory
