@@ -10,6 +10,7 @@
 #include "engine/hy.h"
 #include "engine/sampler.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -340,6 +341,30 @@ static void test_logprobs(void **state)
     }
     assert_true(fabs(r.logprob - (l[r.id] - log(z))) < 1e-5);
     smp_free(s);
+}
+
+/* smp_score: the raw log-softmax of a given token (prompt logprobs), no penalties applied. */
+static void test_score(void **state)
+{
+    (void)state;
+    float l[5] = {1.0f, 3.0f, 2.0f, -INFINITY, 0.5f};
+    double z = exp(1.0) + exp(3.0) + exp(2.0) + exp(0.5);
+    smp_result r;
+    assert_int_equal(smp_score(l, 5, 2, 3, &r), HY_OK);
+    assert_int_equal(r.id, 2);
+    assert_true(fabs(r.logprob - (2.0 - log(z))) < 1e-5);
+    assert_int_equal(r.n_top, 3);
+    assert_int_equal(r.top_id[0], 1);
+    assert_int_equal(r.top_id[1], 2);
+    assert_int_equal(r.top_id[2], 0);
+    assert_true(fabs(r.top_logprob[0] - (3.0 - log(z))) < 1e-5);
+    assert_int_equal(smp_score(l, 5, 3, 0, &r), HY_OK); /* impossible token: finite, very low */
+    assert_true(r.logprob == -FLT_MAX && r.n_top == 0);
+    assert_int_equal(smp_score(l, 5, 5, 0, &r), HY_EINVAL);
+    assert_int_equal(smp_score(l, 5, -1, 0, &r), HY_EINVAL);
+    assert_int_equal(smp_score(l, 5, 0, SMP_MAX_LOGPROBS + 1, &r), HY_EINVAL);
+    float bad[2] = {NAN, -INFINITY};
+    assert_int_equal(smp_score(bad, 2, 0, 1, &r), HY_EINVAL);
 }
 
 static void test_bad_params(void **state)
@@ -896,7 +921,7 @@ static void test_nan_large_vocab(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_greedy),
+        cmocka_unit_test(test_greedy), cmocka_unit_test(test_score),
         cmocka_unit_test(test_greedy_matches_general),
         cmocka_unit_test(test_top_k_support),
         cmocka_unit_test(test_top_p_support),
