@@ -2,6 +2,7 @@
  * model's chat template), stream the generated text to stdout and the speeds to stderr.
  * It serves no HTTP and keeps no state between runs; the server lives in serve.c. */
 #include "server/cli.h"
+#include "server/cli_common.h"
 
 #include "adapters/adapter.h"
 
@@ -12,7 +13,6 @@
 #include "engine/sampler.h"
 #include "engine/tokenizer.h"
 
-#include <errno.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -30,129 +30,33 @@ typedef struct {
     long long seed; /* < 0: from the clock */
 } gen_opts;
 
-typedef enum { OPT_FLAG, OPT_STR, OPT_INT, OPT_FLOAT, OPT_LL } opt_kind;
-
-typedef struct {
-    const char *lng, *shrt;
-    opt_kind kind;
-    size_t off;
-    const char *arg, *help;
-} gen_opt;
-
 #define O(f) offsetof(gen_opts, f)
-static const gen_opt gen_table[] = {
-    {"--model", "-m", OPT_STR, O(model), "FILE", "GGUF model (llama architecture)"},
-    {"--prompt", "-p", OPT_STR, O(prompt), "TEXT", "prompt text"},
-    {"--chat", NULL, OPT_FLAG, O(chat), NULL, "wrap the prompt in the model's chat template"},
-    {"--system", NULL, OPT_STR, O(system), "TEXT", "system message (with --chat)"},
-    {"--chat-template", NULL, OPT_STR, O(chat_template), "NAME",
+static const cli_opt gen_table[] = {
+    {"--model", "-m", CLI_STR, O(model), "FILE", "GGUF model (llama architecture)"},
+    {"--prompt", "-p", CLI_STR, O(prompt), "TEXT", "prompt text"},
+    {"--chat", NULL, CLI_FLAG, O(chat), NULL, "wrap the prompt in the model's chat template"},
+    {"--system", NULL, CLI_STR, O(system), "TEXT", "system message (with --chat)"},
+    {"--chat-template", NULL, CLI_STR, O(chat_template), "NAME",
      "chatml, llama3, llama2 or zephyr instead of the model's own"},
-    {"--n-predict", "-n", OPT_INT, O(n_predict), "N", "tokens to generate at most (256)"},
-    {"--temp", NULL, OPT_FLOAT, O(temp), "T", "temperature; 0 = greedy (0)"},
-    {"--top-k", NULL, OPT_INT, O(top_k), "K", "keep the K most likely tokens (0 = off)"},
-    {"--top-p", NULL, OPT_FLOAT, O(top_p), "P", "nucleus sampling (1 = off)"},
-    {"--min-p", NULL, OPT_FLOAT, O(min_p), "P", "drop tokens below P x the top probability (0)"},
-    {"--repeat-penalty", NULL, OPT_FLOAT, O(repeat_penalty), "R", "repetition penalty (1 = off)"},
-    {"--seed", NULL, OPT_LL, O(seed), "S", "sampling seed (default: from the clock)"},
-    {"--threads", "-t", OPT_INT, O(threads), "N", "CPU threads (default: all cores)"},
-    {"--device", NULL, OPT_STR, O(device), "DEV", "cpu, cuda or auto (auto)"},
-    {"--adapter", NULL, OPT_STR, O(adapter), "DIR", "apply a LoRA/HydraLoRA adapter directory (PEFT format)"},
-    {"--adapter-scale", NULL, OPT_FLOAT, O(adapter_scale), "X", "multiply the adapter's scale s by X (1; 0 = base model output)"},
-    {"--ignore-eos", NULL, OPT_FLAG, O(ignore_eos), NULL, "keep generating past end-of-generation tokens"},
-    {"--help", "-h", OPT_FLAG, O(help), NULL, "this help"},
+    {"--n-predict", "-n", CLI_INT, O(n_predict), "N", "tokens to generate at most (256)"},
+    {"--temp", NULL, CLI_FLOAT, O(temp), "T", "temperature; 0 = greedy (0)"},
+    {"--top-k", NULL, CLI_INT, O(top_k), "K", "keep the K most likely tokens (0 = off)"},
+    {"--top-p", NULL, CLI_FLOAT, O(top_p), "P", "nucleus sampling (1 = off)"},
+    {"--min-p", NULL, CLI_FLOAT, O(min_p), "P", "drop tokens below P x the top probability (0)"},
+    {"--repeat-penalty", NULL, CLI_FLOAT, O(repeat_penalty), "R", "repetition penalty (1 = off)"},
+    {"--seed", NULL, CLI_LL, O(seed), "S", "sampling seed (default: from the clock)"},
+    {"--threads", "-t", CLI_INT, O(threads), "N", "CPU threads (default: all cores)"},
+    {"--device", NULL, CLI_STR, O(device), "DEV", "cpu, cuda or auto (auto)"},
+    {"--adapter", NULL, CLI_STR, O(adapter), "DIR", "apply a LoRA/HydraLoRA adapter directory (PEFT format)"},
+    {"--adapter-scale", NULL, CLI_FLOAT, O(adapter_scale), "X", "multiply the adapter's scale s by X (1; 0 = base model output)"},
+    {"--ignore-eos", NULL, CLI_FLAG, O(ignore_eos), NULL, "keep generating past end-of-generation tokens"},
+    {"--help", "-h", CLI_FLAG, O(help), NULL, "this help"},
 };
 #undef O
 
 static void gen_usage(FILE *f)
 {
-    fprintf(f, "usage: hydrad generate -m MODEL -p PROMPT [options]\n");
-    for (size_t i = 0; i < HY_ARRAY_LEN(gen_table); i++) {
-        const gen_opt *o = &gen_table[i];
-        char left[64];
-        snprintf(left, sizeof left, "%s%s%s%s%s", o->shrt ? o->shrt : "", o->shrt ? ", " : "",
-                 o->lng, o->arg ? " " : "", o->arg ? o->arg : "");
-        fprintf(f, "  %-28s %s\n", left, o->help);
-    }
-}
-
-static int gen_set(gen_opts *g, const gen_opt *o, const char *val)
-{
-    void *dst = (char *)g + o->off;
-    char *end = NULL;
-    errno = 0;
-    switch (o->kind) {
-    case OPT_FLAG: *(bool *)dst = true; return 0;
-    case OPT_STR: *(const char **)dst = val; return 0;
-    case OPT_INT: {
-        long v = strtol(val, &end, 10);
-        if (errno || end == val || *end || v < -2147483647L || v > 2147483647L)
-            break;
-        *(int *)dst = (int)v;
-        return 0;
-    }
-    case OPT_LL: {
-        long long v = strtoll(val, &end, 10);
-        if (errno || end == val || *end)
-            break;
-        *(long long *)dst = v;
-        return 0;
-    }
-    case OPT_FLOAT: {
-        float v = strtof(val, &end);
-        if (errno || end == val || *end)
-            break;
-        *(float *)dst = v;
-        return 0;
-    }
-    }
-    fprintf(stderr, "hydrad: %s: bad value '%s'\n", o->lng, val);
-    return -1;
-}
-
-/* argv[0] is "generate". Accepts "--opt value" and "--opt=value". */
-static int gen_parse(int argc, char **argv, gen_opts *g)
-{
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *eq = strchr(a, '=');
-        size_t nlen = a[0] == '-' && a[1] == '-' && eq ? (size_t)(eq - a) : strlen(a);
-        const gen_opt *o = NULL;
-        for (size_t k = 0; k < HY_ARRAY_LEN(gen_table) && !o; k++) {
-            const gen_opt *c = &gen_table[k];
-            if ((strlen(c->lng) == nlen && !strncmp(a, c->lng, nlen)) ||
-                (c->shrt && !strcmp(a, c->shrt)))
-                o = c;
-        }
-        if (!o) {
-            fprintf(stderr, "hydrad: generate: unknown option '%s' (see hydrad generate --help)\n", a);
-            return -1;
-        }
-        const char *val = NULL;
-        if (o->kind != OPT_FLAG) {
-            if (eq && nlen != strlen(a))
-                val = eq + 1;
-            else if (i + 1 < argc)
-                val = argv[++i];
-            else {
-                fprintf(stderr, "hydrad: %s needs a value\n", o->lng);
-                return -1;
-            }
-        }
-        if (gen_set(g, o, val))
-            return -1;
-    }
-    return 0;
-}
-
-/* --device auto without the "using the CPU backend" chatter of be_open: a generate run says
- * which backend it used on its final stats line instead. */
-static int gen_backend(const gen_opts *g, be **out)
-{
-    if (strcmp(g->device, "auto"))
-        return be_open(g->device, g->threads, out);
-    if (be_cuda_compiled() && be_cuda_create(0, out) == HY_OK)
-        return HY_OK;
-    hy_err_clear();
-    return be_cpu_create(g->threads, out);
+    cli_usage(f, "hydrad generate -m MODEL -p PROMPT [options]", gen_table, HY_ARRAY_LEN(gen_table));
 }
 
 /* The prompt as token ids, through the chat template when asked. *ids malloc'ed. */
@@ -208,22 +112,6 @@ static void gen_free(gen_run *r)
 
 static const eng_adapter *gen_eng_adapter(const gen_run *r) { return r->ad ? ad_eng(r->ad) : NULL; }
 
-/* --adapter: read, validate against the model, upload (this thread owns the backend). */
-static int gen_adapter(const gen_opts *g, gen_run *r)
-{
-    if (!g->adapter)
-        return HY_OK;
-    ad_shape shape;
-    ad_shape_from_model(r->m, &shape);
-    ad_opts o = {.scale_mult = g->adapter_scale};
-    int rc = ad_read(g->adapter, &shape, &o, &r->ad);
-    if (!rc)
-        rc = ad_upload(r->ad, r->b);
-    if (rc)
-        fprintf(stderr, "hydrad: %s: %s\n", g->adapter, hy_err_msg());
-    return rc;
-}
-
 /* Decode loop: sample, print, feed back. Returns 0 or an HY_E code. */
 static int gen_decode(const gen_opts *g, gen_run *r, int n_prompt, int *n_gen)
 {
@@ -262,7 +150,7 @@ int cli_generate(int argc, char **argv)
 {
     gen_opts g = {.n_predict = 256, .threads = 0, .top_p = 1.0f, .repeat_penalty = 1.0f,
                   .adapter_scale = 1.0f, .seed = -1, .device = "auto"};
-    if (gen_parse(argc, argv, &g))
+    if (cli_parse("generate", argc, argv, gen_table, HY_ARRAY_LEN(gen_table), &g))
         return 2;
     if (g.help) {
         gen_usage(stdout);
@@ -279,13 +167,13 @@ int cli_generate(int argc, char **argv)
     int32_t n_prompt = 0;
     /* Model problems: exactly one line naming the file, exit code 2. */
     if ((rc = gguf_open(g.model, &r.f)) || (rc = tok_load(r.f, &r.v)) ||
-        (rc = gen_backend(&g, &r.b)) || (rc = eng_model_load(r.f, r.b, &r.m))) {
+        (rc = cli_backend(g.device, g.threads, &r.b)) || (rc = eng_model_load(r.f, r.b, &r.m))) {
         fprintf(stderr, "hydrad: %s: %s\n", g.model, hy_err_msg());
         exit_code = rc == HY_EDEVICE || rc == HY_ENOMEM ? 1 : 2;
         goto out;
     }
     const eng_hparams *hp = eng_model_hparams(r.m);
-    if ((rc = gen_adapter(&g, &r)))
+    if ((rc = cli_adapter(g.adapter, g.adapter_scale, r.m, r.b, &r.ad)))
         goto out;
     if ((rc = gen_tokenize(&g, r.f, r.v, &r.ids, &n_prompt))) {
         fprintf(stderr, "hydrad: prompt: %s\n", hy_err_msg());

@@ -13,6 +13,8 @@ static void usage(FILE *f)
             "commands:\n"
             "  generate    run one prompt through a GGUF model and stream the text\n"
             "              (hydrad generate -m MODEL -p PROMPT [--chat] ...; --help for all)\n"
+            "  perplexity  perplexity of a model (and adapter) over a text file, llama-perplexity's\n"
+            "              method (hydrad perplexity -m MODEL -f TEXT [--ctx N] ...; --help for all)\n"
             "  serve       OpenAI-compatible HTTP server with hot-swapped adapters (--help)\n"
             "  mkmodel     write a llama GGUF with seeded random weights (--help)\n"
             "  mkadapter   write a seeded test LoRA/HydraLoRA adapter directory (--help)\n");
@@ -27,6 +29,8 @@ int main(int argc, char **argv)
     }
     if (!strcmp(argv[1], "generate"))
         return cli_generate(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "perplexity"))
+        return cli_perplexity(argc - 1, argv + 1);
     if (!strcmp(argv[1], "serve"))
         return cli_serve(argc - 1, argv + 1);
     if (!strcmp(argv[1], "mkmodel"))
