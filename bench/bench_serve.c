@@ -48,6 +48,7 @@ typedef struct {
     const char *targets, *prefix, *goodput, *result_json, *label, *response_format;
     json_t *rf; /* owned: the response_format sent with every request, or NULL */
     int num_prompts, max_conc, input_len, output_len, num_adapters, ad_r, ad_K, quiet, no_ignore_eos, round_robin, echo;
+    int prefix_len, num_prefixes, prefix_rr, turns; /* --shared-prefix-len, --num-prefixes, --prefix-round-robin, --multi-turn */
     double rate, burstiness, duration, range_ratio, zipf, timeout, temperature;
     uint64_t seed;
 } sv_opts;
@@ -59,20 +60,24 @@ typedef struct {
 
 typedef struct {
     int id, max_tokens;
+    int conv, turn;    /* conversation and turn (0-based); turn 0 without --multi-turn */
     const char *model; /* borrowed from the adapter name table or opts */
     char *body;        /* owned request JSON */
+    json_t *hist;      /* owned, --multi-turn: what this turn sent (messages array or prompt string) */
+    char *question;    /* owned, --multi-turn turns after the first: the new user text */
     CURL *h;
     struct curl_slist *hdrs;
     double t_start, t_first, t_last, t_end;
     double *itl; /* owned, seconds */
     size_t n_itl, cap_itl;
     int n_chunks;
-    long prompt_tokens, completion_tokens;
+    long prompt_tokens, completion_tokens, cached_tokens; /* usage; cached: prompt_tokens_details */
     char *buf; /* pending SSE bytes, or the error body */
     size_t len, cap;
-    char *text; /* owned: the answer, kept only with --response-format to check it parses; freed last */
+    char *text; /* owned: the answer, kept only with --response-format (to check it parses) or for the
+                 * next turn of --multi-turn; freed last */
     size_t text_len, text_cap;
-    bool keep_text, saw_done, failed, bad_json;
+    bool keep_text, check_json, saw_done, failed, bad_json, sent, cached_known;
     char err_kind[64], err_msg[256];
 } sv_req;
 
@@ -367,6 +372,19 @@ static char *random_prompt(bench_rng *r, int words)
     return s;
 }
 
+/* a + sep + b, malloc'ed (caller frees); NULL when out of memory. */
+static char *str_join(const char *a, const char *sep, const char *b)
+{
+    size_t na = strlen(a), ns = strlen(sep), nb = strlen(b);
+    char *s = malloc(na + ns + nb + 1);
+    if (!s)
+        return NULL;
+    memcpy(s, a, na);
+    memcpy(s + na, sep, ns);
+    memcpy(s + na + ns, b, nb + 1);
+    return s;
+}
+
 static int len_draw(bench_rng *r, int n, double ratio)
 {
     if (ratio <= 0)
@@ -440,10 +458,42 @@ static bool is_chat(const sv_opts *o)
     return !strcmp(o->endpoint, "chat");
 }
 
-static char *request_body(const sv_opts *o, const char *model, const char *prompt, int max_tokens)
+/* The first turn's input: a messages array of one user turn (chat) or the prompt string. New
+ * reference, NULL when out of memory. */
+static json_t *first_input(const sv_opts *o, const char *prompt)
 {
-    json_t *j = json_pack("{s:s, s:i, s:b, s:{s:b}, s:f}", "model", model, "max_tokens", max_tokens, "stream", 1,
-                          "stream_options", "include_usage", 1, "temperature", o->temperature);
+    if (is_chat(o))
+        return json_pack("[{s:s, s:s}]", "role", "user", "content", prompt);
+    return json_string(prompt);
+}
+
+/* The next turn's input: the previous one, the answer received, then the new question. New
+ * reference, NULL when out of memory. A completions prompt grows as text: the model's
+ * continuation follows the prompt verbatim, then a blank line and the question. */
+static json_t *next_input(const json_t *prev, const char *answer, const char *question)
+{
+    if (json_is_array(prev)) {
+        json_t *m = json_deep_copy(prev);
+        if (m && (json_array_append_new(m, json_pack("{s:s, s:s}", "role", "assistant", "content", answer)) ||
+                  json_array_append_new(m, json_pack("{s:s, s:s}", "role", "user", "content", question)))) {
+            json_decref(m);
+            return NULL;
+        }
+        return m;
+    }
+    char *a = str_join(json_string_value(prev), "", answer), *p = a ? str_join(a, "\n\n", question) : NULL;
+    json_t *j = p ? json_string(p) : NULL;
+    free(a);
+    free(p);
+    return j;
+}
+
+/* input: borrowed, a messages array (chat) or a prompt string (completions). */
+static char *request_body(const sv_opts *o, const char *model, json_t *input, int max_tokens)
+{
+    /* cache_prompt: llama-server's prompt reuse, sent explicitly (hydrad ignores fields it does not know) */
+    json_t *j = json_pack("{s:s, s:i, s:b, s:{s:b}, s:f, s:b}", "model", model, "max_tokens", max_tokens, "stream", 1,
+                          "stream_options", "include_usage", 1, "temperature", o->temperature, "cache_prompt", 1);
     if (!j)
         return NULL;
     if (!o->no_ignore_eos)
@@ -454,10 +504,7 @@ static char *request_body(const sv_opts *o, const char *model, const char *promp
         json_object_set_new(j, "echo", json_true());
         json_object_set_new(j, "logprobs", json_integer(1));
     }
-    if (is_chat(o))
-        json_object_set_new(j, "messages", json_pack("[{s:s, s:s}]", "role", "user", "content", prompt));
-    else
-        json_object_set_new(j, "prompt", json_string(prompt));
+    json_object_set(j, json_is_array(input) ? "messages" : "prompt", input);
     char *s = json_dumps(j, JSON_COMPACT);
     json_decref(j);
     return s;
@@ -539,6 +586,11 @@ static void on_event(sv_req *q, const char *data, size_t n, double now)
             q->completion_tokens = (long)json_integer_value(ct);
         if (json_is_integer(pt))
             q->prompt_tokens = (long)json_integer_value(pt);
+        json_t *cached = json_object_get(json_object_get(u, "prompt_tokens_details"), "cached_tokens");
+        if (json_is_integer(cached)) {
+            q->cached_tokens = (long)json_integer_value(cached);
+            q->cached_known = true;
+        }
     }
     json_decref(j);
 }
@@ -637,7 +689,7 @@ static void req_finish(sv_req *q, CURLcode cc, double now)
     }
     if (q->completion_tokens <= 0)
         q->completion_tokens = q->n_chunks; /* server sent no usage */
-    if (q->keep_text && !q->failed) {
+    if (q->check_json && !q->failed) {
         json_t *j = json_loadb(q->text ? q->text : "", q->text_len, 0, NULL);
         q->bad_json = !json_is_object(j); /* json_object and json_schema both ask for an object */
         json_decref(j);
@@ -661,13 +713,59 @@ static void req_release(CURLM *m, sv_req *q)
 
 /* ---------- report ---------- */
 
+#define SV_TURN_GROUPS 3 /* TTFT by turn: 1, 2, 3 and later */
+
 typedef struct {
     bench_summary ttft, tpot, itl, e2el;
+    bench_summary ttft_turn[SV_TURN_GROUPS]; /* --multi-turn: turn 1, turn 2, turns 3+ */
     int completed, failed, short_out, bad_json;
     char bad_example[128]; /* the start of the first answer that is not a JSON object */
     long in_tok, out_tok;
+    /* prompt_tokens_details.cached_tokens, over the completed requests whose usage carried it
+     * (cached_reqs of them; in_tok_reported: their prompt tokens) */
+    long cached_tok, in_tok_reported;
+    int cached_reqs;
     double duration, goodput;
 } sv_result;
+
+/* cached share of the prompt tokens of the requests that reported it; NAN when none did */
+static double cached_share(const sv_result *r)
+{
+    return r->cached_reqs > 0 && r->in_tok_reported > 0 ? (double)r->cached_tok / (double)r->in_tok_reported : NAN;
+}
+
+static int turn_group(int turn) { return turn < SV_TURN_GROUPS ? turn : SV_TURN_GROUPS - 1; }
+
+/* Mean TTFT, prompt and cached tokens per turn (0-based) of the completed requests, for the
+ * JSON (arrays of --multi-turn entries; the caller frees the three arrays). */
+static int per_turn(const sv_req *q, int n, int turns, double **ttft, double **ptok, double **ctok)
+{
+    int *cnt = calloc((size_t)turns, sizeof(int));
+    *ttft = calloc((size_t)turns, sizeof(double));
+    *ptok = calloc((size_t)turns, sizeof(double));
+    *ctok = calloc((size_t)turns, sizeof(double));
+    if (!cnt || !*ttft || !*ptok || !*ctok) {
+        free(cnt);
+        return hy_err_set(HY_ENOMEM, "out of memory");
+    }
+    for (int i = 0; i < n; i++) {
+        if (!q[i].sent || q[i].failed)
+            continue;
+        int t = q[i].turn;
+        cnt[t]++;
+        (*ttft)[t] += (q[i].t_first - q[i].t_start) * 1e3;
+        (*ptok)[t] += q[i].prompt_tokens > 0 ? (double)q[i].prompt_tokens : 0;
+        (*ctok)[t] += (double)q[i].cached_tokens;
+    }
+    for (int t = 0; t < turns; t++) {
+        double d = cnt[t] ? cnt[t] : NAN;
+        (*ttft)[t] /= d;
+        (*ptok)[t] /= d;
+        (*ctok)[t] /= d;
+    }
+    free(cnt);
+    return 0;
+}
 
 /* The start of an answer on one table line: no newline or '|' to break the markdown. */
 static void example_of(char *dst, size_t cap, const char *text)
@@ -687,18 +785,26 @@ static int compute(const sv_opts *o, sv_req *q, int n, double duration, const be
             n_itl += q[i].n_itl;
     double *ttft = calloc((size_t)n + 1, sizeof(double)), *tpot = calloc((size_t)n + 1, sizeof(double));
     double *e2el = calloc((size_t)n + 1, sizeof(double)), *itl = calloc(n_itl + 1, sizeof(double));
-    if (!ttft || !tpot || !e2el || !itl) {
+    double *by_turn = calloc((size_t)n + 1, sizeof(double));
+    if (!ttft || !tpot || !e2el || !itl || !by_turn) {
         rc = hy_err_set(HY_ENOMEM, "out of memory summarising %d requests", n);
         goto done;
     }
     memset(res, 0, sizeof(*res));
     size_t k = 0, ni = 0;
     for (int i = 0; i < n; i++) {
+        if (!q[i].sent)
+            continue; /* --duration ran out first */
         if (q[i].failed) {
             res->failed++;
             continue;
         }
         res->completed++;
+        if (q[i].cached_known) {
+            res->cached_reqs++;
+            res->cached_tok += q[i].cached_tokens;
+            res->in_tok_reported += q[i].prompt_tokens > 0 ? q[i].prompt_tokens : 0;
+        }
         if (q[i].bad_json && !res->bad_json++)
             example_of(res->bad_example, sizeof res->bad_example, q[i].text);
         res->in_tok += q[i].prompt_tokens > 0 ? q[i].prompt_tokens : 0;
@@ -718,7 +824,16 @@ static int compute(const sv_opts *o, sv_req *q, int n, double duration, const be
     if ((rc = bench_summarize(ttft, k, &res->ttft)) || (rc = bench_summarize(tpot, k, &res->tpot)) ||
         (rc = bench_summarize(e2el, k, &res->e2el)) || (rc = bench_summarize(itl, ni, &res->itl)))
         goto done;
+    for (int g = 0; g < SV_TURN_GROUPS && o->turns > 1; g++) {
+        size_t m = 0;
+        for (int i = 0; i < n; i++)
+            if (q[i].sent && !q[i].failed && turn_group(q[i].turn) == g)
+                by_turn[m++] = (q[i].t_first - q[i].t_start) * 1e3;
+        if ((rc = bench_summarize(by_turn, m, &res->ttft_turn[g])))
+            goto done;
+    }
 done:
+    free(by_turn);
     free(ttft);
     free(tpot);
     free(e2el);
@@ -744,9 +859,19 @@ static void print_table(const sv_opts *o, const char *model, int n_adapters, con
         printf("| max concurrency | %d |\n", o->max_conc);
     else
         printf("| max concurrency | unbounded |\n");
+    if (o->prefix_len > 0)
+        printf("| shared prefixes | %d of %d words (%s), then %d-word questions |\n", o->num_prefixes, o->prefix_len,
+               o->prefix_rr ? "round robin" : "uniform", o->input_len);
+    if (o->turns > 1)
+        printf("| conversations | %d of %d turns (each turn resends the history) |\n", o->num_prompts, o->turns);
     printf("| requests | %d ok, %d failed |\n", r->completed, r->failed);
     printf("| duration | %.2f s |\n", r->duration);
     printf("| input / output tokens | %ld / %ld |\n", r->in_tok, r->out_tok);
+    if (r->cached_reqs > 0)
+        printf("| cached prompt tokens | %ld (%.1f %% of the prompt tokens of %d requests) |\n", r->cached_tok,
+               100.0 * cached_share(r), r->cached_reqs);
+    else
+        printf("| cached prompt tokens | not reported (no usage.prompt_tokens_details.cached_tokens) |\n");
     printf("| request throughput | %.3f req/s |\n", r->completed / d);
     printf("| output throughput | %.2f tok/s |\n", r->out_tok / d);
     printf("| total token throughput | %.2f tok/s |\n", (r->in_tok + r->out_tok) / d);
@@ -767,6 +892,12 @@ static void print_table(const sv_opts *o, const char *model, int n_adapters, con
     for (size_t i = 0; i < HY_ARRAY_LEN(rows); i++)
         printf("| %s | %.2f | %.2f | %.2f | %.2f |\n", rows[i].name, rows[i].s->mean, rows[i].s->p50, rows[i].s->p90,
                rows[i].s->p99);
+    static const char *const turn_names[SV_TURN_GROUPS] = {"TTFT turn 1", "TTFT turn 2", "TTFT turns 3+"};
+    for (int g = 0; g < SV_TURN_GROUPS && o->turns > 1; g++) {
+        const bench_summary *t = &r->ttft_turn[g];
+        if (t->n)
+            printf("| %s (%zu) | %.2f | %.2f | %.2f | %.2f |\n", turn_names[g], t->n, t->mean, t->p50, t->p90, t->p99);
+    }
     if (es->n) {
         printf("\n| error | count | example |\n|---|---|---|\n");
         for (int i = 0; i < es->n; i++)
@@ -804,7 +935,10 @@ static int write_json(const sv_opts *o, const char *model, int n_adapters, const
     json_object_set_new(j, "base_url", json_string(o->url));
     json_object_set_new(j, "endpoint", json_string(is_chat(o) ? "/v1/chat/completions" : "/v1/completions"));
     json_object_set_new(j, "model_id", json_string(model));
-    json_object_set_new(j, "num_prompts", json_integer(n));
+    int n_sent = 0;
+    for (int i = 0; i < n; i++)
+        n_sent += q[i].sent;
+    json_object_set_new(j, "num_prompts", json_integer(n_sent)); /* requests sent (all turns) */
     json_object_set_new(j, "request_rate", isinf(o->rate) ? json_string("inf") : json_real(o->rate));
     json_object_set_new(j, "burstiness", json_real(o->burstiness));
     json_object_set_new(j, "max_concurrency", o->max_conc > 0 ? json_integer(o->max_conc) : json_null());
@@ -827,18 +961,56 @@ static int write_json(const sv_opts *o, const char *model, int n_adapters, const
     put_summary(j, "tpot", &r->tpot);
     put_summary(j, "itl", &r->itl);
     put_summary(j, "e2el", &r->e2el);
+    json_object_set_new(j, "shared_prefix_len", json_integer(o->prefix_len));
+    json_object_set_new(j, "num_prefixes", json_integer(o->prefix_len > 0 ? o->num_prefixes : 0));
+    json_object_set_new(j, "multi_turn", json_integer(o->turns));
+    json_object_set_new(j, "total_cached_tokens", json_integer(r->cached_tok));
+    json_object_set_new(j, "cached_requests", json_integer(r->cached_reqs)); /* usage carried cached_tokens */
+    json_object_set_new(j, "cached_token_share", r->cached_reqs ? json_real(cached_share(r)) : json_null());
+    if (o->turns > 1) {
+        static const char *const keys[SV_TURN_GROUPS] = {"turn1", "turn2", "turn3plus"};
+        char k[64];
+        for (int g = 0; g < SV_TURN_GROUPS; g++) {
+            snprintf(k, sizeof k, "mean_ttft_%s_ms", keys[g]);
+            json_object_set_new(j, k, r->ttft_turn[g].n ? json_real(r->ttft_turn[g].mean) : json_null());
+            snprintf(k, sizeof k, "p50_ttft_%s_ms", keys[g]);
+            json_object_set_new(j, k, r->ttft_turn[g].n ? json_real(r->ttft_turn[g].p50) : json_null());
+        }
+        double *tt = NULL, *pt = NULL, *ct = NULL;
+        int prc = per_turn(q, n, o->turns, &tt, &pt, &ct);
+        if (prc) {
+            json_decref(j);
+            return prc;
+        }
+        json_t *a = json_array(), *b = json_array(), *c = json_array();
+        for (int t = 0; t < o->turns; t++) {
+            json_array_append_new(a, isnan(tt[t]) ? json_null() : json_real(tt[t]));
+            json_array_append_new(b, isnan(pt[t]) ? json_null() : json_real(pt[t]));
+            json_array_append_new(c, isnan(ct[t]) ? json_null() : json_real(ct[t]));
+        }
+        json_object_set_new(j, "mean_ttft_by_turn_ms", a);
+        json_object_set_new(j, "mean_prompt_tokens_by_turn", b);
+        json_object_set_new(j, "mean_cached_tokens_by_turn", c);
+        free(tt);
+        free(pt);
+        free(ct);
+    }
     json_t *el = json_object();
     for (int i = 0; i < es->n; i++)
         json_object_set_new(el, es->e[i].kind, json_integer(es->e[i].count));
     json_object_set_new(j, "errors_by_kind", el);
-    json_t *inl = json_array(), *outl = json_array(), *tt = json_array(), *errs = json_array();
+    json_t *inl = json_array(), *outl = json_array(), *tt = json_array(), *errs = json_array(), *cl = json_array();
     for (int i = 0; i < n; i++) {
+        if (!q[i].sent)
+            continue;
         json_array_append_new(inl, json_integer(q[i].prompt_tokens > 0 ? q[i].prompt_tokens : 0));
+        json_array_append_new(cl, json_integer(q[i].cached_tokens));
         json_array_append_new(outl, json_integer(q[i].failed ? 0 : q[i].completion_tokens));
         json_array_append_new(tt, json_real(q[i].failed ? 0 : q[i].t_first - q[i].t_start));
         json_array_append_new(errs, json_string(q[i].failed ? q[i].err_msg : ""));
     }
     json_object_set_new(j, "input_lens", inl);
+    json_object_set_new(j, "cached_lens", cl);
     json_object_set_new(j, "output_lens", outl);
     json_object_set_new(j, "ttfts", tt);
     json_object_set_new(j, "errors", errs);
@@ -866,7 +1038,19 @@ static void usage(FILE *f)
             "  --request-rate R       mean arrivals per second, or inf: all at once (default inf)\n"
             "  --burstiness B         gamma shape of the gaps: 1 Poisson, <1 burstier (default 1)\n"
             "  --max-concurrency N    requests in flight at most (default 0: unbounded)\n"
-            "  --input-len N          prompt length in words, about one token each (default 128)\n"
+            "  --input-len N          prompt length in words, about one token each (default 128);\n"
+            "                         the length of each question with the two options below\n"
+            "  --shared-prefix-len N  every prompt starts with one of --num-prefixes shared prefixes\n"
+            "                         of N words, then a unique question of --input-len words\n"
+            "  --num-prefixes P       shared prefixes to choose from, uniformly by seed (default 1)\n"
+            "  --prefix-round-robin   request (conversation) i takes prefix i mod P instead\n"
+            "  --multi-turn T         --num-prompts conversations of T turns: each later turn is sent\n"
+            "                         when the previous answer is in and resends the whole history\n"
+            "                         (chat: messages with the answers; completions: the prompt, the\n"
+            "                         answer text, a blank line, then the new question); TTFT is also\n"
+            "                         reported for turn 1, turn 2 and turns 3+. --request-rate paces\n"
+            "                         the conversations' first turns; --max-concurrency bounds\n"
+            "                         requests in flight; no turn is sent after --duration\n"
             "  --output-len N         max_tokens of every request, with ignore_eos (default 64; 0 only\n"
             "                         with --echo)\n"
             "  --echo                 completions with echo and logprobs 1: score every prompt token\n"
@@ -898,13 +1082,16 @@ static void usage(FILE *f)
             "  --timeout S            per-request limit in seconds (default 600)\n"
             "  --quiet                no progress line on stderr\n"
             "  -h, --help             this text\n"
+            "Every request asks for stream_options.include_usage and sends \"cache_prompt\": true\n"
+            "(llama-server's prompt reuse); usage.prompt_tokens_details.cached_tokens is summed into\n"
+            "the share of prompt tokens served from the server's prefix cache.\n"
             "Exit status: 0 when every request succeeded, 1 when any failed, 2 on bad flags.\n");
 }
 
 enum {
     O_URL = 256, O_ENDPOINT, O_MODEL, O_KEY, O_ADMIN, O_NUM, O_DUR, O_RATE, O_BURST, O_CONC, O_IN, O_OUT,
     O_RANGE, O_DATA, O_NOEOS, O_TEMP, O_NAD, O_ZIPF, O_MAKE, O_AR, O_AK, O_ATGT, O_APFX, O_BASE, O_HYDRAD,
-    O_GOOD, O_JSON, O_LABEL, O_SEED, O_TIMEOUT, O_QUIET, O_RR, O_RF, O_ECHO
+    O_GOOD, O_JSON, O_LABEL, O_SEED, O_TIMEOUT, O_QUIET, O_RR, O_RF, O_ECHO, O_PLEN, O_NPFX, O_PRR, O_TURNS
 };
 
 static int num_arg(const char *name, const char *v, double lo, double hi, double *out)
@@ -933,7 +1120,8 @@ static int parse_opts(int argc, char **argv, sv_opts *o)
         {"hydrad", 1, 0, O_HYDRAD},    {"goodput", 1, 0, O_GOOD},         {"result-json", 1, 0, O_JSON},
         {"label", 1, 0, O_LABEL},      {"seed", 1, 0, O_SEED},            {"timeout", 1, 0, O_TIMEOUT},
         {"quiet", 0, 0, O_QUIET},      {"round-robin", 0, 0, O_RR},       {"response-format", 1, 0, O_RF},
-        {"echo", 0, 0, O_ECHO},        {"help", 0, 0, 'h'},
+        {"echo", 0, 0, O_ECHO},        {"shared-prefix-len", 1, 0, O_PLEN}, {"num-prefixes", 1, 0, O_NPFX},
+        {"prefix-round-robin", 0, 0, O_PRR}, {"multi-turn", 1, 0, O_TURNS}, {"help", 0, 0, 'h'},
         {0, 0, 0, 0},
     };
     double x;
@@ -984,6 +1172,10 @@ static int parse_opts(int argc, char **argv, sv_opts *o)
         case O_RR: o->round_robin = 1; break;
         case O_RF: o->response_format = optarg; break;
         case O_ECHO: o->echo = 1; break;
+        case O_PLEN: bad = num_arg("shared-prefix-len", optarg, 0, 1e6, &x); o->prefix_len = (int)x; break;
+        case O_NPFX: bad = num_arg("num-prefixes", optarg, 1, 1e5, &x); o->num_prefixes = (int)x; break;
+        case O_PRR: o->prefix_rr = 1; break;
+        case O_TURNS: bad = num_arg("multi-turn", optarg, 1, 1000, &x); o->turns = (int)x; break;
         case 'h': usage(stdout); return 1;
         default: usage(stderr); return -1;
         }
@@ -1000,6 +1192,16 @@ static int parse_opts(int argc, char **argv, sv_opts *o)
     if ((o->output_len == 0 && !o->echo) || (o->echo && is_chat(o))) {
         fprintf(stderr, "hydrad-bench serve: %s\n", o->echo ? "--echo is for --endpoint completions"
                                                              : "--output-len 0 needs --echo (scoring only)");
+        return -1;
+    }
+    if ((o->turns > 1 && (o->dataset || o->echo || o->rf)) || (o->prefix_len > 0 && o->dataset)) {
+        fprintf(stderr, "hydrad-bench serve: %s\n",
+                o->dataset && o->prefix_len > 0 ? "--shared-prefix-len does not go with --dataset"
+                                                : "--multi-turn does not go with --dataset, --echo or --response-format");
+        return -1;
+    }
+    if (o->turns > 1 && o->num_prompts > INT_MAX / o->turns) {
+        fprintf(stderr, "hydrad-bench serve: --num-prompts x --multi-turn is too large\n");
         return -1;
     }
     size_t ul = strlen(o->url);
@@ -1035,10 +1237,226 @@ static void progress(const sv_opts *o, int done, int n, int running, int errors,
             done, n, running, errors, t, t > 0 ? out_tok / t : 0.0, tty && !last ? "   " : "\n");
 }
 
+/* ---------- the workload: every prompt drawn before the run ---------- */
+
+typedef struct {
+    const sv_opts *o;
+    const char *model;   /* base model name */
+    char **names;        /* adapter names, or NULL */
+    const bench_zipf *zipf;
+    const sv_prompt *data;
+    int n_data;
+    char **prefixes;     /* o->num_prefixes shared prefixes (owned), or NULL */
+} sv_draw;
+
+/* The shared prefixes, from their own stream so that the questions and lengths of a seed stay
+ * what they are without them. *out: o->num_prefixes strings, each freed with free, then *out. */
+static int make_prefixes(const sv_opts *o, bench_rng *r, char ***out)
+{
+    char **p = calloc((size_t)o->num_prefixes, sizeof(char *));
+    if (!p)
+        return hy_err_set(HY_ENOMEM, "out of memory");
+    *out = p;
+    for (int i = 0; i < o->num_prefixes; i++)
+        if (!(p[i] = random_prompt(r, o->prefix_len)))
+            return hy_err_set(HY_ENOMEM, "out of memory for the prefixes");
+    return 0;
+}
+
+/* Requests q[c * turns + t] for conversation c, turn t: adapter per conversation, first-turn
+ * prompt (prefix + question, or a dataset prompt) with its body, later turns' questions (their
+ * bodies are built when the previous answer is in). Random streams are separate, so the same seed
+ * gives the same arrivals and prompts whatever the adapter count, prefixes or turns. */
+static int draw_requests(const sv_draw *d, sv_req *q, double *arrive, int n_conv)
+{
+    const sv_opts *o = d->o;
+    int T = o->turns;
+    bench_rng rng, arr_rng, ad_rng, pfx_rng;
+    bench_rng_seed(&rng, o->seed);
+    bench_rng_seed(&arr_rng, o->seed ^ 0xA5A5A5A5u);
+    bench_rng_seed(&ad_rng, o->seed ^ 0x5A5A5A5A00u);
+    bench_rng_seed(&pfx_rng, o->seed ^ 0x3C3C3C3C0000ull);
+    double t_acc = 0;
+    for (int c = 0; c < n_conv; c++) {
+        t_acc += c ? bench_arrival_gap(&arr_rng, o->rate, o->burstiness) : 0.0;
+        arrive[c] = t_acc;
+        const char *model = d->model;
+        if (o->num_adapters > 0)
+            model = d->names[o->round_robin ? c % o->num_adapters : bench_zipf_draw(d->zipf, &ad_rng)];
+        for (int t = 0; t < T; t++) {
+            sv_req *r = &q[c * T + t];
+            r->id = c * T + t;
+            r->conv = c;
+            r->turn = t;
+            r->model = model;
+            r->prompt_tokens = -1;
+            r->check_json = o->rf != NULL;
+            r->keep_text = o->rf != NULL || t + 1 < T; /* the next turn resends the answer */
+            char *text;
+            if (d->data) {
+                const sv_prompt *p = &d->data[c % d->n_data];
+                text = strdup(p->prompt);
+                r->max_tokens = p->max_tokens > 0 ? p->max_tokens : len_draw(&rng, o->output_len, o->range_ratio);
+            } else {
+                text = random_prompt(&rng, len_draw(&rng, o->input_len, o->range_ratio));
+                r->max_tokens = len_draw(&rng, o->output_len, o->range_ratio);
+            }
+            if (!text)
+                return hy_err_set(HY_ENOMEM, "out of memory building request %d", r->id);
+            if (t > 0) {
+                r->question = text;
+                continue;
+            }
+            if (d->prefixes) {
+                int k = o->prefix_rr ? c % o->num_prefixes : bench_rng_int(&pfx_rng, 0, o->num_prefixes - 1);
+                char *full = str_join(d->prefixes[k], " ", text);
+                free(text);
+                if (!(text = full))
+                    return hy_err_set(HY_ENOMEM, "out of memory building request %d", r->id);
+            }
+            json_t *in = first_input(o, text);
+            free(text);
+            r->body = in ? request_body(o, r->model, in, r->max_tokens) : NULL;
+            if (T > 1)
+                r->hist = in;
+            else
+                json_decref(in);
+            if (!r->body)
+                return hy_err_set(HY_ENOMEM, "out of memory building request %d", r->id);
+        }
+    }
+    return 0;
+}
+
+/* prev's answer is in: build the next turn's history and body (the previous history is dropped). */
+static int next_turn(const sv_opts *o, sv_req *prev, sv_req *nx)
+{
+    nx->hist = next_input(prev->hist, prev->text ? prev->text : "", nx->question);
+    nx->body = nx->hist ? request_body(o, nx->model, nx->hist, nx->max_tokens) : NULL;
+    json_decref(prev->hist);
+    prev->hist = NULL;
+    if (!nx->body)
+        return hy_err_set(HY_ENOMEM, "out of memory building turn %d of conversation %d", nx->turn + 1, nx->conv);
+    return 0;
+}
+
+/* ---------- the run ---------- */
+
+typedef struct {
+    int done, running, n_err, issued;
+    long out_tok;
+} sv_count;
+
+/* A finished request: count it, and queue its conversation's next turn (or, when it failed,
+ * count the turns that will never be sent as failed). */
+static int on_finished(const sv_opts *o, sv_req *r, bool stopped, sv_errors *es, sv_count *k, int *readyq, int *qt)
+{
+    if (r->failed) {
+        err_add(es, r->err_kind, r->err_msg);
+        k->n_err++;
+    } else {
+        k->out_tok += r->completion_tokens;
+    }
+    if (r->turn + 1 >= o->turns)
+        return 0;
+    if (!r->failed) {
+        if (stopped)
+            return 0; /* --duration ran out: the rest of the conversation is not sent */
+        int rc = next_turn(o, r, r + 1);
+        if (!rc)
+            readyq[(*qt)++] = r->id + 1;
+        return rc;
+    }
+    for (sv_req *x = r + 1; x->conv == r->conv && x->turn > r->turn; x++) {
+        x->sent = x->failed = true;
+        snprintf(x->err_kind, sizeof x->err_kind, "earlier_turn_failed");
+        snprintf(x->err_msg, sizeof x->err_msg, "turn %d of the conversation failed", r->turn + 1);
+        err_add(es, x->err_kind, x->err_msg);
+        k->n_err++;
+        k->issued++;
+        k->done++;
+        if (x->turn + 1 >= o->turns)
+            break;
+    }
+    return 0;
+}
+
+/* Sends q[] (n_conv conversations of o->turns requests) as the arrivals and the concurrency
+ * limit allow; *duration: seconds from the first send to the last answer. */
+static int run_requests(const sv_opts *o, CURLM *m, sv_req *q, const double *arrive, int n_conv, sv_errors *es,
+                        double *duration)
+{
+    int T = o->turns, n_req = n_conv * T, qh = 0, qt = 0, next = 0, rc = 0;
+    int *readyq = malloc(sizeof(int) * (size_t)n_req); /* request ids ready to send, oldest first */
+    if (!readyq)
+        return hy_err_set(HY_ENOMEM, "out of memory");
+    sv_count k = {0};
+    bool stopped = false;
+    double t0 = hy_now(), last_prog = 0, t_end_send = o->duration > 0 ? o->duration : INFINITY;
+    for (;;) {
+        double now = hy_now() - t0;
+        if (now >= t_end_send && !stopped) {
+            stopped = true; /* --duration reached: send nothing more */
+            qh = qt;
+        }
+        while (!stopped && next < n_conv && arrive[next] <= now)
+            readyq[qt++] = next++ * T;
+        while (qh < qt && (o->max_conc <= 0 || k.running < o->max_conc)) {
+            sv_req *r = &q[readyq[qh++]];
+            if ((rc = req_start(o, m, r)))
+                goto out;
+            r->sent = true;
+            k.issued++;
+            k.running++;
+        }
+        if (k.done == k.issued && qh == qt && (stopped || next >= n_conv))
+            break;
+        int still = 0;
+        curl_multi_perform(m, &still);
+        CURLMsg *msg;
+        int left;
+        while ((msg = curl_multi_info_read(m, &left))) {
+            if (msg->msg != CURLMSG_DONE)
+                continue;
+            sv_req *r = NULL;
+            curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&r);
+            req_finish(r, msg->data.result, hy_now());
+            rc = on_finished(o, r, stopped, es, &k, readyq, &qt);
+            req_release(m, r);
+            k.done++;
+            k.running--;
+            if (rc)
+                goto out;
+        }
+        now = hy_now() - t0;
+        if (now - last_prog >= 1.0) {
+            progress(o, k.done, n_req, k.running, k.n_err, now, k.out_tok, false);
+            last_prog = now;
+        }
+        int wait_ms = 100;
+        if (qh < qt && (o->max_conc <= 0 || k.running < o->max_conc))
+            wait_ms = 0;
+        else if (!stopped && next < n_conv && (o->max_conc <= 0 || k.running < o->max_conc)) {
+            double dt = arrive[next] - now;
+            wait_ms = dt <= 0 ? 0 : dt * 1e3 < 100 ? (int)(dt * 1e3) + 1 : 100;
+        }
+        if (wait_ms > 0 && k.running > 0)
+            curl_multi_poll(m, NULL, 0, wait_ms, NULL);
+        else if (wait_ms > 0)
+            usleep((useconds_t)wait_ms * 1000);
+    }
+    *duration = hy_now() - t0;
+    progress(o, k.done, n_req, 0, k.n_err, *duration, k.out_tok, true);
+out:
+    free(readyq);
+    return rc;
+}
+
 int bench_serve_main(int argc, char **argv)
 {
     sv_opts o = {.url = "http://127.0.0.1:8000", .endpoint = "completions", .num_prompts = 32, .rate = INFINITY,
                  .burstiness = 1.0, .input_len = 128, .output_len = 64, .ad_r = 8, .ad_K = 3,
+                 .num_prefixes = 1, .turns = 1,
                  .targets = "q_proj,v_proj", .prefix = "bench-", .base_gguf = "models/SmolLM2-135M-Instruct.Q4_1.gguf",
                  .timeout = 600};
     int prc = parse_opts(argc, argv, &o);
@@ -1055,9 +1473,13 @@ int bench_serve_main(int argc, char **argv)
         fprintf(stderr, "hydrad-bench serve: --zipf and --round-robin need --num-adapters\n");
         return 2;
     }
+    if ((o.num_prefixes > 1 || o.prefix_rr) && o.prefix_len < 1) {
+        fprintf(stderr, "hydrad-bench serve: --num-prefixes and --prefix-round-robin need --shared-prefix-len\n");
+        return 2;
+    }
 
-    int exit_code = 1, n = o.num_prompts, n_data = 0;
-    char *model = NULL, **names = NULL;
+    int exit_code = 1, n_conv = o.num_prompts, n_req = n_conv * o.turns, n_data = 0;
+    char *model = NULL, **names = NULL, **prefixes = NULL;
     sv_prompt *data = NULL;
     sv_req *q = NULL;
     double *arrive = NULL;
@@ -1089,46 +1511,22 @@ int bench_serve_main(int argc, char **argv)
     }
 
     /* Everything random is drawn before the run, from one seed: arrivals, lengths, adapters. */
-    q = calloc((size_t)n, sizeof(sv_req));
-    arrive = calloc((size_t)n, sizeof(double));
+    q = calloc((size_t)n_req, sizeof(sv_req));
+    arrive = calloc((size_t)n_conv, sizeof(double));
     if (!q || !arrive) {
-        hy_err_set(HY_ENOMEM, "out of memory for %d requests", n);
+        hy_err_set(HY_ENOMEM, "out of memory for %d requests", n_req);
         goto fail;
     }
-    /* separate streams, so the same seed gives the same arrivals and prompts whatever the
-     * adapter count or choice: runs of a suite differ only in what they are meant to */
-    bench_rng rng, arr_rng, ad_rng;
-    bench_rng_seed(&rng, o.seed);
-    bench_rng_seed(&arr_rng, o.seed ^ 0xA5A5A5A5u);
-    bench_rng_seed(&ad_rng, o.seed ^ 0x5A5A5A5A00u);
-    double t_acc = 0;
-    for (int i = 0; i < n; i++) {
-        t_acc += i ? bench_arrival_gap(&arr_rng, o.rate, o.burstiness) : 0.0;
-        arrive[i] = t_acc;
-        q[i].id = i;
-        q[i].prompt_tokens = -1;
-        q[i].keep_text = o.rf != NULL;
-        if (o.num_adapters > 0) {
-            q[i].model = names[o.round_robin ? i % o.num_adapters : bench_zipf_draw(&zipf, &ad_rng)];
-        } else {
-            q[i].model = model;
-        }
-        char *prompt;
-        if (data) {
-            const sv_prompt *p = &data[i % n_data];
-            prompt = strdup(p->prompt);
-            q[i].max_tokens = p->max_tokens > 0 ? p->max_tokens : len_draw(&rng, o.output_len, o.range_ratio);
-        } else {
-            prompt = random_prompt(&rng, len_draw(&rng, o.input_len, o.range_ratio));
-            q[i].max_tokens = len_draw(&rng, o.output_len, o.range_ratio);
-        }
-        q[i].body = prompt ? request_body(&o, q[i].model, prompt, q[i].max_tokens) : NULL;
-        free(prompt);
-        if (!q[i].body) {
-            hy_err_set(HY_ENOMEM, "out of memory building request %d", i);
+    if (o.prefix_len > 0) {
+        bench_rng prng;
+        bench_rng_seed(&prng, o.seed ^ 0xC3C3C3C3C3ull);
+        if (make_prefixes(&o, &prng, &prefixes))
             goto fail;
-        }
     }
+    sv_draw d = {.o = &o, .model = model, .names = names, .zipf = &zipf, .data = data, .n_data = n_data,
+                 .prefixes = prefixes};
+    if (draw_requests(&d, q, arrive, n_conv))
+        goto fail;
 
     m = curl_multi_init();
     if (!m) {
@@ -1136,65 +1534,15 @@ int bench_serve_main(int argc, char **argv)
         goto fail;
     }
     curl_multi_setopt(m, CURLMOPT_MAX_HOST_CONNECTIONS, 0L);
-    int next = 0, running = 0, done = 0, n_err = 0, issued = 0;
-    long out_tok = 0;
-    double t0 = hy_now(), last_prog = 0, t_end_send = o.duration > 0 ? o.duration : INFINITY;
-    while (done < issued || (next < n)) {
-        double now = hy_now() - t0;
-        if (now >= t_end_send)
-            n = next; /* --duration reached: send nothing more */
-        while (next < n && arrive[next] <= now && (o.max_conc <= 0 || running < o.max_conc)) {
-            if (req_start(&o, m, &q[next]))
-                goto fail;
-            next++;
-            issued++;
-            running++;
-        }
-        if (done == issued && next >= n)
-            break;
-        int still = 0;
-        curl_multi_perform(m, &still);
-        CURLMsg *msg;
-        int left;
-        while ((msg = curl_multi_info_read(m, &left))) {
-            if (msg->msg != CURLMSG_DONE)
-                continue;
-            sv_req *r = NULL;
-            curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&r);
-            req_finish(r, msg->data.result, hy_now());
-            if (r->failed) {
-                err_add(&es, r->err_kind, r->err_msg);
-                n_err++;
-            } else {
-                out_tok += r->completion_tokens;
-            }
-            req_release(m, r);
-            done++;
-            running--;
-        }
-        now = hy_now() - t0;
-        if (now - last_prog >= 1.0) {
-            progress(&o, done, n, running, n_err, now, out_tok, false);
-            last_prog = now;
-        }
-        int wait_ms = 100;
-        if (next < n && (o.max_conc <= 0 || running < o.max_conc)) {
-            double dt = arrive[next] - now;
-            wait_ms = dt <= 0 ? 0 : dt * 1e3 < 100 ? (int)(dt * 1e3) + 1 : 100;
-        }
-        if (wait_ms > 0 && running > 0)
-            curl_multi_poll(m, NULL, 0, wait_ms, NULL);
-        else if (wait_ms > 0)
-            usleep((useconds_t)wait_ms * 1000);
-    }
-    double duration = hy_now() - t0;
-    progress(&o, done, n, 0, n_err, duration, out_tok, true);
+    double duration = 0;
+    if (run_requests(&o, m, q, arrive, n_conv, &es, &duration))
+        goto fail;
 
     sv_result res;
-    if (compute(&o, q, n, duration, &slo, &res))
+    if (compute(&o, q, n_req, duration, &slo, &res))
         goto fail;
     print_table(&o, model, o.num_adapters, &res, &es, &slo);
-    if (o.result_json && write_json(&o, model, o.num_adapters, q, n, &res, &es, &slo))
+    if (o.result_json && write_json(&o, model, o.num_adapters, q, n_req, &res, &es, &slo))
         goto fail;
     exit_code = res.failed || res.completed == 0 ? 1 : 0;
     goto out;
@@ -1203,10 +1551,12 @@ fail:
     exit_code = 1;
 out:
     if (q) {
-        for (int i = 0; i < o.num_prompts; i++) {
+        for (int i = 0; i < n_req; i++) {
             req_release(m, &q[i]);
             free(q[i].itl);
             free(q[i].text);
+            free(q[i].question);
+            json_decref(q[i].hist);
         }
     }
     free(q);
@@ -1217,6 +1567,10 @@ out:
         for (int i = 0; i < o.num_adapters; i++)
             free(names[i]);
     free(names);
+    if (prefixes)
+        for (int i = 0; i < o.num_prefixes; i++)
+            free(prefixes[i]);
+    free(prefixes);
     for (int i = 0; i < n_data; i++)
         free(data[i].prompt);
     free(data);
