@@ -22,6 +22,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -43,12 +44,22 @@ def read_text(path: str) -> str:
     return raw.decode("utf-8")
 
 
-def tokenize(gguf_path: str, text: str) -> tuple:
-    """(ids, bos): ids of the whole text (special-token text as plain text), BOS first when the
-    GGUF's add_bos_token is true; bos is the id each window starts with, or None."""
+@functools.lru_cache(maxsize=4)
+def _tokenizer(gguf_path: str):
+    """(metadata, tokenizer) of a GGUF; cached: reading the vocabulary is the slow part."""
     meta = read_tokenizer_metadata(gguf_path)
-    ids = encode_plain(build_tokenizer(meta), text)
-    bos = meta["bos"] if meta["add_bos"] and meta["bos"] is not None else None
+    return meta, build_tokenizer(meta)
+
+
+def tokenize(gguf_path: str, text: str, add_bos: Optional[bool] = None) -> tuple:
+    """(ids, bos): ids of the whole text (special-token text as plain text), BOS first when the
+    GGUF's add_bos_token is true (add_bos, when given, stands in for that flag); bos is the id each
+    window starts with, or None."""
+    meta, tok = _tokenizer(gguf_path)
+    ids = encode_plain(tok, text)
+    if add_bos is None:
+        add_bos = meta["add_bos"]
+    bos = meta["bos"] if add_bos and meta["bos"] is not None else None
     if bos is not None:
         ids = [bos] + ids
     return ids, bos

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import struct
 import subprocess
 import sys
 
@@ -126,6 +128,40 @@ def test_adapter_matches_reference(ref, base_ref, tmp_path):
     ppl0, _, _ = parse(run_ppl("-f", TEXT, "--ctx", str(CTX), "--threads", "2", "--device", "cpu",
                                "--adapter", ad, "--adapter-scale", "0", env=PRECISE))
     assert rel(ppl0, base_ref["ppl"]) < 1e-3, (ppl0, base_ref["ppl"])
+
+
+def with_add_bos(src, dst):
+    """A copy of the GGUF whose tokenizer.ggml.add_bos_token is true (SmolLM2's is false): the key is
+    followed by its type (u32 7, bool) and one value byte, which is flipped in place."""
+    shutil.copyfile(src, dst)
+    key = b"tokenizer.ggml.add_bos_token"
+    with open(dst, "r+b") as f:
+        head = f.read(1 << 22)
+        i = head.find(struct.pack("<Q", len(key)) + key)
+        assert i > 0, "add_bos_token not in the GGUF header"
+        v = i + 8 + len(key)
+        assert struct.unpack_from("<I", head, v)[0] == 7 and head[v + 4] == 0
+        f.seek(v + 4)
+        f.write(b"\x01")
+    return str(dst)
+
+
+def test_bos_first_in_every_window(ref, tmp_path):
+    # llama-perplexity puts BOS in front of the file and in place of every window's first token
+    # when the model adds BOS; the same weights with the flag set check that path
+    model = with_add_bos(MODEL, tmp_path / "bos.gguf")
+    ids, bos = ref_perplexity.tokenize(MODEL, ref_perplexity.read_text(TEXT), add_bos=True)
+    assert bos is not None and ids[0] == bos and ids[1:] == ref["ids"]
+    want = ref_perplexity.perplexity(ref["model"], ids, CTX, bos=bos, chunks=2)
+    p = subprocess.run([BIN, "perplexity", "-m", model, "-f", TEXT, "--ctx", str(CTX), "--chunks", "2",
+                        "--threads", "2", "--device", "cpu"], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, **PRECISE))
+    ppl, err, running = parse(p)
+    assert "BOS first in every window" in p.stderr
+    assert f"{len(ids)} tokens" in p.stderr
+    for i, (h, r) in enumerate(zip(running, want["running"])):
+        assert rel(h, r) < 1e-3, f"window {i + 1}: hydrad {h} reference {r}"
+    assert rel(ppl, want["ppl"]) < 1e-3, (ppl, want["ppl"])
 
 
 def bad(p, *needles):
