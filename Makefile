@@ -34,7 +34,7 @@ TESTS   := $(patsubst tests/%.c,$(BIN)/tests/%,$(wildcard tests/test_*.c))
 TOOLS   := $(patsubst tests/%.c,$(BIN)/tests/%,$(wildcard tests/tool_*.c))
 BENCH_C := $(wildcard bench/*.c)
 
-.PHONY: train train-goldens fixtures all test test-c test-py run bench bench-cpu bench-adapters bench-serve bench-streams bench-prefix asan clean setup
+.PHONY: train train-goldens fixtures all test test-c test-py run bench bench-cpu bench-adapters bench-serve bench-streams bench-prefix bench-perplexity asan clean setup
 all: $(BIN)/hydrad $(BIN)/hydrad-bench
 
 $(BUILD)/%.o: %.c
@@ -105,6 +105,9 @@ bench-serve: setup all
 	bash bench/bench_serve.sh
 bench-streams: setup all
 	bash bench/bench_streams.sh
+# hydrad perplexity vs llama-perplexity (PPL within 1%, tokens/s); not part of `make bench` (~15 min)
+bench-perplexity: setup all
+	bash bench/bench_perplexity.sh
 bench-prefix: setup all
 	bash bench/bench_prefix.sh
 
