@@ -15,6 +15,8 @@ typedef struct ad_entry {
     int refcount;
     uint64_t pins_total;
     double loaded_at, last_used;
+    bool pinned;   /* never evicted for room (ad_reg_evict_idle) */
+    int resident_pins; /* of refcount: pins that only keep the adapter on the device (no request) */
     ad_adapter *a; /* NULL while loading */
     struct ad_entry *next;
 } ad_entry;
@@ -122,6 +124,16 @@ static void reg_unlink(ad_registry *r, ad_entry *e)
     r->n--;
 }
 
+/* Under mu: entries that count against max_cpu_loras. A draining adapter that only the engine's
+ * residency pin still holds does not: the engine drops it at its next step. */
+static int reg_held(const ad_registry *r)
+{
+    int n = 0;
+    for (const ad_entry *e = r->head; e; e = e->next)
+        n += !(e->state == AD_DRAINING && e->refcount == e->resident_pins);
+    return n;
+}
+
 int ad_reg_begin(ad_registry *r, const char *name, const char *path)
 {
     if (!name || !name[0] || strlen(name) >= AD_NAME_MAX)
@@ -139,7 +151,7 @@ int ad_reg_begin(ad_registry *r, const char *name, const char *path)
     if (old)
         rc = hy_err_set(HY_EBUSY, "adapter '%s' is already %s", name,
                         old->state == AD_READY ? "loaded" : ad_state_name(old->state));
-    else if (r->n >= r->max)
+    else if (reg_held(r) >= r->max)
         rc = hy_err_set(HY_ELIMIT, "cannot load adapter '%s': %d adapters are loaded (max_cpu_loras = %d)", name,
                         r->n, r->max);
     if (!rc)
@@ -231,6 +243,65 @@ int ad_reg_unload(ad_registry *r, const char *name)
     return rc;
 }
 
+int ad_reg_evict_idle(ad_registry *r, bool fifo, char *name_out, size_t cap)
+{
+    ad_adapter *free_now = NULL;
+    ad_entry *best = NULL, *drop = NULL;
+    pthread_mutex_lock(&r->mu);
+    for (ad_entry *e = r->head; e; e = e->next)
+        if (e->state == AD_READY && e->refcount == e->resident_pins && !e->pinned &&
+            (!best || (fifo ? e->loaded_at < best->loaded_at : e->last_used < best->last_used)))
+            best = e;
+    if (best) {
+        snprintf(name_out, cap, "%s", best->name);
+        best->state = AD_DRAINING;
+        drop = reg_retire(r, best, &free_now);
+    }
+    pthread_mutex_unlock(&r->mu);
+    free(drop);
+    ad_free(free_now);
+    return best ? HY_OK : hy_err_set(HY_ENOTFOUND, "every loaded adapter is in use or pinned");
+}
+
+int ad_reg_set_pinned(ad_registry *r, const char *name, bool pinned)
+{
+    ad_entry *e;
+    pthread_mutex_lock(&r->mu);
+    int rc = reg_find_ready(r, name, "is not loaded", &e);
+    if (!rc)
+        e->pinned = pinned;
+    pthread_mutex_unlock(&r->mu);
+    return rc;
+}
+
+void ad_reg_mark_resident(ad_registry *r, const ad_adapter *a, int delta)
+{
+    pthread_mutex_lock(&r->mu);
+    ad_entry *e = reg_find_adapter(r, a);
+    if (e)
+        e->resident_pins += delta;
+    pthread_mutex_unlock(&r->mu);
+}
+
+int ad_reg_n_pinned(ad_registry *r)
+{
+    int n = 0;
+    pthread_mutex_lock(&r->mu);
+    for (ad_entry *e = r->head; e; e = e->next)
+        n += e->state == AD_READY && e->pinned;
+    pthread_mutex_unlock(&r->mu);
+    return n;
+}
+
+bool ad_reg_pinned(ad_registry *r, const ad_adapter *a)
+{
+    pthread_mutex_lock(&r->mu);
+    ad_entry *e = reg_find_adapter(r, a);
+    bool p = e && e->state == AD_READY && e->pinned;
+    pthread_mutex_unlock(&r->mu);
+    return p;
+}
+
 int ad_reg_pin(ad_registry *r, const char *name, ad_adapter **out)
 {
     *out = NULL;
@@ -302,6 +373,7 @@ static void reg_info(const ad_entry *e, ad_reg_info *o)
     o->pins_total = e->pins_total;
     o->loaded_at = e->loaded_at;
     o->last_used = e->last_used;
+    o->pinned = e->pinned;
     if (e->a) {
         o->r = ad_r(e->a);
         o->K = ad_K(e->a);

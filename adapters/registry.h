@@ -51,6 +51,21 @@ int ad_reg_load(ad_registry *r, const char *name, const char *path, const ad_sha
  * last pin goes. HY_ENOTFOUND when no entry holds the name, HY_EBUSY while it is loading. */
 int ad_reg_unload(ad_registry *r, const char *name);
 
+/* Make room: unload (as ad_reg_unload) the READY adapter that no request holds and that is not
+ * pinned, used least recently (fifo: loaded first); its name goes to name_out. HY_ENOTFOUND when
+ * every adapter is held, pinned or still loading. */
+int ad_reg_evict_idle(ad_registry *r, bool fifo, char *name_out, size_t cap);
+/* Mark a READY adapter pinned (never evicted for room) or not. HY_ENOTFOUND / HY_EBUSY as pin. */
+int ad_reg_set_pinned(ad_registry *r, const char *name, bool pinned);
+
+/* The engine's own pin on an adapter it keeps on the device (delta +1 after ad_reg_pin, -1 before
+ * the ad_reg_unpin): such pins alone do not make an adapter "in use" for ad_reg_evict_idle. */
+void ad_reg_mark_resident(ad_registry *r, const ad_adapter *a, int delta);
+
+/* READY adapters marked pinned; whether the adapter object a is one of them. */
+int ad_reg_n_pinned(ad_registry *r);
+bool ad_reg_pinned(ad_registry *r, const ad_adapter *a);
+
 /* Pin a READY adapter for a request: *out stays valid until the matching ad_reg_unpin.
  * HY_ENOTFOUND when unknown, HY_EBUSY when loading or draining. */
 int ad_reg_pin(ad_registry *r, const char *name, ad_adapter **out);
@@ -70,6 +85,7 @@ typedef struct {
     uint64_t pins_total; /* pins since load */
     double loaded_at;    /* hy_now() when READY (0 while loading) */
     double last_used;    /* hy_now() of the last pin */
+    bool pinned;         /* kept loaded: never evicted for room */
     int r, K;            /* 0 while loading */
     size_t host_bytes;
 } ad_reg_info;

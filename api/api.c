@@ -468,10 +468,11 @@ static int get_req_str(json_t *root, const char *k, char **out, bool required, a
     return dup_str(json_string_value(v), json_string_length(v), out, err);
 }
 
-int api_parse_load_lora(const char *body, size_t len, char **name, char **path, char **sha256,
+int api_parse_load_lora(const char *body, size_t len, char **name, char **path, char **sha256, bool *pinned,
                         api_error *err)
 {
     *name = *path = *sha256 = NULL;
+    bool pin = false;
     json_t *root = load_object(body, len, err);
     if (!root)
         return HY_EINVAL;
@@ -480,6 +481,10 @@ int api_parse_load_lora(const char *body, size_t len, char **name, char **path, 
         rc = get_req_str(root, "lora_path", path, true, err);
     if (!rc)
         rc = get_req_str(root, "sha256", sha256, false, err);
+    if (!rc)
+        rc = get_bool(root, "pinned", &pin, err);
+    if (pinned)
+        *pinned = pin;
     json_decref(root);
     if (rc) {
         free(*name);

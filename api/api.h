@@ -123,7 +123,8 @@ int api_parse_request(api_kind kind, const char *body, size_t len, api_request *
 void api_request_free(api_request *r);
 
 /* Admin bodies. Strings are malloc'ed, caller frees; sha256 NULL when absent. */
-int api_parse_load_lora(const char *body, size_t len, char **name, char **path, char **sha256,
+/* pinned (may be NULL): the optional "pinned" boolean (false when absent). */
+int api_parse_load_lora(const char *body, size_t len, char **name, char **path, char **sha256, bool *pinned,
                         api_error *err);
 int api_parse_unload_lora(const char *body, size_t len, char **name, api_error *err);
 

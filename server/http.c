@@ -4,6 +4,8 @@
 #include "server/http.h"
 #include "server/hydra_view.h"
 #include "server/srv_lp.h"
+#include "server/srv_paths.h"
+#include "server/srv_resolve.h"
 #include "server/srv_tokenize.h"
 #include "api/api.h"
 #include "engine/hy.h"
@@ -29,7 +31,7 @@
 #include <time.h>
 #include <unistd.h>
 
-enum { R_NONE, R_GEN, R_DONE_WAIT, R_LOAD_WAIT };
+enum { R_NONE, R_GEN, R_DONE_WAIT, R_LOAD_WAIT, R_RESOLVE_WAIT };
 
 #define API_MAX_URL 4096 /* longest https:// adapter URL (fetch_adapter's buffers hold it and a file name) */
 
@@ -71,6 +73,8 @@ typedef struct conn {
     char *pend;
     size_t pend_len, pend_off;
     bool usage_sent, done_sent, recorded;
+    bool resolved;          /* a first-use load of its model ran for this request */
+    bool load_pinned;       /* the admin load asked for pinned: true */
     /* adapter loading on a worker thread (mu) */
     bool load_done;
     int load_status;
@@ -746,19 +750,83 @@ static enum MHD_Result wait_or_answer(conn *c, struct MHD_Connection *mc)
     return answer_whole(c, mc);
 }
 
+/* The loader a request waited for has ended (loader thread): resume the connection. */
+static void resolve_wake(void *ctx, int rc, const char *msg)
+{
+    conn *c = ctx;
+    pthread_mutex_lock(&c->mu);
+    c->load_status = rc;
+    free(c->load_json);
+    c->load_json = strdup(msg ? msg : "");
+    c->load_done = true;
+    if (c->alive && c->suspended) {
+        c->suspended = false;
+        MHD_resume_connection(c->mc);
+    }
+    pthread_mutex_unlock(&c->mu);
+    conn_unref(c);
+}
+
+static enum MHD_Result generation_for_model(conn *c, struct MHD_Connection *mc);
+
+/* Back from waiting for a first-use load: answer its failure, or go on with the request. */
+static enum MHD_Result resolve_wait_or_continue(conn *c, struct MHD_Connection *mc)
+{
+    pthread_mutex_lock(&c->mu);
+    bool done = c->load_done;
+    if (!done) {
+        c->suspended = true;
+        MHD_suspend_connection(mc);
+    }
+    pthread_mutex_unlock(&c->mu);
+    if (!done)
+        return MHD_YES;
+    c->state = R_GEN;
+    c->load_done = false;
+    if (c->load_status) {
+        char msg[600];
+        snprintf(msg, sizeof msg, "%s", c->load_json ? c->load_json : "");
+        return err(c, mc, 400, "invalid_request_error", "model", "adapter_load_failed", msg);
+    }
+    c->resolved = true; /* pin it now; never a second load for this request */
+    return generation_for_model(c, mc);
+}
+
 static enum MHD_Result start_generation(conn *c, struct MHD_Connection *mc, api_kind kind)
 {
-    srv *s = c->s;
     api_error e;
     if (api_parse_request(kind, c->body ? c->body : "", c->len, &c->ar, &e))
         return send_err(c, mc, &e);
     c->have_ar = true;
+    return generation_for_model(c, mc);
+}
+
+static enum MHD_Result generation_for_model(conn *c, struct MHD_Connection *mc)
+{
+    srv *s = c->s;
+    api_error e;
     api_request *ar = &c->ar;
+    api_kind kind = ar->kind;
     /* model -> base or adapter */
     if (is_base_name(s, ar->model)) {
         c->model = strdup(s->cfg.served_name);
     } else {
         int rc = s->reg ? ad_reg_pin(s->reg, ar->model, &c->ad) : HY_ENOTFOUND;
+        if (rc == HY_ENOTFOUND && s->resolver && !c->resolved) { /* load on first use */
+            atomic_fetch_add(&c->refs, 1); /* held by the loader until it wakes us */
+            c->state = R_RESOLVE_WAIT;
+            int rr = srv_resolve_start(s->resolver, ar->model, resolve_wake, c);
+            if (rr == HY_OK)
+                return resolve_wait_or_continue(c, mc);
+            atomic_fetch_sub(&c->refs, 1);
+            c->state = R_GEN;
+            if (rr == HY_EINVAL)
+                return err(c, mc, 400, "invalid_request_error", "model", "", hy_err_msg());
+            if (rr == HY_ELIMIT)
+                return err(c, mc, 503, "server_error", "model", "", hy_err_msg());
+            if (rr == HY_EBUSY)
+                rc = HY_EBUSY;
+        }
         if (rc) {
             char msg[600];
             snprintf(msg, sizeof msg, rc == HY_EBUSY ? "The model `%s` is loading or being unloaded."
@@ -893,41 +961,6 @@ static enum MHD_Result start_generation(conn *c, struct MHD_Connection *mc, api_
 }
 
 /* ---------- admin and info ---------- */
-
-static bool path_under_roots(srv *s, const char *path, char *resolved)
-{
-    if (!realpath(path, resolved))
-        return false;
-    for (int i = 0; i < s->cfg.n_roots; i++) {
-        char root[PATH_MAX];
-        if (!realpath(s->cfg.adapter_roots[i], root))
-            continue;
-        size_t n = strlen(root);
-        if (strncmp(resolved, root, n) == 0 && (resolved[n] == '/' || resolved[n] == '\0'))
-            return true;
-    }
-    return false;
-}
-
-/* Every file an adapter directory (already under a root) holds must resolve under a root too: a
- * symlinked adapter_config.json or weights file must not reach outside (checked before any byte is
- * read, so an error never quotes what such a file holds). false with the file's name in bad. */
-static bool files_under_roots(srv *s, const char *dir, char *bad, size_t cap)
-{
-    static const char *const files[] = {"adapter_config.json", "adapter_model.safetensors"};
-    for (size_t i = 0; i < HY_ARRAY_LEN(files); i++) {
-        char p[PATH_MAX + 32], r[PATH_MAX];
-        struct stat st;
-        if (snprintf(p, sizeof p, "%s/%s", dir, files[i]) >= (int)sizeof p || lstat(p, &st) != 0)
-            continue; /* missing: the loader says so */
-        if (!path_under_roots(s, p, r)) {
-            snprintf(bad, cap, "%s", files[i]);
-            return false;
-        }
-    }
-    return true;
-}
-
 
 /* ---- https:// adapters: download both files into the cache, size-capped, sha256 checked ---- */
 
@@ -1095,6 +1128,15 @@ static void *load_worker(void *arg)
     }
     if (!rc) {
         rc = ad_reg_load(s->reg, c->load_name, dir, &s->shape, NULL);
+        if (!rc && c->load_pinned) {
+            if (!(rc = srv_pin_check(s->reg, s->cfg.max_loras)))
+                rc = ad_reg_set_pinned(s->reg, c->load_name, true);
+            if (rc) { /* others were pinned meanwhile: refused, nothing stays loaded */
+                snprintf(msg, sizeof msg, "%s", hy_err_msg());
+                ad_reg_unload(s->reg, c->load_name);
+                rc = hy_err_set(HY_EINVAL, "%s", msg);
+            }
+        }
         if (rc) {
             status = rc == HY_ELIMIT ? 507 : 400;
             if (rc == HY_EBUSY) {
@@ -1209,10 +1251,19 @@ static enum MHD_Result load_lora(conn *c, struct MHD_Connection *mc)
 {
     srv *s = c->s;
     char *name, *path, *sha;
+    bool pinned = false;
     api_error e;
-    if (api_parse_load_lora(c->body ? c->body : "", c->len, &name, &path, &sha, &e))
+    if (api_parse_load_lora(c->body ? c->body : "", c->len, &name, &path, &sha, &pinned, &e))
         return send_err(c, mc, &e);
     enum MHD_Result ret = MHD_YES;
+    if (pinned && srv_pin_check(s->reg, s->cfg.max_loras)) {
+        ret = err(c, mc, 400, "invalid_request_error", "pinned", "", hy_err_msg());
+        free(name);
+        free(path);
+        free(sha);
+        return ret;
+    }
+    c->load_pinned = pinned;
     char resolved[PATH_MAX], msg[1400], bad[64];
     bool url = strncmp(path, "https://", 8) == 0;
     if (is_base_name(s, name)) {
@@ -1230,10 +1281,10 @@ static enum MHD_Result load_lora(conn *c, struct MHD_Connection *mc)
     } else if (!url && s->cfg.n_roots == 0) {
         ret = err(c, mc, 400, "invalid_request_error", "lora_path", "",
                   "no --adapter-root is configured; adapters cannot be loaded from paths at run time");
-    } else if (!url && !path_under_roots(s, path, resolved)) {
+    } else if (!url && !srv_path_under(s->cfg.adapter_roots, s->cfg.n_roots, path, resolved)) {
         snprintf(msg, sizeof msg, "lora_path '%s' does not exist or is outside every --adapter-root", path);
         ret = err(c, mc, 400, "invalid_request_error", "lora_path", "", msg);
-    } else if (!url && !files_under_roots(s, resolved, bad, sizeof bad)) {
+    } else if (!url && !srv_files_under(s->cfg.adapter_roots, s->cfg.n_roots, resolved, bad, sizeof bad)) {
         snprintf(msg, sizeof msg, "%s of lora_path '%.900s' is a link that resolves outside every --adapter-root",
                  bad, path);
         ret = err(c, mc, 400, "invalid_request_error", "lora_path", "", msg);
@@ -1360,6 +1411,7 @@ static enum MHD_Result list_adapters(conn *c, struct MHD_Connection *mc)
         json_t *o = json_pack("{s:s,s:s,s:i,s:i,s:i,s:I,s:I}", "name", x->name, "state",
                               ad_state_name(x->state), "K", x->K, "r", x->r, "refcount", x->refcount,
                               "requests", (json_int_t)served, "host_bytes", (json_int_t)x->host_bytes);
+        json_object_set_new(o, "pinned", json_boolean(x->pinned));
         if (admin) /* server paths only for admins */
             json_object_set_new(o, "path", json_string(x->path));
         /* targets: the projections the adapter touches in any layer, and tokens run through it
@@ -1419,7 +1471,7 @@ static enum MHD_Result metrics_page(conn *c, struct MHD_Connection *mc)
                     s->reg ? ad_reg_count(s->reg) : 0, s->cfg.max_loras, st.preemptions, st.steps,
                     st.running_adapters, st.waiting_adapters, s->cfg.served_name, NULL, 0,
                     (uint64_t)atomic_load(&s->guard.timed_out), st.kv_cached, st.prefix_queries,
-                    st.prefix_hits};
+                    st.prefix_hits, NULL, 0, NULL};
     /* per-adapter counts: copied under mu so the render runs without it */
     pthread_mutex_lock(&s->mu);
     int n = s->n_served;
@@ -1436,7 +1488,33 @@ static enum MHD_Result metrics_page(conn *c, struct MHD_Connection *mc)
         ad[i] = (srv_adapter_requests){copy[i].name, copy[i].requests};
     g.adapters = ad;
     g.n_adapters = n;
+    /* loaded adapters and where they are */
+    ad_reg_info *info = NULL;
+    int n_info = 0;
+    srv_adapter_level *lv = NULL;
+    if (s->reg && reg_snapshot(s, &info, &n_info) == 0 && n_info && (lv = calloc((size_t)n_info, sizeof *lv))) {
+        pthread_mutex_lock(&s->mu);
+        for (int i = 0; i < n_info; i++) {
+            if (info[i].state != AD_READY)
+                continue;
+            srv_adapter_level *l = &lv[g.n_levels++];
+            l->name = info[i].name;
+            l->pinned = info[i].pinned;
+            for (int k = 0; k < s->n_stats; k++)
+                if (strcmp(s->stats[k].name, info[i].name) == 0)
+                    l->device = s->stats[k].resident;
+        }
+        pthread_mutex_unlock(&s->mu);
+    }
+    g.levels = lv;
+    srv_resolve_stats rs;
+    if (s->resolver) {
+        srv_resolve_get_stats(s->resolver, &rs);
+        g.resolve = &rs;
+    }
     char *t = srv_metrics_render(&s->metrics, &g);
+    free(lv);
+    free(info);
     free(ad);
     free(copy);
     if (!t)
@@ -1568,6 +1646,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
         return wait_or_answer(c, mc);
     if (c->state == R_LOAD_WAIT)
         return load_wait_or_answer(c, mc);
+    if (c->state == R_RESOLVE_WAIT)
+        return resolve_wait_or_continue(c, mc);
     if (*upload_size) {
         if (!c->too_big && c->len + *upload_size <= s->cfg.max_body) {
             if (c->len + *upload_size + 1 > c->cap) {

@@ -95,6 +95,7 @@ typedef struct srv {
     pthread_t watch_th;
     srv_guard guard;         /* the whole-request deadline (slow clients) */
     srv_gcache *gcache;      /* compiled grammars (structured outputs, tools); NULL: out of memory */
+    struct srv_resolver *resolver; /* load on first use (--adapter-resolver); NULL: off; set before srv_start */
 } srv;
 
 /* Initialise s (cfg copied by value: its strings must outlive s). */

@@ -125,6 +125,29 @@ static void label_escape(char *out, size_t cap, const char *s)
     out[o] = '\0';
 }
 
+/* vLLM's vllm:lora_adapter_loaded: 1 per loaded adapter and level (host; device when resident). */
+static void adapter_levels(sbuf *b, const srv_gauges *g)
+{
+    sb_printf(b, "# HELP vllm:lora_adapter_loaded Loaded adapters by level (host memory, device).\n"
+                 "# TYPE vllm:lora_adapter_loaded gauge\n");
+    for (int i = 0; i < g->n_levels; i++) {
+        const char *name = g->levels[i].name ? g->levels[i].name : "";
+        size_t cap = 2 * strlen(name) + 4;
+        char *esc = malloc(cap);
+        if (!esc) {
+            b->oom = 1;
+            return;
+        }
+        label_escape(esc, cap, name);
+        const char *pin = g->levels[i].pinned ? "true" : "false";
+        sb_printf(b, "vllm:lora_adapter_loaded{adapter_name=\"%s\",level=\"host\",pinned=\"%s\"} 1\n", esc, pin);
+        if (g->levels[i].device)
+            sb_printf(b, "vllm:lora_adapter_loaded{adapter_name=\"%s\",level=\"device\",pinned=\"%s\"} 1\n", esc,
+                      pin);
+        free(esc);
+    }
+}
+
 /* One sample per adapter that has been requested since it was loaded. */
 static void adapter_requests(sbuf *b, const srv_gauges *g)
 {
@@ -202,6 +225,31 @@ char *srv_metrics_render(srv_metrics *m, const srv_gauges *g)
     sb_printf(&b, "# HELP hydrad_adapters_loaded Adapters held by the registry.\n"
                   "# TYPE hydrad_adapters_loaded gauge\nhydrad_adapters_loaded %d\n", g->adapters_loaded);
     adapter_requests(&b, g);
+    adapter_levels(&b, g);
+    if (g->resolve) {
+        const srv_resolve_stats *r = g->resolve;
+        sb_printf(&b, "# HELP hydrad_adapter_first_use_loads_total Adapters loaded on first use (--adapter-resolver).\n"
+                      "# TYPE hydrad_adapter_first_use_loads_total counter\nhydrad_adapter_first_use_loads_total %llu\n",
+                  (unsigned long long)r->loads);
+        sb_printf(&b, "# HELP hydrad_adapter_load_failures_total First-use loads that failed.\n"
+                      "# TYPE hydrad_adapter_load_failures_total counter\nhydrad_adapter_load_failures_total %llu\n",
+                  (unsigned long long)r->failures);
+        sb_printf(&b, "# HELP hydrad_adapter_evictions_total Idle adapters unloaded to make room for a first-use load.\n"
+                      "# TYPE hydrad_adapter_evictions_total counter\nhydrad_adapter_evictions_total %llu\n",
+                  (unsigned long long)r->evictions);
+        sb_printf(&b, "# HELP hydrad_adapter_load_seconds Duration of first-use loads (read, parse, validate).\n"
+                      "# TYPE hydrad_adapter_load_seconds histogram\n");
+        uint64_t cum = 0;
+        for (int i = 0; i < 7; i++) {
+            cum += r->load_hist[i];
+            sb_printf(&b, "hydrad_adapter_load_seconds_bucket{le=\"%g\"} %llu\n", srv_resolve_buckets[i],
+                      (unsigned long long)cum);
+        }
+        cum += r->load_hist[7];
+        sb_printf(&b, "hydrad_adapter_load_seconds_bucket{le=\"+Inf\"} %llu\nhydrad_adapter_load_seconds_sum %.6f\n"
+                      "hydrad_adapter_load_seconds_count %llu\n", (unsigned long long)cum, r->load_s_sum,
+                  (unsigned long long)cum);
+    }
     sb_printf(&b, "# HELP hydrad_preemptions_total Sequences preempted for recompute.\n"
                   "# TYPE hydrad_preemptions_total counter\nhydrad_preemptions_total %llu\n",
               (unsigned long long)g->preemptions);

@@ -4,6 +4,8 @@
 #ifndef HY_METRICS_H
 #define HY_METRICS_H
 
+#include "server/srv_resolve.h"
+
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -31,6 +33,12 @@ typedef struct {
     uint64_t requests;
 } srv_adapter_requests;
 
+/* Where a loaded adapter is: host memory (every READY adapter), the device too when resident. */
+typedef struct {
+    const char *name;
+    bool device, pinned;
+} srv_adapter_level;
+
 /* Gauges sampled at scrape time (filled by the caller). */
 typedef struct {
     int waiting, running;
@@ -44,6 +52,9 @@ typedef struct {
     uint64_t conns_timed_out; /* connections shut down for not sending a whole request in time */
     int kv_cached;            /* prefix-cache blocks no sequence holds */
     uint64_t prefix_queries, prefix_hits; /* prompt tokens looked up / found in the prefix cache */
+    const srv_adapter_level *levels;      /* [n_levels] loaded adapters (vllm:lora_adapter_loaded) */
+    int n_levels;
+    const srv_resolve_stats *resolve;     /* first-use loads (--adapter-resolver), NULL when off */
 } srv_gauges;
 
 void srv_metrics_init(srv_metrics *m);

@@ -12,6 +12,7 @@
 #include "engine/tokenizer.h"
 #include "server/cli.h"
 #include "server/http.h"
+#include "server/srv_resolve.h"
 
 #include <curl/curl.h>
 #include <getopt.h>
@@ -33,6 +34,7 @@ typedef struct {
     int users;
     double last;
     bool pinned;         /* the glue's own pin keeps an uploaded adapter alive */
+    double since;        /* when it was uploaded (fifo eviction) */
     char name[AD_NAME_MAX];
 } resident;
 
@@ -47,6 +49,7 @@ typedef struct {
     int max_loras;
     int n_vocab;
     resident res[MAX_RESIDENT];
+    bool fifo;           /* --adapter-eviction fifo: the device slot uploaded first goes first */
     int n_res;
     double last_stats;
     char name_buf[AD_NAME_MAX];
@@ -167,8 +170,10 @@ static void unload_resident(glue *g, int i)
 {
     resident *r = &g->res[i];
     ad_unupload(r->a);
-    if (r->pinned)
+    if (r->pinned) {
+        ad_reg_mark_resident(g->reg, r->a, -1);
         ad_reg_unpin(g->reg, r->a);
+    }
     g->res[i] = g->res[--g->n_res];
 }
 
@@ -183,7 +188,8 @@ static int g_acquire(void *ctx, void *adapter, const eng_adapter **out)
         if (g->n_res >= g->max_loras || g->n_res == MAX_RESIDENT) {
             int lru = -1;
             for (int k = 0; k < g->n_res; k++)
-                if (g->res[k].users == 0 && (lru < 0 || g->res[k].last < g->res[lru].last))
+                if (g->res[k].users == 0 && !ad_reg_pinned(g->reg, g->res[k].a) &&
+                    (lru < 0 || (g->fifo ? g->res[k].since < g->res[lru].since : g->res[k].last < g->res[lru].last)))
                     lru = k;
             if (lru < 0)
                 return HY_EBUSY;
@@ -195,12 +201,14 @@ static int g_acquire(void *ctx, void *adapter, const eng_adapter **out)
         resident *r = &g->res[g->n_res++];
         memset(r, 0, sizeof *r);
         r->a = a;
+        r->since = hy_now();
         const char *nm = srv_adapter_name(g->s, a, r->name, sizeof r->name);
         ad_adapter *again = NULL;
         if (nm && ad_reg_pin(g->reg, r->name, &again) == 0) {
-            if (again == a)
+            if (again == a) {
                 r->pinned = true;
-            else
+                ad_reg_mark_resident(g->reg, a, +1);
+            } else
                 ad_reg_unpin(g->reg, again);
         }
         i = g->n_res - 1;
@@ -330,6 +338,9 @@ typedef struct {
     int n_scales;
     const char *roots[MAX_ADAPTER_ARGS];
     int n_roots;
+    const char *resolvers[MAX_ADAPTER_ARGS];
+    int n_resolvers;
+    bool evict_fifo;     /* --adapter-eviction fifo */
     const char *url_allow[MAX_ADAPTER_ARGS];
     int n_url_allow;
     bool metrics_auth;
@@ -368,6 +379,10 @@ static void usage(FILE *f)
             "      --max-cpu-loras N     adapters held in host memory (default 64)\n"
             "      --max-queue N         requests waiting for admission; more get 429 (default 256)\n"
             "      --max-prompts N       prompts in one /v1/completions request (default 64, at most %d)\n"
+            "      --adapter-resolver DIR  load on first use: a request naming an adapter that is not\n"
+            "                            loaded loads DIR/NAME (repeatable; confined to DIR like a root)\n"
+            "      --adapter-eviction lru|fifo  which idle, unpinned adapter leaves the device or host\n"
+            "                            memory when a slot is needed (default lru)\n"
             "      --no-prefix-cache     prefill every prompt in full (default: reuse the K/V of whole\n"
             "                            16-token blocks an earlier prompt with the same adapter load,\n"
             "                            router control and cache_salt computed)\n"
@@ -452,12 +467,13 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
 {
     enum { O_HOST = 256, O_PORT, O_SERVED, O_ADAPTER, O_ROOT, O_API, O_ADMIN, O_SEQS, O_BT, O_KVMB, O_KVB,
            O_LORAS, O_CPU, O_QUEUE, O_THREADS, O_HTHREADS, O_CONNS, O_DEVICE, O_CTX, O_CACHE, O_AMB, O_SCALE,
-           O_DRAIN, O_URLALLOW, O_METRICSAUTH, O_DEADLINE, O_CONNSIP, O_JSONWS, O_PROMPTS, O_NOPC };
+           O_DRAIN, O_URLALLOW, O_METRICSAUTH, O_DEADLINE, O_CONNSIP, O_JSONWS, O_PROMPTS, O_NOPC, O_RESOLVER, O_EVICT };
     static const struct option lo[] = {
         {"model", required_argument, 0, 'm'}, {"host", required_argument, 0, O_HOST},
         {"port", required_argument, 0, O_PORT}, {"served-model-name", required_argument, 0, O_SERVED},
         {"adapter", required_argument, 0, O_ADAPTER}, {"adapter-root", required_argument, 0, O_ROOT},
-        {"adapter-scale", required_argument, 0, O_SCALE},
+        {"adapter-scale", required_argument, 0, O_SCALE}, {"adapter-resolver", required_argument, 0, O_RESOLVER},
+        {"adapter-eviction", required_argument, 0, O_EVICT},
         {"api-key", required_argument, 0, O_API}, {"admin-key", required_argument, 0, O_ADMIN},
         {"max-seqs", required_argument, 0, O_SEQS}, {"max-batch-tokens", required_argument, 0, O_BT},
         {"kv-cache-mb", required_argument, 0, O_KVMB}, {"kv-blocks", required_argument, 0, O_KVB},
@@ -501,6 +517,19 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
                 rc = -1;
             else
                 o->roots[o->n_roots++] = optarg;
+            break;
+        case O_RESOLVER:
+            if (o->n_resolvers == MAX_ADAPTER_ARGS)
+                rc = -1;
+            else
+                o->resolvers[o->n_resolvers++] = optarg;
+            break;
+        case O_EVICT:
+            if (strcmp(optarg, "lru") && strcmp(optarg, "fifo")) {
+                fprintf(stderr, "hydrad serve: --adapter-eviction is lru or fifo\n");
+                rc = -1;
+            }
+            o->evict_fifo = !strcmp(optarg, "fifo");
             break;
         case O_API: o->api_key = optarg; break;
         case O_ADMIN: o->admin_key = optarg; break;
@@ -662,13 +691,18 @@ int cli_serve(int argc, char **argv)
         const char *eq = strchr(o.adapters[i], '=');
         snprintf(name, sizeof name, "%.*s", (int)(eq - o.adapters[i]), o.adapters[i]);
         ad_opts ao = opts_of(&o, name);
-        if ((rc = ad_reg_load(reg, name, eq + 1, &s.shape, &ao))) {
+        char dir[4096];
+        size_t dl = strlen(eq + 1);
+        bool pin = dl > 7 && !strcmp(eq + 1 + dl - 7, ":pinned"); /* NAME=DIR:pinned */
+        snprintf(dir, sizeof dir, "%.*s", (int)(pin ? dl - 7 : dl), eq + 1);
+        if ((rc = ad_reg_load(reg, name, dir, &s.shape, &ao)) ||
+            (pin && (rc = srv_pin_check(reg, o.max_loras)) == 0 && (rc = ad_reg_set_pinned(reg, name, true)))) {
             fprintf(stderr, "hydrad serve: adapter %s: %s\n", name, hy_err_msg());
             goto done;
         }
     }
     g = (glue){.s = &s, .m = m, .kv = kv, .b = b, .v = v, .gv = g.gv, .reg = reg, .max_loras = o.max_loras,
-               .n_vocab = hp->n_vocab};
+               .n_vocab = hp->n_vocab, .fifo = o.evict_fifo};
     sched_config sc_cfg = {.max_seqs = o.max_seqs, .max_batch_tokens = o.max_batch_tokens, .n_blocks = n_blocks,
                            .max_queue = o.max_queue, .max_loras = o.max_loras, .n_ctx = n_ctx,
                            .n_vocab = hp->n_vocab, .n_layer = hp->n_layer, .prefix_cache = !o.no_prefix_cache,
@@ -685,6 +719,11 @@ int cli_serve(int argc, char **argv)
     s.n_ctx = n_ctx;
     s.sched = sc;
     s.reg = reg;
+    if (o.n_resolvers &&
+        (rc = srv_resolve_create(o.resolvers, o.n_resolvers, reg, &s.shape, o.evict_fifo, &s.resolver))) {
+        fprintf(stderr, "hydrad serve: %s\n", hy_err_msg());
+        goto done;
+    }
     atomic_store(&s.ready, true);
     fprintf(stderr, "hydrad serve: ready: model '%s', backend %s, context %d, KV %d blocks (%d tokens), %d adapter(s)\n",
             served, b->ops->name, n_ctx, n_blocks, n_blocks * BE_KV_BLOCK, o.n_adapters);
@@ -705,6 +744,8 @@ int cli_serve(int argc, char **argv)
     ret = cut ? 3 : 0;
 done:
     srv_stop(&s);
+    srv_resolve_free(s.resolver); /* waits for first-use loads in flight */
+    s.resolver = NULL;
     sched_free(sc);
     ad_reg_free(reg);
     eng_kv_free(kv);

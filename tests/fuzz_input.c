@@ -61,7 +61,7 @@ static void fuzz_json(const uint8_t *p, size_t n)
         api_request_free(&r);
     char *name = NULL, *path = NULL, *sha = NULL;
     memset(&e, 0, sizeof e);
-    if (api_parse_load_lora(body, n, &name, &path, &sha, &e) == HY_OK) {
+    if (api_parse_load_lora(body, n, &name, &path, &sha, NULL, &e) == HY_OK) {
         free(name);
         free(path);
         free(sha);
