@@ -812,7 +812,7 @@ static enum MHD_Result generation_for_model(conn *c, struct MHD_Connection *mc)
         c->model = strdup(s->cfg.served_name);
     } else {
         int rc = s->reg ? ad_reg_pin(s->reg, ar->model, &c->ad) : HY_ENOTFOUND;
-        if (rc == HY_ENOTFOUND && s->resolver && !c->resolved) { /* load on first use */
+        if ((rc == HY_ENOTFOUND || rc == HY_EBUSY) && s->resolver && !c->resolved) { /* load on first use */
             atomic_fetch_add(&c->refs, 1); /* held by the loader until it wakes us */
             c->state = R_RESOLVE_WAIT;
             int rr = srv_resolve_start(s->resolver, ar->model, resolve_wake, c);
@@ -824,8 +824,8 @@ static enum MHD_Result generation_for_model(conn *c, struct MHD_Connection *mc)
                 return err(c, mc, 400, "invalid_request_error", "model", "", hy_err_msg());
             if (rr == HY_ELIMIT)
                 return err(c, mc, 503, "server_error", "model", "", hy_err_msg());
-            if (rr == HY_EBUSY)
-                rc = HY_EBUSY;
+            if (rr == HY_EBUSY) /* loaded meanwhile, or an admin load/unload of the name under way */
+                rc = ad_reg_pin(s->reg, ar->model, &c->ad);
         }
         if (rc) {
             char msg[600];
