@@ -214,3 +214,13 @@ test-emu-asan:
 	ASAN_OPTIONS=detect_leaks=0 $(BIN)/emu-asan/tests/test_backend_ops
 
 -include $(shell find $(EMU_BUILD) -name '*.d' 2>/dev/null)
+
+# ---- the web console (server/ui/, served at / by server/srv_ui.c): scripts/embed_ui.sh writes its
+# files into a C header of byte arrays (POSIX sh + od: no Node, no network). The header sits at a
+# fixed path under build/ so every build flavour (BUILD=..., the emulator, ASan) finds it through -I.
+UI_FILES := $(sort $(wildcard server/ui/*.html server/ui/*.css server/ui/*.js server/ui/*.svg))
+UI_GEN   := build/ui/srv_ui_files.h
+$(UI_GEN): $(UI_FILES) scripts/embed_ui.sh
+	@mkdir -p $(dir $@)
+	sh scripts/embed_ui.sh $@ $(UI_FILES)
+$(BUILD)/server/srv_ui.o $(EMU_BUILD)/c/server/srv_ui.o: $(UI_GEN)

@@ -7,6 +7,7 @@
 #include "server/srv_paths.h"
 #include "server/srv_resolve.h"
 #include "server/srv_tokenize.h"
+#include "server/srv_ui.h"
 #include "api/api.h"
 #include "engine/hy.h"
 
@@ -1560,6 +1561,9 @@ static enum MHD_Result route(conn *c, struct MHD_Connection *mc, const char *url
             return err(c, mc, 401, "authentication_error", "", "invalid_api_key", "Incorrect API key provided.");
         return metrics_page(c, mc);
     }
+    enum MHD_Result ui_ret; /* the web console: static files, no key (the page asks for one) */
+    if (srv_ui_route(s, mc, url, method, &ui_ret))
+        return ui_ret;
     bool admin = strcmp(url, "/v1/load_lora_adapter") == 0 || strcmp(url, "/v1/unload_lora_adapter") == 0;
     const char *want = admin && s->cfg.admin_key ? s->cfg.admin_key : s->cfg.api_key;
     /* the admin key opens the user endpoints too (an admin reads /v1/adapters with its paths) */

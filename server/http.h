@@ -38,6 +38,7 @@ typedef struct {
     int max_conns_per_ip;      /* 0: no per-address limit */
     bool json_ws_flexible;     /* structured JSON may carry whitespace (default: compact) */
     int max_prompts;           /* prompts in one completions request at most */
+    bool no_ui;                /* --no-ui: no web console at / (server/srv_ui.c) */
 } srv_config;
 
 /* Router statistics snapshot taken on the engine thread, read by GET /v1/adapters. */

@@ -346,6 +346,7 @@ typedef struct {
     bool metrics_auth;
     bool json_ws;        /* --json-whitespace flexible */
     bool no_prefix_cache;
+    bool no_ui;          /* --no-ui: no web console at / */
 } serve_opts;
 
 static void usage(FILE *f)
@@ -386,6 +387,7 @@ static void usage(FILE *f)
             "      --no-prefix-cache     prefill every prompt in full (default: reuse the K/V of whole\n"
             "                            16-token blocks an earlier prompt with the same adapter load,\n"
             "                            router control and cache_salt computed)\n"
+            "      --no-ui               no web console at / (default: served; README \"Console\")\n"
             "      --adapter-url-allow HOST  a host https:// adapter URLs may name (repeatable; none: URL\n"
             "                            loading is off); its addresses must not be loopback, link-local\n"
             "                            or private unless HOST is that address itself\n"
@@ -467,7 +469,7 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
 {
     enum { O_HOST = 256, O_PORT, O_SERVED, O_ADAPTER, O_ROOT, O_API, O_ADMIN, O_SEQS, O_BT, O_KVMB, O_KVB,
            O_LORAS, O_CPU, O_QUEUE, O_THREADS, O_HTHREADS, O_CONNS, O_DEVICE, O_CTX, O_CACHE, O_AMB, O_SCALE,
-           O_DRAIN, O_URLALLOW, O_METRICSAUTH, O_DEADLINE, O_CONNSIP, O_JSONWS, O_PROMPTS, O_NOPC, O_RESOLVER, O_EVICT };
+           O_DRAIN, O_URLALLOW, O_METRICSAUTH, O_DEADLINE, O_CONNSIP, O_JSONWS, O_PROMPTS, O_NOPC, O_RESOLVER, O_EVICT, O_NOUI };
     static const struct option lo[] = {
         {"model", required_argument, 0, 'm'}, {"host", required_argument, 0, O_HOST},
         {"port", required_argument, 0, O_PORT}, {"served-model-name", required_argument, 0, O_SERVED},
@@ -486,7 +488,7 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
         {"metrics-auth", no_argument, 0, O_METRICSAUTH}, {"request-timeout", required_argument, 0, O_DEADLINE},
         {"max-connections-per-ip", required_argument, 0, O_CONNSIP}, {"json-whitespace", required_argument, 0, O_JSONWS},
         {"max-prompts", required_argument, 0, O_PROMPTS}, {"no-prefix-cache", no_argument, 0, O_NOPC},
-        {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+        {"no-ui", no_argument, 0, O_NOUI}, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     int c, rc = 0;
     optind = 1;
     while (rc == 0 && (c = getopt_long(argc, argv, "m:h", lo, NULL)) != -1) {
@@ -541,6 +543,7 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
         case O_CPU: rc = parse_int("max-cpu-loras", optarg, 1, &o->max_cpu_loras); break;
         case O_QUEUE: rc = parse_int("max-queue", optarg, 1, &o->max_queue); break;
         case O_NOPC: o->no_prefix_cache = true; break;
+        case O_NOUI: o->no_ui = true; break;
         case O_PROMPTS:
             rc = parse_int("max-prompts", optarg, 1, &o->max_prompts);
             if (!rc && o->max_prompts > API_MAX_PROMPTS) {
@@ -657,7 +660,7 @@ int cli_serve(int argc, char **argv)
                       o.roots, o.n_roots, o.max_loras, o.cache, (size_t)o.adapter_max_mb << 20,
                       o.url_allow, o.n_url_allow, o.metrics_auth, o.request_deadline,
                       o.max_conns_ip >= 0 ? o.max_conns_ip : (o.max_conns + 1) / 2, o.json_ws,
-                      o.max_prompts};
+                      o.max_prompts, o.no_ui};
     curl_global_init(CURL_GLOBAL_DEFAULT);
     srv_init(&s, &cfg);
     if (!served)
@@ -727,6 +730,8 @@ int cli_serve(int argc, char **argv)
     atomic_store(&s.ready, true);
     fprintf(stderr, "hydrad serve: ready: model '%s', backend %s, context %d, KV %d blocks (%d tokens), %d adapter(s)\n",
             served, b->ops->name, n_ctx, n_blocks, n_blocks * BE_KV_BLOCK, o.n_adapters);
+    if (!o.no_ui)
+        fprintf(stderr, "hydrad serve: web console on http://%s:%d/\n", s.bound, o.port);
 
     int sig = 0;
     sigwait(&sigs, &sig);
