@@ -10,7 +10,9 @@ TRAINED=tests/fixtures/adapters/trained
 cat <<MSG
 hydrad: serving $MODEL on http://127.0.0.1:$PORT with the trained adapters hydra (HydraLoRA, 4 heads)
 and lora (PEFT LoRA). They learned four tasks: reversing a word list, numbers in English words,
-name/city/age as JSON, dates in words. Try:
+name/city/age as JSON, dates in words.
+Web console (chat playground, adapters, router and live view): http://127.0.0.1:$PORT/
+Or try:
   curl -s http://127.0.0.1:$PORT/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{"model":"hydra","messages":[{"role":"user","content":"Write the date 2024-03-15 in words."}],"temperature":0,"hydra":{"return_router":true}}'
   curl -s http://127.0.0.1:$PORT/v1/chat/completions -H 'Content-Type: application/json' \\
