@@ -30,6 +30,7 @@ STAMP=$(date +%Y%m%d-%H%M%S)
 WORK=bench/results/tmp/perplexity-$STAMP
 mkdir -p "$WORK"
 T0=$(date +%s)
+REV=$(git rev-parse --short HEAD) # at the start: others may commit while it runs
 
 if [ -n "${TEXT:-}" ]; then
     DOCS=$TEXT
@@ -37,7 +38,7 @@ if [ -n "${TEXT:-}" ]; then
 else
     DOCS=$WORK/docs.txt
     git ls-files '*.md' ':!bench/results' | while read -r f; do git show "HEAD:$f"; echo; done >"$DOCS"
-    DOCS_WHAT="the repository's Markdown files at $(git rev-parse --short HEAD) ($(git ls-files '*.md' ':!bench/results' | wc -l) files)"
+    DOCS_WHAT="the repository's Markdown files at $REV ($(git ls-files '*.md' ':!bench/results' | wc -l) files)"
 fi
 echo "bench_perplexity: $(cpu_model), $(cpu_cores) cores, $THREADS threads, model $MODEL, load $(loadavg)" >&2
 
@@ -119,7 +120,7 @@ results_init
     echo "## Perplexity, hydrad vs llama-perplexity, $(date '+%Y-%m-%d %H:%M') ($(( $(date +%s) - T0 )) s)"
     echo
     echo "$(cpu_model) (/proc/cpuinfo: $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)), $(cpu_cores) cores,"
-    echo "$THREADS threads; $MODEL; hydrad $(git rev-parse --short HEAD), llama.cpp of llama-cpp-python 0.3.36."
+    echo "$THREADS threads; $MODEL; hydrad $REV (bin/hydrad as built), llama.cpp of llama-cpp-python 0.3.36."
     echo "docs: $DOCS_WHAT, $(wc -c <"$DOCS") bytes, sha256 $(sha256sum "$DOCS" | cut -c1-16)...;"
     echo "small: tests/fixtures/ppl.txt. Commands (llama-perplexity -b = hydrad --batch, so both run the same"
     echo "windows per forward pass${CHUNKS:+; --chunks $CHUNKS on both for docs}):"
