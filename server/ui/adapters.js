@@ -1,7 +1,7 @@
 // adapters.js - the adapter table from GET /v1/adapters (K, r, targets, state, refcount, requests,
 // tokens, residency, router mean gates as bars) and load/unload through the admin endpoints; a
 // refusal shows the server's message verbatim, a 401 asks for the admin key and tries again.
-import { getJSON, postJSON } from './api.js';
+import { getJSON, keys, postJSON } from './api.js';
 import { $, el, headColor, handleAuth } from './ui.js';
 
 let timer = null;
@@ -46,7 +46,13 @@ let seq = 0;
 export async function refresh() {
   const my = ++seq;
   try {
-    const j = await getJSON('/v1/adapters');
+    let j;
+    try {
+      j = await getJSON('/v1/adapters', { admin: true }); // with the admin key: server paths too
+    } catch (e) {
+      if (!(e.status === 401 && keys.admin)) throw e;
+      j = await getJSON('/v1/adapters'); // a stale admin key: the API key still lists them
+    }
     if (my !== seq) return;  // a newer refresh is on its way
     const list = j.data || [];
     $('adapters-body').replaceChildren(...list.map(row));

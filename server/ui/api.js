@@ -58,8 +58,8 @@ export async function request(method, path, body, opts = {}) {
   return r;
 }
 
-export async function getJSON(path) {
-  return (await request('GET', path)).json();
+export async function getJSON(path, opts) {
+  return (await request('GET', path, undefined, opts)).json();
 }
 
 export async function getText(path) {

@@ -148,7 +148,7 @@ function renderMsg(m) {
   node.append(el('div', { class: 'who' }, el('span', { text: who }), copy), content);
   node.append(el('div', { class: 'stats', text: statsText(m) }));
   if (m.router && m.router.heads.length) node.append(legend(m.router));
-  node.dataset.state = m.error ? 'error' : m.stopped ? 'stopped' : 'done';
+  node.dataset.state = m.pending ? 'streaming' : m.error ? 'error' : m.stopped ? 'stopped' : 'done';
   return node;
 }
 
