@@ -49,6 +49,7 @@ typedef struct {
     json_t *rf; /* owned: the response_format sent with every request, or NULL */
     int num_prompts, max_conc, input_len, output_len, num_adapters, ad_r, ad_K, quiet, no_ignore_eos, round_robin, echo;
     int prefix_len, num_prefixes, prefix_rr, turns; /* --shared-prefix-len, --num-prefixes, --prefix-round-robin, --multi-turn */
+    int first_use; /* --first-use: made adapters stay on disk; the server loads each on its first request */
     double rate, burstiness, duration, range_ratio, zipf, timeout, temperature;
     uint64_t seed;
 } sv_opts;
@@ -255,7 +256,7 @@ static int wait_child(pid_t pid, const char *what)
 
 static int make_adapters(const sv_opts *o, char **names)
 {
-    char sub[PATH_MAX], dir[PATH_MAX + 32], probe[PATH_MAX + 64];
+    char sub[PATH_MAX], dir[PATH_MAX + 32], probe[PATH_MAX + 64], name[128];
     snprintf(sub, sizeof sub, "%s/r%d-K%d-%s", o->make_dir, o->ad_r, o->ad_K, o->targets);
     if (mkdir(o->make_dir, 0755) && errno != EEXIST)
         return hy_err_set(HY_EIO, "mkdir %s: %s", o->make_dir, strerror(errno));
@@ -294,8 +295,19 @@ static int make_adapters(const sv_opts *o, char **names)
         return rc;
     if (made && !o->quiet)
         fprintf(stderr, "hydrad-bench: wrote %d adapters under %s\n", made, sub);
+    if (o->first_use) { /* named by their directories; the server resolves them (--adapter-resolver sub) */
+        for (int i = 0; i < o->num_adapters; i++) {
+            snprintf(name, sizeof name, "%04d", i);
+            if (!(names[i] = strdup(name)))
+                return hy_err_set(HY_ENOMEM, "out of memory");
+        }
+        if (!o->quiet)
+            fprintf(stderr, "hydrad-bench: %d adapters left on disk for first use (--adapter-resolver %s)\n",
+                    o->num_adapters, sub);
+        return 0;
+    }
 
-    char url[2048], path[PATH_MAX], name[128];
+    char url[2048], path[PATH_MAX];
     snprintf(url, sizeof url, "%s/v1/load_lora_adapter", o->url);
     double t0 = hy_now();
     for (int i = 0; i < o->num_adapters; i++) {
@@ -718,6 +730,7 @@ static void req_release(CURLM *m, sv_req *q)
 typedef struct {
     bench_summary ttft, tpot, itl, e2el;
     bench_summary ttft_turn[SV_TURN_GROUPS]; /* --multi-turn: turn 1, turn 2, turns 3+ */
+    bench_summary ttft_warm, ttft_cold;      /* --first-use: later requests / the first of each adapter */
     int completed, failed, short_out, bad_json;
     char bad_example[128]; /* the start of the first answer that is not a JSON object */
     long in_tok, out_tok;
@@ -824,6 +837,33 @@ static int compute(const sv_opts *o, sv_req *q, int n, double duration, const be
     if ((rc = bench_summarize(ttft, k, &res->ttft)) || (rc = bench_summarize(tpot, k, &res->tpot)) ||
         (rc = bench_summarize(e2el, k, &res->e2el)) || (rc = bench_summarize(itl, ni, &res->itl)))
         goto done;
+    if (o->first_use) { /* cold: the first request sent for its adapter (its load is in its TTFT) */
+        size_t mw = 0, mc = 0;
+        double *cold = calloc((size_t)n + 1, sizeof(double));
+        if (!cold) {
+            rc = hy_err_set(HY_ENOMEM, "out of memory summarising %d requests", n);
+            goto done;
+        }
+        for (int i = 0; i < n; i++) {
+            if (!q[i].sent || q[i].failed)
+                continue;
+            bool first = true;
+            for (int j = 0; j < n && first; j++)
+                if (q[j].sent && q[j].t_start < q[i].t_start && q[j].model == q[i].model)
+                    first = false;
+            double v = (q[i].t_first - q[i].t_start) * 1e3;
+            if (first)
+                cold[mc++] = v;
+            else
+                by_turn[mw++] = v;
+        }
+        rc = bench_summarize(by_turn, mw, &res->ttft_warm);
+        if (!rc)
+            rc = bench_summarize(cold, mc, &res->ttft_cold);
+        free(cold);
+        if (rc)
+            goto done;
+    }
     for (int g = 0; g < SV_TURN_GROUPS && o->turns > 1; g++) {
         size_t m = 0;
         for (int i = 0; i < n; i++)
@@ -893,6 +933,12 @@ static void print_table(const sv_opts *o, const char *model, int n_adapters, con
         printf("| %s | %.2f | %.2f | %.2f | %.2f |\n", rows[i].name, rows[i].s->mean, rows[i].s->p50, rows[i].s->p90,
                rows[i].s->p99);
     static const char *const turn_names[SV_TURN_GROUPS] = {"TTFT turn 1", "TTFT turn 2", "TTFT turns 3+"};
+    if (o->first_use) {
+        printf("| TTFT warm (%zu) | %.2f | %.2f | %.2f | %.2f |\n", r->ttft_warm.n, r->ttft_warm.mean, r->ttft_warm.p50,
+               r->ttft_warm.p90, r->ttft_warm.p99);
+        printf("| TTFT cold: first use (%zu) | %.2f | %.2f | %.2f | %.2f |\n", r->ttft_cold.n, r->ttft_cold.mean,
+               r->ttft_cold.p50, r->ttft_cold.p90, r->ttft_cold.p99);
+    }
     for (int g = 0; g < SV_TURN_GROUPS && o->turns > 1; g++) {
         const bench_summary *t = &r->ttft_turn[g];
         if (t->n)
@@ -961,6 +1007,10 @@ static int write_json(const sv_opts *o, const char *model, int n_adapters, const
     put_summary(j, "tpot", &r->tpot);
     put_summary(j, "itl", &r->itl);
     put_summary(j, "e2el", &r->e2el);
+    if (o->first_use) {
+        put_summary(j, "ttft_warm", &r->ttft_warm);
+        put_summary(j, "ttft_cold", &r->ttft_cold);
+    }
     json_object_set_new(j, "shared_prefix_len", json_integer(o->prefix_len));
     json_object_set_new(j, "num_prefixes", json_integer(o->prefix_len > 0 ? o->num_prefixes : 0));
     json_object_set_new(j, "multi_turn", json_integer(o->turns));
@@ -1068,6 +1118,9 @@ static void usage(FILE *f)
             "  --make-adapters DIR    write N adapters under DIR with `hydrad mkadapter` (kept for\n"
             "                         later runs) and load them via POST /v1/load_lora_adapter;\n"
             "                         the server needs --adapter-root DIR and --max-cpu-loras >= N\n"
+            "  --first-use            with --make-adapters: leave them on disk, named 0000, 0001, ...; the\n"
+            "                         server (--adapter-resolver DIR/rN-KK-TARGETS) loads each on its\n"
+            "                         first request; TTFT is reported warm and cold (first use)\n"
             "  --adapter-r R          rank of made adapters (default 8)\n"
             "  --adapter-K K          heads of made adapters (default 3)\n"
             "  --adapter-targets T    target modules of made adapters (default q_proj,v_proj)\n"
@@ -1091,7 +1144,7 @@ static void usage(FILE *f)
 enum {
     O_URL = 256, O_ENDPOINT, O_MODEL, O_KEY, O_ADMIN, O_NUM, O_DUR, O_RATE, O_BURST, O_CONC, O_IN, O_OUT,
     O_RANGE, O_DATA, O_NOEOS, O_TEMP, O_NAD, O_ZIPF, O_MAKE, O_AR, O_AK, O_ATGT, O_APFX, O_BASE, O_HYDRAD,
-    O_GOOD, O_JSON, O_LABEL, O_SEED, O_TIMEOUT, O_QUIET, O_RR, O_RF, O_ECHO, O_PLEN, O_NPFX, O_PRR, O_TURNS
+    O_GOOD, O_JSON, O_LABEL, O_SEED, O_TIMEOUT, O_QUIET, O_RR, O_RF, O_ECHO, O_PLEN, O_NPFX, O_PRR, O_TURNS, O_FIRST
 };
 
 static int num_arg(const char *name, const char *v, double lo, double hi, double *out)
@@ -1120,7 +1173,7 @@ static int parse_opts(int argc, char **argv, sv_opts *o)
         {"hydrad", 1, 0, O_HYDRAD},    {"goodput", 1, 0, O_GOOD},         {"result-json", 1, 0, O_JSON},
         {"label", 1, 0, O_LABEL},      {"seed", 1, 0, O_SEED},            {"timeout", 1, 0, O_TIMEOUT},
         {"quiet", 0, 0, O_QUIET},      {"round-robin", 0, 0, O_RR},       {"response-format", 1, 0, O_RF},
-        {"echo", 0, 0, O_ECHO},        {"shared-prefix-len", 1, 0, O_PLEN}, {"num-prefixes", 1, 0, O_NPFX},
+        {"echo", 0, 0, O_ECHO},        {"first-use", 0, 0, O_FIRST},        {"shared-prefix-len", 1, 0, O_PLEN}, {"num-prefixes", 1, 0, O_NPFX},
         {"prefix-round-robin", 0, 0, O_PRR}, {"multi-turn", 1, 0, O_TURNS}, {"help", 0, 0, 'h'},
         {0, 0, 0, 0},
     };
@@ -1172,6 +1225,7 @@ static int parse_opts(int argc, char **argv, sv_opts *o)
         case O_RR: o->round_robin = 1; break;
         case O_RF: o->response_format = optarg; break;
         case O_ECHO: o->echo = 1; break;
+        case O_FIRST: o->first_use = 1; break;
         case O_PLEN: bad = num_arg("shared-prefix-len", optarg, 0, 1e6, &x); o->prefix_len = (int)x; break;
         case O_NPFX: bad = num_arg("num-prefixes", optarg, 1, 1e5, &x); o->num_prefixes = (int)x; break;
         case O_PRR: o->prefix_rr = 1; break;
