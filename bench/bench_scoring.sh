@@ -19,12 +19,14 @@ WORK=$(mktemp -d)
 SRV=""
 trap 'stop_pid "$SRV"; rm -rf "$WORK"' EXIT
 
-# serve BIN: start a server on a free port (URL in $URL, pid in $SRV)
+# serve BIN [ARGS...]: start a server on a free port (URL in $URL, pid in $SRV). The prefix cache is
+# off for hydrad's runs: the same prompts are sent REPEAT times, and this measures prefill, not reuse.
 serve() {
-    local port
+    local port bin=$1
+    shift
     port=$(free_port)
-    "$1" serve -m "$MODEL" --port "$port" --threads "$THREADS" --served-model-name base --max-seqs 16 \
-        --max-batch-tokens 512 >"$WORK/srv.log" 2>&1 &
+    "$bin" serve -m "$MODEL" --port "$port" --threads "$THREADS" --served-model-name base --max-seqs 16 \
+        --max-batch-tokens 512 "$@" >"$WORK/srv.log" 2>&1 &
     SRV=$!
     URL="http://127.0.0.1:$port"
     wait_http "$URL/health" "$SRV" || { cat "$WORK/srv.log" >&2; exit 1; }
@@ -43,7 +45,7 @@ one() {
 
 results_init
 echo "bench_scoring: $(cpu_model), $THREADS threads, $PROMPTS prompts of ~$IN_LEN tokens, $CONC in flight, load $(loadavg)" >&2
-serve bin/hydrad
+serve bin/hydrad --no-prefix-cache
 plain=$(one plain --output-len 1)
 score=$(one echo --echo --output-len 0)
 plain2=$(one plain2 --output-len 1)

@@ -5,6 +5,7 @@
 #include "be_cpu.h"
 #include "hy.h"
 #include "quant.h"
+#include "vexp_avx2.h"
 
 #include <math.h>
 #include <stdatomic.h>
@@ -91,29 +92,6 @@ static int cpu_grow(void **p, size_t *cap, size_t need)
 /* ------------------------------------------------------------------ vector helpers */
 
 #if CPU_X86
-/* exp(x) for 8 floats: Cephes-style range reduction + degree-6 polynomial (~2 ulp). */
-CPU_AVX2 static inline __m256 v8_exp(__m256 x)
-{
-    x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365447505531f));
-    __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
-    fx = _mm256_floor_ps(fx);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 z = _mm256_mul_ps(x, x);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, z, x);
-    y = _mm256_add_ps(y, _mm256_set1_ps(1.0f));
-    __m256i n = _mm256_cvttps_epi32(fx);
-    n = _mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
-}
-
 CPU_AVX2 static inline float v8_hsum(__m256 v)
 {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -598,7 +576,7 @@ CPU_AVX2 static void cpu_swiglu_avx2(const float *g, const float *u, float *o, l
     const __m256 one = _mm256_set1_ps(1.0f);
     for (; i + 8 <= n; i += 8) {
         __m256 x = _mm256_loadu_ps(g + i);
-        __m256 e = v8_exp(_mm256_sub_ps(_mm256_setzero_ps(), x));
+        __m256 e = hy_v8_exp(_mm256_sub_ps(_mm256_setzero_ps(), x));
         __m256 s = _mm256_div_ps(x, _mm256_add_ps(one, e));
         _mm256_storeu_ps(o + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
     }
@@ -735,8 +713,8 @@ CPU_AVX2 static void cpu_attn_block_softmax(float *s, int n, int nv, __m256 *acc
         *mx = bm;
     }
     __m256 vm = _mm256_set1_ps(*mx);
-    __m256 e0 = v8_exp(_mm256_sub_ps(_mm256_load_ps(s), vm));
-    __m256 e1 = v8_exp(_mm256_sub_ps(_mm256_load_ps(s + 8), vm));
+    __m256 e0 = hy_v8_exp(_mm256_sub_ps(_mm256_load_ps(s), vm));
+    __m256 e1 = hy_v8_exp(_mm256_sub_ps(_mm256_load_ps(s + 8), vm));
     /* v8_exp clamps: zero the padding explicitly */
     if (n < BE_KV_BLOCK) {
         __m256i idx0 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);

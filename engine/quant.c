@@ -5,6 +5,7 @@
 
 #include "hy.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -306,6 +307,21 @@ static q_isa q_isa_best(void)
     if (q_isa_available(Q_ISA_AVX2))
         return Q_ISA_AVX2;
     return Q_ISA_SCALAR;
+}
+
+double q_sum_exp(const float *x, int n, float mx)
+{
+#if defined(__x86_64__)
+    if (q_isa_get() >= Q_ISA_AVX2)
+        return q_avx2_sum_exp(x, n, mx);
+#endif
+    double sum = 0;
+    for (int i = 0; i < n; i++) {
+        float d = x[i] - mx; /* <= 0, -inf or NaN */
+        if (d >= -FLT_MAX)
+            sum += exp((double)d);
+    }
+    return sum;
 }
 
 q_isa q_isa_get(void)

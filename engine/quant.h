@@ -54,6 +54,11 @@ void q_matmul_rows(uint32_t type, const void *W, int64_t cols, const void *act, 
  * it returns HY_EUNSUPPORTED if the CPU lacks it. Default: best available. */
 typedef enum { Q_ISA_SCALAR = 0, Q_ISA_AVX2 = 1, Q_ISA_AVX512 = 2 } q_isa;
 q_isa q_isa_get(void);
+/* sum of exp(x[i] - mx) over i < n, in double; x[i] - mx must be <= 0 (mx = the max), and -inf or
+ * NaN entries count 0 (a log-softmax normaliser). AVX2 where the CPU has it (8 lanes of float
+ * exponentials, ~2 ulp), else scalar. */
+double q_sum_exp(const float *x, int n, float mx);
+double q_avx2_sum_exp(const float *x, int n, float mx);
 int q_isa_set(q_isa isa);
 bool q_isa_available(q_isa isa);
 const char *q_isa_name(q_isa isa);

@@ -10,8 +10,11 @@
 #endif
 
 #include "quant.h"
+#include "vexp_avx2.h"
 
+#include <float.h>
 #include <immintrin.h>
+#include <math.h>
 #include <string.h>
 
 #define QK_AI __attribute__((always_inline)) static inline
@@ -639,4 +642,27 @@ void QK_MATMUL(uint32_t type, const void *W, int64_t cols, const void *act, int 
     }
 }
 
+#ifndef QK_INCLUDED
+double q_avx2_sum_exp(const float *x, int n, float mx)
+{
+    const __m256 vm = _mm256_set1_ps(mx), lo = _mm256_set1_ps(-FLT_MAX);
+    double sum = 0;
+    int i = 0;
+    while (i + 8 <= n) { /* blocks of up to 512 in float lanes (64 adds a lane), blocks summed in double */
+        __m256 acc = _mm256_setzero_ps();
+        for (int end = i + 512 < n ? i + 512 : n; i + 8 <= end; i += 8) {
+            __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + i), vm);
+            __m256 ok = _mm256_cmp_ps(d, lo, _CMP_GE_OQ); /* false for -inf and NaN */
+            acc = _mm256_add_ps(acc, _mm256_and_ps(hy_v8_exp(d), ok));
+        }
+        sum += hsum8(acc);
+    }
+    for (; i < n; i++) {
+        float d = x[i] - mx;
+        if (d >= -FLT_MAX)
+            sum += exp((double)d);
+    }
+    return sum;
+}
+#endif /* QK_INCLUDED */
 #endif /* __x86_64__ */

@@ -3,6 +3,7 @@
  * one sequence's sampler is used by one thread at a time. */
 #include "sampler.h"
 #include "hy.h"
+#include "quant.h"
 
 #include <float.h>
 #include <math.h>
@@ -275,12 +276,7 @@ static void smp_normaliser(const float *l, int n_vocab, float mx, smp_norm *z)
         return;
     }
     z->lo = -FLT_MAX;
-    double sum = 0;
-    for (int i = 0; i < n_vocab; i++) {
-        float d = l[i] - mx; /* <= 0, -inf or NaN */
-        if (d >= -FLT_MAX)
-            sum += exp((double)d);
-    }
+    double sum = q_sum_exp(l, n_vocab, mx);
     z->log_sum = log(sum);
 }
 
