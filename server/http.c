@@ -751,14 +751,14 @@ static enum MHD_Result wait_or_answer(conn *c, struct MHD_Connection *mc)
     return answer_whole(c, mc);
 }
 
-/* The loader a request waited for has ended (loader thread): resume the connection. */
-static void resolve_wake(void *ctx, int rc, const char *msg)
+/* A load a suspended connection waits for has ended (loader thread): keep its outcome (status,
+ * json owned), resume the connection, drop the loader's reference. */
+static void load_done(conn *c, int status, char *json)
 {
-    conn *c = ctx;
     pthread_mutex_lock(&c->mu);
-    c->load_status = rc;
     free(c->load_json);
-    c->load_json = strdup(msg ? msg : "");
+    c->load_json = json;
+    c->load_status = status;
     c->load_done = true;
     if (c->alive && c->suspended) {
         c->suspended = false;
@@ -766,6 +766,12 @@ static void resolve_wake(void *ctx, int rc, const char *msg)
     }
     pthread_mutex_unlock(&c->mu);
     conn_unref(c);
+}
+
+/* The loader a request waited for has ended (loader thread): resume the connection. */
+static void resolve_wake(void *ctx, int rc, const char *msg)
+{
+    load_done(ctx, rc, strdup(msg ? msg : ""));
 }
 
 static enum MHD_Result generation_for_model(conn *c, struct MHD_Connection *mc);
@@ -1158,16 +1164,7 @@ static void *load_worker(void *arg)
         json = json_dumps(o, JSON_COMPACT);
         json_decref(o);
     }
-    pthread_mutex_lock(&c->mu);
-    c->load_json = json;
-    c->load_status = status;
-    c->load_done = true;
-    if (c->alive && c->suspended) {
-        c->suspended = false;
-        MHD_resume_connection(c->mc);
-    }
-    pthread_mutex_unlock(&c->mu);
-    conn_unref(c);
+    load_done(c, status, json);
     return NULL;
 }
 

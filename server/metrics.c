@@ -125,6 +125,12 @@ static void label_escape(char *out, size_t cap, const char *s)
     out[o] = '\0';
 }
 
+/* One unlabelled counter. */
+static void counter(sbuf *b, const char *name, const char *help, uint64_t v)
+{
+    sb_printf(b, "# HELP %s %s\n# TYPE %s counter\n%s %llu\n", name, help, name, name, (unsigned long long)v);
+}
+
 /* vLLM's vllm:lora_adapter_loaded: 1 per loaded adapter and level (host; device when resident). */
 static void adapter_levels(sbuf *b, const srv_gauges *g)
 {
@@ -228,15 +234,11 @@ char *srv_metrics_render(srv_metrics *m, const srv_gauges *g)
     adapter_levels(&b, g);
     if (g->resolve) {
         const srv_resolve_stats *r = g->resolve;
-        sb_printf(&b, "# HELP hydrad_adapter_first_use_loads_total Adapters loaded on first use (--adapter-resolver).\n"
-                      "# TYPE hydrad_adapter_first_use_loads_total counter\nhydrad_adapter_first_use_loads_total %llu\n",
-                  (unsigned long long)r->loads);
-        sb_printf(&b, "# HELP hydrad_adapter_load_failures_total First-use loads that failed.\n"
-                      "# TYPE hydrad_adapter_load_failures_total counter\nhydrad_adapter_load_failures_total %llu\n",
-                  (unsigned long long)r->failures);
-        sb_printf(&b, "# HELP hydrad_adapter_evictions_total Idle adapters unloaded to make room for a first-use load.\n"
-                      "# TYPE hydrad_adapter_evictions_total counter\nhydrad_adapter_evictions_total %llu\n",
-                  (unsigned long long)r->evictions);
+        counter(&b, "hydrad_adapter_first_use_loads_total", "Adapters loaded on first use (--adapter-resolver).",
+                r->loads);
+        counter(&b, "hydrad_adapter_load_failures_total", "First-use loads that failed.", r->failures);
+        counter(&b, "hydrad_adapter_evictions_total", "Idle adapters unloaded to make room for a first-use load.",
+                r->evictions);
         sb_printf(&b, "# HELP hydrad_adapter_load_seconds Duration of first-use loads (read, parse, validate).\n"
                       "# TYPE hydrad_adapter_load_seconds histogram\n");
         uint64_t cum = 0;
