@@ -8,6 +8,7 @@
 #      OUT_LEN (32), ZIPF (1.1), MAX_LORAS (8), MAX_CPU_LORAS (256), RESULTS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+OWN_RESULTS=${RESULTS:-}
 source bench/bench_lib.sh
 ADAPTERS=${ADAPTERS:-2000}
 RATE=${RATE:-2}
@@ -17,7 +18,7 @@ OUT_LEN=${OUT_LEN:-32}
 ZIPF=${ZIPF:-1.1}
 MAX_LORAS=${MAX_LORAS:-8}
 MAX_CPU_LORAS=${MAX_CPU_LORAS:-256}
-RESULTS=${RESULTS:-bench/results/$(date +%Y-%m-%d)-$(machine_slug)-scale.md}
+[ -n "$OWN_RESULTS" ] || RESULTS=${RESULTS%.md}-scale.md
 STORE=bench/.cache/scale-adapters
 SUB="$STORE/r8-K3-q_proj,v_proj"
 for b in bin/hydrad bin/hydrad-bench; do [ -x "$b" ] || { echo "bench_scale: $b missing (make)" >&2; exit 1; }; done

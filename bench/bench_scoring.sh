@@ -8,12 +8,13 @@
 # Env: MODEL, THREADS (nproc), IN_LEN (256), PROMPTS (48), CONC (8), REPEAT (3), BASELINE_BIN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+OWN_RESULTS=${RESULTS:-}
 source bench/bench_lib.sh
 IN_LEN=${IN_LEN:-256}
 PROMPTS=${PROMPTS:-48}
 CONC=${CONC:-8}
 REPEAT=${REPEAT:-3}
-RESULTS=${RESULTS:-bench/results/$(date +%Y-%m-%d)-$(machine_slug)-scoring.md}
+[ -n "$OWN_RESULTS" ] || RESULTS=${RESULTS%.md}-scoring.md
 for b in bin/hydrad bin/hydrad-bench; do [ -x "$b" ] || { echo "bench_scoring: $b missing (make)" >&2; exit 1; }; done
 WORK=$(mktemp -d)
 SRV=""
