@@ -23,7 +23,8 @@
 # bench/results/tmp/prefix-<stamp>.
 # Env: MODEL, THREADS (nproc), PREFIX_LEN (1024), QLEN (32), NUM_PREFIXES (4), A_PROMPTS (16),
 #      A_CONC (4), A_OUT (8), CONVS (4), TURNS (4), B_OUT (64), B_RATE (1), C_PROMPTS (12), C_IN (128),
-#      C_OUT (32), C_CONC (8), C_REPEAT (5), SKIP_LLAMA=1, RESULTS.
+#      C_OUT (32), C_CONC (8), C_REPEAT (5), PARTS ("a b c": the loads to run, in this order; llama-server
+#      runs with a), SKIP_LLAMA=1, RESULTS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OWN_RESULTS=${RESULTS:-}
@@ -44,6 +45,9 @@ C_IN=${C_IN:-128}
 C_OUT=${C_OUT:-32}
 C_CONC=${C_CONC:-8}
 C_REPEAT=${C_REPEAT:-5}
+PARTS=${PARTS:-a b c}
+has() { case " $PARTS " in *" $1 "*) return 0 ;; esac; return 1; }
+has a || SKIP_LLAMA=1
 SEQS=$(( A_CONC > C_CONC ? A_CONC : C_CONC ))
 SEQS=$(( SEQS > CONVS ? SEQS : CONVS ))
 # llama-server context per slot: prefix + question (words are about one token each; some margin) + output
@@ -59,7 +63,8 @@ trap 'stop_pid "$SRV_ON"; stop_pid "$SRV_OFF"; stop_pid "$SRV_LL"' EXIT
 T0=$(date +%s)
 CMD="$(printf '%q ' env THREADS="$THREADS" PREFIX_LEN="$PREFIX_LEN" QLEN="$QLEN" NUM_PREFIXES="$NUM_PREFIXES" \
     A_PROMPTS="$A_PROMPTS" A_CONC="$A_CONC" A_OUT="$A_OUT" CONVS="$CONVS" TURNS="$TURNS" B_OUT="$B_OUT" \
-    B_RATE="$B_RATE" C_PROMPTS="$C_PROMPTS" C_IN="$C_IN" C_OUT="$C_OUT" C_CONC="$C_CONC" C_REPEAT="$C_REPEAT")bash bench/bench_prefix.sh"
+    B_RATE="$B_RATE" C_PROMPTS="$C_PROMPTS" C_IN="$C_IN" C_OUT="$C_OUT" C_CONC="$C_CONC" C_REPEAT="$C_REPEAT" \
+    PARTS="$PARTS" ${SKIP_LLAMA:+SKIP_LLAMA=1})bash bench/bench_prefix.sh"
 
 start_hydrad() { # start_hydrad PORT LOG [flags...]: echoes the pid once /health answers
     local port=$1 log=$2
@@ -106,18 +111,29 @@ OFF=http://127.0.0.1:$P_OFF
 warm "$ON"
 warm "$OFF"
 # the order alternates, so neither server always runs on the warmer (or quieter) machine
-bench "$ON" a-on 11 "${A_ARGS[@]}"
-bench "$OFF" a-off 11 "${A_ARGS[@]}"
-bench "$OFF" b-off 21 "${B_ARGS[@]}"
-bench "$ON" b-on 21 "${B_ARGS[@]}"
-for r in $(seq "$C_REPEAT"); do
-    if [ $((r % 2)) -eq 1 ]; then
-        bench "$ON" "c-on-$r" $((30 + r)) "${C_ARGS[@]}"
-        bench "$OFF" "c-off-$r" $((30 + r)) "${C_ARGS[@]}"
-    else
-        bench "$OFF" "c-off-$r" $((30 + r)) "${C_ARGS[@]}"
-        bench "$ON" "c-on-$r" $((30 + r)) "${C_ARGS[@]}"
-    fi
+for part in $PARTS; do
+    case $part in
+    a)
+        bench "$ON" a-on 11 "${A_ARGS[@]}"
+        bench "$OFF" a-off 11 "${A_ARGS[@]}"
+        ;;
+    b)
+        bench "$OFF" b-off 21 "${B_ARGS[@]}"
+        bench "$ON" b-on 21 "${B_ARGS[@]}"
+        ;;
+    c)
+        for r in $(seq "$C_REPEAT"); do
+            if [ $((r % 2)) -eq 1 ]; then
+                bench "$ON" "c-on-$r" $((30 + r)) "${C_ARGS[@]}"
+                bench "$OFF" "c-off-$r" $((30 + r)) "${C_ARGS[@]}"
+            else
+                bench "$OFF" "c-off-$r" $((30 + r)) "${C_ARGS[@]}"
+                bench "$ON" "c-on-$r" $((30 + r)) "${C_ARGS[@]}"
+            fi
+        done
+        ;;
+    *) echo "bench_prefix: PARTS: unknown part '$part' (a, b or c)" >&2; exit 2 ;;
+    esac
 done
 curl -s "$ON/metrics" | grep '^vllm:prefix_cache' >"$WORK/metrics-on.txt" || true
 stop_pid "$SRV_ON"
@@ -171,8 +187,9 @@ for what, server, j in (("(a) shared prefix", "hydrad, cache on", a_on), ("(a) s
 c_on = [get(f"c-on-{r}") for r in range(1, reps + 1)]
 c_off = [get(f"c-off-{r}") for r in range(1, reps + 1)]
 for r, (jon, joff) in enumerate(zip(c_on, c_off), 1):
-    print(row(f"(c) nothing shared, pair {r}", "hydrad, cache on", jon))
-    print(row(f"(c) nothing shared, pair {r}", "hydrad, --no-prefix-cache", joff))
+    if jon and joff:
+        print(row(f"(c) nothing shared, pair {r}", "hydrad, cache on", jon))
+        print(row(f"(c) nothing shared, pair {r}", "hydrad, --no-prefix-cache", joff))
 
 print("\n(a) TTFT by whether a request found its prefix cached (medians, ms; a miss is a first visit, or a "
       "request that started with its prefix's first visit still prefilling):\n")
