@@ -122,3 +122,14 @@ int cli_adapter(const char *dir, float scale, const eng_model *m, be *b, ad_adap
     }
     return rc;
 }
+
+void cli_teardown(ad_adapter *ad, eng_kv *kv, eng_model *m, tok_vocab *v, be *b, gguf_file *f)
+{
+    ad_free(ad);
+    eng_kv_free(kv);
+    eng_model_free(m);
+    tok_free(v);
+    if (b)
+        b->ops->destroy(b);
+    gguf_close(f);
+}

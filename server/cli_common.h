@@ -6,7 +6,9 @@
 
 #include "adapters/adapter.h"
 #include "engine/backend.h"
+#include "engine/gguf.h"
 #include "engine/model.h"
+#include "engine/tokenizer.h"
 
 #include <stddef.h>
 #include <stdio.h>
@@ -39,5 +41,9 @@ int cli_backend(const char *device, int threads, be **out);
  * that owns b). dir == NULL: *out = NULL, HY_OK. On error prints "hydrad: DIR: message" to
  * stderr. *out is owned by the caller: ad_free (before the model and backend go). */
 int cli_adapter(const char *dir, float scale, const eng_model *m, be *b, ad_adapter **out);
+
+/* Free what a one-shot run loaded, in the order it must go (adapter before model and backend,
+ * the file last). Any may be NULL. */
+void cli_teardown(ad_adapter *ad, eng_kv *kv, eng_model *m, tok_vocab *v, be *b, gguf_file *f);
 
 #endif

@@ -101,13 +101,7 @@ static void gen_free(gen_run *r)
     free(r->logits);
     free(r->ids);
     smp_free(r->smp);
-    ad_free(r->ad);
-    eng_kv_free(r->kv);
-    eng_model_free(r->m);
-    tok_free(r->v);
-    if (r->b)
-        r->b->ops->destroy(r->b);
-    gguf_close(r->f);
+    cli_teardown(r->ad, r->kv, r->m, r->v, r->b, r->f);
 }
 
 static const eng_adapter *gen_eng_adapter(const gen_run *r) { return r->ad ? ad_eng(r->ad) : NULL; }

@@ -99,13 +99,7 @@ static void ppl_free(ppl_run *r)
     free(r->lseq);
     free(r->ids);
     free(r->text);
-    ad_free(r->ad);
-    eng_kv_free(r->kv);
-    eng_model_free(r->m);
-    tok_free(r->v);
-    if (r->b)
-        r->b->ops->destroy(r->b);
-    gguf_close(r->f);
+    cli_teardown(r->ad, r->kv, r->m, r->v, r->b, r->f);
 }
 
 /* The whole file into *text (malloc'ed, NUL-terminated, owned by the caller), its length in *len.
