@@ -143,6 +143,10 @@ clean:
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
 
+# Proof-at-depth pieces, each in its own fragment: fuzzing (tests/fuzz), the sanitizer soak
+# (tests/soak), fault injection (tests/fault).
+-include tests/fuzz/fuzz.mk tests/soak/soak.mk tests/fault/fault.mk
+
 # ---- CUDA emulator (tests/cuda_emu/): the real kernels/*.cu run on the CPU, for machines without a
 # GPU. tests/cuda_emu/cudapp.py rewrites each kernels/ file (launches, __shared__) into
 # $(EMU_BUILD)/kernels/, g++ compiles it with tests/cuda_emu/emu.h force-included, and the library's
