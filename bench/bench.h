@@ -6,5 +6,6 @@
 int bench_serve_main(int argc, char **argv);   /* bench/bench_serve.c: HTTP load generator */
 int bench_kernels_main(int argc, char **argv); /* bench/bench_kernels.c: HydraLoRA op sweep */
 int bench_gram_main(int argc, char **argv);    /* bench/bench_gram.c: grammar mask cost per token */
+int bench_membw_main(int argc, char **argv);   /* bench/bench_membw.c: read bandwidth, decode bytes */
 
 #endif

@@ -13,7 +13,9 @@ static void usage(FILE *f)
                "            streaming TTFT/TPOT/ITL/E2E, many adapters (--help)\n"
                "  kernels   HydraLoRA op sweep (r, K, batch, adapters) against memcpy bandwidth (--help)\n"
                "  gram      per-token cost of constrained decoding: mask + advance along random valid\n"
-               "            paths of a JSON Schema, cold and cached (--help)\n");
+               "            paths of a JSON Schema, cold and cached (--help)\n"
+               "  membw     read bandwidth of this host (threads summing a buffer >> LLC) and the\n"
+               "            weight bytes a decode step of a GGUF reads: the CPU floor (--help)\n");
 }
 
 int main(int argc, char **argv)
@@ -28,6 +30,8 @@ int main(int argc, char **argv)
         return bench_kernels_main(argc - 1, argv + 1);
     if (!strcmp(argv[1], "gram"))
         return bench_gram_main(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "membw"))
+        return bench_membw_main(argc - 1, argv + 1);
     if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) {
         usage(stdout);
         return 0;
