@@ -555,12 +555,17 @@ static void drain_inbox(sched *s)
 
 /* ---------- cancellation ---------- */
 
+/* A sequence nobody will read: its request was cancelled, or failed (another of its sequences could
+ * not be set up or sampled; the server answers 500 at once and would never cancel the rest). Only
+ * this thread sets `failed`, so it reads it without the lock. */
+static bool seq_orphaned(const sched_seq *q) { return atomic_load(&q->req->cancelled) || q->req->failed; }
+
 static void sweep_cancelled(sched *s)
 {
     for (int i = 0; i < s->n_running;) {
         sched_seq *q = s->running[i];
-        if (atomic_load(&q->req->cancelled)) {
-            finish_choice(s, q, "cancelled");
+        if (seq_orphaned(q)) {
+            finish_choice(s, q, q->req->failed ? "error" : "cancelled");
             seq_free(s, q);
             s->running[i] = s->running[--s->n_running];
         } else {
@@ -570,9 +575,9 @@ static void sweep_cancelled(sched *s)
     sched_seq *prev = NULL;
     for (sched_seq *q = s->waiting_head; q;) {
         sched_seq *next = q->next;
-        if (atomic_load(&q->req->cancelled)) {
+        if (seq_orphaned(q)) {
             wait_unlink(s, prev, q);
-            finish_choice(s, q, "cancelled");
+            finish_choice(s, q, q->req->failed ? "error" : "cancelled");
             seq_free(s, q);
         } else {
             prev = q;
