@@ -257,9 +257,10 @@ static int cmp_range(const void *a, const void *b)
 /* Sort and merge rng[first..), negate if asked; leaves the set as rng[first..) and an element. */
 static int finish_set(parser *p, size_t first, bool negate, elem *out)
 {
-    range *r = p->rng.v + first;
     size_t n = p->rng.n - first, m = 0;
-    qsort(r, n, sizeof *r, cmp_range);
+    range *r = n ? p->rng.v + first : NULL; /* an empty [] may come before any range: v is NULL */
+    if (n)
+        qsort(r, n, sizeof *r, cmp_range);
     for (size_t i = 0; i < n; i++) {
         if (m && r[i].lo <= r[m - 1].hi + 1) {
             if (r[i].hi > r[m - 1].hi)

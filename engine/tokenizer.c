@@ -255,9 +255,11 @@ static int load_merges(const gguf_file *f, tok_vocab *v)
         size_t len = (size_t)a.strs[r].len;
         /* byte-level symbols never contain a raw space, so the first space separates the pair */
         const char *sp = len > 2 ? memchr(s + 1, ' ', len - 2) : NULL;
-        if (!sp)
+        if (!sp) {
+            free(buf); /* allocated for an earlier merge */
             return hy_err_set(HY_EFORMAT, "tokenizer.ggml.merges[%llu] '%.*s' is not 'left right'",
                               (unsigned long long)r, (int)HY_MIN(len, 100), s);
+        }
         size_t la = (size_t)(sp - s), lb = len - la - 1;
         int32_t ia = tok_lookup(v, s, la), ib = tok_lookup(v, sp + 1, lb);
         char *nb = realloc(buf, la + lb + 1);
