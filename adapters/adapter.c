@@ -42,6 +42,14 @@ struct ad_adapter {
     eng_adapter eng;
     atomic_ullong n_tok;
     uint64_t load_id; /* unique per adapter object in this process (ad_load_id) */
+    struct ad_stack *stack; /* a stack of other adapters (ad_stack_new); NULL for one read from files */
+};
+
+struct ad_stack {
+    int n;
+    ad_adapter *member[AD_STACK_MAX]; /* not owned */
+    float weight[AD_STACK_MAX];
+    eng_adapter chain[AD_STACK_MAX]; /* ad_stack_bind: member i's view times weight[i], then i + 1 */
 };
 
 static atomic_ullong next_load_id = 1;
@@ -867,8 +875,71 @@ void ad_free(ad_adapter *a)
     free(a->tg);
     free(a->arena);
     free(a->stats);
+    free(a->stack);
     ad_config_clear(&a->cfg);
     free(a);
+}
+
+/* ------------------------------------------------------------------ stacks */
+
+int ad_stack_new(ad_adapter *const *members, const float *weights, int n, ad_adapter **out)
+{
+    *out = NULL;
+    if (n < 1 || n > AD_STACK_MAX)
+        return hy_err_set(HY_EINVAL, "an adapter stack has 1 to %d members, not %d", AD_STACK_MAX, n);
+    for (int i = 0; i < n; i++) {
+        if (!members[i] || members[i]->stack)
+            return hy_err_set(HY_EINVAL, "adapter stack member %d is not an adapter read from files", i);
+        if (!isfinite(weights[i]) || weights[i] == 0.0f)
+            return hy_err_set(HY_EINVAL, "adapter stack member %d has weight %g (finite and non-zero)", i,
+                              (double)weights[i]);
+    }
+    ad_adapter *a = calloc(1, sizeof *a);
+    struct ad_stack *st = calloc(1, sizeof *st);
+    if (!a || !st) {
+        free(a);
+        free(st);
+        return hy_err_set(HY_ENOMEM, "out of memory");
+    }
+    /* FNV-1a over (member load id, weight bits); the top bit set keeps it apart from the load ids
+     * of adapters read from files (1, 2, ...) */
+    uint64_t h = 1469598103934665603ull;
+    for (int i = 0; i < n; i++) {
+        uint32_t wb;
+        memcpy(&wb, &weights[i], sizeof wb);
+        uint64_t v[2] = {members[i]->load_id, wb};
+        const unsigned char *p = (const unsigned char *)v;
+        for (size_t k = 0; k < sizeof v; k++)
+            h = (h ^ p[k]) * 1099511628211ull;
+        st->member[i] = members[i];
+        st->weight[i] = weights[i];
+    }
+    st->n = n;
+    a->stack = st;
+    a->load_id = h | (1ull << 63);
+    a->n_layer = members[0]->n_layer;
+    *out = a;
+    return HY_OK;
+}
+
+int ad_stack_n(const ad_adapter *a) { return a->stack ? a->stack->n : 0; }
+
+ad_adapter *ad_stack_member(const ad_adapter *a, int i, float *weight)
+{
+    if (weight)
+        *weight = a->stack->weight[i];
+    return a->stack->member[i];
+}
+
+void ad_stack_bind(ad_adapter *a)
+{
+    struct ad_stack *st = a->stack;
+    for (int i = 0; i < st->n; i++) {
+        st->chain[i] = st->member[i]->eng;
+        st->chain[i].scale = st->weight[i];
+        st->chain[i].next = i + 1 < st->n ? &st->chain[i + 1] : NULL;
+    }
+    a->eng = st->chain[0];
 }
 
 /* ------------------------------------------------------------------ accessors */

@@ -82,7 +82,8 @@ int ad_upload(ad_adapter *a, be *b);
 bool ad_uploaded(const ad_adapter *a);
 /* Engine thread: free the backend matrices (the host copy stays; ad_upload again later). */
 void ad_unupload(ad_adapter *a);
-/* Frees everything; if uploaded, call on the engine thread. NULL is a no-op. */
+/* Frees everything (a stack: itself, never its members); if uploaded, call on the engine thread.
+ * NULL is a no-op. */
 void ad_free(ad_adapter *a);
 
 /* What the forward pass needs; valid after ad_upload until ad_unupload/ad_free. */
@@ -102,6 +103,21 @@ size_t ad_host_bytes(const ad_adapter *a); /* bytes of the fp32 host copy */
  * B has K entries. R is NULL when K == 1. */
 void ad_host(const ad_adapter *a, int layer, int proj, const float **A, const float **R,
              const float *const **B);
+
+/* An adapter stack: the deltas of several adapters, each times its weight, summed in one forward
+ * (a request's `lora: [{name, scale}, ...]`). It owns no weights and holds its members by pointer:
+ * whoever makes it keeps them alive for its life (the registry pins them). Its load id is derived
+ * from the members' load ids and weights (the same stack, the same prefix-cache key); its
+ * ad_eng is the members' eng_adapter views chained with their weights, valid after ad_stack_bind.
+ * Weights are finite and non-zero (a member weighted 0 adds nothing: leave it out). */
+#define AD_STACK_MAX 8
+int ad_stack_new(ad_adapter *const *members, const float *weights, int n, ad_adapter **out);
+/* Members of a stack; 0 for an adapter read from files. */
+int ad_stack_n(const ad_adapter *a);
+/* Member i (0 <= i < ad_stack_n(a)) and, when weight is not NULL, its weight. */
+ad_adapter *ad_stack_member(const ad_adapter *a, int i, float *weight);
+/* Engine thread, once every member is uploaded (ad_upload): link the chain ad_eng(a) returns. */
+void ad_stack_bind(ad_adapter *a);
 
 /* Router statistics. The forward pass adds into ad_eng(a)->stats; ad_count_tokens adds to
  * the token counter (the scheduler calls it for tokens run with this adapter). Readers divide

@@ -318,10 +318,37 @@ int ad_reg_pin(ad_registry *r, const char *name, ad_adapter **out)
     return rc;
 }
 
+int ad_reg_pin_stack(ad_registry *r, const char *const *names, const float *weights, int n, ad_adapter **out)
+{
+    *out = NULL;
+    ad_adapter *m[AD_STACK_MAX];
+    if (n < 1 || n > AD_STACK_MAX)
+        return hy_err_set(HY_EINVAL, "an adapter stack has 1 to %d members, not %d", AD_STACK_MAX, n);
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < i; j++)
+            if (strcmp(names[i], names[j]) == 0)
+                return hy_err_set(HY_EINVAL, "adapter '%s' is named twice in the stack", names[i]);
+    int rc = HY_OK, n_pinned = 0;
+    while (n_pinned < n && (rc = ad_reg_pin(r, names[n_pinned], &m[n_pinned])) == HY_OK)
+        n_pinned++;
+    if (!rc)
+        rc = ad_stack_new(m, weights, n, out);
+    if (rc)
+        while (n_pinned-- > 0)
+            ad_reg_unpin(r, m[n_pinned]);
+    return rc;
+}
+
 void ad_reg_unpin(ad_registry *r, ad_adapter *a)
 {
     if (!a)
         return;
+    if (ad_stack_n(a)) { /* a stack: its members' pins, then itself */
+        for (int i = 0; i < ad_stack_n(a); i++)
+            ad_reg_unpin(r, ad_stack_member(a, i, NULL));
+        ad_free(a);
+        return;
+    }
     ad_adapter *free_now = NULL;
     ad_entry *drop = NULL;
     pthread_mutex_lock(&r->mu);

@@ -69,7 +69,12 @@ bool ad_reg_pinned(ad_registry *r, const ad_adapter *a);
 /* Pin a READY adapter for a request: *out stays valid until the matching ad_reg_unpin.
  * HY_ENOTFOUND when unknown, HY_EBUSY when loading or draining. */
 int ad_reg_pin(ad_registry *r, const char *name, ad_adapter **out);
-/* Drop one pin (a from ad_reg_pin). Thread-safe; see the header comment for freeing. */
+/* Pin every named READY adapter and make them a stack (ad_stack_new) with those weights; the
+ * stack holds the pins until ad_reg_unpin(stack). Errors as ad_reg_pin for the first name that
+ * fails (nothing stays pinned), HY_EINVAL for a name given twice or a bad weight. */
+int ad_reg_pin_stack(ad_registry *r, const char *const *names, const float *weights, int n, ad_adapter **out);
+/* Drop one pin (a from ad_reg_pin; a stack: its members' pins, and the stack is freed).
+ * Thread-safe; see the header comment for freeing. */
 void ad_reg_unpin(ad_registry *r, ad_adapter *a);
 
 /* Engine thread: free adapters whose last pin went while draining and that were uploaded.

@@ -2,6 +2,7 @@
  * response and SSE chunk formatting. Pure functions only: no sockets, no engine, no globals. */
 #include "api/api.h"
 #include "api/api_hydra.h"
+#include "api/api_lora.h"
 #include "api/api_struct.h"
 #include "engine/hy.h"
 
@@ -418,6 +419,8 @@ int api_parse_request(api_kind kind, const char *body, size_t len, api_request *
     if (!rc)
         rc = api_parse_hydra(root, &r->hydra, err);
     if (!rc)
+        rc = api_parse_lora(root, &r->lora, err);
+    if (!rc)
         rc = api_parse_struct(root, kind, &r->st, err);
     json_decref(root);
     if (rc) {
@@ -433,6 +436,7 @@ void api_request_free(api_request *r)
         return;
     free(r->model);
     free(r->cache_salt);
+    api_lora_free(&r->lora);
     for (int i = 0; i < r->n_prompts; i++) {
         free(r->prompts[i].text);
         free(r->prompts[i].ids);

@@ -83,6 +83,20 @@ typedef struct {
     uint32_t mask;         /* bit k: head k masked (gate 0) */
 } api_hydra;
 
+/* The `lora` extension (both endpoints): several adapters' deltas, each times its scale, in one
+ * forward: [{"name": "a", "scale": 0.5}, ...] (llama.cpp's shape; "id" is read as the name). */
+#define API_LORA_MAX 8
+#define API_LORA_MAX_SCALE 100.0
+typedef struct {
+    char *name;
+    double scale; /* finite; 1 when absent */
+} api_lora;
+typedef struct {
+    bool given;   /* the request carried `lora` (an empty list means the base model) */
+    int n;
+    api_lora e[API_LORA_MAX];
+} api_lora_stack;
+
 /* A parsed, validated generation request. Every pointer is owned by the struct
  * (api_request_free). Defaults follow OpenAI; unknown fields are ignored. */
 typedef struct {
@@ -113,6 +127,7 @@ typedef struct {
     double repetition_penalty; /* 1.0 */
     bool ignore_eos;
     api_hydra hydra;
+    api_lora_stack lora;
     api_struct st;
 } api_request;
 

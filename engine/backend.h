@@ -50,7 +50,12 @@ typedef struct {
     const be_lora *lora;
     float *stats;
     const be_gate_ctl *ctl;
+    float scale; /* the segment's delta times this (an adapter stack's weight); 0 reads as 1, so a
+                  * zero-initialised segment is unscaled: a caller that wants no delta passes no lora */
 } be_lora_seg;
+
+/* A segment's scale as the ops apply it. */
+static inline float be_seg_scale(const be_lora_seg *s) { return s->scale != 0.0f ? s->scale : 1.0f; }
 
 /* What a matmul_n multiplies: x itself, or a transform of it that the op also stores, so that a
  * device can fuse the norm or the SwiGLU before a projection into the projection's kernel. */

@@ -423,8 +423,10 @@ static void hydra_gates(const hydra_job *j)
     }
 }
 
-/* y rows tok0..tok0+nt, outputs [o0, o1) += out_mul * Bcat z for the nt z rows at z0 */
-static void expand_f16(const hydra_job *j, const be_lora *l, const float *z0, int tok0, int nt, long o0, long o1)
+/* y rows tok0..tok0+nt, outputs [o0, o1) += om * Bcat z for the nt z rows at z0 (om: the lora's
+ * out_mul times the segment's scale) */
+static void expand_f16(const hydra_job *j, const be_lora *l, float om, const float *z0, int tok0, int nt, long o0,
+                       long o1)
 {
     size_t kr = (size_t)l->K * (size_t)l->r;
     const uint16_t *bc = l->Bcat;
@@ -432,7 +434,7 @@ static void expand_f16(const hydra_job *j, const be_lora *l, const float *z0, in
     for (long o = o0; o < o1; o++) {
         j->dot16(bc + (size_t)o * kr, z0, kr, nt, (int64_t)kr, acc);
         for (int t = 0; t < nt; t++)
-            j->y[(size_t)(tok0 + t) * (size_t)j->out + (size_t)o] += l->out_mul * acc[t];
+            j->y[(size_t)(tok0 + t) * (size_t)j->out + (size_t)o] += om * acc[t];
     }
 }
 
@@ -448,6 +450,7 @@ static void hydra_expand(void *ctx, int ith, int nth)
         if (!l)
             continue;
         int64_t kr = (int64_t)l->K * l->r;
+        const float om = l->out_mul * be_seg_scale(sg);
         const float *zs = j->zbuf + j->seg_z[s];
         int n = sg->tok_end - sg->tok_begin;
         /* token tiles keep the y rows being written few (column-order writes over 64 rows
@@ -455,14 +458,14 @@ static void hydra_expand(void *ctx, int ith, int nth)
         for (int i0 = 0; i0 < n; i0 += HYDRA_TILE) {
             int i1 = HY_MIN(n, i0 + HYDRA_TILE);
             if (l->f16) {
-                expand_f16(j, l, zs + (size_t)i0 * (size_t)kr, sg->tok_begin + i0, i1 - i0, o0, o1);
+                expand_f16(j, l, om, zs + (size_t)i0 * (size_t)kr, sg->tok_begin + i0, i1 - i0, o0, o1);
                 continue;
             }
             for (long o = o0; o < o1; o++) {
                 const float *brow = (const float *)l->Bcat + (size_t)o * (size_t)kr;
                 for (int i = i0; i < i1; i++)
                     j->y[(size_t)(sg->tok_begin + i) * (size_t)j->out + (size_t)o] +=
-                        l->out_mul * j->dot(brow, zs + (size_t)i * (size_t)kr, kr);
+                        om * j->dot(brow, zs + (size_t)i * (size_t)kr, kr);
             }
         }
     }

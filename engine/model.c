@@ -547,40 +547,56 @@ static int eng_check_batch(const eng_model *m, const eng_kv *kv, const eng_batch
     return HY_OK;
 }
 
+/* Member d of an adapter chain (eng_adapter.next), NULL past its end. */
+static const eng_adapter *eng_member(const eng_adapter *ad, int d)
+{
+    while (ad && d-- > 0)
+        ad = ad->next;
+    return ad;
+}
+
 /* Each adapter segment's HydraLoRA terms for the n projections proj[i] of layer il (which read
- * the same x), added to y[i]: one hydra call. */
+ * the same x), added to y[i]: one hydra call per stack depth (a plain adapter is a chain of one,
+ * so a batch without stacks makes one call). At depth d each segment runs its chain's member d,
+ * scaled by that member's weight. */
 static int eng_proj_lora(eng_model *m, const eng_batch *bt, int il, int n, const int *proj, const float *x,
                          float *const *y)
 {
     be *b = m->b;
     if (bt->n_seg == 0)
         return HY_OK;
-    const be_lora_seg *segs[BE_MM_MAX];
-    int64_t in = 0, out[BE_MM_MAX];
-    int n_seg = 0;
-    bool any = false;
-    for (int p = 0; p < n; p++) {
-        be_lora_seg *sp = m->run.segs + (size_t)p * bt->n_seg;
-        int idx = il * ENG_N_PROJ + proj[p];
-        n_seg = 0;
-        for (int i = 0; i < bt->n_seg; i++) {
-            const eng_adapter *ad = bt->seg_adapter[i];
-            if (!ad || bt->seg_begin[i] == bt->seg_begin[i + 1])
-                continue;
-            sp[n_seg].tok_begin = bt->seg_begin[i];
-            sp[n_seg].tok_end = bt->seg_begin[i + 1];
-            sp[n_seg].lora = ad->lora[idx]; /* NULL: the adapter leaves this projection alone */
-            sp[n_seg].stats = ad->stats && ad->lora[idx] ? ad->stats + (size_t)idx * (ad->K + 1) : NULL;
-            sp[n_seg].ctl = ad->ctl;
-            any = any || ad->lora[idx];
-            n_seg++;
+    for (int d = 0;; d++) {
+        const be_lora_seg *segs[BE_MM_MAX];
+        int64_t in = 0, out[BE_MM_MAX];
+        int n_seg = 0;
+        bool any = false, deeper = false;
+        for (int p = 0; p < n; p++) {
+            be_lora_seg *sp = m->run.segs + (size_t)p * bt->n_seg;
+            int idx = il * ENG_N_PROJ + proj[p];
+            n_seg = 0;
+            for (int i = 0; i < bt->n_seg; i++) {
+                const eng_adapter *ad = eng_member(bt->seg_adapter[i], d);
+                if (!ad || bt->seg_begin[i] == bt->seg_begin[i + 1])
+                    continue;
+                deeper = deeper || ad->next;
+                sp[n_seg] = (be_lora_seg){
+                    .tok_begin = bt->seg_begin[i],
+                    .tok_end = bt->seg_begin[i + 1],
+                    .lora = ad->lora[idx], /* NULL: the adapter leaves this projection alone */
+                    .stats = ad->stats && ad->lora[idx] ? ad->stats + (size_t)idx * (ad->K + 1) : NULL,
+                    .ctl = ad->ctl,
+                    .scale = ad->scale,
+                };
+                any = any || ad->lora[idx];
+                n_seg++;
+            }
+            segs[p] = sp;
+            eng_proj_dims(m, proj[p], &in, &out[p]);
         }
-        segs[p] = sp;
-        eng_proj_dims(m, proj[p], &in, &out[p]);
+        int rc = any ? b->ops->hydra(b, n, x, in, y, out, segs, n_seg) : HY_OK;
+        if (rc || !deeper)
+            return rc;
     }
-    if (!any)
-        return HY_OK;
-    return b->ops->hydra(b, n, x, in, y, out, segs, n_seg);
 }
 
 /* y[i] = W x' (add: y[i] += W x') for the n projections proj[i] of layer il that read the same

@@ -46,12 +46,19 @@ int eng_kv_blocks(const eng_kv *kv);
  * n_layer * ENG_N_PROJ * (K + 1) floats the forward ADDS router sums to (see be_lora_seg).
  * ctl (optional) is a request's router control for every projection (be_gate.h). A sequence with
  * its own control or its own stats uses its own eng_adapter with the shared lora array. */
-typedef struct {
+typedef struct eng_adapter eng_adapter;
+struct eng_adapter {
     be_lora *const *lora;
     int K;
     float *stats;
     const be_gate_ctl *ctl;
-} eng_adapter;
+    /* An adapter stack (several adapters' deltas summed in one forward) is a chain: this member's
+     * delta times scale (0 reads as 1: a zero-initialised adapter is unscaled; a member weighted 0
+     * is left out of the chain, not put in it), then next's, and so on. Each member keeps its own
+     * router, stats and control. */
+    float scale;
+    const eng_adapter *next;
+};
 
 /* One forward step over a flat batch (all host memory).
  * Tokens are grouped by sequence (contiguous, ascending positions). Adapter segments:

@@ -30,8 +30,8 @@ int sched_route_bind(sched_route *rt, const sched_route_opts *o, const eng_adapt
     if (rt->buf)
         memset(rt->buf, 0, rt->n_buf * sizeof(float));
     const be_gate_ctl *ctl = o->has_ctl ? &o->ctl : NULL;
-    rt->ctl = (eng_adapter){ea->lora, ea->K, ea->stats, ctl};
-    rt->view = (eng_adapter){ea->lora, ea->K, rt->buf, ctl};
+    rt->ctl = (eng_adapter){.lora = ea->lora, .K = ea->K, .stats = ea->stats, .ctl = ctl}; /* a plain adapter: stacks take no router control */
+    rt->view = (eng_adapter){.lora = ea->lora, .K = ea->K, .stats = rt->buf, .ctl = ctl};
     return HY_OK;
 }
 

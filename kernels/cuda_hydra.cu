@@ -451,7 +451,7 @@ int cuda_hydra_n(be *b, int n, const float *x, int64_t in, float *const *y, cons
             s->K = (short)l->K;
             s->proj = (short)pi;
             s->l_mul = l->l_mul;
-            s->out_mul = l->out_mul;
+            s->out_mul = l->out_mul * be_seg_scale(sg); /* the stack member's weight */
             s->gst = -1;
             s->temp = sg->ctl ? sg->ctl->temp : 1.0f;
             s->allow = (unsigned short)(sg->ctl ? sg->ctl->allow : 0xffffu);

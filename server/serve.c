@@ -177,10 +177,9 @@ static void unload_resident(glue *g, int i)
     g->res[i] = g->res[--g->n_res];
 }
 
-static int g_acquire(void *ctx, void *adapter, const eng_adapter **out)
+/* Make adapter a (read from files) resident for one more user. */
+static int acquire_one(glue *g, ad_adapter *a)
 {
-    glue *g = ctx;
-    ad_adapter *a = adapter;
     int i = 0;
     while (i < g->n_res && g->res[i].a != a)
         i++;
@@ -215,6 +214,31 @@ static int g_acquire(void *ctx, void *adapter, const eng_adapter **out)
     }
     g->res[i].users++;
     g->res[i].last = hy_now();
+    return HY_OK;
+}
+
+static void release_one(glue *g, ad_adapter *a, uint64_t n_tokens);
+
+/* A stack needs every member resident at once: all of them, or none (HY_EBUSY waits for slots). */
+static int g_acquire(void *ctx, void *adapter, const eng_adapter **out)
+{
+    glue *g = ctx;
+    ad_adapter *a = adapter;
+    int n = ad_stack_n(a);
+    if (n == 0) {
+        int rc = acquire_one(g, a);
+        *out = rc ? NULL : ad_eng(a);
+        return rc;
+    }
+    for (int i = 0; i < n; i++) {
+        int rc = acquire_one(g, ad_stack_member(a, i, NULL));
+        if (rc) {
+            while (i-- > 0)
+                release_one(g, ad_stack_member(a, i, NULL), 0);
+            return rc;
+        }
+    }
+    ad_stack_bind(a);
     *out = ad_eng(a);
     return HY_OK;
 }
@@ -256,6 +280,15 @@ static bool res_retired(glue *g, const resident *r)
 static void g_release(void *ctx, void *adapter, uint64_t n_tokens)
 {
     glue *g = ctx;
+    ad_adapter *a = adapter;
+    if (ad_stack_n(a) == 0)
+        release_one(g, a, n_tokens);
+    for (int i = 0; i < ad_stack_n(a); i++) /* each member ran every token */
+        release_one(g, ad_stack_member(a, i, NULL), n_tokens);
+}
+
+static void release_one(glue *g, ad_adapter *adapter, uint64_t n_tokens)
+{
     for (int i = 0; i < g->n_res; i++)
         if (g->res[i].a == adapter) {
             g->res[i].users--;
@@ -273,10 +306,22 @@ static void g_release(void *ctx, void *adapter, uint64_t n_tokens)
         }
 }
 
+/* A stack is named by its members joined with '+' ("a+b"). */
 static const char *g_name(void *ctx, void *adapter)
 {
     glue *g = ctx;
-    return srv_adapter_name(g->s, adapter, g->name_buf, sizeof g->name_buf);
+    int n = ad_stack_n(adapter);
+    if (n == 0)
+        return srv_adapter_name(g->s, adapter, g->name_buf, sizeof g->name_buf);
+    size_t at = 0;
+    g->name_buf[0] = 0;
+    for (int i = 0; i < n && at + 1 < sizeof g->name_buf; i++) {
+        char one[AD_NAME_MAX];
+        const char *nm = srv_adapter_name(g->s, ad_stack_member(adapter, i, NULL), one, sizeof one);
+        int w = snprintf(g->name_buf + at, sizeof g->name_buf - at, "%s%s", i ? "+" : "", nm ? nm : "?");
+        at = w > 0 ? HY_MIN(at + (size_t)w, sizeof g->name_buf - 1) : at;
+    }
+    return g->name_buf;
 }
 
 /* Drop residents being unloaded; snapshot router statistics for GET /v1/adapters. */

@@ -143,7 +143,7 @@ static eng_adapter *make_adapter(eng_model *m, be *b, const float *pool)
                 DIE("lora_create");
         }
     eng_adapter *ad = calloc(1, sizeof *ad);
-    *ad = (eng_adapter){l, K, NULL, NULL};
+    *ad = (eng_adapter){l, K, NULL, NULL, 1.0f, NULL};
     return ad;
 }
 
@@ -168,7 +168,7 @@ static void bench_hydra(be *b, const float *pool, double bw)
             be_lora_seg segs[64];
             int n_seg = mode == 0 ? 64 : 1;
             for (int s = 0; s < n_seg; s++)
-                segs[s] = (be_lora_seg){mode == 0 ? s : 0, mode == 0 ? s + 1 : n_tok, l[s], NULL, NULL};
+                segs[s] = (be_lora_seg){mode == 0 ? s : 0, mode == 0 ? s + 1 : n_tok, l[s], NULL, NULL, 1.0f};
             for (int i = 0; i < 5; i++)
                 be_hydra1(b, x, in, y, out, segs, n_seg);
             b->ops->sync(b);

@@ -905,7 +905,7 @@ static void check_hydra(int n_tok, int64_t in, int64_t out, int n_ad)
     }
     if (t < n_tok) { /* the rest in one last segment with adapter 0 */
         for (int i = 0; i < 2; i++) {
-            segs[i][n_seg] = (be_lora_seg){t, n_tok, ad[0].l[i], stats[i][n_seg], NULL};
+            segs[i][n_seg] = (be_lora_seg){t, n_tok, ad[0].l[i], stats[i][n_seg], NULL, 1.0f};
         }
         n_seg++;
     }
@@ -965,7 +965,7 @@ static void check_hydra_n(int n_tok, int64_t in, const int64_t *out, int n, int 
             bool want = rnd_int(2);
             for (int i = 0; i < 2; i++)
                 segs[i][p][n_seg] = (be_lora_seg){t, t + len, a < n_ad && !skip ? ad[p][a].l[i] : NULL,
-                                                  want ? stats[i][p][n_seg] : NULL, NULL};
+                                                  want ? stats[i][p][n_seg] : NULL, NULL, 1.0f};
         }
         n_seg++;
         t += len;
@@ -1103,7 +1103,7 @@ static void hydra_arena_segs(test_lora *ad, int n, int per, be_lora_seg segs[2][
     memset(stats, 0, sizeof(float) * 2 * 64 * 9);
     for (int a = 0; a < n; a++)
         for (int i = 0; i < 2; i++)
-            segs[i][a] = (be_lora_seg){a * per, (a + 1) * per, ad[a].l[i], a % 2 ? stats[i][a] : NULL, NULL};
+            segs[i][a] = (be_lora_seg){a * per, (a + 1) * per, ad[a].l[i], a % 2 ? stats[i][a] : NULL, NULL, 1.0f};
 }
 
 static void hydra_arena_check(const char *what, float *o[2], const float *y0, size_t ny, float stats[2][64][9])

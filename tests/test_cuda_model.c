@@ -426,7 +426,7 @@ static void adapter_make(test_adapter *ta, int r, int K)
         ta->lora[i] = calloc((size_t)n, sizeof(be_lora *));
     for (int i = 0; i < NM; i++) {
         ta->stats[i] = calloc((size_t)n * (K + 1), sizeof(float));
-        ta->ad[i] = (eng_adapter){ta->lora[g_mbe[i]], K, ta->stats[i], NULL};
+        ta->ad[i] = (eng_adapter){ta->lora[g_mbe[i]], K, ta->stats[i], NULL, 1.0f, NULL};
     }
     for (int il = 0; il < hp->n_layer; il++) {
         for (int p = 0; p < ENG_N_PROJ; p++) {
@@ -630,7 +630,7 @@ static void test_graph_replay(void **state)
         if (use_ad && !lora[0]) {
             for (int i = 0; i < 2; i++) {
                 lora[i] = graph_adapter(mm[i]);
-                ad[i] = (eng_adapter){lora[i], 3, stats[i], NULL};
+                ad[i] = (eng_adapter){lora[i], 3, stats[i], NULL, 1.0f, NULL};
             }
         }
         /* the kernels of the last recording: plan 1's (one sequence decoding, no adapter) before

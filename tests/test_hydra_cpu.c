@@ -257,10 +257,10 @@ static void test_errors(void **state)
     assert_int_equal(cpu_lora_create(b, 2, 2, 4, 2, A, NULL, B, 1.0f, &l), HY_EINVAL); /* K > 1 without R */
     assert_int_equal(cpu_lora_create(b, 2, 1, 4, 2, A, NULL, B, 1.0f, &l), 0);
     float x[8] = {0}, y[8] = {0};
-    be_lora_seg s = {0, 1, l, NULL, NULL};
+    be_lora_seg s = {0, 1, l, NULL, NULL, 1.0f};
     assert_int_equal(cpu_hydra(b, x, 5, y, 2, &s, 1), HY_EINVAL); /* wrong in */
     assert_non_null(strstr(hy_err_msg(), "adapter"));
-    be_lora_seg s2[2] = {{0, 2, l, NULL, NULL}, {1, 2, l, NULL, NULL}};
+    be_lora_seg s2[2] = {{0, 2, l, NULL, NULL, 1.0f}, {1, 2, l, NULL, NULL, 1.0f}};
     assert_int_equal(cpu_hydra(b, x, 4, y, 2, s2, 2), HY_EINVAL); /* overlapping */
     cpu_lora_free(b, l);
     cpu_lora_free(b, NULL);
@@ -307,7 +307,7 @@ static void test_gate_control(void **state)
     be_lora *lo = NULL;
     assert_int_equal(cpu_lora_create(b, 2, 2, 4, 2, A, R, B, 1.0f, &lo), 0);
     be_gate_ctl none = {1.0f, 0, 1u << 2};
-    be_lora_seg sg = {0, 1, lo, NULL, &none};
+    be_lora_seg sg = {0, 1, lo, NULL, &none, 1.0f};
     assert_int_equal(cpu_hydra(b, x, 4, y, 2, &sg, 1), HY_EINVAL);
     assert_non_null(strstr(hy_err_msg(), "router control"));
     cpu_lora_free(b, lo);

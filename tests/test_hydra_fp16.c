@@ -308,12 +308,12 @@ static void check_vs_precise(int n_tok, int64_t in, int64_t out, int n_ad, float
         len = HY_MIN(len, n_tok - t);
         int a = rnd_int(0, n_ad); /* n_ad: no adapter */
         for (int i = 0; i < 2; i++)
-            segs[i][n_seg] = (be_lora_seg){t, t + len, a < n_ad ? l[i][a] : NULL, stats[i][n_seg], NULL};
+            segs[i][n_seg] = (be_lora_seg){t, t + len, a < n_ad ? l[i][a] : NULL, stats[i][n_seg], NULL, 1.0f};
         n_seg++;
         t += len;
     }
     for (int i = 0; i < 2 && t < n_tok; i++)
-        segs[i][n_seg] = (be_lora_seg){t, n_tok, l[i][0], stats[i][n_seg], NULL};
+        segs[i][n_seg] = (be_lora_seg){t, n_tok, l[i][0], stats[i][n_seg], NULL, 1.0f};
     n_seg += t < n_tok;
     size_t nx = (size_t)n_tok * (size_t)in, ny = (size_t)n_tok * (size_t)out;
     float *x = vec(nx), *o[2] = {vec(ny), vec(ny)};
