@@ -1004,6 +1004,7 @@ static bool on_token(sched *s, sched_seq *q, const sched_sample *smp)
         r->t_first = hy_now();
     c->n_gen++;
     bool route_oom = r->route.view && q->acquired && sched_route_take(&q->rt, &c->route, s->cfg.n_layer);
+    bool lp_oom = false;
     if (r->sp.logprobs) {
         if (c->n_gen > c->lp_cap) {
             int cap = c->lp_cap ? c->lp_cap * 2 : 16;
@@ -1013,16 +1014,20 @@ static bool on_token(sched *s, sched_seq *q, const sched_sample *smp)
                 c->lp_cap = cap;
             }
         }
-        if (c->n_gen <= c->lp_cap)
+        if (c->n_gen <= c->lp_cap) {
             c->lp[c->n_gen - 1] = *smp;
+        } else { /* readers take lp[0..n_gen): never count a token without its entry; the request fails */
+            c->n_gen--;
+            lp_oom = true;
+        }
     }
     size_t visible = finish ? q->gen_len : q->gen_len - hold;
     if (visible > q->shown && append(&c->text, &c->len, &c->cap, q->gen + q->shown, visible - q->shown) == 0)
         q->shown = visible;
     sched_req_unlock(r);
     touch(s, r);
-    if (route_oom) {
-        fail_req(s, r, hy_err_msg());
+    if (route_oom || lp_oom) {
+        fail_req(s, r, lp_oom ? "out of memory for logprobs" : hy_err_msg());
         finish = "error";
     }
     if (finish)

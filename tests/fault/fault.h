@@ -57,8 +57,10 @@ void *fault_caller(void);
  * glibc's count is exact only with the per-thread cache off: see fault_exact_heap. */
 size_t fault_heap_bytes(void);
 /* glibc build: re-execute the program once with GLIBC_TUNABLES=glibc.malloc.tcache_count=0 (so
- * freed chunks leave the in-use count at once); true when the count is exact (ASan, or tcache
- * already off). Call first thing in main. */
+ * freed chunks leave the in-use count at once), and fill fresh blocks with a known byte
+ * (M_PERTURB; ASan fills them itself) so reads of memory nobody wrote give wrong results rather
+ * than last run's values. True when the count is exact (ASan, or tcache already off). Call first
+ * thing in main. */
 bool fault_exact_heap(char **argv);
 
 #endif

@@ -20,6 +20,7 @@
 #include <cmocka.h>
 
 #include <dirent.h>
+#include <dlfcn.h>
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
@@ -50,6 +51,7 @@ static char g_root[64]; /* /tmp/hydrad-fault-XXXXXX */
 static char g_model[PATH_MAX + 32], g_adapter[PATH_MAX + 32];
 static bool g_exact;  /* heap counts are exact (tcache off or ASan) */
 static long g_max = 400; /* attempts per operation at most (HY_FAULT_MAX) */
+static bool g_verbose;    /* HY_FAULT_VERBOSE=1: name the caller of every absorbed fault */
 static unsigned g_extra;  /* HY_FAULT_JANSSON=1: jansson's internal allocations fail too (fault.h) */
 
 /* The model loaded once, for the adapter, registry and request loops. */
@@ -168,6 +170,12 @@ static void run_case(const fault_case *c)
         } else {
             absorbed++;
             tally_site(soaked, 32, fault_site());
+            if (g_verbose) {
+                Dl_info di;
+                if (dladdr(fault_caller(), &di) && di.dli_fname)
+                    printf("      absorbed: fault %ld, %s from %s+%#lx\n", k, fault_site(), di.dli_fname,
+                           (unsigned long)((char *)fault_caller() - (char *)di.dli_fbase));
+            }
         }
         if (g_exact && after != before)
             fail_msg("%s: fault %ld (%s from %p, %s: %s): heap %zu -> %zu bytes (%+lld)", c->name, k,
@@ -210,6 +218,7 @@ static int group_setup(void **st)
         g_max = atol(m);
     if (getenv("HY_FAULT_JANSSON") && atoi(getenv("HY_FAULT_JANSSON")))
         g_extra = FAULT_JANSSON;
+    g_verbose = getenv("HY_FAULT_VERBOSE") && atoi(getenv("HY_FAULT_VERBOSE"));
     fault_init();
     snprintf(g_root, sizeof g_root, "/tmp/hydrad-fault-XXXXXX");
     if (!mkdtemp(g_root))
@@ -633,6 +642,7 @@ typedef struct {
     char text[4][256]; /* the reference text of each choice */
     char got[4][256];
     int n_lp[4];
+    sched_sample lp[4][8]; /* the reference logprobs of the first tokens */
 } req_fx;
 
 /* The server's path for one chat request, synchronously: the engine steps run on this thread. */
@@ -703,12 +713,27 @@ static int serve_request(req_fx *x)
     for (int i = 0; i < r->n_choices; i++) {
         if (strcmp(r->choices[i].finish, "error") == 0)
             OP_FAIL("choice %d finished with \"error\" but the request did not fail", i);
-        snprintf(x->got[i], sizeof x->got[i], "%.*s", (int)r->choices[i].len, r->choices[i].text ? r->choices[i].text : "");
-        x->n_lp[i] = r->choices[i].n_gen;
+        const sched_choice *ch = &r->choices[i];
+        snprintf(x->got[i], sizeof x->got[i], "%.*s", (int)ch->len, ch->text ? ch->text : "");
+        /* logprobs were asked for: the readers (srv_lp_build) take lp[0..n_gen) */
+        if (ch->n_gen > ch->lp_cap || (ch->n_gen && !ch->lp))
+            OP_FAIL("choice %d: %d tokens but room for %d logprobs", i, ch->n_gen, ch->lp_cap);
+        if (!x->have) {
+            x->n_lp[i] = ch->n_gen;
+            memcpy(x->lp[i], ch->lp, sizeof(sched_sample) * (size_t)HY_MIN(ch->n_gen, 8));
+        } else if (x->n_lp[i] != ch->n_gen) {
+            OP_FAIL("choice %d: %d tokens, the reference %d", i, ch->n_gen, x->n_lp[i]);
+        }
+        for (int j = 0; j < HY_MIN(ch->n_gen, 8); j++)
+            if (ch->lp[j].token != x->lp[i][j].token || ch->lp[j].logprob != x->lp[i][j].logprob ||
+                ch->lp[j].n_top != x->lp[i][j].n_top)
+                OP_FAIL("choice %d, token %d: logprob entry (%d, %g, %d alternatives), the reference (%d, %g, %d)", i,
+                        j, ch->lp[j].token, ch->lp[j].logprob, ch->lp[j].n_top, x->lp[i][j].token,
+                        x->lp[i][j].logprob, x->lp[i][j].n_top);
     }
     for (int i = 0; i < r->n_choices; i++) {
         if (!x->have)
-            snprintf(x->text[i], sizeof x->text[i], "%s", x->got[i]);
+            memcpy(x->text[i], x->got[i], sizeof x->text[i]);
         else if (strcmp(x->text[i], x->got[i]))
             OP_FAIL("choice %d: \"%s\", the reference \"%s\"", i, x->got[i], x->text[i]);
     }
