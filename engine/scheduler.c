@@ -28,6 +28,7 @@ typedef struct sched_seq {
     const eng_adapter *ea;
     sched_route rt;      /* the request's router control/view, bound at admission */
     bool acquired, preempted;
+    double slot_wait;    /* hy_now() when it first found no device slot for its adapter (0: not waiting) */
     uint64_t acq_tokens; /* tokens run since adapter_acquire */
     uint64_t order;      /* admission order (preemption victim = newest) */
     int n_this;          /* tokens in the current step */
@@ -646,15 +647,17 @@ static void note_admit(sched *s, void *ad)
  * least recently, then to arrival order. If that adapter has no device slot, admit nothing
  * until one frees, so a burst of one adapter cannot starve another. Only the first 256
  * waiting entries are considered. */
-static sched_seq *pick_candidate(sched *s, sched_seq **prev_out)
+static sched_seq *pick_candidate(sched *s, sched_seq **prev_out, bool *slot_ok)
 {
+    *slot_ok = true;
     sched_seq *best = NULL, *best_prev = NULL, *prev = NULL;
     int best_run = 0, scanned = 0;
     uint64_t best_last = 0;
     for (sched_seq *q = s->waiting_head; q && scanned < 256; prev = q, q = q->next, scanned++) {
         if (q->preempted) {
             *prev_out = prev;
-            return adapter_slot_ok(s, q->req->adapter) ? q : NULL;
+            *slot_ok = adapter_slot_ok(s, q->req->adapter);
+            return q;
         }
         if (best && q->req->adapter == best->req->adapter)
             continue;
@@ -668,8 +671,8 @@ static sched_seq *pick_candidate(sched *s, sched_seq **prev_out)
         }
     }
     *prev_out = best_prev;
-    if (best && !adapter_slot_ok(s, best->req->adapter))
-        return NULL;
+    if (best)
+        *slot_ok = adapter_slot_ok(s, best->req->adapter);
     return best;
 }
 
@@ -721,12 +724,43 @@ static bool sibling_prefilling(const sched *s, const sched_seq *q)
     return false;
 }
 
+/* q found no device slot for its adapter(s): start its clock, or, once it has waited
+ * cfg.adapter_wait_s, fail it with 503 (a sequence never waits without bound). Returns true when q
+ * was failed and unlinked (the caller goes on with the next one). */
+static bool slot_wait_over(sched *s, sched_seq *prev, sched_seq *q)
+{
+    double now = hy_now();
+    if (q->slot_wait == 0)
+        q->slot_wait = now;
+    if (s->cfg.adapter_wait_s <= 0 || now - q->slot_wait < s->cfg.adapter_wait_s)
+        return false;
+    char msg[200];
+    snprintf(msg, sizeof msg, "no device slot for the adapter became free within %g s (--max-loras %d, every slot "
+             "in use or pinned); try again later", s->cfg.adapter_wait_s, s->cfg.max_loras);
+    sched_req_lock(q->req);
+    if (!q->req->failed)
+        q->req->fail_status = 503;
+    sched_req_unlock(q->req);
+    wait_unlink(s, prev, q);
+    fail_req(s, q->req, msg);
+    finish_choice(s, q, "error");
+    seq_free(s, q);
+    return true;
+}
+
 static void admit(sched *s)
 {
     while (s->n_running < s->cfg.max_seqs && s->waiting_head) {
-        sched_seq *prev = NULL, *q = pick_candidate(s, &prev);
+        sched_seq *prev = NULL;
+        bool slot_ok;
+        sched_seq *q = pick_candidate(s, &prev, &slot_ok);
         if (!q || sibling_prefilling(s, q))
             return;
+        if (!slot_ok) {
+            if (slot_wait_over(s, prev, q))
+                continue;
+            return;
+        }
         /* The longest cached prefix of whole blocks (the last known token is always computed:
          * its logits are needed); a sequence that scores its prompt computes every position. */
         q->key = seq_key(s, q);
@@ -744,6 +778,8 @@ static void admit(sched *s)
             int rc = s->cfg.ops->adapter_acquire(s->cfg.ops_ctx, q->req->adapter, &ea);
             if (rc == HY_EBUSY) {
                 release_blocks(s, q);
+                if (slot_wait_over(s, prev, q))
+                    continue;
                 return; /* no device slot free right now */
             }
             if (rc) {
@@ -779,6 +815,7 @@ static void admit(sched *s)
             sched_req_unlock(q->req);
         }
         q->preempted = false;
+        q->slot_wait = 0;
         q->order = s->next_order++;
         note_admit(s, q->req->adapter);
         s->running[s->n_running++] = q;

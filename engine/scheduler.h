@@ -79,6 +79,8 @@ typedef struct {
     int n_vocab;
     int n_layer;           /* the model's layers (router views); 0 with no adapters */
     bool prefix_cache;     /* reuse the K/V of full blocks of earlier prompts (kv_prefix.h) */
+    double adapter_wait_s; /* a sequence that waits this long for device slots for its adapter(s)
+                            * fails with fail_status 503 (<= 0: waits as long as it takes) */
     const sched_ops *ops;
     void *ops_ctx;
 } sched_config;
@@ -130,6 +132,7 @@ typedef struct sched_req {
     int n_cached_tokens;   /* prompt tokens whose K/V came from the prefix cache (all sequences) */
     bool failed;
     char error[256];
+    int fail_status;       /* with failed: the HTTP status that fits (0: an internal error, 500) */
     double t_arrival, t_first, t_done;
     uint64_t seq_no;       /* arrival order, set by sched_submit */
 } sched_req;

@@ -376,7 +376,8 @@ static const sched_ops glue_ops = {
 typedef struct {
     const char *model, *host, *served, *api_key, *admin_key, *device, *cache;
     int port, max_seqs, max_batch_tokens, kv_mb, kv_blocks, max_loras, max_cpu_loras, max_queue, threads,
-        http_threads, max_conns, ctx, adapter_max_mb, drain_s, request_deadline, max_conns_ip, max_prompts;
+        http_threads, max_conns, ctx, adapter_max_mb, drain_s, request_deadline, max_conns_ip, max_prompts,
+        adapter_wait;
     const char *adapters[MAX_ADAPTER_ARGS];
     int n_adapters;
     const char *scales[MAX_ADAPTER_ARGS]; /* NAME=X, X parsed in scale_of */
@@ -429,6 +430,8 @@ static void usage(FILE *f)
             "                            loaded loads DIR/NAME (repeatable; confined to DIR like a root)\n"
             "      --adapter-eviction lru|fifo  which idle, unpinned adapter leaves the device or host\n"
             "                            memory when a slot is needed (default lru)\n"
+            "      --adapter-wait-timeout S  a request whose adapter finds no free device slot (all in use\n"
+            "                            or pinned) for S seconds fails with 503 (default 60; 0: no limit)\n"
             "      --no-prefix-cache     prefill every prompt in full (default: reuse the K/V of whole\n"
             "                            16-token blocks an earlier prompt with the same adapter load,\n"
             "                            router control and cache_salt computed)\n"
@@ -514,13 +517,14 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
 {
     enum { O_HOST = 256, O_PORT, O_SERVED, O_ADAPTER, O_ROOT, O_API, O_ADMIN, O_SEQS, O_BT, O_KVMB, O_KVB,
            O_LORAS, O_CPU, O_QUEUE, O_THREADS, O_HTHREADS, O_CONNS, O_DEVICE, O_CTX, O_CACHE, O_AMB, O_SCALE,
-           O_DRAIN, O_URLALLOW, O_METRICSAUTH, O_DEADLINE, O_CONNSIP, O_JSONWS, O_PROMPTS, O_NOPC, O_RESOLVER, O_EVICT, O_NOUI };
+           O_DRAIN, O_URLALLOW, O_METRICSAUTH, O_DEADLINE, O_CONNSIP, O_JSONWS, O_PROMPTS, O_NOPC, O_RESOLVER, O_EVICT, O_NOUI,
+           O_AWAIT };
     static const struct option lo[] = {
         {"model", required_argument, 0, 'm'}, {"host", required_argument, 0, O_HOST},
         {"port", required_argument, 0, O_PORT}, {"served-model-name", required_argument, 0, O_SERVED},
         {"adapter", required_argument, 0, O_ADAPTER}, {"adapter-root", required_argument, 0, O_ROOT},
         {"adapter-scale", required_argument, 0, O_SCALE}, {"adapter-resolver", required_argument, 0, O_RESOLVER},
-        {"adapter-eviction", required_argument, 0, O_EVICT},
+        {"adapter-eviction", required_argument, 0, O_EVICT}, {"adapter-wait-timeout", required_argument, 0, O_AWAIT},
         {"api-key", required_argument, 0, O_API}, {"admin-key", required_argument, 0, O_ADMIN},
         {"max-seqs", required_argument, 0, O_SEQS}, {"max-batch-tokens", required_argument, 0, O_BT},
         {"kv-cache-mb", required_argument, 0, O_KVMB}, {"kv-blocks", required_argument, 0, O_KVB},
@@ -588,6 +592,7 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
         case O_CPU: rc = parse_int("max-cpu-loras", optarg, 1, &o->max_cpu_loras); break;
         case O_QUEUE: rc = parse_int("max-queue", optarg, 1, &o->max_queue); break;
         case O_NOPC: o->no_prefix_cache = true; break;
+        case O_AWAIT: rc = parse_int("adapter-wait-timeout", optarg, 0, &o->adapter_wait); break;
         case O_NOUI: o->no_ui = true; break;
         case O_PROMPTS:
             rc = parse_int("max-prompts", optarg, 1, &o->max_prompts);
@@ -676,7 +681,7 @@ int cli_serve(int argc, char **argv)
     serve_opts o = {.host = "127.0.0.1", .port = 8000, .device = "auto", .max_seqs = 32, .max_batch_tokens = 512,
                     .kv_mb = 256, .max_loras = 8, .max_cpu_loras = 64, .max_queue = 256, .http_threads = 4,
                     .max_conns = 512, .ctx = 0, .adapter_max_mb = 1024, .drain_s = 30,
-                    .request_deadline = 30, .max_conns_ip = -1, .max_prompts = 64};
+                    .request_deadline = 30, .max_conns_ip = -1, .max_prompts = 64, .adapter_wait = 60};
     int prc = parse_flags(argc, argv, &o);
     if (prc)
         return prc > 0 ? 0 : 2;
@@ -754,6 +759,7 @@ int cli_serve(int argc, char **argv)
     sched_config sc_cfg = {.max_seqs = o.max_seqs, .max_batch_tokens = o.max_batch_tokens, .n_blocks = n_blocks,
                            .max_queue = o.max_queue, .max_loras = o.max_loras, .n_ctx = n_ctx,
                            .n_vocab = hp->n_vocab, .n_layer = hp->n_layer, .prefix_cache = !o.no_prefix_cache,
+                           .adapter_wait_s = o.adapter_wait,
                            .ops = &glue_ops, .ops_ctx = &g};
     if ((rc = sched_create(&sc_cfg, &sc)) || (rc = sched_start(sc))) {
         fprintf(stderr, "hydrad serve: %s\n", hy_err_msg());

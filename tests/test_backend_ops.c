@@ -960,12 +960,14 @@ static void check_hydra_n(int n_tok, int64_t in, const int64_t *out, int n, int 
         int len = rnd_int(3) == 0 ? rnd_int(2) : 1 + rnd_int(8); /* (HY_MIN evaluates twice) */
         len = n_seg == 31 ? n_tok - t : HY_MIN(n_tok - t, len);
         int a = rnd_int(n_ad + 1); /* == n_ad: no adapter */
+        static const float wts[4] = {0.0f, 1.0f, 0.5f, -1.5f}; /* stack weights (0 reads as 1) */
+        float w = wts[rnd_int(4)];
         for (int p = 0; p < n; p++) {
             bool skip = a < n_ad && rnd_int(3) == 0; /* this adapter leaves projection p alone */
             bool want = rnd_int(2);
             for (int i = 0; i < 2; i++)
                 segs[i][p][n_seg] = (be_lora_seg){t, t + len, a < n_ad && !skip ? ad[p][a].l[i] : NULL,
-                                                  want ? stats[i][p][n_seg] : NULL, NULL, 1.0f};
+                                                  want ? stats[i][p][n_seg] : NULL, NULL, w};
         }
         n_seg++;
         t += len;
@@ -1039,7 +1041,7 @@ static void test_hydra_n(void **state)
     for (int i = 0; i < 2; i++) {
         float *d = dev_put(bs[i], NULL, 64 * 4), *y[2] = {d, d + 32};
         const int64_t out[2] = {32, 32};
-        const be_lora_seg seg = {0, 1, NULL, NULL, NULL}, *segs[2] = {&seg, NULL};
+        const be_lora_seg seg = {0, 1, NULL, NULL, NULL, 1.0f}, *segs[2] = {&seg, NULL};
         assert_int_equal(bs[i]->ops->hydra(bs[i], 2, d, 32, y, out, segs, 1), HY_EINVAL);
         bs[i]->ops->free(bs[i], d);
     }

@@ -92,7 +92,8 @@ static void host_lora_free(be *b, host_lora *h)
 }
 
 /* Naive reference for one token: y += s * sum_k g_k B_k (A x); stats += g, entropy. */
-static void ref_token(const host_lora *h, const float *x, int64_t in, double *y, int64_t out, double *st)
+/* w: the segment's stack weight (be_lora_seg.scale, 1 for a plain adapter) */
+static void ref_token(const host_lora *h, const float *x, int64_t in, double *y, int64_t out, double *st, double w)
 {
     double hv[256], lg[16], g[16];
     for (int i = 0; i < h->r; i++) {
@@ -130,7 +131,7 @@ static void ref_token(const host_lora *h, const float *x, int64_t in, double *y,
                 bh += (double)h->B[k][o * h->r + i] * hv[i];
             acc += g[k] * bh;
         }
-        y[o] += h->scale * acc;
+        y[o] += w * h->scale * acc;
     }
 }
 
@@ -163,12 +164,15 @@ static void run_case_mode(tp_pool *pool, bool precise, int64_t in, int64_t out, 
         segs[s].lora = sp[s].lora >= 0 ? L[sp[s].lora].l : NULL;
         segs[s].stats = sp[s].lora >= 0 ? stats[s] : NULL;
         segs[s].ctl = NULL;
+        /* stack weights: 0 (read as 1), a half, a negative weight */
+        static const float wts[3] = {0.0f, 0.5f, -0.75f};
+        segs[s].scale = wts[s % 3];
         for (int k = 0; k < 17; k++)
             stats_ref[s][k] = stats[s][k] = (float)k; /* the op must ADD */
         if (sp[s].lora < 0)
             continue;
         for (int t = sp[s].begin; t < sp[s].end; t++)
-            ref_token(&L[sp[s].lora], x + t * in, in, yr + t * out, out, stats_ref[s]);
+            ref_token(&L[sp[s].lora], x + t * in, in, yr + t * out, out, stats_ref[s], be_seg_scale(&segs[s]));
     }
     assert_int_equal(cpu_hydra(b, x, in, y, out, segs, n_seg), 0);
     double maxd = 0, maxerr = 0;

@@ -35,6 +35,7 @@ typedef struct {
     int steps;
     eng_adapter ad[4];       /* K = adapter number; adapters are &ad[i] via acquire */
     int acquired[4];
+    bool no_slot[4];         /* acquire of adapter i answers HY_EBUSY (its slots stay taken) */
     int first_step_of[4];    /* step when adapter i's tokens first ran (-1 never) */
     int errors;              /* consistency violations seen by the fake forward */
 } fake;
@@ -136,6 +137,8 @@ static int fake_acquire(void *ctx, void *adapter, const eng_adapter **out)
 {
     fake *f = ctx;
     int k = (int)(intptr_t)adapter;
+    if (f->no_slot[k])
+        return HY_EBUSY;
     f->acquired[k]++;
     *out = &f->ad[k];
     return 0;
@@ -169,12 +172,14 @@ static void fake_free(fake *f)
 }
 
 static bool g_prefix_cache; /* mk's sched_config.prefix_cache */
+static double g_adapter_wait; /* mk's sched_config.adapter_wait_s */
 
 static sched *mk(fake *f, int max_seqs, int max_batch, int n_blocks, int max_queue, int max_loras)
 {
     sched_config c = {.max_seqs = max_seqs, .max_batch_tokens = max_batch, .n_blocks = n_blocks,
                       .max_queue = max_queue, .max_loras = max_loras, .n_ctx = 512, .n_vocab = V,
-                      .prefix_cache = g_prefix_cache, .ops = &fake_ops, .ops_ctx = f};
+                      .prefix_cache = g_prefix_cache, .adapter_wait_s = g_adapter_wait, .ops = &fake_ops,
+                      .ops_ctx = f};
     sched *s = NULL;
     assert_int_equal(sched_create(&c, &s), 0);
     return s;
@@ -462,6 +467,44 @@ static void test_fairness_max_loras(void **st)
     fake_free(f);
 }
 
+/* A sequence whose adapter never gets a device slot fails with 503 once it has waited
+ * adapter_wait_s, with a message naming the cause; the others are served meanwhile. */
+static void test_slot_wait_timeout(void **st)
+{
+    (void)st;
+    fake *f = fake_new(64);
+    f->no_slot[3] = true;
+    g_adapter_wait = 0.2;
+    sched *s = mk(f, 4, 32, 64, 16, 2);
+    g_adapter_wait = 0;
+    sched_req *rs[2] = {mkreq(3, 6, 1, 2, 4, NULL), mkreq(0, 6, 2, 1, 4, NULL)};
+    for (int i = 0; i < 2; i++)
+        assert_int_equal(sched_submit(s, rs[i]), 0);
+    double t0 = hy_now();
+    bool done = false;
+    while (!done && hy_now() - t0 < 5.0) {
+        assert_true(sched_step(s) >= 0);
+        usleep(10000);
+        sched_req_lock(rs[0]);
+        done = sched_req_finished(rs[0]);
+        sched_req_unlock(rs[0]);
+    }
+    double waited = hy_now() - t0;
+    assert_true(done);
+    assert_true(waited >= 0.2 && waited < 2.0);
+    assert_true(rs[0]->failed);
+    assert_int_equal(rs[0]->fail_status, 503);
+    assert_non_null(strstr(rs[0]->error, "no device slot"));
+    run_until_done(s, &rs[1], 1, 200);
+    assert_false(rs[1]->failed);
+    assert_int_equal(rs[1]->choices[0].n_gen, 4);
+    for (int i = 0; i < 2; i++)
+        sched_req_release(rs[i]);
+    assert_int_equal(f->acquired[3], 0);
+    sched_free(s);
+    fake_free(f);
+}
+
 static pthread_mutex_t nmu = PTHREAD_MUTEX_INITIALIZER;
 static int notified;
 static void on_notify(void *ctx)
@@ -698,7 +741,7 @@ int main(void)
         cmocka_unit_test(test_batching_chunked),
         cmocka_unit_test(test_preemption),       cmocka_unit_test(test_stop_and_eog),
         cmocka_unit_test(test_cancel_and_limits), cmocka_unit_test(test_adapters_and_n),
-        cmocka_unit_test(test_fairness_max_loras), cmocka_unit_test(test_thread),
+        cmocka_unit_test(test_fairness_max_loras), cmocka_unit_test(test_slot_wait_timeout), cmocka_unit_test(test_thread),
         cmocka_unit_test(test_prompt_logprobs), cmocka_unit_test(test_prefix_cache),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
