@@ -48,6 +48,8 @@ static bool fault_hit(unsigned kind, const char *site, void *caller)
 }
 #define HIT(kind, name) fault_hit(kind, name, __builtin_return_address(0))
 
+bool fault_should_fail(unsigned kind, const char *site, void *caller) { return fault_hit(kind, site, caller); }
+
 void fault_arm(unsigned kinds, long nth)
 {
     fs.armed = true;

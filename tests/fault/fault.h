@@ -32,7 +32,16 @@ enum {
      * 12-line program shows it: {"model":..,"seed":7,"presence_penalty":0.5} loads without
      * presence_penalty when its 11th allocation fails), which no caller can detect. */
     FAULT_JANSSON = 1u << 5,
+    /* CUDA runtime and cuBLAS calls of the CUDA backend, in the CPU emulator build only
+     * (tests/cuda_emu; fault_cuda.c): allocations fail with cudaErrorMemoryAllocation, the rest
+     * with cudaErrorLaunchFailure (cuBLAS: EXECUTION_FAILED, cublasCreate: ALLOC_FAILED);
+     * cudaGetLastError after a launch reports the launch as failed. */
+    FAULT_CUDA = 1u << 6,
 };
+
+/* For wrappers in other files (fault_cuda.c): count this call of `kind` and say whether it is
+ * the one to fail. */
+bool fault_should_fail(unsigned kind, const char *site, void *caller);
 
 /* Once per process, before any arming: routes jansson's allocator through the counters. */
 void fault_init(void);

@@ -409,6 +409,61 @@ static void test_registry_load(void **st)
     REG = NULL;
 }
 
+/* ---------- the CUDA backend (the CPU emulator's build: tests/cuda_emu) ---------- */
+
+#ifdef HY_HAVE_CUDA
+static ref_logits REF_CUDA, REF_CUDA_AD;
+
+/* Backend, model upload, KV, a forward, an adapter upload and a forward through it. */
+static int op_cuda(void *ctx)
+{
+    be *b = NULL;
+    eng_model *m = NULL;
+    eng_kv *kv = NULL;
+    ad_adapter *a = NULL;
+    int32_t *ids = NULL;
+    int n = 0;
+    int rc = be_cuda_create(0, &b);
+    if (!rc)
+        rc = eng_model_load(F, b, &m);
+    if (!rc)
+        rc = eng_kv_create(m, 4, &kv);
+    if (!rc)
+        rc = tok_encode(V, PROMPT, strlen(PROMPT), true, tok_add_bos(V), &ids, &n);
+    if (!rc)
+        rc = eng_forward_seq(m, kv, ids, n, 0, 8, NULL, LG);
+    if (!rc)
+        rc = check_logits(&REF_CUDA, LG, N_VOCAB, "CUDA model");
+    if (!rc)
+        rc = ad_read(g_adapter, &SHAPE, NULL, &a);
+    if (!rc)
+        rc = ad_upload(a, b);
+    if (!rc)
+        rc = eng_forward_seq(m, kv, ids, n, 0, 8, ad_eng(a), LG);
+    if (!rc)
+        rc = check_logits(&REF_CUDA_AD, LG, N_VOCAB, "CUDA model with an adapter");
+    ad_free(a);
+    free(ids);
+    eng_kv_free(kv);
+    eng_model_free(m);
+    if (b)
+        b->ops->destroy(b);
+    return rc;
+}
+
+static void test_cuda(void **st)
+{
+    be *b = NULL;
+    if (be_cuda_create(0, &b)) {
+        printf("SKIP: no CUDA device: %s\n", hy_err_msg());
+        skip();
+    }
+    b->ops->destroy(b);
+    fault_case c = {"CUDA backend", FAULT_ALL | FAULT_CUDA, op_cuda, NULL, NULL, NULL};
+    run_case(&c);
+}
+#endif
+
 /* ---------- URL download (file:// stands in for https://) ---------- */
 
 #define SRC_BYTES (200 * 1024 + 11)
@@ -831,6 +886,9 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_registry_load),
         cmocka_unit_test(test_download),
         cmocka_unit_test(test_request),
+#ifdef HY_HAVE_CUDA
+        cmocka_unit_test(test_cuda),
+#endif
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
