@@ -199,6 +199,7 @@ static int run_case(be *b, const kb_opts *o, int r, int K, int batch, int n_ad, 
         segs[a].lora = l[a];
         segs[a].stats = NULL;
         segs[a].ctl = NULL;
+        segs[a].scale = 1.0f;
     }
     double t_grp = 0, t_loop = 0;
     if ((rc = time_op(b, x, o->in, y, o->out, segs, n_ad, 0, o->min_time, &t_grp)) ||

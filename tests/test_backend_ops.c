@@ -893,7 +893,10 @@ static void check_hydra(int n_tok, int64_t in, int64_t out, int n_ad)
         uint32_t allow = (uint32_t)rnd_int(1 << K);
         ctls[n_seg] = (be_gate_ctl){temps[rnd_int(3)], rnd_int(K + 1), allow ? allow : 1u << rnd_int(K)};
         bool want_ctl = rnd_int(3) == 0;
+        static const float wts[4] = {0.0f, 1.0f, 0.5f, -1.5f}; /* stack weights (0 reads as 1) */
+        float w = wts[rnd_int(4)];
         for (int i = 0; i < 2; i++) {
+            segs[i][n_seg].scale = w;
             segs[i][n_seg].tok_begin = t;
             segs[i][n_seg].tok_end = t + len;
             segs[i][n_seg].lora = a < n_ad ? ad[a].l[i] : NULL;
