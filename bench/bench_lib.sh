@@ -45,6 +45,14 @@ stop_pid() {
     kill -9 "$1" 2>/dev/null || true
 }
 
+# peer_build: the line bench/build_llamacpp.sh left next to the llama.cpp binaries in $LLAMA_BIN
+# (native or portable build, its instruction sets, the smoke run); prints nothing when llama.cpp
+# was not run. Every results block that has llama.cpp figures prints it.
+peer_build() {
+    [ -n "${LLAMA_BIN:-}" ] || return 0
+    echo "llama.cpp build: $(cat "$LLAMA_BIN/build-info.txt" 2>/dev/null || echo "unknown (no $LLAMA_BIN/build-info.txt)")"
+}
+
 # median of numbers on stdin
 median() { $PY -c 'import sys,statistics; v=[float(x) for x in sys.stdin.read().split()]; print("%.2f" % statistics.median(v) if v else "nan")'; }
 # ratio A B with 2 decimals

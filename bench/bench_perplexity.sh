@@ -121,6 +121,7 @@ results_init
     echo
     echo "$(cpu_model) (/proc/cpuinfo: $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)), $(cpu_cores) cores,"
     echo "$THREADS threads; $MODEL; hydrad $REV (bin/hydrad as built), llama.cpp of llama-cpp-python 0.3.36."
+    peer_build
     echo "docs: $DOCS_WHAT, $(wc -c <"$DOCS") bytes, sha256 $(sha256sum "$DOCS" | cut -c1-16)...;"
     echo "small: tests/fixtures/ppl.txt. Commands (llama-perplexity -b = hydrad --batch, so both run the same"
     echo "windows per forward pass${CHUNKS:+; --chunks $CHUNKS on both for docs}):"

@@ -246,6 +246,7 @@ results_init
     echo "$NUM_PREFIXES prefixes of $PREFIX_LEN words (uniform by seed) + a $QLEN-word question, $A_OUT tokens out; the same load"
     echo "on llama-server -np $A_CONC -c $((A_CONC * SLOT_CTX)) (llama-cpp-python 0.3.36's llama.cpp, \"cache_prompt\": true,"
     echo "otherwise its defaults). Nothing is warmed, so first visits of each prefix are in the figures."
+    peer_build
     echo "(b) $CONVS chat conversations of $TURNS turns ($QLEN-word questions, $B_OUT-token answers), starting at $B_RATE/s;"
     echo "every turn resends the history. (c) $C_PROMPTS distinct prompts of $C_IN words, $C_OUT tokens out, $C_CONC in flight,"
     echo "$C_REPEAT interleaved on/off pairs (figure: the median of the pair ratios). All greedy with ignore_eos, streamed; TTFT from send to first token."

@@ -165,6 +165,7 @@ fi
     echo "--max-seqs $SEQS (adapters r 8, K 3, q_proj+v_proj, chosen uniformly; --max-loras 8 resident at once) and"
     echo "llama-server -np $SEQS (llama-cpp-python 0.3.36's llama.cpp). Load average before $LOAD0, after $LOAD1;"
     echo "the last column is the 1-minute load after each run (the machine is shared)."
+    peer_build
     echo
     cat "$WORK/tables.md"
     [ -n "$PLOTS" ] && { echo; echo "$PLOTS"; }

@@ -118,6 +118,7 @@ PY
     echo "tokens (ignore_eos, greedy). hydrad serve --max-seqs $MAXS; llama-server -np $MAXS -c $((MAXS * SLOT_CTX))"
     echo "(llama-cpp-python 0.3.36's llama.cpp). The two alternate level by level; $([ "$REPS" -gt 1 ] && echo "median of $REPS repetitions" || echo "one run per cell")."
     echo "Per-stream decode tok/s = 1000 / mean TPOT; aggregate = output tokens / run time (prefill included)."
+    peer_build
     echo "Load average before $LOAD0, after $LOAD1; the last column is the 1-minute load after each run,"
     echo "hydrad's runs first, then llama-server's (the machine is shared)."
     echo

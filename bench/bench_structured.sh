@@ -178,6 +178,7 @@ results_init
     echo "$CAP tokens (CAP) and hydrad the same capped load for the ratio. Each server is started fresh per level and"
     echo "warmed up; hydrad serve --max-seqs $MAXS,"
     echo "llama-server -np $MAXS -c $((MAXS * SLOT_CTX)) (llama-cpp-python 0.3.36's llama.cpp, GBNF from the schema)."
+    peer_build
     echo "Overhead = 1 - constrained / free. At 1 stream, TPOT constrained - free is the per-token cost of the mask"
     echo "(and of anything else constrained decoding adds); at N streams it is the added time per decode step."
     echo "Invalid JSON: answers that do not parse as a JSON object."

@@ -34,8 +34,10 @@ ORIGIN="llama.cpp as vendored by llama-cpp-python $VER (PyPI sdist)"
 say() { echo "build_llamacpp: $*" >&2; }
 
 mkdir -p "$CACHE"
-# One builder at a time: bench scripts of several sessions may call this together.
-if command -v flock >/dev/null; then exec 9>"$CACHE/.build.lock"; flock 9; fi
+# lock NAME: one caller at a time per build directory (bench scripts of several sessions may call
+# this together), released when the script exits; a portable build in progress does not hold up
+# callers whose native build runs. The source fetch is under the native lock.
+lock() { if command -v flock >/dev/null; then exec 9>"$CACHE/.$1.lock"; flock 9; fi; }
 
 have_bins() { local t; for t in "${TARGETS[@]}"; do [ -x "$1/bin/$t" ] || return 1; done; }
 
@@ -91,9 +93,9 @@ record() {
 
 host() { echo "$(lscpu | sed -n 's/^Model name: *//p' | head -1), $(date -u '+%Y-%m-%d')"; }
 
-fetch_source
-
 # 1. The native build.
+lock native
+fetch_source
 SIM=""
 [ "${HY_PEER_FORCE_PORTABLE:-0}" = 1 ] && SIM="simulated failure (HY_PEER_FORCE_PORTABLE=1)"
 if [ -z "$SIM" ]; then
@@ -108,6 +110,7 @@ else
     say "native build: $SMOKE_WHY"
 fi
 NATIVE_WHY=$SMOKE_WHY
+lock portable   # reopening fd 9 drops the native lock
 
 # 2. Portable builds: GGML_NATIVE=OFF, every instruction-set option set explicitly from the flags.
 FLAGS=" ${HY_PEER_CPU_FLAGS:-$(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2)} "
