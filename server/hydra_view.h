@@ -1,6 +1,6 @@
 /* hydra_view.h - between the api `hydra` object and the scheduler's router records: the request's
  * gate control from its options, and a choice's router view (means per projection, dominant head
- * per token) in the shape api/ formats. No HTTP here; http.c calls it. */
+ * per token) in the shape api/ formats. No HTTP here; srv_gen.c and srv_sse.c call it. */
 #ifndef HY_HYDRA_VIEW_H
 #define HY_HYDRA_VIEW_H
 

@@ -1,4 +1,4 @@
-/* test_http_download.c - srv_download (server/http.c), the fetch behind https:// adapters, run
+/* test_http_download.c - srv_download (server/srv_fetch.c), the fetch behind https:// adapters, run
  * on file:// URLs (no network here): the result appears only under its final name, every failure
  * (cap, sha256 mismatch, missing source, refused protocol) leaves no temp file, a temp file of
  * another download of the same destination is never touched, and concurrent downloads to one
