@@ -22,7 +22,8 @@ FUZZ_SAN    := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-
 # Library code from other rooms is compiled without -Werror (clang may warn where gcc does not);
 # the fuzz targets themselves are held to -Werror.
 FUZZ_CFLAGS := -g -O1 -std=c11 -D_GNU_SOURCE -pthread -fno-strict-aliasing -Wall -Wextra \
-  -Wno-unused-parameter -I. -MMD -MP $(FUZZ_SAN) -fsanitize=fuzzer-no-link
+  -Wno-unused-parameter -I. -MMD -MP $(FUZZ_SAN) -fsanitize=fuzzer-no-link \
+  -fsanitize-coverage-ignorelist=tests/fuzz/cov_ignore.txt
 FUZZ_QFLAGS := -O2 -g -std=c11 -D_GNU_SOURCE -pthread -fno-strict-aliasing -I. -MMD -MP
 FUZZ_LDLIBS := -ljansson -lcurl -lcrypto -lm -lpthread
 
@@ -37,7 +38,7 @@ FUZZ_MODEL  ?= $(MODEL)
 .PHONY: fuzz test-fuzz fuzz-build fuzz-clean
 fuzz-build: $(FUZZ_EXES)
 
-$(FUZZ_LIB_O): $(FUZZ_BUILD)/%.o: %.c
+$(FUZZ_LIB_O): $(FUZZ_BUILD)/%.o: %.c tests/fuzz/cov_ignore.txt
 	@mkdir -p $(dir $@)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -c $< -o $@
 $(FUZZ_Q_O): $(FUZZ_BUILD)/gcc/%.o: %.c

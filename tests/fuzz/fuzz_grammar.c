@@ -55,20 +55,35 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     return 0;
 }
 
-static bool fz_bit(const uint32_t *m, int32_t id) { return m[id / 32] >> (id % 32) & 1; }
+/* The k-th set (want = true) or clear bit of mask, k taken modulo their count; -1 when none.
+ * Word-wise (popcount): a bit-by-bit loop over 49k ids was a third of the target's time. */
+static uint32_t fz_word(const uint32_t *m, size_t w, bool want)
+{
+    uint32_t x = want ? m[w] : ~m[w];
+    if (w == n_words - 1 && n_vocab % 32)
+        x &= (1u << (n_vocab % 32)) - 1; /* bits past n_vocab are not tokens */
+    return x;
+}
 
-/* The k-th set (want = true) or clear bit of mask, k taken modulo their count; -1 when none. */
 static int32_t fz_pick(const uint32_t *m, bool want, unsigned k)
 {
-    int count = 0;
-    for (int32_t id = 0; id < n_vocab; id++)
-        count += fz_bit(m, id) == want;
+    unsigned count = 0;
+    for (size_t w = 0; w < n_words; w++)
+        count += (unsigned)__builtin_popcount(fz_word(m, w, want));
     if (!count)
         return -1;
-    k %= (unsigned)count;
-    for (int32_t id = 0; id < n_vocab; id++)
-        if (fz_bit(m, id) == want && k-- == 0)
-            return id;
+    k %= count;
+    for (size_t w = 0; w < n_words; w++) {
+        uint32_t x = fz_word(m, w, want);
+        unsigned c = (unsigned)__builtin_popcount(x);
+        if (k >= c) {
+            k -= c;
+            continue;
+        }
+        for (; k; k--)
+            x &= x - 1; /* drop the lowest set bit */
+        return (int32_t)(w * 32 + (size_t)__builtin_ctz(x));
+    }
     return -1;
 }
 
