@@ -243,6 +243,8 @@ def request_seeds():
                        "parallel_tool_calls": False},
         "chat-tools-auto": {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required",
                             "tools": [{"type": "function", "function": {"name": "f"}}]},
+        "completion-lora-stack": {"prompt": "x", "model": "base",
+                                  "lora": [{"name": "a1", "scale": 0.5}, {"id": "b2"}, {"name": "c", "scale": -2}]},
         "load-lora": {"lora_name": "a1", "lora_path": "/tmp/a1", "sha256": "0" * 64, "pinned": True},
         "unload-lora": {"lora_name": "a1"},
     }
