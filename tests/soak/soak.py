@@ -38,22 +38,33 @@ Pass criteria (all printed as figures; exit status 1 on any miss):
                 from second to second (adapter loads, a 32-sequence batch's buffers, ASan's
                 allocator), which moves a least-squares slope over 2 minutes by tens of MB / 10
                 min (printed for information). Full soak: under 1.0 MB / 10 min. Short run
-                (--short): its halves are 60 s apart, where 1 MB / 10 min is 0.1 MB, under the
-                ~1 MB the medians move between two clean runs; it allows 3 MB between its halves
-                (30 MB / 10 min). That still catches a leak of ~50 KB per request or ~25 KB per
-                admin call (~1 request and 2 admin calls a second on the loaded VM), i.e. any
-                leaked adapter, KV table or logits row; LSan at exit catches unreachable leaks of
-                any size. ASan's quarantine holds freed memory: quarantine_size_mb=16 here so
-                that it is full within warm-up (the default 256 MB would take many minutes to
-                fill and look like a leak).
+                (--short): its halves are 60 s apart, where 1 MB / 10 min is 0.1 MB, and the
+                medians of two clean 180-s runs on the loaded VM moved by +4 and -16 MB (ASan's
+                allocator gives free pages back to the system every 5 s, so VmRSS follows the
+                live heap, which follows the work in flight); it allows 24 MB between its halves.
+                That catches only a gross leak (~400 KB per request or ~200 KB per admin call at
+                the ~1 request and 2 admin calls a second of the loaded VM: a leaked adapter copy
+                or KV pool, not a leaked string); the full soak's 1 MB / 10 min is the real RSS
+                check, and LSan at exit catches unreachable leaks of any size in both. Two things
+                grow VmRSS for a while without leaking, so both are sized to be full within
+                warm-up: the KV cache (the allocator hands out never-used
+                blocks before it evicts cached prefixes, so its pages are touched one block at
+                a time until every block has been used once: the default 728 blocks took more
+                than 3 minutes here, 192 blocks more than 2; --kv-blocks 96 (1536 tokens, room
+                for ~20 of the 32 clients' sequences at once, so KV-full admission waits and
+                preemption are part of the load) fills in well under a minute) and ASan's
+                quarantine of freed memory (quarantine_size_mb=16; the default 256 MB would take
+                many minutes to fill).
   latency       p99 end-to-end latency of the requests started in the last 10 % of the run within
                 1.2x of those started in the first 10 % (whole requests only; cancelled ones
                 excluded). The short run instead compares per-token latency (end-to-end latency /
                 tokens per choice: max_tokens is drawn from 2-16, so end-to-end latency mixes
-                sizes) at p90 over the first and last 25 %, limit 1.5x: on the shared 2-core VM
-                (load 10-15 from other jobs) the server gets about a third of a core and
-                completes ~1 request a second, so a 10 % window holds ~20 requests (p99 is then
-                their maximum) and other jobs' load swings 2x within minutes. The figures of the
+                sizes) at p90 over the first and last 25 %, limit 2x: on the shared 2-core VM
+                (load 12-15 from other jobs) the server gets about a third of a core and
+                completes ~0.7 requests a second, so a 10 % window holds ~10-35 requests (p99 is
+                then their maximum), and a request's time is mostly its wait for admission
+                (adapter device slots, KV blocks), which varies a lot with the random mix: four
+                clean runs gave p90 ratios 0.36, 0.72, 0.80 and 1.11. The figures of the
                 full criterion and the server's CPU seconds per token (a slowdown of the server
                 itself raises it; another job's load does not) are printed beside it. The first
                 window holds the start-up burst (32 requests at once) and the last one's requests
@@ -174,7 +185,8 @@ class Soak:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [self.a.bin, "serve", "-m", self.a.model, "--host", "127.0.0.1", "--port", str(self.port),
                "--served-model-name", SERVED, "--threads", str(self.a.threads), "--http-threads", "4",
-               "--max-seqs", "32", "--max-batch-tokens", "256", "--adapter-root", self.root,
+               "--max-seqs", "32", "--max-batch-tokens", "256", "--kv-blocks", str(self.a.kv_blocks),
+               "--adapter-root", self.root,
                "--admin-key", ADMIN_KEY, "--drain-timeout", "60"]
         for name, *_ in ADAPTERS:
             cmd += ["--adapter", f"{name}={self.dirs[name]}"]
@@ -629,13 +641,13 @@ class Soak:
               f"least-squares slope {fit:+.2f} MB / 10 min, range {min(p[1] for p in pts):.1f}-"
               f"{max(p[1] for p in pts):.1f})")
         if a.short:
-            out["rss"] = (grow < 3.0, f"VmRSS growth {grow:+.2f} MB over {gap:.0f} s after warm-up, limit 3 MB")
+            out["rss"] = (grow < 24.0, f"VmRSS growth {grow:+.2f} MB over {gap:.0f} s after warm-up, limit 24 MB")
         else:
             out["rss"] = (rate < 1.0, f"VmRSS growth {rate:+.2f} MB / 10 min after warm-up, limit 1.0")
         # latency windows
         for frac, q, field, lim_l, label in ((0.10, 0.99, "lat", 1.2, "e2e p99, 10 % windows"),
                                             (0.10, 0.99, "per_tok", 1.2, "per-token p99, 10 % windows"),
-                                            (0.25, 0.90, "per_tok", 1.5, "per-token p90, 25 % windows"),
+                                            (0.25, 0.90, "per_tok", 2.0, "per-token p90, 25 % windows"),
                                             (0.25, 0.90, "cpu_tok", 1.5, "server-CPU-time per token p90, 25 % windows")):
             w1, w2 = self.window(0, frac * T, field), self.window((1 - frac) * T, T + 1, field)
             p1, p2 = pct(w1, q), pct(w2, q)
@@ -684,6 +696,8 @@ def main():
     p.add_argument("--threads", type=int, default=2, help="the server's compute threads")
     p.add_argument("--drain", type=float, default=120, help="seconds the clients get to finish at the end")
     p.add_argument("--progress", type=float, default=30, help="seconds between progress lines")
+    p.add_argument("--kv-blocks", type=int, default=96, help="the server's KV cache in blocks of 16 tokens "
+                   "(header: rss)")
     p.add_argument("--no-admin", action="store_true", help="no load/unload loop (to tell its effect apart)")
     p.add_argument("--run-dir")
     p.add_argument("--seed", type=int, default=1)
