@@ -47,13 +47,15 @@ typedef struct {
     uint64_t tokens;
     int K;
     float gate[AD_MAX_K];
+    double gate_n;       /* token-projections the mean gates average over (their sum is gate[k] * gate_n) */
     bool resident;
 } srv_ad_stats;
 
-/* Requests routed to one adapter name (HTTP threads count under srv.mu). */
+/* Requests routed to one adapter name and their tokens (HTTP threads count under srv.mu). */
 typedef struct {
     char name[AD_NAME_MAX];
     uint64_t requests;
+    uint64_t prompt_tokens, generation_tokens; /* of finished requests */
 } srv_ad_served;
 
 /* A whole (non-streamed) answer whose socket the disconnect watcher polls (srv.watch_mu). */

@@ -2,6 +2,8 @@
  * Callers pass engine gauges in; this file reads no engine or adapter state itself. */
 #include "server/metrics.h"
 
+#include "engine/hy.h"
+
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -154,24 +156,49 @@ static void adapter_levels(sbuf *b, const srv_gauges *g)
     }
 }
 
-/* One sample per adapter that has been requested since it was loaded. */
+/* Per-adapter series, one sample per adapter that has been requested since it was loaded (the
+ * series of an unloaded adapter are gone with it: bounded by the adapters loaded). */
 static void adapter_requests(sbuf *b, const srv_gauges *g)
 {
-    sb_printf(b, "# HELP hydrad_adapter_requests_total Requests routed to each loaded adapter.\n"
-                 "# TYPE hydrad_adapter_requests_total counter\n");
+    static const struct {
+        const char *name, *help;
+    } fam[] = {
+        {"hydrad_adapter_requests_total", "Requests routed to each loaded adapter."},
+        {"hydrad_adapter_prompt_tokens_total", "Prompt tokens of finished requests, by adapter."},
+        {"hydrad_adapter_generation_tokens_total", "Generated tokens of finished requests, by adapter."},
+        {"hydrad_adapter_head_gate_sum", "HydraLoRA head usage: the sum of the head's router gate over every "
+                                         "token and targeted projection, by adapter and head."},
+    };
+    char **esc = calloc((size_t)g->n_adapters + 1, sizeof *esc);
+    if (!esc) {
+        b->oom = 1;
+        return;
+    }
     for (int i = 0; i < g->n_adapters; i++) {
         const char *name = g->adapters[i].name ? g->adapters[i].name : "";
         size_t cap = 2 * strlen(name) + 4; /* every byte escaped at most once, plus the end */
-        char *esc = malloc(cap);
-        if (!esc) {
+        if (!(esc[i] = malloc(cap))) {
             b->oom = 1;
-            return;
+            break;
         }
-        label_escape(esc, cap, name);
-        sb_printf(b, "hydrad_adapter_requests_total{adapter=\"%s\"} %llu\n", esc,
-                  (unsigned long long)g->adapters[i].requests);
-        free(esc);
+        label_escape(esc[i], cap, name);
     }
+    for (size_t f = 0; f < HY_ARRAY_LEN(fam) && !b->oom; f++) {
+        sb_printf(b, "# HELP %s %s\n# TYPE %s counter\n", fam[f].name, fam[f].help, fam[f].name);
+        for (int i = 0; i < g->n_adapters; i++) {
+            const srv_adapter_requests *a = &g->adapters[i];
+            if (f == 3) {
+                for (int k = 0; k < a->K && k < SRV_MAX_HEADS; k++)
+                    sb_printf(b, "%s{adapter=\"%s\",head=\"%d\"} %.6f\n", fam[f].name, esc[i], k, a->gate_sum[k]);
+                continue;
+            }
+            uint64_t v = f == 0 ? a->requests : f == 1 ? a->prompt_tokens : a->generation_tokens;
+            sb_printf(b, "%s{adapter=\"%s\"} %llu\n", fam[f].name, esc[i], (unsigned long long)v);
+        }
+    }
+    for (int i = 0; i < g->n_adapters; i++)
+        free(esc[i]);
+    free(esc);
 }
 
 char *srv_metrics_render(srv_metrics *m, const srv_gauges *g)

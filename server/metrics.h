@@ -27,10 +27,16 @@ typedef struct {
     srv_hist ttft, tpot, e2e;
 } srv_metrics;
 
-/* Requests routed to one adapter (a snapshot the caller owns for the render call). */
+/* What one loaded adapter served since it was loaded (a snapshot the caller owns for the render
+ * call): requests, their prompt and generated tokens, and for HydraLoRA adapters the sum of each
+ * head's router gate over every token and targeted projection run so far (head usage). */
+#define SRV_MAX_HEADS 16
 typedef struct {
     const char *name;
     uint64_t requests;
+    uint64_t prompt_tokens, generation_tokens;
+    int K;                           /* heads with a gate sum; 0: none (no data, or plain LoRA) */
+    double gate_sum[SRV_MAX_HEADS];
 } srv_adapter_requests;
 
 /* Where a loaded adapter is: host memory (every READY adapter), the device too when resident. */

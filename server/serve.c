@@ -252,7 +252,7 @@ static void stats_fill(glue *g, int i, srv_ad_stats *x)
     x->K = HY_MIN(ad_K(g->res[i].a), AD_MAX_K);
     x->resident = true;
     float gate[AD_MAX_K] = {0};
-    ad_stats_mean_gate(g->res[i].a, gate);
+    x->gate_n = ad_stats_mean_gate(g->res[i].a, gate);
     memcpy(x->gate, gate, sizeof x->gate);
 }
 

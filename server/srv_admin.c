@@ -28,21 +28,27 @@ srv_ad_stats *srv_stats_entry(srv *s, const char *name)
     return x;
 }
 
-/* One more request routed to adapter `name`. The table holds the names requested since they
- * were loaded (forget_served drops one on unload), so it is bounded by the adapters loaded. */
-void srv_count_served(srv *s, const char *name)
+/* Count for adapter `name`: a request routed to it (requests 1, at its start: the entry is made
+ * then), or the prompt and generated tokens of a finished one (requests 0: only an entry that is
+ * still there counts them). The table holds the names requested since they were loaded
+ * (forget_served drops one on unload), so it is bounded by the adapters loaded. */
+void srv_count_served(srv *s, const char *name, int requests, uint64_t prompt, uint64_t gen)
 {
     pthread_mutex_lock(&s->mu);
     int i = 0;
     while (i < s->n_served && strcmp(s->served[i].name, name) != 0)
         i++;
-    if (i == s->n_served && srv_grow((void **)&s->served, s->n_served, &s->cap_served, sizeof *s->served) == 0) {
+    if (i == s->n_served && requests &&
+        srv_grow((void **)&s->served, s->n_served, &s->cap_served, sizeof *s->served) == 0) {
         s->n_served++;
+        memset(&s->served[i], 0, sizeof s->served[i]);
         snprintf(s->served[i].name, sizeof s->served[i].name, "%s", name);
-        s->served[i].requests = 0;
     }
-    if (i < s->n_served)
-        s->served[i].requests++;
+    if (i < s->n_served) {
+        s->served[i].requests += (uint64_t)requests;
+        s->served[i].prompt_tokens += prompt;
+        s->served[i].generation_tokens += gen;
+    }
     pthread_mutex_unlock(&s->mu);
 }
 
@@ -341,8 +347,19 @@ enum MHD_Result srv_admin_metrics(conn *c, struct MHD_Connection *mc)
         free(copy);
         return srv_err(c, mc, 500, "server_error", "", "", "out of memory");
     }
-    for (int i = 0; i < n; i++)
-        ad[i] = (srv_adapter_requests){copy[i].name, copy[i].requests};
+    pthread_mutex_lock(&s->mu); /* head usage from the engine's router snapshot (resident adapters) */
+    for (int i = 0; i < n; i++) {
+        ad[i] = (srv_adapter_requests){.name = copy[i].name, .requests = copy[i].requests,
+                                       .prompt_tokens = copy[i].prompt_tokens,
+                                       .generation_tokens = copy[i].generation_tokens};
+        for (int k = 0; k < s->n_stats; k++)
+            if (strcmp(s->stats[k].name, copy[i].name) == 0 && s->stats[k].gate_n > 0 && s->stats[k].K > 1) {
+                ad[i].K = HY_MIN(s->stats[k].K, SRV_MAX_HEADS);
+                for (int h = 0; h < ad[i].K; h++)
+                    ad[i].gate_sum[h] = (double)s->stats[k].gate[h] * s->stats[k].gate_n;
+            }
+    }
+    pthread_mutex_unlock(&s->mu);
     g.adapters = ad;
     g.n_adapters = n;
     /* loaded adapters and where they are */

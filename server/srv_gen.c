@@ -7,6 +7,7 @@
 #include "server/hydra_view.h"
 #include "server/srv_lp.h"
 #include "server/srv_resolve.h"
+#include "server/srv_stack.h"
 #include "engine/hy.h"
 
 #include <limits.h>
@@ -141,6 +142,12 @@ void srv_record_finished(conn *c)
     double ttft = r->t_first > 0 ? r->t_first - r->t_arrival : -1.0;
     srv_metrics_request(&c->s->metrics, ttft, (r->t_done > 0 ? r->t_done : hy_now()) - r->t_arrival,
                         c->n_prompt_total, gen);
+    /* per adapter: the one in `model`, or each member of the stack in `lora` */
+    if (c->ad && !ad_stack_n(c->ad))
+        srv_count_served(c->s, c->model, 0, (uint64_t)c->n_prompt_total, (uint64_t)gen);
+    for (int i = 0; c->ad && ad_stack_n(c->ad) && i < c->ar.lora.n; i++)
+        if (c->ar.lora.e[i].scale != 0.0)
+            srv_count_served(c->s, c->ar.lora.e[i].name, 0, (uint64_t)c->n_prompt_total, (uint64_t)gen);
 }
 
 static enum MHD_Result answer_whole(conn *c, struct MHD_Connection *mc)
@@ -150,8 +157,9 @@ static enum MHD_Result answer_whole(conn *c, struct MHD_Connection *mc)
     if (r->failed) {
         char msg[300];
         snprintf(msg, sizeof msg, "%s", r->error);
+        int status = r->fail_status ? r->fail_status : 500; /* 503: no adapter slot in time */
         sched_req_unlock(r);
-        return srv_err(c, mc, 500, "server_error", "", "", msg);
+        return srv_err(c, mc, status, "server_error", "", "", msg);
     }
     if (srv_req_cut(r)) {
         sched_req_unlock(r);
@@ -281,8 +289,15 @@ static enum MHD_Result generation_for_model(conn *c, struct MHD_Connection *mc)
     api_error e;
     api_request *ar = &c->ar;
     api_kind kind = ar->kind;
-    /* model -> base or adapter */
-    if (srv_is_base_name(s, ar->model)) {
+    /* model -> base or adapter; or a stack of adapters on the base (the lora field) */
+    if (ar->lora.given) {
+        if (srv_stack_pin(s->reg, ar, s->cfg.served_name, s->cfg.max_loras, &c->ad, &e))
+            return srv_send_err(c, mc, &e);
+        for (int i = 0; c->ad && i < ar->lora.n; i++)
+            if (ar->lora.e[i].scale != 0.0) /* the members (a zero-scaled entry is left out) */
+                srv_count_served(s, ar->lora.e[i].name, 1, 0, 0);
+        c->model = strdup(s->cfg.served_name);
+    } else if (srv_is_base_name(s, ar->model)) {
         c->model = strdup(s->cfg.served_name);
     } else {
         int rc = s->reg ? ad_reg_pin(s->reg, ar->model, &c->ad) : HY_ENOTFOUND;
@@ -307,7 +322,7 @@ static enum MHD_Result generation_for_model(conn *c, struct MHD_Connection *mc)
                                                     : "The model `%s` does not exist.", ar->model);
             return srv_err(c, mc, 404, "invalid_request_error", "model", "model_not_found", msg);
         }
-        srv_count_served(s, ar->model);
+        srv_count_served(s, ar->model, 1, 0, 0);
         c->model = strdup(ar->model);
     }
     if (!c->model)

@@ -128,7 +128,7 @@ static void stream_collect(conn *c)
             if (cut)
                 api_error_set(&e, 503, "server_error", "", "", "the server is shutting down; the stream was cut");
             else
-                api_error_set(&e, 500, "server_error", "", "", "%s", r->error);
+                api_error_set(&e, r->fail_status ? r->fail_status : 500, "server_error", "", "", "%s", r->error);
             char *j = api_error_json(&e);
             if (j) {
                 size_t n = strlen(j);
