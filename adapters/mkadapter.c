@@ -1,22 +1,15 @@
-/* mkadapter.c - `hydrad mkadapter`: write a seeded random PEFT LoRA / HydraLoRA adapter
- * directory (adapter_config.json + adapter_model.safetensors) for a GGUF llama model, the C twin
- * of scripts/make_test_adapter.py for machines without Python (e.g. the GPU box). Same format,
- * key names, shapes, draw order and B calibration; NOT the same numbers (its own RNG).
- * Test input only: the weights are random, never trained.
- *
- *   hydrad mkadapter --out DIR (--base GGUF | --shape-from GGUF) [--seed S] [--r R] [--K K]
- *                    [--alpha A] [--targets q_proj,v_proj,...] [--dtype f32|f16|bf16]
- *                    [--zero-b] [--ratio X]
- * --K 0 (default) writes plain LoRA names (lora_B.weight); K >= 1 writes lora_B{k} + lora_route.
- * --base reads the base weights to calibrate B (rms(s B A x) ~ ratio * rms(W x), as the Python
- * script does) and records the path as base_model_name_or_path; --shape-from reads only the
- * metadata (header-only GGUFs work) and assumes rms_row_norm(W) = 1. */
+/* mkadapter.c - seeded random PEFT LoRA / HydraLoRA adapter directories (adapter_config.json +
+ * adapter_model.safetensors) for a GGUF llama model, the C twin of scripts/make_test_adapter.py for
+ * machines without Python (e.g. the GPU box). Same format, key names, shapes, draw order and B
+ * calibration; NOT the same numbers (its own RNG). Test input only: the weights are random, never
+ * trained. The `hydrad mkadapter` command (argv, usage, messages) is server/cli_mkadapter.c. */
+#include "adapters/mkadapter.h"
+
 #include "adapters/safetensors.h"
 #include "engine/gguf.h"
 #include "engine/hy.h"
 #include "engine/model.h"
 #include "engine/quant.h"
-#include "server/cli.h"
 
 #include <errno.h>
 #include <jansson.h>
@@ -32,14 +25,6 @@ static const char *const mk_proj[ENG_N_PROJ] = {"q_proj", "k_proj", "v_proj", "o
                                                 "gate_proj", "up_proj", "down_proj"};
 static const char *const mk_gguf[ENG_N_PROJ] = {"attn_q", "attn_k", "attn_v", "attn_output",
                                                 "ffn_gate", "ffn_up", "ffn_down"};
-
-typedef struct {
-    const char *out, *base, *shape_from, *targets, *dtype;
-    unsigned long long seed;
-    int r, K;
-    double alpha, ratio;
-    int zero_b;
-} mk_args;
 
 typedef struct {
     int n_layer, n_embd, n_ff, n_head, n_head_kv, head_dim;
@@ -223,7 +208,7 @@ static uint16_t mk_bf16(float x)
     return (uint16_t)(u >> 16);
 }
 
-static int mk_write_config(const mk_args *a, const unsigned *tmask, const char *path)
+static int mk_write_config(const mkadapter_args *a, const unsigned *tmask, const char *path)
 {
     json_t *tm = json_array();
     for (int p = 0; p < ENG_N_PROJ; p++)
@@ -266,7 +251,7 @@ static int mk_parse_targets(const char *s, unsigned *mask)
     return HY_OK;
 }
 
-static int mk_run(const mk_args *a)
+int mkadapter_run(const mkadapter_args *a)
 {
     int rc;
     gguf_file *f = NULL;
@@ -357,87 +342,4 @@ done:
     free(w);
     gguf_close(f);
     return rc;
-}
-
-static void mk_usage(void)
-{
-    fprintf(stderr, "usage: hydrad mkadapter --out DIR (--base GGUF | --shape-from GGUF) [--seed S] [--r R] "
-                    "[--K K] [--alpha A]\n"
-                    "                        [--targets q_proj,v_proj,...] [--dtype f32|f16|bf16] [--zero-b] "
-                    "[--ratio X]\n");
-}
-
-int cli_mkadapter(int argc, char **argv)
-{
-    mk_args a = {.targets = "q_proj,v_proj", .dtype = "f32", .r = 8, .K = 0, .alpha = 16.0, .ratio = 0.2};
-    for (int i = 1; i < argc; i++) {
-        const char *k = argv[i];
-        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-        char *end = NULL;
-        if (!strcmp(k, "--zero-b")) {
-            a.zero_b = 1;
-            continue;
-        }
-        if (!strcmp(k, "-h") || !strcmp(k, "--help")) {
-            mk_usage();
-            return 0;
-        }
-        if (!v) {
-            fprintf(stderr, "hydrad mkadapter: %s needs a value\n", k);
-            mk_usage();
-            return 2;
-        }
-        i++;
-        errno = 0;
-        if (!strcmp(k, "--out"))
-            a.out = v;
-        else if (!strcmp(k, "--base"))
-            a.base = v;
-        else if (!strcmp(k, "--shape-from"))
-            a.shape_from = v;
-        else if (!strcmp(k, "--targets"))
-            a.targets = v;
-        else if (!strcmp(k, "--dtype"))
-            a.dtype = v;
-        else if (!strcmp(k, "--seed"))
-            a.seed = strtoull(v, &end, 10);
-        else if (!strcmp(k, "--r"))
-            a.r = (int)strtol(v, &end, 10);
-        else if (!strcmp(k, "--K"))
-            a.K = (int)strtol(v, &end, 10);
-        else if (!strcmp(k, "--alpha"))
-            a.alpha = strtod(v, &end);
-        else if (!strcmp(k, "--ratio"))
-            a.ratio = strtod(v, &end);
-        else {
-            fprintf(stderr, "hydrad mkadapter: unknown option %s\n", k);
-            mk_usage();
-            return 2;
-        }
-        if (end && (*end || errno)) {
-            fprintf(stderr, "hydrad mkadapter: bad number '%s' for %s\n", v, k);
-            return 2;
-        }
-    }
-    const char *bad = !a.out ? "--out is required"
-                      : !a.base == !a.shape_from ? "give exactly one of --base and --shape-from"
-                      : a.r < 1 || a.r > 256 ? "--r must be in 1..256"
-                      : a.K < 0 || a.K > 16 ? "--K must be in 0..16"
-                      : !isfinite(a.alpha) || a.alpha <= 0 ? "--alpha must be a positive number"
-                      : !isfinite(a.ratio) || a.ratio < 0 ? "--ratio must be >= 0"
-                      : strcmp(a.dtype, "f32") && strcmp(a.dtype, "f16") && strcmp(a.dtype, "bf16")
-                          ? "--dtype must be f32, f16 or bf16"
-                          : NULL;
-    if (bad) {
-        fprintf(stderr, "hydrad mkadapter: %s\n", bad);
-        mk_usage();
-        return 2;
-    }
-    int rc = mk_run(&a);
-    if (rc) {
-        fprintf(stderr, "hydrad mkadapter: %s\n", hy_err_msg());
-        return rc == HY_EINVAL || rc == HY_EFORMAT || rc == HY_EUNSUPPORTED || rc == HY_ENOTFOUND ? 2 : 1;
-    }
-    fprintf(stderr, "hydrad mkadapter: wrote %s\n", a.out);
-    return 0;
 }

@@ -1,29 +1,23 @@
-/* mkmodel.c - `hydrad mkmodel`: writes a llama GGUF of a known shape with seeded random weights
- * (so GPU machines can make their inputs locally; nothing large travels) and a tokenizer
- * section copied from a source GGUF or built in (256 byte tokens + specials). It never loads
- * a model for inference. */
+/* mkmodel.c - llama GGUFs of a known shape with seeded random weights (so GPU machines can make
+ * their inputs locally; nothing large travels) and a tokenizer section copied from a source GGUF or
+ * built in (256 byte tokens + specials). It never loads a model for inference; the `hydrad mkmodel`
+ * command (argv, usage, messages) is server/cli_mkmodel.c. */
+#include "mkmodel.h"
+
 #include "gguf_write.h"
 
 #include "gguf.h"
 #include "hy.h"
 #include "quant.h"
-#include "server/cli.h"
 
 #include <math.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
-#define MK_DEFAULT_VOCAB "models/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-typedef struct {
-    const char *name;
-    int n_layer, n_embd, n_head, n_head_kv, n_ff, n_vocab, n_ctx;
-    float theta;
-} mk_shape;
-
-static const mk_shape mk_shapes[] = {
+static const mkmodel_shape mk_shapes[] = {
     {"smollm2-135m", 30, 576, 9, 3, 1536, 49152, 8192, 100000.0f},
     {"llama-1b", 16, 2048, 32, 8, 8192, 128256, 8192, 500000.0f},
     {"tiny", 2, 128, 4, 2, 256, 512, 2048, 10000.0f},
@@ -209,7 +203,7 @@ typedef struct {
     float sd, mean; /* weights ~ mean + sd * U(-sqrt3, sqrt3) */
 } mk_tensor;
 
-static int mk_list(const mk_shape *s, uint32_t type, mk_tensor **out, int *n_out)
+static int mk_list(const mkmodel_shape *s, uint32_t type, mk_tensor **out, int *n_out)
 {
     int n = 2 + 9 * s->n_layer, k = 0;
     mk_tensor *t = calloc((size_t)n, sizeof *t);
@@ -284,15 +278,15 @@ done:
     return rc;
 }
 
-static int mk_usage(void)
+const mkmodel_shape *mkmodel_shape_find(const char *name)
 {
-    fprintf(stderr,
-            "usage: hydrad mkmodel --shape smollm2-135m|llama-1b|tiny --type q4_1|q8_0|q4_0|f16 "
-            "[--seed S] [--layers N] [--vocab-from FILE.gguf|none] -o FILE.gguf\n");
-    return 2;
+    for (size_t i = 0; name && i < HY_ARRAY_LEN(mk_shapes); i++)
+        if (!strcmp(name, mk_shapes[i].name))
+            return &mk_shapes[i];
+    return NULL;
 }
 
-static int mk_parse_type(const char *s, uint32_t *t)
+int mkmodel_parse_type(const char *s, uint32_t *t)
 {
     if (!strcmp(s, "q4_1")) *t = Q_Q4_1;
     else if (!strcmp(s, "q4_0")) *t = Q_Q4_0;
@@ -303,10 +297,10 @@ static int mk_parse_type(const char *s, uint32_t *t)
     return HY_OK;
 }
 
-static int mk_write(const mk_shape *shape0, uint32_t type, uint64_t seed, int layers, const char *vocab,
-                    bool vocab_explicit, const char *path)
+int mkmodel_write(const mkmodel_shape *shape0, uint32_t type, uint64_t seed, int layers, const char *vocab,
+                  bool vocab_explicit, const char *path)
 {
-    mk_shape s = *shape0;
+    mkmodel_shape s = *shape0;
     gguf_file *src = NULL;
     gguf_w *w = NULL;
     mk_tensor *t = NULL;
@@ -361,45 +355,4 @@ done:
     gguf_close(src);
     free(t);
     return rc;
-}
-
-int cli_mkmodel(int argc, char **argv)
-{
-    const char *shape = NULL, *type_s = "q4_1", *out = NULL, *vocab = MK_DEFAULT_VOCAB;
-    bool vocab_explicit = false;
-    uint64_t seed = 1;
-    int layers = 0;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "-h") || !strcmp(a, "--help"))
-            return mk_usage(), 0;
-        if (!v)
-            return mk_usage();
-        if (!strcmp(a, "--shape")) shape = v;
-        else if (!strcmp(a, "--type")) type_s = v;
-        else if (!strcmp(a, "--seed")) seed = strtoull(v, NULL, 10);
-        else if (!strcmp(a, "--layers")) layers = atoi(v);
-        else if (!strcmp(a, "-o") || !strcmp(a, "--output")) out = v;
-        else if (!strcmp(a, "--vocab-from")) { vocab = v; vocab_explicit = true; }
-        else return mk_usage();
-        i++;
-    }
-    const mk_shape *s = NULL;
-    for (size_t i = 0; shape && i < HY_ARRAY_LEN(mk_shapes); i++)
-        if (!strcmp(shape, mk_shapes[i].name))
-            s = &mk_shapes[i];
-    uint32_t type;
-    if (!s || !out || mk_parse_type(type_s, &type) || layers < 0 || layers > 512) {
-        fprintf(stderr, "hydrad mkmodel: need a known --shape, a --type and -o\n");
-        return mk_usage();
-    }
-    double t0 = hy_now();
-    int rc = mk_write(s, type, seed, layers, vocab, vocab_explicit, out);
-    if (rc) {
-        fprintf(stderr, "hydrad mkmodel: %s\n", hy_err_msg());
-        return rc == HY_EINVAL || rc == HY_EIO || rc == HY_EFORMAT ? 2 : 1;
-    }
-    fprintf(stderr, "hydrad mkmodel: wrote %s (%s, %s, seed %llu) in %.1f s\n", out, s->name, type_s,
-            (unsigned long long)seed, hy_now() - t0);
-    return 0;
 }

@@ -6,7 +6,7 @@
 int cli_generate(int argc, char **argv);  /* server/cli_generate.c */
 int cli_perplexity(int argc, char **argv); /* server/cli_perplexity.c */
 int cli_serve(int argc, char **argv);     /* server/serve.c */
-int cli_mkmodel(int argc, char **argv);   /* engine/mkmodel.c */
-int cli_mkadapter(int argc, char **argv); /* adapters/mkadapter.c */
+int cli_mkmodel(int argc, char **argv);   /* server/cli_mkmodel.c */
+int cli_mkadapter(int argc, char **argv); /* server/cli_mkadapter.c */
 
 #endif
