@@ -79,13 +79,15 @@ $(K4R16)/adapter_model.safetensors: scripts/make_test_adapter.py
 	$(PY) scripts/make_test_adapter.py --out $(K4R16) --seed 13 --r 16 --K 4 --alpha 8 \
 	  --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --dtype f16 --base $(MODEL)
 
-# Every C test binary, then the Python end-to-end tests, then the CUDA backend's op and model
-# tests with its kernels run by the CPU emulator (tests/cuda_emu: logic only; the real GPU
-# run is scripts/gpu-check.sh). HY_MODEL points tests at the model.
+# Every C test binary, the fault-injection loop (tests/fault), then the Python end-to-end tests,
+# then the CUDA backend's op and model tests with its kernels run by the CPU emulator
+# (tests/cuda_emu: logic only; the real GPU run is scripts/gpu-check.sh), then each fuzz target for
+# 30 s (tests/fuzz) and the 180-second sanitizer soak (tests/soak). HY_MODEL points tests at the model.
 test: setup
 	$(MAKE) all $(TESTS) $(TOOLS) $(GPU_BENCH) fixtures
-	$(MAKE) test-c test-py
+	$(MAKE) test-c test-fault test-py
 	$(MAKE) test-emu
+	$(MAKE) test-fuzz test-soak
 
 test-c: $(TESTS)
 	@set -e; for t in $(TESTS); do echo "== $$t"; HY_MODEL=$(MODEL) $$t; done
@@ -118,7 +120,7 @@ bench-prefix: setup all
 asan: setup
 	HY_TRAINED_PROMPTS=1 HY_GRAM_WALKS=1 $(MAKE) BUILD=build-asan BIN=bin-asan NO_CUDA=1 \
 	  EXTRA_CFLAGS="-O1 -Wno-maybe-uninitialized -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" \
-	  EXTRA_LDFLAGS="-fsanitize=address,undefined" test-c
+	  EXTRA_LDFLAGS="-fsanitize=address,undefined" test-c test-fault
 
 # The trained demo adapters (off CI; ~30 min on 2 cores): a venv of its own with torch, transformers
 # and PEFT (scripts/requirements-train.txt, several GB), both adapters trained side by side on one

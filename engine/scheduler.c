@@ -724,6 +724,39 @@ static bool sibling_prefilling(const sched *s, const sched_seq *q)
     return false;
 }
 
+/* The first waiting sequence (of the first 256) that needs no new device slot: the base model,
+ * or an adapter that is running, except the running adapter with the fewest sequences (ties:
+ * admitted least recently), whose slot a sequence without one waits for. NULL when none. */
+static sched_seq *pick_without_new_slot(sched *s, sched_seq **prev_out)
+{
+    void *victim = NULL;
+    int victim_run = 0;
+    uint64_t victim_last = 0;
+    for (int i = 0; i < s->n_running; i++) {
+        void *a = s->running[i]->req->adapter;
+        if (!a || a == victim)
+            continue;
+        int nr = running_with_adapter(s, a);
+        uint64_t last = last_admit(s, a);
+        if (!victim || nr < victim_run || (nr == victim_run && last < victim_last)) {
+            victim = a;
+            victim_run = nr;
+            victim_last = last;
+        }
+    }
+    sched_seq *prev = NULL;
+    int scanned = 0;
+    for (sched_seq *q = s->waiting_head; q && scanned < 256; prev = q, q = q->next, scanned++) {
+        void *a = q->req->adapter;
+        bool no_new_slot = !a || (a != victim && running_with_adapter(s, a) > 0);
+        if (no_new_slot && !sibling_prefilling(s, q)) {
+            *prev_out = prev;
+            return q;
+        }
+    }
+    return NULL;
+}
+
 /* q found no device slot for its adapter(s): start its clock, or, once it has waited
  * cfg.adapter_wait_s, fail it with 503 (a sequence never waits without bound). Returns true when q
  * was failed and unlinked (the caller goes on with the next one). */
@@ -759,7 +792,10 @@ static void admit(sched *s)
         if (!slot_ok) {
             if (slot_wait_over(s, prev, q))
                 continue;
-            return;
+            /* while q waits for a slot, admit what needs no new one, except for the adapter whose
+             * slot is to free next (so q does not wait on a slot kept busy) */
+            if (!(q = pick_without_new_slot(s, &prev)))
+                return;
         }
         /* The longest cached prefix of whole blocks (the last known token is always computed:
          * its logits are needed); a sequence that scores its prompt computes every position. */

@@ -467,6 +467,39 @@ static void test_fairness_max_loras(void **st)
     fake_free(f);
 }
 
+/* max_loras = 1, adapter 1 busy, adapter 2 waiting for its slot: base-model requests that arrive
+ * behind adapter 2 are admitted meanwhile (they need no slot), while adapter 1 gets no new
+ * sequences so that its slot frees for adapter 2. */
+static void test_no_slot_admits_base(void **st)
+{
+    (void)st;
+    fake *f = fake_new(256);
+    sched *s = mk(f, 6, 64, 256, 64, 1);
+    sched_req *rs[13];
+    int n = 0;
+    for (int i = 0; i < 8; i++)
+        rs[n++] = mkreq(1, 6, i, 1, 24, NULL);
+    rs[n++] = mkreq(2, 6, 50, 1, 8, NULL);
+    for (int i = 0; i < 4; i++)
+        rs[n++] = mkreq(0, 6, 60 + i, 1, 8, NULL);
+    for (int i = 0; i < n; i++)
+        assert_int_equal(sched_submit(s, rs[i]), 0);
+    run_until_done(s, rs, n, 4000);
+    assert_int_equal(f->max_adapters_seen, 1);
+    /* the base requests ran beside the first adapter-1 sequence (not after it), and adapter 2
+     * started before the adapter-1 sequences that arrived before it */
+    for (int i = 9; i < 13; i++)
+        assert_true(rs[i]->t_first < rs[0]->t_done);
+    assert_true(rs[8]->t_first < rs[7]->t_first);
+    for (int i = 0; i < n; i++) {
+        assert_false(rs[i]->failed);
+        sched_req_release(rs[i]);
+    }
+    assert_int_equal(f->errors, 0);
+    sched_free(s);
+    fake_free(f);
+}
+
 /* A sequence whose adapter never gets a device slot fails with 503 once it has waited
  * adapter_wait_s, with a message naming the cause; the others are served meanwhile. */
 static void test_slot_wait_timeout(void **st)
@@ -741,7 +774,8 @@ int main(void)
         cmocka_unit_test(test_batching_chunked),
         cmocka_unit_test(test_preemption),       cmocka_unit_test(test_stop_and_eog),
         cmocka_unit_test(test_cancel_and_limits), cmocka_unit_test(test_adapters_and_n),
-        cmocka_unit_test(test_fairness_max_loras), cmocka_unit_test(test_slot_wait_timeout), cmocka_unit_test(test_thread),
+        cmocka_unit_test(test_fairness_max_loras), cmocka_unit_test(test_slot_wait_timeout),
+        cmocka_unit_test(test_no_slot_admits_base), cmocka_unit_test(test_thread),
         cmocka_unit_test(test_prompt_logprobs), cmocka_unit_test(test_prefix_cache),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
