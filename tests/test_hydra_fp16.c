@@ -72,7 +72,7 @@ static be_lora *upload(be *b, const w_lora *w)
 static void run_one(be *b, be_lora *l, const float *x, int64_t in, float *y, int64_t out, int n_tok, float *stats)
 {
     memset(y, 0, sizeof(float) * (size_t)n_tok * (size_t)out);
-    be_lora_seg s = {0, n_tok, l, stats, NULL};
+    be_lora_seg s = {0, n_tok, l, stats, NULL, 1.0f};
     int rc = cpu_hydra(b, x, in, y, out, &s, 1);
     if (rc)
         fail_msg("hydra: %s", hy_err_msg());
