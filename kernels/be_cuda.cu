@@ -10,8 +10,13 @@
 
 int cuda_err(cudaError_t e, const char *what, const char *file, int line)
 {
-    return hy_err_set(HY_EDEVICE, "CUDA error %s (%s) in %s at %s:%d", cudaGetErrorName(e),
-                      cudaGetErrorString(e), what, file, line);
+    int rc = hy_err_set(HY_EDEVICE, "CUDA error %s (%s) in %s at %s:%d", cudaGetErrorName(e),
+                        cudaGetErrorString(e), what, file, line);
+    /* A failed runtime call is also what the next cudaGetLastError returns: clear it, or the next
+     * launch check (CU_LAUNCHED) blames a kernel that ran fine (e.g. the forward after an adapter
+     * upload that ran out of device memory). A sticky error stays, as it must. */
+    cudaGetLastError();
+    return rc;
 }
 
 int cuda_blas_err(cublasStatus_t s, const char *what, const char *file, int line)

@@ -50,8 +50,22 @@ WRAP(int, _Z15cudaGraphLaunchP16emu_graph_exec_tP10emu_stream, "cudaGraphLaunch"
      (x, s))
 WRAP(int, _Z22cudaStreamBeginCaptureP10emu_stream21cudaStreamCaptureMode, "cudaStreamBeginCapture", E_LAUNCH,
      (void *s, int m), (s, m))
-WRAP(int, _Z20cudaStreamEndCaptureP10emu_streamPP11emu_graph_t, "cudaStreamEndCapture", E_LAUNCH,
-     (void *s, void **g), (s, g))
+/* A failed end of capture still ends it (the capture is invalidated, no graph comes back): leave
+ * the stream capturing and every later call fails, which no GPU does. */
+int __real__Z20cudaStreamEndCaptureP10emu_streamPP11emu_graph_t(void *s, void **g);
+int __wrap__Z20cudaStreamEndCaptureP10emu_streamPP11emu_graph_t(void *s, void **g);
+int _Z16cudaGraphDestroyP11emu_graph_t(void *g);
+int __wrap__Z20cudaStreamEndCaptureP10emu_streamPP11emu_graph_t(void *s, void **g)
+{
+    bool fail = FAIL("cudaStreamEndCapture");
+    int e = __real__Z20cudaStreamEndCaptureP10emu_streamPP11emu_graph_t(s, g);
+    if (!fail || e)
+        return e;
+    if (*g)
+        _Z16cudaGraphDestroyP11emu_graph_t(*g);
+    *g = NULL;
+    return E_LAUNCH;
+}
 WRAP(int, _Z13cudaSetDevicei, "cudaSetDevice", E_LAUNCH, (int d), (d))
 WRAP(int, _Z18cudaGetDeviceCountPi, "cudaGetDeviceCount", E_LAUNCH, (int *n), (n))
 WRAP(int, _Z23cudaGetDevicePropertiesP14cudaDevicePropi, "cudaGetDeviceProperties", E_LAUNCH, (void *p, int d),
