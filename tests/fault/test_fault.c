@@ -346,6 +346,55 @@ static void test_model_load(void **st)
     run_case(&c);
 }
 
+/* The default model's tokenizer (byte-level BPE with 49152 tokens and their merges, which the tiny
+ * model's vocabulary lacks): open the GGUF, build the vocabulary, encode a chat prompt. */
+typedef struct {
+    const char *path;
+    int32_t ref[256];
+    int n_ref;
+} tok_fx;
+
+static int op_tokenizer(void *ctx)
+{
+    static const char text[] = "<|im_start|>user\nTokenise 12345 words, caf\xc3\xa9 and  spaces!<|im_end|>\n";
+    tok_fx *x = ctx;
+    gguf_file *f = NULL;
+    tok_vocab *v = NULL;
+    int32_t *ids = NULL;
+    int n = 0;
+    int rc = gguf_open(x->path, &f);
+    if (!rc)
+        rc = tok_load(f, &v);
+    if (!rc)
+        rc = tok_encode(v, text, strlen(text), true, false, &ids, &n);
+    if (!rc) {
+        if (!x->n_ref) {
+            assert_true(n > 0 && n <= 256);
+            memcpy(x->ref, ids, sizeof(int32_t) * (size_t)n);
+            x->n_ref = n;
+        } else if (n != x->n_ref || memcmp(ids, x->ref, sizeof(int32_t) * (size_t)n)) {
+            OP_FAIL("%d token ids, the reference %d (or other ids)", n, x->n_ref);
+        }
+    }
+    free(ids);
+    tok_free(v);
+    gguf_close(f);
+    return rc;
+}
+
+static void test_tokenizer_load(void **st)
+{
+    tok_fx x = {.path = getenv("HY_MODEL") && *getenv("HY_MODEL") ? getenv("HY_MODEL")
+                                                                  : "models/SmolLM2-135M-Instruct.Q4_1.gguf"};
+    if (access(x.path, R_OK) != 0) {
+        printf("SKIP: %s is missing (make setup fetches it)\n", x.path);
+        skip();
+    }
+    /* a vocabulary of 49152 tokens per attempt: 40 attempts spread over its calls */
+    fault_case c = {"tokenizer load (BPE)", FAULT_ALL, op_tokenizer, NULL, NULL, &x, 40};
+    run_case(&c);
+}
+
 /* ---------- adapters ---------- */
 
 static ref_logits REF_ADAPTER;
@@ -429,6 +478,11 @@ static void test_registry_load(void **st)
 /* ---------- the CUDA backend (the CPU emulator's build: tests/cuda_emu) ---------- */
 
 #ifdef HY_HAVE_CUDA
+/* Defined by the CPU emulator's runtime only (tests/cuda_emu/emu_runtime.cpp): the CUDA case runs
+ * there. On a real GPU --wrap=malloc would also fail allocations inside libcudart_static, which
+ * is not ours to test; scripts/gpu-check.sh covers the GPU. */
+extern void emu_swap(void **save_sp, void *to_sp) __attribute__((weak));
+
 static ref_logits REF_CUDA, REF_CUDA_AD;
 
 /* Backend, model upload, KV, a forward, an adapter upload and a forward through it. */
@@ -471,6 +525,10 @@ static int op_cuda(void *ctx)
 static void test_cuda(void **st)
 {
     be *b = NULL;
+    if (!emu_swap) {
+        printf("SKIP: the CUDA fault case runs on the CPU emulator (make test-fault-emu)\n");
+        skip();
+    }
     if (be_cuda_create(0, &b)) {
         printf("SKIP: no CUDA device: %s\n", hy_err_msg());
         skip();
@@ -904,6 +962,7 @@ int main(int argc, char **argv)
         cmocka_set_test_filter(getenv("HY_FAULT_ONLY"));
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_model_load),
+        cmocka_unit_test(test_tokenizer_load),
         cmocka_unit_test(test_adapter_read),
         cmocka_unit_test(test_registry_load),
         cmocka_unit_test(test_download),
