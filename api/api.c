@@ -375,6 +375,10 @@ static json_t *load_object(const char *body, size_t len, api_error *err)
 {
     json_error_t je;
     json_t *root = json_loadb(body, len, JSON_REJECT_DUPLICATES, &je);
+    if (!root && json_error_code(&je) == json_error_out_of_memory) {
+        api_error_set(err, 500, "server_error", "", "", "out of memory while reading the request body");
+        return NULL;
+    }
     if (!root) {
         api_error_set(err, 400, "invalid_request_error", "", "invalid_json",
                       "request body is not valid JSON: %s (line %d, column %d)", je.text, je.line,

@@ -182,6 +182,7 @@ static json_t *fault_json_load_failed(json_error_t *e)
         memset(e, 0, sizeof *e);
         e->line = e->column = -1;
         snprintf(e->text, sizeof e->text, "out of memory");
+        e->text[JSON_ERROR_TEXT_LENGTH - 1] = (char)json_error_out_of_memory; /* as jansson marks it */
     }
     return NULL;
 }
