@@ -34,6 +34,11 @@ COMPL = "/v1/completions"
 # fp32 delta per projection, well inside them. Wrong weights (e.g. both at 1.0) move the means by
 # tenths of a nat (checked below, so the bound can tell).
 TOL, TOL_MEAN = 0.02, 0.003
+# Measured on the 2-core EPYC VM: [ha@0.5, lb@0.5] max 0.0055, means 0.0004-0.0009 (inside the
+# bounds above). The three-member stack with lb at 1.25 moves the MLP ~2x further than the
+# adapters the bounds above were measured with, and its fp32 residual grows with it: measured max
+# 0.0109, mean 0.0028 on a 37-token prompt; bounds 2x those.
+TOL3, TOL3_MEAN = 0.022, 0.006
 TEXTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,",
          "List three colours:"]
 
@@ -152,7 +157,10 @@ def test_stack_matches_numpy_sum_of_deltas(precise, ref, adapters):
                                 {"name": "lb", "scale": 1.25}])[0]
     diff = np.abs(np.array(g) - ref_lp(ref, ids, Stack([(hc, -0.7), (ha, 0.3), (lb, 1.25)])))
     print(f"[hc@-0.7, ha@0.3, lb@1.25] {len(ids)} tokens: max |diff| {diff.max():.5f}, mean {diff.mean():.5f}")
-    assert diff.max() <= TOL and diff.mean() <= TOL_MEAN
+    assert diff.max() <= TOL3 and diff.mean() <= TOL3_MEAN
+    # one member's weight wrong (hc at +0.7) is told apart
+    off = np.abs(np.array(g) - ref_lp(ref, ids, Stack([(hc, 0.7), (ha, 0.3), (lb, 1.25)])))
+    assert off.mean() > 2 * TOL3_MEAN, off.mean()
 
 
 def test_single_member_at_one_is_the_adapter(srv):
