@@ -724,26 +724,45 @@ static bool sibling_prefilling(const sched *s, const sched_seq *q)
     return false;
 }
 
-/* The first waiting sequence (of the first 256) that needs no new device slot: the base model,
- * or an adapter that is running, except the running adapter with the fewest sequences (ties:
- * admitted least recently), whose slot a sequence without one waits for. NULL when none. */
-static sched_seq *pick_without_new_slot(sched *s, sched_seq **prev_out)
+/* Tokens sequence q has still to run at most: the rest of its prompt, then its output budget. */
+static int seq_left(const sched_seq *q)
 {
-    void *victim = NULL;
-    int victim_run = 0;
-    uint64_t victim_last = 0;
+    int gen = q->n_tok - q->n_prompt;
+    return (q->n_tok - q->n_cached) + HY_MAX(0, q->req->max_tokens - gen);
+}
+
+/* The running adapter whose slot would free soonest if it got no new sequences: the one whose
+ * longest sequence has the fewest tokens left (ties: fewer sequences). NULL when none runs. */
+static void *soonest_free_adapter(const sched *s)
+{
+    void *best = NULL;
+    int best_left = 0, best_run = 0;
     for (int i = 0; i < s->n_running; i++) {
         void *a = s->running[i]->req->adapter;
-        if (!a || a == victim)
+        if (!a || a == best)
             continue;
-        int nr = running_with_adapter(s, a);
-        uint64_t last = last_admit(s, a);
-        if (!victim || nr < victim_run || (nr == victim_run && last < victim_last)) {
-            victim = a;
-            victim_run = nr;
-            victim_last = last;
+        int left = 0, run = 0;
+        for (int k = 0; k < s->n_running; k++)
+            if (s->running[k]->req->adapter == a) {
+                left = HY_MAX(left, seq_left(s->running[k]));
+                run++;
+            }
+        if (!best || left < best_left || (left == best_left && run < best_run)) {
+            best = a;
+            best_left = left;
+            best_run = run;
         }
     }
+    return best;
+}
+
+/* The first waiting sequence (of the first 256) that needs no new device slot: the base model,
+ * or an adapter that is running, except the one whose slot is to free next for a sequence that
+ * waits for one (soonest_free_adapter: so that sequence waits no longer than it would if nothing
+ * else were admitted). NULL when none. */
+static sched_seq *pick_without_new_slot(sched *s, sched_seq **prev_out)
+{
+    void *victim = soonest_free_adapter(s);
     sched_seq *prev = NULL;
     int scanned = 0;
     for (sched_seq *q = s->waiting_head; q && scanned < 256; prev = q, q = q->next, scanned++) {

@@ -431,7 +431,7 @@ static void usage(FILE *f)
             "      --adapter-eviction lru|fifo  which idle, unpinned adapter leaves the device or host\n"
             "                            memory when a slot is needed (default lru)\n"
             "      --adapter-wait-timeout S  a request whose adapter finds no free device slot (all in use\n"
-            "                            or pinned) for S seconds fails with 503 (default 60; 0: no limit)\n"
+            "                            or pinned) for S seconds fails with 503 (default 600; 0: no limit)\n"
             "      --no-prefix-cache     prefill every prompt in full (default: reuse the K/V of whole\n"
             "                            16-token blocks an earlier prompt with the same adapter load,\n"
             "                            router control and cache_salt computed)\n"
@@ -681,7 +681,7 @@ int cli_serve(int argc, char **argv)
     serve_opts o = {.host = "127.0.0.1", .port = 8000, .device = "auto", .max_seqs = 32, .max_batch_tokens = 512,
                     .kv_mb = 256, .max_loras = 8, .max_cpu_loras = 64, .max_queue = 256, .http_threads = 4,
                     .max_conns = 512, .ctx = 0, .adapter_max_mb = 1024, .drain_s = 30,
-                    .request_deadline = 30, .max_conns_ip = -1, .max_prompts = 64, .adapter_wait = 60};
+                    .request_deadline = 30, .max_conns_ip = -1, .max_prompts = 64, .adapter_wait = 600};
     int prc = parse_flags(argc, argv, &o);
     if (prc)
         return prc > 0 ? 0 : 2;
