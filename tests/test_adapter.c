@@ -540,6 +540,51 @@ static const char *reg_dir(void)
     return dir;
 }
 
+/* Stacks: pin all members or none; each member keeps a pin while the stack lives; the stack's
+ * load id depends on its members and weights; its eng chain carries the weights in order. */
+static void test_registry_stacks(void **state)
+{
+    (void)state;
+    ad_registry *r;
+    assert_int_equal(ad_reg_create(4, &r), 0);
+    assert_int_equal(ad_reg_load(r, "a", reg_dir(), &S, NULL), 0);
+    assert_int_equal(ad_reg_load(r, "b", reg_dir(), &S, NULL), 0);
+    const char *ab[] = {"a", "b"}, *anope[] = {"a", "nope"}, *aa[] = {"a", "a"};
+    const float w[] = {0.5f, -2.0f}, w2[] = {0.5f, 2.0f}, w0[] = {0.5f, 0.0f};
+    ad_adapter *st = NULL, *st2 = NULL;
+    ad_reg_info ia;
+    assert_int_equal(ad_reg_pin_stack(r, anope, w, 2, &st), HY_ENOTFOUND);
+    assert_null(st);
+    assert_non_null(strstr(hy_err_msg(), "nope"));
+    assert_int_equal(ad_reg_info_get(r, "a", &ia), 0);
+    assert_int_equal(ia.refcount, 0); /* a's pin was dropped again */
+    assert_int_equal(ad_reg_pin_stack(r, aa, w, 2, &st), HY_EINVAL);
+    assert_int_equal(ad_reg_pin_stack(r, ab, w0, 2, &st), HY_EINVAL); /* weight 0: leave it out */
+    assert_int_equal(ad_reg_pin_stack(r, ab, w, 0, &st), HY_EINVAL);
+    assert_int_equal(ad_reg_pin_stack(r, ab, w, 2, &st), 0);
+    assert_int_equal(ad_reg_pin_stack(r, ab, w2, 2, &st2), 0);
+    assert_int_equal(ad_stack_n(st), 2);
+    float wt;
+    assert_ptr_equal(ad_stack_member(st, 1, &wt), ad_stack_member(st2, 1, NULL));
+    assert_true(wt == -2.0f);
+    assert_int_equal(ad_reg_info_get(r, "a", &ia), 0);
+    assert_int_equal(ia.refcount, 2);
+    assert_true(ad_load_id(st) != ad_load_id(st2) && ad_load_id(st) != ad_load_id(ad_stack_member(st, 0, NULL)));
+    /* the chain after bind (members not uploaded: their views carry NULL loras, which is enough here) */
+    ad_stack_bind(st);
+    const eng_adapter *e = ad_eng(st);
+    assert_true(e->scale == 0.5f && e->next && e->next->scale == -2.0f && !e->next->next);
+    /* unloading a member while a stack holds it drains it; the stack still works until unpinned */
+    assert_int_equal(ad_reg_unload(r, "b"), 0);
+    ad_reg_unpin(r, st);
+    ad_reg_unpin(r, st2);
+    assert_int_equal(ad_reg_info_get(r, "a", &ia), 0);
+    assert_int_equal(ia.refcount, 0);
+    assert_int_equal(ad_reg_pin_stack(r, ab, w, 2, &st), HY_ENOTFOUND); /* b is gone */
+    ad_reg_collect(r);
+    ad_reg_free(r);
+}
+
 static void test_registry_states(void **state)
 {
     (void)state;
@@ -1195,7 +1240,7 @@ int main(void)
         cmocka_unit_test(test_bad_configs),
         cmocka_unit_test(test_bad_tensors),
         cmocka_unit_test(test_read_mem_and_stats_readers),
-        cmocka_unit_test(test_registry_states),
+        cmocka_unit_test(test_registry_states), cmocka_unit_test(test_registry_stacks),
         cmocka_unit_test(test_registry_concurrent),
         cmocka_unit_test_setup(test_golden_logits_and_greedy, model_group_setup),
         cmocka_unit_test(test_k1_equals_plain_and_zero_b_equals_base),
