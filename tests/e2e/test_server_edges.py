@@ -84,8 +84,9 @@ def test_dropped_whole_request_cancelled(one_seq, kind):
     finally:
         s.close()
     after, waited = wait_for(srv, lambda m: m["kv"] == 0 and m["running"] == 0, 10)
-    # the prefill and LONG tokens would take well over 10 s on the CPU; a cancel is one step
-    assert after["kv"] == 0 and after["running"] == 0 and waited < 2.0, (after, waited)
+    # the prefill and LONG tokens would take well over 10 s on the CPU; a cancel is one step plus
+    # the disconnect watcher's poll (measured 2.1-3.6 s on the 2-core VM at load 5-14: bound 4 s)
+    assert after["kv"] == 0 and after["running"] == 0 and waited < 4.0, (after, waited)
     assert after["cancelled"] == idle["cancelled"] + 1, (idle, after)
     assert after["gen"] == idle["gen"]  # never counted as a finished generation
 
