@@ -219,26 +219,25 @@ static int acquire_one(glue *g, ad_adapter *a)
 
 static void release_one(glue *g, ad_adapter *a, uint64_t n_tokens);
 
-/* A stack needs every member resident at once: all of them, or none (HY_EBUSY waits for slots). */
+/* The adapters read from files that adapter a runs: a itself, or the members of a stack. */
+static int n_parts(const ad_adapter *a) { return ad_stack_n(a) ? ad_stack_n(a) : 1; }
+static ad_adapter *part(ad_adapter *a, int i) { return ad_stack_n(a) ? ad_stack_member(a, i, NULL) : a; }
+
+/* Every part resident at once, or none (HY_EBUSY waits for slots). */
 static int g_acquire(void *ctx, void *adapter, const eng_adapter **out)
 {
     glue *g = ctx;
     ad_adapter *a = adapter;
-    int n = ad_stack_n(a);
-    if (n == 0) {
-        int rc = acquire_one(g, a);
-        *out = rc ? NULL : ad_eng(a);
-        return rc;
-    }
-    for (int i = 0; i < n; i++) {
-        int rc = acquire_one(g, ad_stack_member(a, i, NULL));
+    for (int i = 0; i < n_parts(a); i++) {
+        int rc = acquire_one(g, part(a, i));
         if (rc) {
             while (i-- > 0)
-                release_one(g, ad_stack_member(a, i, NULL), 0);
+                release_one(g, part(a, i), 0);
             return rc;
         }
     }
-    ad_stack_bind(a);
+    if (ad_stack_n(a))
+        ad_stack_bind(a);
     *out = ad_eng(a);
     return HY_OK;
 }
@@ -280,11 +279,8 @@ static bool res_retired(glue *g, const resident *r)
 static void g_release(void *ctx, void *adapter, uint64_t n_tokens)
 {
     glue *g = ctx;
-    ad_adapter *a = adapter;
-    if (ad_stack_n(a) == 0)
-        release_one(g, a, n_tokens);
-    for (int i = 0; i < ad_stack_n(a); i++) /* each member ran every token */
-        release_one(g, ad_stack_member(a, i, NULL), n_tokens);
+    for (int i = 0; i < n_parts(adapter); i++) /* each member of a stack ran every token */
+        release_one(g, part(adapter, i), n_tokens);
 }
 
 static void release_one(glue *g, ad_adapter *adapter, uint64_t n_tokens)

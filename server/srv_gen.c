@@ -130,6 +130,17 @@ bool srv_req_cut(const sched_req *r)
     return false;
 }
 
+/* Per-adapter counts (srv_count_served) for what c runs: the adapter in `model`, or each member of
+ * the stack in `lora` (its entries with a non-zero scale). Nothing for the base model. */
+static void count_adapters(conn *c, int requests, uint64_t prompt, uint64_t gen)
+{
+    if (c->ad && !ad_stack_n(c->ad))
+        srv_count_served(c->s, c->ar.model, requests, prompt, gen);
+    for (int i = 0; c->ad && ad_stack_n(c->ad) && i < c->ar.lora.n; i++)
+        if (c->ar.lora.e[i].scale != 0.0)
+            srv_count_served(c->s, c->ar.lora.e[i].name, requests, prompt, gen);
+}
+
 void srv_record_finished(conn *c)
 {
     if (c->recorded)
@@ -142,12 +153,7 @@ void srv_record_finished(conn *c)
     double ttft = r->t_first > 0 ? r->t_first - r->t_arrival : -1.0;
     srv_metrics_request(&c->s->metrics, ttft, (r->t_done > 0 ? r->t_done : hy_now()) - r->t_arrival,
                         c->n_prompt_total, gen);
-    /* per adapter: the one in `model`, or each member of the stack in `lora` */
-    if (c->ad && !ad_stack_n(c->ad))
-        srv_count_served(c->s, c->model, 0, (uint64_t)c->n_prompt_total, (uint64_t)gen);
-    for (int i = 0; c->ad && ad_stack_n(c->ad) && i < c->ar.lora.n; i++)
-        if (c->ar.lora.e[i].scale != 0.0)
-            srv_count_served(c->s, c->ar.lora.e[i].name, 0, (uint64_t)c->n_prompt_total, (uint64_t)gen);
+    count_adapters(c, 0, (uint64_t)c->n_prompt_total, (uint64_t)gen);
 }
 
 static enum MHD_Result answer_whole(conn *c, struct MHD_Connection *mc)
@@ -293,9 +299,6 @@ static enum MHD_Result generation_for_model(conn *c, struct MHD_Connection *mc)
     if (ar->lora.given) {
         if (srv_stack_pin(s->reg, ar, s->cfg.served_name, s->cfg.max_loras, &c->ad, &e))
             return srv_send_err(c, mc, &e);
-        for (int i = 0; c->ad && i < ar->lora.n; i++)
-            if (ar->lora.e[i].scale != 0.0) /* the members (a zero-scaled entry is left out) */
-                srv_count_served(s, ar->lora.e[i].name, 1, 0, 0);
         c->model = strdup(s->cfg.served_name);
     } else if (srv_is_base_name(s, ar->model)) {
         c->model = strdup(s->cfg.served_name);
@@ -322,11 +325,11 @@ static enum MHD_Result generation_for_model(conn *c, struct MHD_Connection *mc)
                                                     : "The model `%s` does not exist.", ar->model);
             return srv_err(c, mc, 404, "invalid_request_error", "model", "model_not_found", msg);
         }
-        srv_count_served(s, ar->model, 1, 0, 0);
         c->model = strdup(ar->model);
     }
     if (!c->model)
         return MHD_NO;
+    count_adapters(c, 1, 0, 0);
     int ad_heads = c->ad ? ad_K(c->ad) : 0;
     if (api_hydra_check(&ar->hydra, ad_heads, &e))
         return srv_send_err(c, mc, &e);
