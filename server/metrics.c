@@ -127,6 +127,18 @@ static void label_escape(char *out, size_t cap, const char *s)
     out[o] = '\0';
 }
 
+/* A label value escaped into new memory (every byte escaped at most once, plus the end); NULL when
+ * out of memory. */
+static char *label_dup(const char *s)
+{
+    s = s ? s : "";
+    size_t cap = 2 * strlen(s) + 4;
+    char *esc = malloc(cap);
+    if (esc)
+        label_escape(esc, cap, s);
+    return esc;
+}
+
 /* One unlabelled counter. */
 static void counter(sbuf *b, const char *name, const char *help, uint64_t v)
 {
@@ -139,14 +151,11 @@ static void adapter_levels(sbuf *b, const srv_gauges *g)
     sb_printf(b, "# HELP vllm:lora_adapter_loaded Loaded adapters by level (host memory, device).\n"
                  "# TYPE vllm:lora_adapter_loaded gauge\n");
     for (int i = 0; i < g->n_levels; i++) {
-        const char *name = g->levels[i].name ? g->levels[i].name : "";
-        size_t cap = 2 * strlen(name) + 4;
-        char *esc = malloc(cap);
+        char *esc = label_dup(g->levels[i].name);
         if (!esc) {
             b->oom = 1;
             return;
         }
-        label_escape(esc, cap, name);
         const char *pin = g->levels[i].pinned ? "true" : "false";
         sb_printf(b, "vllm:lora_adapter_loaded{adapter_name=\"%s\",level=\"host\",pinned=\"%s\"} 1\n", esc, pin);
         if (g->levels[i].device)
@@ -174,15 +183,9 @@ static void adapter_requests(sbuf *b, const srv_gauges *g)
         b->oom = 1;
         return;
     }
-    for (int i = 0; i < g->n_adapters; i++) {
-        const char *name = g->adapters[i].name ? g->adapters[i].name : "";
-        size_t cap = 2 * strlen(name) + 4; /* every byte escaped at most once, plus the end */
-        if (!(esc[i] = malloc(cap))) {
+    for (int i = 0; i < g->n_adapters && !b->oom; i++)
+        if (!(esc[i] = label_dup(g->adapters[i].name)))
             b->oom = 1;
-            break;
-        }
-        label_escape(esc[i], cap, name);
-    }
     for (size_t f = 0; f < HY_ARRAY_LEN(fam) && !b->oom; f++) {
         sb_printf(b, "# HELP %s %s\n# TYPE %s counter\n", fam[f].name, fam[f].help, fam[f].name);
         for (int i = 0; i < g->n_adapters; i++) {
