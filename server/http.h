@@ -31,6 +31,7 @@ typedef struct {
     int max_loras;
     const char *adapter_cache; /* where https:// adapters are downloaded (created on demand) */
     size_t adapter_max_bytes;  /* download cap per file */
+    const char *url_ca;        /* PEM certificates https:// adapter hosts are checked against (NULL: system) */
     const char *const *url_allow; /* hosts https:// adapters may come from (none: URL loading off) */
     int n_url_allow;
     bool metrics_auth;         /* /metrics needs the API key */
@@ -120,7 +121,15 @@ srv_ad_stats *srv_stats_entry(srv *s, const char *name);
  * onto dst only when the whole transfer succeeded, within cap bytes, and (want_sha non-NULL:
  * 64 hex digits) its SHA-256 matches; every failure removes the temp file and leaves dst as it
  * was. Concurrent downloads to one dst never share a file. protocols: libcurl's protocol list
- * for the URL and redirects ("https" in the server; tests use "file"). */
-int srv_download(const char *url, const char *dst, size_t cap, const char *want_sha, const char *protocols);
+ * for the URL and redirects ("https" in the server; tests use "file"). ca_file: the certificates
+ * to trust for https (NULL: the system's). */
+int srv_download(const char *url, const char *dst, size_t cap, const char *want_sha, const char *protocols,
+                 const char *ca_file);
+/* The URL resolver's fetch (srv_resolve_fetch; ctx is the srv): the host allow-list, then the
+ * adapter cache (a copy with the manifest's sha256 is kept and reused) or a download. */
+int srv_fetch_resolved(void *ctx, const char *url, const char *sha256, char *dir, size_t cap, bool *downloaded);
+/* url's host is allowed by --adapter-url-allow and resolves to no private address; false with
+ * the reason in msg. */
+bool srv_url_allowed(srv *s, const char *url, char *msg, size_t cap);
 
 #endif

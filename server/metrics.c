@@ -264,12 +264,15 @@ char *srv_metrics_render(srv_metrics *m, const srv_gauges *g)
     adapter_levels(&b, g);
     if (g->resolve) {
         const srv_resolve_stats *r = g->resolve;
-        counter(&b, "hydrad_adapter_first_use_loads_total", "Adapters loaded on first use (--adapter-resolver).",
+        counter(&b, "hydrad_adapter_first_use_loads_total", "Adapters loaded on first use (--adapter-resolver, --adapter-resolver-url).",
                 r->loads);
         counter(&b, "hydrad_adapter_load_failures_total", "First-use loads that failed.", r->failures);
+        counter(&b, "hydrad_adapter_downloads_total",
+                "First-use loads fetched from --adapter-resolver-url (the rest came from a directory or the cache).",
+                r->downloads);
         counter(&b, "hydrad_adapter_evictions_total", "Idle adapters unloaded to make room for a first-use load.",
                 r->evictions);
-        sb_printf(&b, "# HELP hydrad_adapter_load_seconds Duration of first-use loads (read, parse, validate).\n"
+        sb_printf(&b, "# HELP hydrad_adapter_load_seconds Duration of first-use loads (fetch, read, parse, validate).\n"
                       "# TYPE hydrad_adapter_load_seconds histogram\n");
         uint64_t cum = 0;
         for (int i = 0; i < 7; i++) {

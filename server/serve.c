@@ -382,6 +382,7 @@ typedef struct {
     int n_roots;
     const char *resolvers[MAX_ADAPTER_ARGS];
     int n_resolvers;
+    const char *resolver_url, *resolver_manifest, *url_ca;
     bool evict_fifo;     /* --adapter-eviction fifo */
     const char *url_allow[MAX_ADAPTER_ARGS];
     int n_url_allow;
@@ -424,6 +425,14 @@ static void usage(FILE *f)
             "      --max-prompts N       prompts in one /v1/completions request (default 64, at most %d)\n"
             "      --adapter-resolver DIR  load on first use: a request naming an adapter that is not\n"
             "                            loaded loads DIR/NAME (repeatable; confined to DIR like a root)\n"
+            "      --adapter-resolver-url https://HOST/PATH/{name}/  load on first use from a model store:\n"
+            "                            a name the manifest lists is fetched (adapter_config.json and\n"
+            "                            adapter_model.safetensors under the URL), sha256-checked, cached\n"
+            "                            under --adapter-cache and loaded; HOST must be in --adapter-url-allow\n"
+            "      --adapter-resolver-manifest FILE  JSON {\"name\": \"<sha256 of adapter_model.safetensors>\"}:\n"
+            "                            the names the URL resolver serves (read again when it changes)\n"
+            "      --adapter-url-ca FILE  PEM certificates to trust for https:// adapter hosts (default: the\n"
+            "                            system's)\n"
             "      --adapter-eviction lru|fifo  which idle, unpinned adapter leaves the device or host\n"
             "                            memory when a slot is needed (default lru)\n"
             "      --adapter-wait-timeout S  a request whose adapter finds no free device slot (all in use\n"
@@ -514,13 +523,16 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
     enum { O_HOST = 256, O_PORT, O_SERVED, O_ADAPTER, O_ROOT, O_API, O_ADMIN, O_SEQS, O_BT, O_KVMB, O_KVB,
            O_LORAS, O_CPU, O_QUEUE, O_THREADS, O_HTHREADS, O_CONNS, O_DEVICE, O_CTX, O_CACHE, O_AMB, O_SCALE,
            O_DRAIN, O_URLALLOW, O_METRICSAUTH, O_DEADLINE, O_CONNSIP, O_JSONWS, O_PROMPTS, O_NOPC, O_RESOLVER, O_EVICT, O_NOUI,
-           O_AWAIT };
+           O_AWAIT, O_RURL, O_RMANIFEST, O_URLCA };
     static const struct option lo[] = {
         {"model", required_argument, 0, 'm'}, {"host", required_argument, 0, O_HOST},
         {"port", required_argument, 0, O_PORT}, {"served-model-name", required_argument, 0, O_SERVED},
         {"adapter", required_argument, 0, O_ADAPTER}, {"adapter-root", required_argument, 0, O_ROOT},
         {"adapter-scale", required_argument, 0, O_SCALE}, {"adapter-resolver", required_argument, 0, O_RESOLVER},
         {"adapter-eviction", required_argument, 0, O_EVICT}, {"adapter-wait-timeout", required_argument, 0, O_AWAIT},
+        {"adapter-resolver-url", required_argument, 0, O_RURL},
+        {"adapter-resolver-manifest", required_argument, 0, O_RMANIFEST},
+        {"adapter-url-ca", required_argument, 0, O_URLCA},
         {"api-key", required_argument, 0, O_API}, {"admin-key", required_argument, 0, O_ADMIN},
         {"max-seqs", required_argument, 0, O_SEQS}, {"max-batch-tokens", required_argument, 0, O_BT},
         {"kv-cache-mb", required_argument, 0, O_KVMB}, {"kv-blocks", required_argument, 0, O_KVB},
@@ -589,6 +601,9 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
         case O_QUEUE: rc = parse_int("max-queue", optarg, 1, &o->max_queue); break;
         case O_NOPC: o->no_prefix_cache = true; break;
         case O_AWAIT: rc = parse_int("adapter-wait-timeout", optarg, 0, &o->adapter_wait); break;
+        case O_RURL: o->resolver_url = optarg; break;
+        case O_RMANIFEST: o->resolver_manifest = optarg; break;
+        case O_URLCA: o->url_ca = optarg; break;
         case O_NOUI: o->no_ui = true; break;
         case O_PROMPTS:
             rc = parse_int("max-prompts", optarg, 1, &o->max_prompts);
@@ -638,6 +653,19 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
 }
 
 /* ---------- main ---------- */
+
+/* Load on first use (srv_resolve.c): resolver directories and/or the URL resolver, whose host must
+ * already be allowed for https:// adapters (the allow-list is checked again at every fetch). */
+static int resolver_create(const serve_opts *o, srv *s)
+{
+    char msg[300];
+    if (o->resolver_url && !srv_url_allowed(s, o->resolver_url, msg, sizeof msg))
+        return hy_err_set(HY_EINVAL, "--adapter-resolver-url: %s", msg);
+    srv_resolve_cfg rc = {.roots = o->resolvers, .n_roots = o->n_resolvers, .url = o->resolver_url,
+                          .manifest = o->resolver_manifest, .fetch = srv_fetch_resolved, .fetch_ctx = s,
+                          .room_wait_s = 5.0, .fifo = o->evict_fifo};
+    return srv_resolve_create(&rc, s->reg, &s->shape, &s->resolver);
+}
 
 static char *default_served_name(const char *path)
 {
@@ -703,7 +731,7 @@ int cli_serve(int argc, char **argv)
     memset(&g, 0, sizeof g);
     srv s;
     srv_config cfg = {o.host, o.port, served, o.api_key, o.admin_key, o.http_threads, o.max_conns, 1u << 20,
-                      o.roots, o.n_roots, o.max_loras, o.cache, (size_t)o.adapter_max_mb << 20,
+                      o.roots, o.n_roots, o.max_loras, o.cache, (size_t)o.adapter_max_mb << 20, o.url_ca,
                       o.url_allow, o.n_url_allow, o.metrics_auth, o.request_deadline,
                       o.max_conns_ip >= 0 ? o.max_conns_ip : (o.max_conns + 1) / 2, o.json_ws,
                       o.max_prompts, o.no_ui};
@@ -769,8 +797,7 @@ int cli_serve(int argc, char **argv)
     s.n_ctx = n_ctx;
     s.sched = sc;
     s.reg = reg;
-    if (o.n_resolvers &&
-        (rc = srv_resolve_create(o.resolvers, o.n_resolvers, reg, &s.shape, o.evict_fifo, &s.resolver))) {
+    if ((o.n_resolvers || o.resolver_url) && (rc = resolver_create(&o, &s))) {
         fprintf(stderr, "hydrad serve: %s\n", hy_err_msg());
         goto done;
     }

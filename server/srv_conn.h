@@ -135,10 +135,8 @@ int srv_reg_snapshot(srv *s, ad_reg_info **out, int *n);
 /* ---- srv_fetch.c: https:// adapters (srv_download is public, in http.h) ---- */
 
 /* Fetch <url>/adapter_config.json and <url>/adapter_model.safetensors into
- * <cache>/<sha256(url)>/ and write that directory to dir. */
+ * <cache>/<sha256(url)>/ and write that directory to dir (want_sha: a cached copy of the weights
+ * with that sha256 is used as it is). */
 int srv_fetch_adapter(srv *s, const char *url, const char *want_sha, char *dir, size_t dir_cap);
-/* url's host is allowed by --adapter-url-allow and resolves to no private address; false with
- * the reason in msg. */
-bool srv_url_allowed(srv *s, const char *url, char *msg, size_t cap);
 
 #endif

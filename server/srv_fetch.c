@@ -76,7 +76,8 @@ static bool dl_hex(dl_sink *d, char hex[65])
     return true;
 }
 
-int srv_download(const char *url, const char *dst, size_t cap, const char *want_sha, const char *protocols)
+int srv_download(const char *url, const char *dst, size_t cap, const char *want_sha, const char *protocols,
+                 const char *ca_file)
 {
     char tmp[PATH_MAX + 80], got[65];
     dl_sink d = {NULL, 0, cap, false, NULL, false};
@@ -93,6 +94,8 @@ int srv_download(const char *url, const char *dst, size_t cap, const char *want_
         goto fail;
     }
     curl_easy_setopt(h, CURLOPT_URL, url);
+    if (ca_file)
+        curl_easy_setopt(h, CURLOPT_CAINFO, ca_file);
     curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, protocols);
     curl_easy_setopt(h, CURLOPT_REDIR_PROTOCOLS_STR, protocols);
     curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 1L);
@@ -140,12 +143,31 @@ fail:
     return rc;
 }
 
-/* Fetch <url>/adapter_config.json and <url>/adapter_model.safetensors into
- * <cache>/<sha256(url)>/ and write that directory to dir. */
-int srv_fetch_adapter(srv *s, const char *url, const char *want_sha, char *dir, size_t dir_cap)
+/* Lower-case hex SHA-256 of a whole file into hex[65]; false when it cannot be read. */
+static bool file_sha256(const char *path, char hex[65])
+{
+    FILE *f = fopen(path, "rb");
+    EVP_MD_CTX *md = f ? EVP_MD_CTX_new() : NULL;
+    bool ok = md && EVP_DigestInit_ex(md, EVP_sha256(), NULL);
+    unsigned char buf[1 << 16], out[EVP_MAX_MD_SIZE];
+    size_t n;
+    while (ok && (n = fread(buf, 1, sizeof buf, f)) > 0)
+        ok = EVP_DigestUpdate(md, buf, n);
+    unsigned len = 0;
+    ok = ok && !ferror(f) && EVP_DigestFinal_ex(md, out, &len) && len == 32;
+    for (unsigned i = 0; ok && i < len; i++)
+        snprintf(hex + 2 * i, 3, "%02x", out[i]);
+    EVP_MD_CTX_free(md);
+    if (f)
+        fclose(f);
+    return ok;
+}
+
+/* <cache>/<sha256(url)> into dir, created (with the cache) when missing. */
+static int cache_dir(srv *s, const char *url, char *dir, size_t dir_cap)
 {
     unsigned char md[32];
-    char key[65], path[PATH_MAX + 64], u[API_MAX_URL + 64];
+    char key[65];
     const char *cache = s->cfg.adapter_cache ? s->cfg.adapter_cache : "/tmp/hydrad-adapter-cache";
     SHA256((const unsigned char *)url, strlen(url), md);
     for (int i = 0; i < 32; i++)
@@ -155,19 +177,53 @@ int srv_fetch_adapter(srv *s, const char *url, const char *want_sha, char *dir, 
     snprintf(dir, dir_cap, "%s/%s", cache, key);
     if (mkdir(dir, 0700) != 0 && errno != EEXIST)
         return hy_err_set(HY_EIO, "cannot create %s: %s", dir, strerror(errno));
+    return HY_OK;
+}
+
+/* Fetch <url>/adapter_config.json and <url>/adapter_model.safetensors into
+ * <cache>/<sha256(url)>/ and write that directory to dir. With want_sha, a cached copy whose
+ * weights have that sha256 is used as it is (*downloaded false). */
+static int fetch(srv *s, const char *url, const char *want_sha, char *dir, size_t dir_cap, bool *downloaded)
+{
+    char path[PATH_MAX + 64], u[API_MAX_URL + 64], got[65];
+    *downloaded = false;
+    int rc = cache_dir(s, url, dir, dir_cap);
+    if (rc)
+        return rc;
     size_t ul = strlen(url);
     const char *sep = ul && url[ul - 1] == '/' ? "" : "/";
     const char *files[2] = {"adapter_config.json", "adapter_model.safetensors"};
+    snprintf(path, sizeof path, "%s/%s", dir, files[0]);
+    bool have_cfg = access(path, R_OK) == 0;
+    snprintf(path, sizeof path, "%s/%s", dir, files[1]);
+    if (want_sha && have_cfg && file_sha256(path, got) && strcasecmp(got, want_sha) == 0)
+        return HY_OK;
     size_t cap = s->cfg.adapter_max_bytes ? s->cfg.adapter_max_bytes : (size_t)1 << 30;
     for (int i = 0; i < 2; i++) {
         snprintf(u, sizeof u, "%s%s%s", url, sep, files[i]);
         snprintf(path, sizeof path, "%s/%s", dir, files[i]);
         /* the weights are checked before they take the final name: a mismatch leaves none */
-        int rc = srv_download(u, path, i == 0 ? (size_t)1 << 20 : cap, i == 1 ? want_sha : NULL, "https");
-        if (rc)
+        if ((rc = srv_download(u, path, i == 0 ? (size_t)1 << 20 : cap, i == 1 ? want_sha : NULL, "https",
+                               s->cfg.url_ca)))
             return rc;
     }
+    *downloaded = true;
     return HY_OK;
+}
+
+int srv_fetch_adapter(srv *s, const char *url, const char *want_sha, char *dir, size_t dir_cap)
+{
+    bool downloaded;
+    return fetch(s, url, want_sha, dir, dir_cap, &downloaded);
+}
+
+int srv_fetch_resolved(void *ctx, const char *url, const char *sha256, char *dir, size_t cap, bool *downloaded)
+{
+    char msg[300];
+    *downloaded = false;
+    if (!srv_url_allowed(ctx, url, msg, sizeof msg))
+        return hy_err_set(HY_EINVAL, "%s", msg);
+    return fetch(ctx, url, sha256, dir, cap, downloaded);
 }
 
 /* The host of an https:// URL ("https://HOST[:PORT]/..." or "https://[V6]:PORT/..."): it must be

@@ -250,9 +250,13 @@ enum MHD_Result srv_gen_wait(conn *c, struct MHD_Connection *mc)
 }
 
 /* The loader a request waited for has ended (loader thread): resume the connection. */
-static void resolve_wake(void *ctx, int rc, const char *msg)
+static void resolve_wake(void *ctx, int status, const char *msg, ad_adapter *pinned)
 {
-    srv_conn_load_done(ctx, rc, strdup(msg ? msg : ""));
+    conn *c = ctx;
+    pthread_mutex_lock(&c->mu);
+    c->ad = pinned; /* the request's pin, taken by the loader: no eviction can come between */
+    pthread_mutex_unlock(&c->mu);
+    srv_conn_load_done(c, status, strdup(msg ? msg : ""));
 }
 
 static enum MHD_Result generation_for_model(conn *c, struct MHD_Connection *mc);
@@ -271,10 +275,12 @@ enum MHD_Result srv_gen_resolve_wait(conn *c, struct MHD_Connection *mc)
         return MHD_YES;
     c->state = R_GEN;
     c->load_done = false;
-    if (c->load_status) {
+    if (c->load_status) { /* 400 invalid adapter, 404 gone again, 502 not fetched, 503 no room */
         char msg[600];
         snprintf(msg, sizeof msg, "%s", c->load_json ? c->load_json : "");
-        return srv_err(c, mc, 400, "invalid_request_error", "model", "adapter_load_failed", msg);
+        int st = c->load_status;
+        return srv_err(c, mc, st, st < 500 ? "invalid_request_error" : "server_error", "model",
+                       st == 404 ? "model_not_found" : "adapter_load_failed", msg);
     }
     c->resolved = true; /* pin it now; never a second load for this request */
     return generation_for_model(c, mc);
@@ -303,7 +309,7 @@ static enum MHD_Result generation_for_model(conn *c, struct MHD_Connection *mc)
     } else if (srv_is_base_name(s, ar->model)) {
         c->model = strdup(s->cfg.served_name);
     } else {
-        int rc = s->reg ? ad_reg_pin(s->reg, ar->model, &c->ad) : HY_ENOTFOUND;
+        int rc = c->ad ? HY_OK : s->reg ? ad_reg_pin(s->reg, ar->model, &c->ad) : HY_ENOTFOUND; /* c->ad: pinned by the resolver */
         if ((rc == HY_ENOTFOUND || rc == HY_EBUSY) && s->resolver && !c->resolved) { /* load on first use */
             atomic_fetch_add(&c->refs, 1); /* held by the loader until it wakes us */
             c->state = R_RESOLVE_WAIT;
@@ -314,10 +320,8 @@ static enum MHD_Result generation_for_model(conn *c, struct MHD_Connection *mc)
             c->state = R_GEN;
             if (rr == HY_EINVAL)
                 return srv_err(c, mc, 400, "invalid_request_error", "model", "", hy_err_msg());
-            if (rr == HY_ELIMIT)
-                return srv_err(c, mc, 503, "server_error", "model", "", hy_err_msg());
-            if (rr == HY_EBUSY) /* loaded meanwhile, or an admin load/unload of the name under way */
-                rc = ad_reg_pin(s->reg, ar->model, &c->ad);
+            if (rr == HY_ENOMEM)
+                return srv_err(c, mc, 500, "server_error", "model", "", hy_err_msg());
         }
         if (rc) {
             char msg[600];

@@ -1,11 +1,15 @@
-/* srv_resolve.c - adapters loaded on first use from --adapter-resolver directories (see
- * srv_resolve.h). One loader thread per name being loaded; the lock guards the table of loads in
- * flight and the statistics and is never held while reading files or waking requests. */
+/* srv_resolve.c - adapters loaded on first use from --adapter-resolver directories or the URL
+ * resolver's manifest (see srv_resolve.h). One loader thread per name being loaded; the lock
+ * guards the table of loads in flight, the manifest and the statistics and is never held while
+ * reading files, downloading or waking requests. */
 #include "server/srv_resolve.h"
 #include "server/srv_paths.h"
 
 #include "engine/hy.h"
 
+#include <ctype.h>
+#include <errno.h>
+#include <jansson.h>
 #include <limits.h>
 #include <pthread.h>
 #include <stdbool.h>
@@ -13,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 const double srv_resolve_buckets[7] = {0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0};
 
@@ -24,15 +29,27 @@ typedef struct waiter {
 
 typedef struct pending {
     char name[AD_NAME_MAX];
-    char dir[PATH_MAX];
+    char dir[PATH_MAX];       /* a resolver directory's adapter; "" when fetched from url */
+    char url[PATH_MAX];       /* the URL resolver's adapter (with sha) */
+    char sha[65];
     srv_resolver *r;
     waiter *waiters;
     struct pending *next;
 } pending;
 
+typedef struct {
+    char name[AD_NAME_MAX];
+    char sha[65];
+} mf_entry;
+
 struct srv_resolver {
     char **roots;
     int n_roots;
+    char *url;            /* template with {name}; NULL: none */
+    char *manifest;       /* its path */
+    srv_resolve_fetch fetch;
+    void *fetch_ctx;
+    double room_wait_s;
     ad_registry *reg;
     ad_shape shape;
     pthread_mutex_t mu;
@@ -41,6 +58,9 @@ struct srv_resolver {
     int n_loading;
     srv_resolve_stats st; /* mu */
     bool fifo;            /* evict the adapter loaded first rather than the one used least recently */
+    mf_entry *mf;         /* the manifest as last read (mu) */
+    int n_mf;
+    struct timespec mf_mtime;
 };
 
 int srv_pin_check(ad_registry *reg, int max_loras)
@@ -52,29 +72,122 @@ int srv_pin_check(ad_registry *reg, int max_loras)
     return HY_OK;
 }
 
-int srv_resolve_create(const char *const *roots, int n_roots, ad_registry *reg, const ad_shape *shape, bool fifo,
-                       srv_resolver **out)
+static bool sha_hex(const char *s)
+{
+    if (strlen(s) != 64)
+        return false;
+    for (int i = 0; i < 64; i++)
+        if (!isxdigit((unsigned char)s[i]))
+            return false;
+    return true;
+}
+
+/* Read the manifest into r->mf (mu held or not yet shared). A bad file keeps what was read before
+ * and says why; at creation that is an error. */
+static int mf_read(srv_resolver *r)
+{
+    struct stat st;
+    if (stat(r->manifest, &st) != 0)
+        return hy_err_set(HY_EIO, "--adapter-resolver-manifest %s: %s", r->manifest, strerror(errno));
+    json_error_t je;
+    json_t *root = json_load_file(r->manifest, JSON_REJECT_DUPLICATES, &je);
+    if (!root || !json_is_object(root)) {
+        json_decref(root);
+        return hy_err_set(HY_EFORMAT, "--adapter-resolver-manifest %s: not a JSON object of name -> sha256 (%s)",
+                          r->manifest, root ? "not an object" : je.text);
+    }
+    size_t n = json_object_size(root);
+    mf_entry *mf = calloc(HY_MAX(n, 1), sizeof *mf);
+    if (!mf) {
+        json_decref(root);
+        return hy_err_set(HY_ENOMEM, "out of memory");
+    }
+    int k = 0, rc = HY_OK;
+    const char *key;
+    json_t *v;
+    json_object_foreach(root, key, v) {
+        const char *h = json_string_value(v);
+        if (strlen(key) >= AD_NAME_MAX || !h || !sha_hex(h)) {
+            rc = hy_err_set(HY_EFORMAT, "--adapter-resolver-manifest %s: entry '%.64s' needs a name under %d bytes "
+                            "and 64 hex digits of sha256", r->manifest, key, AD_NAME_MAX);
+            break;
+        }
+        snprintf(mf[k].name, sizeof mf[k].name, "%s", key);
+        snprintf(mf[k].sha, sizeof mf[k].sha, "%s", h);
+        k++;
+    }
+    json_decref(root);
+    if (rc) {
+        free(mf);
+        return rc;
+    }
+    free(r->mf);
+    r->mf = mf;
+    r->n_mf = k;
+    r->mf_mtime = st.st_mtim;
+    return HY_OK;
+}
+
+/* The manifest's sha256 for name into sha (mu held); false when it does not list the name. A
+ * manifest changed on disk is read again first. */
+static bool mf_lookup(srv_resolver *r, const char *name, char sha[65])
+{
+    struct stat st;
+    if (stat(r->manifest, &st) == 0 &&
+        (st.st_mtim.tv_sec != r->mf_mtime.tv_sec || st.st_mtim.tv_nsec != r->mf_mtime.tv_nsec) && mf_read(r))
+        fprintf(stderr, "hydrad serve: %s (keeping the manifest read before)\n", hy_err_msg());
+    for (int i = 0; i < r->n_mf; i++)
+        if (!strcmp(r->mf[i].name, name)) {
+            memcpy(sha, r->mf[i].sha, 65);
+            return true;
+        }
+    return false;
+}
+
+static int url_check(const char *url)
+{
+    const char *at = url ? strstr(url, "{name}") : NULL;
+    if (!url || strncmp(url, "https://", 8) || !at || strstr(at + 6, "{name}") || strlen(url) > PATH_MAX - AD_NAME_MAX)
+        return hy_err_set(HY_EINVAL, "--adapter-resolver-url must be an https:// URL holding {name} once (got '%s')",
+                          url ? url : "");
+    return HY_OK;
+}
+
+int srv_resolve_create(const srv_resolve_cfg *cfg, ad_registry *reg, const ad_shape *shape, srv_resolver **out)
 {
     *out = NULL;
+    if (cfg->url && (url_check(cfg->url) || !cfg->fetch))
+        return cfg->fetch ? HY_EINVAL : hy_err_set(HY_EINVAL, "URL resolver without a fetch");
+    if (cfg->url && !cfg->manifest)
+        return hy_err_set(HY_EINVAL, "--adapter-resolver-url needs --adapter-resolver-manifest (the sha256 of "
+                          "every adapter it may load)");
     srv_resolver *r = calloc(1, sizeof *r);
-    if (!r || !(r->roots = calloc((size_t)HY_MAX(n_roots, 1), sizeof *r->roots))) {
+    if (!r || !(r->roots = calloc((size_t)HY_MAX(cfg->n_roots, 1), sizeof *r->roots))) {
         free(r);
         return hy_err_set(HY_ENOMEM, "out of memory");
     }
-    for (int i = 0; i < n_roots; i++) {
+    int rc = HY_OK;
+    for (int i = 0; i < cfg->n_roots && !rc; i++) {
         char p[PATH_MAX];
-        if (!realpath(roots[i], p)) {
-            srv_resolve_free(r);
-            return hy_err_set(HY_EINVAL, "--adapter-resolver %s: not a directory", roots[i]);
-        }
-        if (!(r->roots[r->n_roots++] = strdup(p))) {
-            srv_resolve_free(r);
-            return hy_err_set(HY_ENOMEM, "out of memory");
-        }
+        if (!realpath(cfg->roots[i], p))
+            rc = hy_err_set(HY_EINVAL, "--adapter-resolver %s: not a directory", cfg->roots[i]);
+        else if (!(r->roots[r->n_roots++] = strdup(p)))
+            rc = hy_err_set(HY_ENOMEM, "out of memory");
     }
+    if (!rc && cfg->url && (!(r->url = strdup(cfg->url)) || !(r->manifest = strdup(cfg->manifest))))
+        rc = hy_err_set(HY_ENOMEM, "out of memory");
+    if (!rc && r->manifest)
+        rc = mf_read(r);
+    if (rc) {
+        srv_resolve_free(r);
+        return rc;
+    }
+    r->fetch = cfg->fetch;
+    r->fetch_ctx = cfg->fetch_ctx;
+    r->room_wait_s = cfg->room_wait_s;
     r->reg = reg;
     r->shape = *shape;
-    r->fifo = fifo;
+    r->fifo = cfg->fifo;
     pthread_mutex_init(&r->mu, NULL);
     pthread_cond_init(&r->idle, NULL);
     *out = r;
@@ -96,6 +209,9 @@ void srv_resolve_free(srv_resolver *r)
     for (int i = 0; i < r->n_roots; i++)
         free(r->roots[i]);
     free(r->roots);
+    free(r->url);
+    free(r->manifest);
+    free(r->mf);
     free(r);
 }
 
@@ -114,17 +230,66 @@ static bool plain_name(const char *name)
     return true;
 }
 
+/* Reserve the name in the registry (LOADING). When it is full, unload the idle adapter used least
+ * recently and try again; with none idle (every one in use or pinned: requests that are finishing
+ * drop their pins within moments) poll until room_wait_s has passed. HY_EBUSY: the name is loaded
+ * or being loaded by an admin call. */
+static int reserve(srv_resolver *r, pending *p)
+{
+    double until = hy_now() + r->room_wait_s;
+    char evicted[AD_NAME_MAX];
+    for (;;) {
+        int rc = ad_reg_begin(r->reg, p->name, p->dir[0] ? p->dir : p->url);
+        if (rc != HY_ELIMIT)
+            return rc;
+        if (ad_reg_evict_idle(r->reg, r->fifo, evicted, sizeof evicted) == HY_OK) {
+            pthread_mutex_lock(&r->mu);
+            r->st.evictions++;
+            pthread_mutex_unlock(&r->mu);
+            continue;
+        }
+        if (hy_now() >= until)
+            return hy_err_set(HY_ELIMIT, "cannot load adapter '%s': every loaded adapter (--max-cpu-loras) is in use "
+                              "or pinned", p->name);
+        usleep(10000);
+    }
+}
+
+/* Read (fetching it first for the URL resolver) and publish p's adapter; status as for wake. */
+static int load(srv_resolver *r, pending *p, char *msg, size_t cap, bool *downloaded)
+{
+    int rc = reserve(r, p);
+    if (rc == HY_EBUSY) { /* loaded by someone else meanwhile (or an admin load under way) */
+        double until = hy_now() + r->room_wait_s;
+        ad_reg_info info;
+        while (ad_reg_info_get(r->reg, p->name, &info) == 0 && info.state == AD_LOADING && hy_now() < until)
+            usleep(10000);
+        return 0; /* the waiters pin it, or hear that it is gone */
+    }
+    if (rc) {
+        snprintf(msg, cap, "adapter '%s' (first use): %s", p->name, hy_err_msg());
+        return rc == HY_ELIMIT ? 503 : 500;
+    }
+    int status = 0;
+    ad_adapter *a = NULL;
+    if (!p->dir[0] && (rc = r->fetch(r->fetch_ctx, p->url, p->sha, p->dir, sizeof p->dir, downloaded)))
+        status = 502;
+    else if ((rc = ad_read(p->dir, &r->shape, NULL, &a)))
+        status = 400;
+    if (status)
+        snprintf(msg, cap, "adapter '%s' (first use): %s", p->name, hy_err_msg());
+    ad_reg_finish(r->reg, p->name, a);
+    return status;
+}
+
 static void *loader(void *arg)
 {
     pending *p = arg;
     srv_resolver *r = p->r;
     double t0 = hy_now();
-    ad_adapter *a = NULL;
-    char msg[512] = "";
-    int rc = ad_read(p->dir, &r->shape, NULL, &a);
-    if (rc)
-        snprintf(msg, sizeof msg, "adapter '%s' (first use): %s", p->name, hy_err_msg());
-    ad_reg_finish(r->reg, p->name, rc ? NULL : a);
+    char msg[600] = "";
+    bool downloaded = false;
+    int status = load(r, p, msg, sizeof msg, &downloaded);
     double dt = hy_now() - t0;
     pthread_mutex_lock(&r->mu);
     for (pending **pp = &r->loads; *pp; pp = &(*pp)->next)
@@ -132,10 +297,11 @@ static void *loader(void *arg)
             *pp = p->next;
             break;
         }
-    if (rc) {
+    if (status) {
         r->st.failures++;
     } else {
         r->st.loads++;
+        r->st.downloads += downloaded;
         r->st.load_s_sum += dt;
         int b = 0;
         while (b < 7 && dt > srv_resolve_buckets[b])
@@ -146,7 +312,13 @@ static void *loader(void *arg)
     pthread_mutex_unlock(&r->mu);
     while (w) { /* no lock held: a wake resumes a connection */
         waiter *nx = w->next;
-        w->wake(w->ctx, rc, msg);
+        ad_adapter *a = NULL; /* each waiter's own pin, taken before any of them can drop one */
+        int st = status;
+        if (!st && ad_reg_pin(r->reg, p->name, &a)) {
+            st = 404;
+            snprintf(msg, sizeof msg, "adapter '%s' was unloaded as soon as it was loaded: %s", p->name, hy_err_msg());
+        }
+        w->wake(w->ctx, st, msg, a);
         free(w);
         w = nx;
     }
@@ -178,81 +350,82 @@ static int find_dir(srv_resolver *r, const char *name, char *dir)
     return hy_err_set(HY_ENOTFOUND, "no --adapter-resolver root holds '%s'", name);
 }
 
+/* Under mu: join the load of name in flight, if there is one. */
+static bool join(srv_resolver *r, const char *name, waiter *w)
+{
+    for (pending *p = r->loads; p; p = p->next)
+        if (!strcmp(p->name, name)) {
+            w->next = p->waiters;
+            p->waiters = w;
+            return true;
+        }
+    return false;
+}
+
+/* Where name comes from: a resolver directory (p->dir), else the manifest (p->url, p->sha). */
+static int locate(srv_resolver *r, const char *name, pending *p)
+{
+    int rc = find_dir(r, name, p->dir);
+    if (rc != HY_ENOTFOUND || !r->url)
+        return rc;
+    p->dir[0] = '\0';
+    pthread_mutex_lock(&r->mu);
+    bool listed = mf_lookup(r, name, p->sha);
+    pthread_mutex_unlock(&r->mu);
+    if (!listed)
+        return hy_err_set(HY_ENOTFOUND, "neither an --adapter-resolver root nor the URL resolver's manifest holds '%s'",
+                          name);
+    const char *at = strstr(r->url, "{name}");
+    snprintf(p->url, sizeof p->url, "%.*s%s%s", (int)(at - r->url), r->url, name, at + 6);
+    return HY_OK;
+}
+
 int srv_resolve_start(srv_resolver *r, const char *name, srv_resolve_wake wake, void *ctx)
 {
     if (!plain_name(name))
         return hy_err_set(HY_ENOTFOUND, "'%s' cannot name an adapter directory", name);
     waiter *w = malloc(sizeof *w);
-    if (!w)
-        return hy_err_set(HY_ENOMEM, "out of memory");
-    *w = (waiter){wake, ctx, NULL};
-    /* a load of this name already under way: wait for it */
-    pthread_mutex_lock(&r->mu);
-    for (pending *p = r->loads; p; p = p->next)
-        if (!strcmp(p->name, name)) {
-            w->next = p->waiters;
-            p->waiters = w;
-            pthread_mutex_unlock(&r->mu);
-            return HY_OK;
-        }
-    pthread_mutex_unlock(&r->mu);
-    char dir[PATH_MAX];
-    int rc = find_dir(r, name, dir);
-    pending *p = NULL;
-    if (rc || !(p = calloc(1, sizeof *p))) {
+    pending *p = calloc(1, sizeof *p);
+    if (!w || !p) {
         free(w);
-        return rc ? rc : hy_err_set(HY_ENOMEM, "out of memory");
+        free(p);
+        return hy_err_set(HY_ENOMEM, "out of memory");
+    }
+    *w = (waiter){wake, ctx, NULL};
+    pthread_mutex_lock(&r->mu);
+    bool joined = join(r, name, w); /* a load of this name already under way: wait for it */
+    pthread_mutex_unlock(&r->mu);
+    int rc = joined ? HY_OK : locate(r, name, p);
+    if (joined || rc) {
+        if (rc)
+            free(w);
+        free(p);
+        return rc;
     }
     snprintf(p->name, sizeof p->name, "%s", name);
-    snprintf(p->dir, sizeof p->dir, "%s", dir);
     p->r = r;
     p->waiters = w;
-    /* Reserve the name (LOADING); when the registry is full, unload the idle adapter used least
-     * recently and try again. Under mu so that two first requests cannot both reserve. */
     pthread_mutex_lock(&r->mu);
-    for (pending *q = r->loads; q; q = q->next)
-        if (!strcmp(q->name, name)) { /* another request got here between the two locks */
-            w->next = q->waiters;
-            q->waiters = w;
-            pthread_mutex_unlock(&r->mu);
-            free(p);
-            return HY_OK;
-        }
-    char evicted[AD_NAME_MAX];
-    while ((rc = ad_reg_begin(r->reg, name, dir)) == HY_ELIMIT &&
-           ad_reg_evict_idle(r->reg, r->fifo, evicted, sizeof evicted) == HY_OK)
-        r->st.evictions++;
-    if (!rc) {
-        p->next = r->loads;
-        r->loads = p;
-        r->n_loading++;
-    }
-    pthread_mutex_unlock(&r->mu);
-    pthread_t th;
-    if (!rc && pthread_create(&th, NULL, loader, p) != 0) {
-        ad_reg_finish(r->reg, name, NULL);
-        pthread_mutex_lock(&r->mu);
-        for (pending **pp = &r->loads; *pp; pp = &(*pp)->next)
-            if (*pp == p) {
-                *pp = p->next;
-                break;
-            }
-        r->n_loading--;
-        waiter *late = p->waiters->next; /* requests that joined meanwhile: tell them too */
+    if (join(r, name, w)) { /* another request got here between the two locks */
         pthread_mutex_unlock(&r->mu);
-        for (waiter *x = late, *nx; x; x = nx) {
-            nx = x->next;
-            x->wake(x->ctx, HY_ENOMEM, "cannot start a loader thread");
-            free(x);
-        }
-        rc = hy_err_set(HY_ENOMEM, "cannot start a loader thread");
-    } else if (!rc) {
+        free(p);
+        return HY_OK;
+    }
+    p->next = r->loads;
+    r->loads = p;
+    r->n_loading++;
+    pthread_t th;
+    if (pthread_create(&th, NULL, loader, p) == 0) {
+        pthread_mutex_unlock(&r->mu);
         pthread_detach(th);
         return HY_OK;
     }
+    r->loads = p->next; /* under mu since it was linked: no one joined */
+    r->n_loading--;
+    pthread_mutex_unlock(&r->mu);
     free(w);
     free(p);
-    return rc; /* HY_EBUSY: an admin load of the name is under way; HY_ELIMIT: nothing idle to evict */
+    return hy_err_set(HY_ENOMEM, "cannot start a loader thread");
 }
 
 void srv_resolve_get_stats(srv_resolver *r, srv_resolve_stats *out)

@@ -132,7 +132,7 @@ static void test_ok_and_sha(void **st)
 {
     fx *f = *st;
     char ls[4096];
-    assert_int_equal(srv_download(f->url, f->dst, SRC_BYTES, NULL, "file"), HY_OK);
+    assert_int_equal(srv_download(f->url, f->dst, SRC_BYTES, NULL, "file", NULL), HY_OK);
     assert_dst_is_source(f);
     listing(f->dst_dir, ls, sizeof ls);
     assert_string_equal(ls, "adapter_model.safetensors");
@@ -140,7 +140,7 @@ static void test_ok_and_sha(void **st)
     char upper[65];
     for (int i = 0; i < 65; i++)
         upper[i] = (char)(f->sha[i] >= 'a' && f->sha[i] <= 'f' ? f->sha[i] - 32 : f->sha[i]);
-    assert_int_equal(srv_download(f->url, f->dst, SRC_BYTES, upper, "file"), HY_OK);
+    assert_int_equal(srv_download(f->url, f->dst, SRC_BYTES, upper, "file", NULL), HY_OK);
     assert_dst_is_source(f);
     listing(f->dst_dir, ls, sizeof ls);
     assert_string_equal(ls, "adapter_model.safetensors");
@@ -166,7 +166,7 @@ static void test_failures_leave_nothing(void **st)
         {f->url, NULL, "https", SRC_BYTES, HY_EIO},        /* protocol not allowed */
     };
     for (size_t i = 0; i < HY_ARRAY_LEN(cases); i++) {
-        int rc = srv_download(cases[i].url, f->dst, cases[i].cap, cases[i].sha, cases[i].proto);
+        int rc = srv_download(cases[i].url, f->dst, cases[i].cap, cases[i].sha, cases[i].proto, NULL);
         if (rc != cases[i].want)
             fail_msg("case %zu: got %d, want %d (%s)", i, rc, cases[i].want, hy_err_msg());
         listing(f->dst_dir, ls, sizeof ls);
@@ -187,7 +187,7 @@ static void test_other_part_file_untouched(void **st)
     char part[PATH_MAX + 80], ls[4096];
     snprintf(part, sizeof part, "%s.part", f->dst);
     write_file(part, "another download in flight", 27);
-    assert_int_equal(srv_download(f->url, f->dst, SRC_BYTES, f->sha, "file"), HY_OK);
+    assert_int_equal(srv_download(f->url, f->dst, SRC_BYTES, f->sha, "file", NULL), HY_OK);
     assert_dst_is_source(f);
     size_t n = 0;
     unsigned char *other = read_file(part, &n);
@@ -209,7 +209,7 @@ typedef struct {
 static void *run_job(void *arg)
 {
     job *j = arg;
-    j->rc = srv_download(j->f->url, j->f->dst, SRC_BYTES, j->f->sha, "file");
+    j->rc = srv_download(j->f->url, j->f->dst, SRC_BYTES, j->f->sha, "file", NULL);
     return NULL;
 }
 
@@ -241,7 +241,7 @@ static void test_unwritable_dir(void **st)
     fx *f = *st;
     char dst[PATH_MAX + 80];
     snprintf(dst, sizeof dst, "%s/no/such/dir/file", f->root);
-    assert_int_equal(srv_download(f->url, dst, SRC_BYTES, NULL, "file"), HY_EIO);
+    assert_int_equal(srv_download(f->url, dst, SRC_BYTES, NULL, "file", NULL), HY_EIO);
     assert_non_null(strstr(hy_err_msg(), "temp file"));
 }
 

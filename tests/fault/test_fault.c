@@ -583,7 +583,7 @@ static void dl_reset(void *ctx)
 static int op_download(void *ctx)
 {
     dl_fx *d = ctx;
-    int rc = srv_download(d->url, d->dst, SRC_BYTES, d->sha, "file");
+    int rc = srv_download(d->url, d->dst, SRC_BYTES, d->sha, "file", NULL);
     if (rc)
         return rc;
     size_t n = 0;
@@ -659,7 +659,7 @@ static void test_download(void **st)
     write_file(cut, d.bytes, SRC_BYTES - 1000);
     snprintf(d.url, sizeof d.url, "file://%s", cut);
     dl_reset(&d);
-    assert_int_equal(srv_download(d.url, d.dst, SRC_BYTES, d.sha, "file"), HY_EFORMAT);
+    assert_int_equal(srv_download(d.url, d.dst, SRC_BYTES, d.sha, "file", NULL), HY_EFORMAT);
     assert_non_null(strstr(hy_err_msg(), "sha256 mismatch"));
     if (!dl_untouched(&d, why, sizeof why))
         fail_msg("truncated transfer: %s", why);
