@@ -38,6 +38,8 @@ struct ad_adapter {
     size_t arena_n;  /* floats */
     be *be;          /* backend the loras live on; NULL when not uploaded */
     be_lora **lora;  /* [n_layer * ENG_N_PROJ] */
+    be *pack_be;     /* the backend `pack` was made for (ad_opts.pack_for); NULL: none */
+    be_lora_pack **pack; /* [n_layer * ENG_N_PROJ]: host-side upload work done ahead, taken by ad_upload */
     float *stats;    /* [n_layer * ENG_N_PROJ * (K + 1)] */
     eng_adapter eng;
     atomic_ullong n_tok;
@@ -666,6 +668,8 @@ static int ad_check_shape(const ad_shape *s)
 }
 
 /* Takes ownership of *cfg's contents (cleared on return either way). */
+static int ad_pack(ad_adapter *a, be *b);
+
 static int ad_build(ad_config *cfg, const st_file *st, const ad_shape *s, const ad_opts *opts, ad_adapter **out)
 {
     int rc;
@@ -720,6 +724,8 @@ static int ad_build(ad_config *cfg, const st_file *st, const ad_shape *s, const 
         rc = hy_err_set(HY_ENOMEM, "out of memory");
         goto fail;
     }
+    if (opts && opts->pack_for && (rc = ad_pack(a, opts->pack_for)))
+        goto fail;
     a->eng.lora = a->lora;
     a->eng.K = a->K;
     a->eng.stats = a->stats;
@@ -824,6 +830,54 @@ int ad_read(const char *dir, const ad_shape *s, const ad_opts *opts, ad_adapter 
 
 /* ------------------------------------------------------------------ backend */
 
+static void ad_pack_free(ad_adapter *a)
+{
+    for (size_t i = 0; a->pack && i < (size_t)a->n_layer * ENG_N_PROJ; i++)
+        if (a->pack[i])
+            a->pack_be->ops->lora_pack_free(a->pack_be, a->pack[i]);
+    free(a->pack);
+    a->pack = NULL;
+    a->pack_be = NULL;
+}
+
+/* The reading thread's share of the upload: b's lora_pack for every target (nothing where b has
+ * no such op). */
+static int ad_pack(ad_adapter *a, be *b)
+{
+    if (!b->ops->lora_pack)
+        return HY_OK;
+    size_t n = (size_t)a->n_layer * ENG_N_PROJ;
+    if (!(a->pack = calloc(n, sizeof *a->pack)))
+        return hy_err_set(HY_ENOMEM, "out of memory");
+    a->pack_be = b;
+    for (size_t i = 0; i < n; i++) {
+        const ad_target *t = &a->tg[i];
+        int p = (int)(i % ENG_N_PROJ);
+        int rc = t->A ? b->ops->lora_pack(b, a->r, a->K, a->in[p], a->out[p], t->A, t->R,
+                                          (const float *const *)t->B, a->scale, &a->pack[i])
+                      : HY_OK;
+        if (rc) {
+            ad_pack_free(a);
+            return hy_err_wrap(rc, "preparing adapter for upload");
+        }
+    }
+    return HY_OK;
+}
+
+/* One target's backend matrices: from its pack when there is one for b (taken), else made now. */
+static int ad_upload_one(ad_adapter *a, be *b, size_t i)
+{
+    if (a->pack && a->pack_be == b && a->pack[i]) {
+        be_lora_pack *p = a->pack[i];
+        a->pack[i] = NULL;
+        return b->ops->lora_adopt(b, p, &a->lora[i]);
+    }
+    const ad_target *t = &a->tg[i];
+    int p = (int)(i % ENG_N_PROJ);
+    return b->ops->lora_create(b, a->r, a->K, a->in[p], a->out[p], t->A, t->R, (const float *const *)t->B,
+                               a->scale, &a->lora[i]);
+}
+
 int ad_upload(ad_adapter *a, be *b)
 {
     if (a->be == b)
@@ -832,12 +886,9 @@ int ad_upload(ad_adapter *a, be *b)
         ad_unupload(a);
     size_t n = (size_t)a->n_layer * ENG_N_PROJ;
     for (size_t i = 0; i < n; i++) {
-        const ad_target *t = &a->tg[i];
-        if (!t->A)
+        if (!a->tg[i].A)
             continue;
-        int p = (int)(i % ENG_N_PROJ);
-        int rc = b->ops->lora_create(b, a->r, a->K, a->in[p], a->out[p], t->A, t->R, (const float *const *)t->B,
-                                     a->scale, &a->lora[i]);
+        int rc = ad_upload_one(a, b, i);
         if (rc) {
             for (size_t j = 0; j < i; j++)
                 if (a->lora[j]) {
@@ -848,6 +899,8 @@ int ad_upload(ad_adapter *a, be *b)
         }
     }
     a->be = b;
+    if (a->pack_be == b)
+        ad_pack_free(a); /* used up (or, after a failure above, left for the next try) */
     return HY_OK;
 }
 
@@ -871,6 +924,8 @@ void ad_free(ad_adapter *a)
         return;
     if (a->lora)
         ad_unupload(a);
+    if (a->pack)
+        ad_pack_free(a);
     free(a->lora);
     free(a->tg);
     free(a->arena);

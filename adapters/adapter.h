@@ -64,6 +64,9 @@ int ad_config_targets(const ad_config *c, const ad_shape *s, uint8_t *mask);
  * adapter then adds nothing and the output is the base model's). */
 typedef struct {
     float scale_mult; /* --adapter-scale: multiplies s; finite */
+    be *pack_for;     /* non-NULL: also do this backend's host-side upload work now (its lora_pack,
+                       * callable from any thread), so that ad_upload on the engine thread is a
+                       * copy at most; the packs go with the first upload to this backend */
 } ad_opts;
 
 typedef struct ad_adapter ad_adapter;
@@ -76,8 +79,9 @@ int ad_read(const char *dir, const ad_shape *s, const ad_opts *opts, ad_adapter 
 int ad_read_mem(const char *cfg_json, size_t cfg_len, const void *st_buf, size_t st_len,
                 const ad_shape *s, const ad_opts *opts, ad_adapter **out);
 
-/* Engine thread: create the backend matrices (b->ops->lora_create) for every target.
- * Idempotent for the same backend; on error nothing stays uploaded. */
+/* Engine thread: create the backend matrices (b->ops->lora_create, or lora_adopt of what ad_read
+ * packed for b) for every target. Idempotent for the same backend; on error nothing stays
+ * uploaded. */
 int ad_upload(ad_adapter *a, be *b);
 bool ad_uploaded(const ad_adapter *a);
 /* Engine thread: free the backend matrices (the host copy stays; ad_upload again later). */

@@ -22,6 +22,7 @@
 typedef struct be be;             /* a backend instance; first member is `const be_ops *ops` */
 typedef struct be_weight be_weight; /* a base-model matrix as the backend keeps it */
 typedef struct be_lora be_lora;   /* one (adapter, layer, projection) HydraLoRA matrix set */
+typedef struct be_lora_pack be_lora_pack; /* a be_lora's host-side form, made ahead (lora_pack) */
 
 /* Paged-attention metadata for one step (all host pointers).
  * Tokens of one sequence are contiguous in the batch with ascending positions.
@@ -132,6 +133,16 @@ typedef struct {
     int (*lora_create)(be *b, int r, int K, int64_t in, int64_t out, const float *A,
                        const float *R, const float *const *B, float scale, be_lora **out_lora);
     void (*lora_free)(be *b, be_lora *l);
+    /* Optional (NULL: lora_create does all the work on the engine thread): lora_create split in
+     * two so that its host-side work (fp16 rounding, layout) runs ahead on the thread that read
+     * the adapter. lora_pack and lora_pack_free may be called from ANY thread: they touch no
+     * device and no backend state. lora_adopt (engine thread) makes a be_lora of the pack at the
+     * cost of a copy at most and always takes the pack (freed even when it fails); the result
+     * equals lora_create's for the same arguments. */
+    int (*lora_pack)(be *b, int r, int K, int64_t in, int64_t out, const float *A, const float *R,
+                     const float *const *B, float scale, be_lora_pack **out_pack);
+    int (*lora_adopt)(be *b, be_lora_pack *p, be_lora **out_lora);
+    void (*lora_pack_free)(be *b, be_lora_pack *p);
     /* For each projection i < n (1 <= n <= BE_MM_MAX projections that read the same x, e.g.
      * q/k/v: one call, so a device launches once for all of them) and each of its segments
      * segs[i][0..n_seg) with a lora:  h = A x, g = softmax(R x) (K==1: g = 1),

@@ -939,6 +939,9 @@ static const be_ops cpu_ops = {
     .attention = cpu_attention,
     .lora_create = cpu_lora_create,
     .lora_free = cpu_lora_free,
+    .lora_pack = cpu_lora_pack,
+    .lora_adopt = cpu_lora_adopt,
+    .lora_pack_free = cpu_lora_pack_free,
     .hydra = cpu_hydra_n,
 };
 

@@ -21,6 +21,10 @@ typedef struct {
 int cpu_lora_create(be *b, int r, int K, int64_t in, int64_t out, const float *A, const float *R,
                     const float *const *B, float scale, be_lora **out_lora);
 void cpu_lora_free(be *b, be_lora *l);
+int cpu_lora_pack(be *b, int r, int K, int64_t in, int64_t out, const float *A, const float *R,
+                  const float *const *B, float scale, be_lora_pack **out_pack);
+int cpu_lora_adopt(be *b, be_lora_pack *p, be_lora **out_lora);
+void cpu_lora_pack_free(be *b, be_lora_pack *p);
 /* backend.h's hydra op: cpu_hydra for each projection */
 int cpu_hydra_n(be *b, int n, const float *x, int64_t in, float *const *y, const int64_t *out,
                 const be_lora_seg *const *segs, int n_seg);

@@ -63,10 +63,16 @@ static void lora_fill_f32(be_lora *l, const float *A, const float *R, const floa
 
 /* fp16 unless the backend is in precise mode. *out_lora is freed with cpu_lora_free; the
  * caller's arrays are copied and may be freed on return. */
-int cpu_lora_create(be *b, int r, int K, int64_t in, int64_t out, const float *A, const float *R,
-                    const float *const *B, float scale, be_lora **out_lora)
+/* The CPU's pack is the finished be_lora: it lives in host memory either way. */
+struct be_lora_pack {
+    be_lora *l;
+};
+
+/* Any thread: reads only the backend's precision flag, set at creation. */
+int cpu_lora_pack(be *b, int r, int K, int64_t in, int64_t out, const float *A, const float *R,
+                  const float *const *B, float scale, be_lora_pack **out_pack)
 {
-    *out_lora = NULL;
+    *out_pack = NULL;
     if (r < 1 || K < 1 || in < 1 || out < 1 || !A || !B || (K > 1 && !R))
         return hy_err_set(HY_EINVAL, "lora_create: bad arguments (r %d, K %d, in %lld, out %lld)", r, K,
                           (long long)in, (long long)out);
@@ -80,13 +86,17 @@ int cpu_lora_create(be *b, int r, int K, int64_t in, int64_t out, const float *A
     if (hy_mul_size((size_t)rows, (size_t)in, &nar) || hy_mul_size((size_t)K, (size_t)r, &kr) ||
         hy_mul_size(kr, (size_t)out, &nb) || hy_mul_size(nar, esz, &nar) || hy_mul_size(nb, esz, &nb))
         return hy_err_set(HY_ELIMIT, "lora_create: matrices too large");
-    be_lora *l = calloc(1, sizeof *l);
-    if (!l)
+    be_lora_pack *p = calloc(1, sizeof *p);
+    be_lora *l = p ? calloc(1, sizeof *l) : NULL;
+    if (!l) {
+        free(p);
         return hy_err_set(HY_ENOMEM, "lora_create: out of memory");
+    }
+    p->l = l;
     l->AR = malloc(nar);
     l->Bcat = malloc(nb);
     if (!l->AR || !l->Bcat) {
-        cpu_lora_free(b, l);
+        cpu_lora_pack_free(b, p);
         return hy_err_set(HY_ENOMEM, "lora_create: out of memory for %zu bytes", nar + nb);
     }
     l->r = r;
@@ -99,8 +109,32 @@ int cpu_lora_create(be *b, int r, int K, int64_t in, int64_t out, const float *A
         lora_fill_f16(l, A, R, B, scale);
     else
         lora_fill_f32(l, A, R, B, scale);
-    *out_lora = l;
+    *out_pack = p;
     return HY_OK;
+}
+
+int cpu_lora_adopt(be *b, be_lora_pack *p, be_lora **out_lora)
+{
+    (void)b;
+    *out_lora = p->l;
+    free(p);
+    return HY_OK;
+}
+
+void cpu_lora_pack_free(be *b, be_lora_pack *p)
+{
+    if (p)
+        cpu_lora_free(b, p->l);
+    free(p);
+}
+
+int cpu_lora_create(be *b, int r, int K, int64_t in, int64_t out, const float *A, const float *R,
+                    const float *const *B, float scale, be_lora **out_lora)
+{
+    be_lora_pack *p;
+    *out_lora = NULL;
+    int rc = cpu_lora_pack(b, r, K, in, out, A, R, B, scale, &p);
+    return rc ? rc : cpu_lora_adopt(b, p, out_lora);
 }
 
 void cpu_lora_free(be *b, be_lora *l)

@@ -301,6 +301,10 @@ int cuda_rope_store(be_cuda *c, const int32_t *d, float *q, float *k, const floa
 int cuda_lora_create(be *b, int r, int K, int64_t in, int64_t out, const float *A, const float *R,
                      const float *const *B, float scale, be_lora **out_lora); /* cuda_hydra.cu */
 void cuda_lora_free(be *b, be_lora *l);
+int cuda_lora_pack(be *b, int r, int K, int64_t in, int64_t out, const float *A, const float *R,
+                   const float *const *B, float scale, be_lora_pack **out_pack);
+int cuda_lora_adopt(be *b, be_lora_pack *p, be_lora **out_lora);
+void cuda_lora_pack_free(be *b, be_lora_pack *p);
 int cuda_hydra_n(be *b, int n, const float *x, int64_t in, float *const *y, const int64_t *out,
                  const be_lora_seg *const *segs, int n_seg);
 /* Router stats kept on the device: enqueue their download (returns how many entries), and after

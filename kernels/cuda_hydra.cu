@@ -267,18 +267,31 @@ static void lora_to_half(__half *dst, const float *src, size_t n, float mul)
         dst[i] = __float2half_rn(src[i] * mul);
 }
 
-/* Rounds A, R and B (host, fp32) to fp16 with their factors (struct be_lora), packs them in
- * pinned staging and copies them into a pool range on the copy stream, returning without
- * waiting: the next hydra orders the copy before its kernels. The caller's arrays may be reused
- * as soon as this returns. *out_lora is freed with cuda_lora_free. */
-int cuda_lora_create(be *b, int r, int K, int64_t in, int64_t out, const float *A, const float *R,
-                     const float *const *B, float scale, be_lora **out_lora)
+/* The fp16 image of one pool range, made in ordinary host memory by any thread. */
+struct be_lora_pack {
+    int r, K;
+    int64_t in, out;
+    float l_mul, out_mul;
+    size_t total, bt_off;
+    void *host; /* [A; R] at 0, BT at bt_off: the range's bytes */
+};
+
+void cuda_lora_pack_free(be *b, be_lora_pack *p)
 {
-    be_cuda *c = cuda_ctx(b);
-    int rc = HY_OK, slot = 0;
-    void *host = NULL;
+    (void)b;
+    if (p)
+        free(p->host);
+    free(p);
+}
+
+/* Rounds A, R and B (host, fp32) to fp16 with their factors (struct be_lora) into the layout of
+ * a pool range. Touches no device and no backend state: any thread. */
+int cuda_lora_pack(be *b, int r, int K, int64_t in, int64_t out, const float *A, const float *R,
+                   const float *const *B, float scale, be_lora_pack **out_pack)
+{
+    (void)b;
     size_t ar_bytes = 0, bt_off = 0, total = 0;
-    *out_lora = NULL;
+    *out_pack = NULL;
     if (r < 1 || K < 1 || r > CUDA_LORA_MAX_R || K > CUDA_LORA_MAX_K)
         return hy_err_set(HY_EUNSUPPORTED,
                           "CUDA backend supports HydraLoRA rank 1..%d and 1..%d heads (got r=%d, K=%d)",
@@ -288,49 +301,84 @@ int cuda_lora_create(be *b, int r, int K, int64_t in, int64_t out, const float *
     for (int k = 0; k < K; k++)
         if (!B[k])
             return hy_err_set(HY_EINVAL, "CUDA lora_create: B%d is missing", k);
-    if ((rc = lora_layout(r, K, in, out, &ar_bytes, &bt_off, &total)))
+    int rc = lora_layout(r, K, in, out, &ar_bytes, &bt_off, &total);
+    if (rc)
         return rc;
+    be_lora_pack *p = (be_lora_pack *)calloc(1, sizeof *p);
+    if (!p || !(p->host = malloc(total))) {
+        free(p);
+        return hy_err_set(HY_ENOMEM, "out of memory (LoRA, %zu bytes)", total);
+    }
+    *p = (be_lora_pack){r, K, in, out, 1.0f, 1.0f, total, bt_off, p->host};
+    const float fa = q_f16_pow2(&A, 1, (size_t)r * in);
+    const float fr = K > 1 ? q_f16_pow2(&R, 1, (size_t)K * in) : 1.0f;
+    const float fb = q_f16_pow2(B, K, (size_t)out * r);
+    p->l_mul = 1.0f / fr;
+    p->out_mul = scale / fa / fb; /* powers of two: exact unless scale itself underflows */
+    __half *hAR = (__half *)p->host, *hB = (__half *)((char *)p->host + bt_off);
+    lora_to_half(hAR, A, (size_t)r * in, fa);
+    if (K > 1)
+        lora_to_half(hAR + (size_t)r * in, R, (size_t)K * in, fr);
+    /* BT[k*r + i][o] = B_k[o][i] */
+    for (int k = 0; k < K; k++)
+        for (int i = 0; i < r; i++) {
+            __half *dst = hB + (size_t)(k * r + i) * out;
+            for (int64_t o = 0; o < out; o++)
+                dst[o] = __float2half_rn(B[k][(size_t)o * r + i] * fb);
+        }
+    *out_pack = p;
+    return HY_OK;
+}
+
+/* Engine thread: a pool range for the pack, filled through pinned staging on the copy stream,
+ * returning without waiting: the next hydra orders the copy before its kernels. Frees p. */
+int cuda_lora_adopt(be *b, be_lora_pack *p, be_lora **out_lora)
+{
+    be_cuda *c = cuda_ctx(b);
+    int rc = HY_OK, slot = 0;
+    void *host = NULL;
+    *out_lora = NULL;
     be_lora *l = (be_lora *)calloc(1, sizeof *l);
-    if (!l)
+    if (!l) {
+        cuda_lora_pack_free(b, p);
         return hy_err_set(HY_ENOMEM, "out of memory (LoRA)");
-    l->r = r;
-    l->K = K;
-    l->in = in;
-    l->out = out;
+    }
+    l->r = p->r;
+    l->K = p->K;
+    l->in = p->in;
+    l->out = p->out;
+    l->l_mul = p->l_mul;
+    l->out_mul = p->out_mul;
     c->epoch++;
-    if ((rc = cuda_lpool_alloc(c, total, &l->mem, &l->bytes, &l->chunk)))
+    if ((rc = cuda_lpool_alloc(c, p->total, &l->mem, &l->bytes, &l->chunk)))
         goto fail;
     l->AR = (__half *)l->mem;
-    l->BT = (__half *)((char *)l->mem + bt_off);
-    if ((rc = cuda_lstage_get(c, total, &slot, &host)))
+    l->BT = (__half *)((char *)l->mem + p->bt_off);
+    if ((rc = cuda_lstage_get(c, p->total, &slot, &host)))
         goto fail;
-    {
-        const float fa = q_f16_pow2(&A, 1, (size_t)r * in);
-        const float fr = K > 1 ? q_f16_pow2(&R, 1, (size_t)K * in) : 1.0f;
-        const float fb = q_f16_pow2(B, K, (size_t)out * r);
-        l->l_mul = 1.0f / fr;
-        l->out_mul = scale / fa / fb; /* powers of two: exact unless scale itself underflows */
-        __half *hAR = (__half *)host, *hB = (__half *)((char *)host + bt_off);
-        lora_to_half(hAR, A, (size_t)r * in, fa);
-        if (K > 1)
-            lora_to_half(hAR + (size_t)r * in, R, (size_t)K * in, fr);
-        /* BT[k*r + i][o] = B_k[o][i] */
-        for (int k = 0; k < K; k++)
-            for (int i = 0; i < r; i++) {
-                __half *dst = hB + (size_t)(k * r + i) * out;
-                for (int64_t o = 0; o < out; o++)
-                    dst[o] = __float2half_rn(B[k][(size_t)o * r + i] * fb);
-            }
-    }
-    if ((rc = cuda_lstage_put(c, slot, l->mem, total)))
+    memcpy(host, p->host, p->total);
+    if ((rc = cuda_lstage_put(c, slot, l->mem, p->total)))
         goto fail;
+    cuda_lora_pack_free(b, p);
     *out_lora = l;
     return HY_OK;
 fail:
+    cuda_lora_pack_free(b, p);
     cuda_lora_free(b, l); /* nothing of ours is queued: the range goes straight back */
     if (rc == HY_EDEVICE)
         cudaGetLastError();
     return rc;
+}
+
+/* Both halves at once (the caller's arrays may be reused as soon as this returns).
+ * *out_lora is freed with cuda_lora_free. */
+int cuda_lora_create(be *b, int r, int K, int64_t in, int64_t out, const float *A, const float *R,
+                     const float *const *B, float scale, be_lora **out_lora)
+{
+    be_lora_pack *p = NULL;
+    *out_lora = NULL;
+    int rc = cuda_lora_pack(b, r, K, in, out, A, R, B, scale, &p);
+    return rc ? rc : cuda_lora_adopt(b, p, out_lora);
 }
 
 static int cuda_hydra_check(int64_t in, int64_t out, const be_lora_seg *segs, int n_seg, int *n_tok,

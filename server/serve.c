@@ -508,9 +508,9 @@ static int check_scales(const serve_opts *o)
 }
 
 /* The reading options of start-up adapter `name`: its --adapter-scale, else 1. */
-static ad_opts opts_of(const serve_opts *o, const char *name)
+static ad_opts opts_of(const serve_opts *o, const char *name, be *b)
 {
-    ad_opts r = {.scale_mult = 1.0f};
+    ad_opts r = {.scale_mult = 1.0f, .pack_for = b};
     size_t n = strlen(name);
     for (int i = 0; i < o->n_scales; i++)
         if ((size_t)arg_name_len(o->scales[i]) == n && strncmp(o->scales[i], name, n) == 0)
@@ -663,7 +663,7 @@ static int resolver_create(const serve_opts *o, srv *s)
         return hy_err_set(HY_EINVAL, "--adapter-resolver-url: %s", msg);
     srv_resolve_cfg rc = {.roots = o->resolvers, .n_roots = o->n_resolvers, .url = o->resolver_url,
                           .manifest = o->resolver_manifest, .fetch = srv_fetch_resolved, .fetch_ctx = s,
-                          .room_wait_s = 5.0, .fifo = o->evict_fifo};
+                          .room_wait_s = 5.0, .fifo = o->evict_fifo, .pack_for = eng_model_backend(s->model)};
     return srv_resolve_create(&rc, s->reg, &s->shape, &s->resolver);
 }
 
@@ -767,7 +767,7 @@ int cli_serve(int argc, char **argv)
         char name[AD_NAME_MAX];
         const char *eq = strchr(o.adapters[i], '=');
         snprintf(name, sizeof name, "%.*s", (int)(eq - o.adapters[i]), o.adapters[i]);
-        ad_opts ao = opts_of(&o, name);
+        ad_opts ao = opts_of(&o, name, b);
         char dir[4096];
         size_t dl = strlen(eq + 1);
         bool pin = dl > 7 && !strcmp(eq + 1 + dl - 7, ":pinned"); /* NAME=DIR:pinned */

@@ -88,7 +88,8 @@ static void *load_worker(void *arg)
         snprintf(dir, sizeof dir, "%s", c->load_path);
     }
     if (!rc) {
-        rc = ad_reg_load(s->reg, c->load_name, dir, &s->shape, NULL);
+        ad_opts ao = {.scale_mult = 1.0f, .pack_for = eng_model_backend(s->model)}; /* fp16 work here, not on the engine */
+        rc = ad_reg_load(s->reg, c->load_name, dir, &s->shape, &ao);
         if (!rc && c->load_pinned) {
             if (!(rc = srv_pin_check(s->reg, s->cfg.max_loras)))
                 rc = ad_reg_set_pinned(s->reg, c->load_name, true);

@@ -50,6 +50,7 @@ struct srv_resolver {
     srv_resolve_fetch fetch;
     void *fetch_ctx;
     double room_wait_s;
+    be *pack_for;
     ad_registry *reg;
     ad_shape shape;
     pthread_mutex_t mu;
@@ -185,6 +186,7 @@ int srv_resolve_create(const srv_resolve_cfg *cfg, ad_registry *reg, const ad_sh
     r->fetch = cfg->fetch;
     r->fetch_ctx = cfg->fetch_ctx;
     r->room_wait_s = cfg->room_wait_s;
+    r->pack_for = cfg->pack_for;
     r->reg = reg;
     r->shape = *shape;
     r->fifo = cfg->fifo;
@@ -273,8 +275,8 @@ static int load(srv_resolver *r, pending *p, char *msg, size_t cap, bool *downlo
     int status = 0;
     ad_adapter *a = NULL;
     if (!p->dir[0] && (rc = r->fetch(r->fetch_ctx, p->url, p->sha, p->dir, sizeof p->dir, downloaded)))
-        status = 502;
-    else if ((rc = ad_read(p->dir, &r->shape, NULL, &a)))
+        status = rc == HY_EIO ? 502 : 400; /* the store unreachable; or what it sent is not the adapter */
+    else if ((rc = ad_read(p->dir, &r->shape, &(ad_opts){.scale_mult = 1.0f, .pack_for = r->pack_for}, &a)))
         status = 400;
     if (status)
         snprintf(msg, cap, "adapter '%s' (first use): %s", p->name, hy_err_msg());

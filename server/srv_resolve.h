@@ -18,7 +18,8 @@ typedef struct srv_resolver srv_resolver;
 
 /* Called once from the loader thread when the load a request waits for has ended: status 0 and
  * `pinned`, a registry pin taken for this waiter (ad_reg_unpin it), or an HTTP status with why:
- * 400 the adapter is invalid, 502 the URL resolver could not fetch it (network, size cap, sha256),
+ * 400 the adapter is invalid (or what the store sent is not it: sha256, size cap), 502 the URL
+ * resolver could not fetch it (network, HTTP error),
  * 503 no room (every loaded adapter in use or pinned), 404 gone again (unloaded meanwhile). */
 typedef void (*srv_resolve_wake)(void *ctx, int status, const char *msg, ad_adapter *pinned);
 
@@ -40,6 +41,7 @@ typedef struct {
     double room_wait_s;        /* a load that finds the registry full of busy adapters waits this
                                 * long for one to become idle (0: fails at once) */
     bool fifo;                 /* evict the adapter loaded first, not the one used least recently */
+    be *pack_for;              /* the backend whose host-side upload work loads do too (ad_opts) */
 } srv_resolve_cfg;
 
 /* *out owned: srv_resolve_free. HY_EINVAL with why for a bad root, template or manifest. */

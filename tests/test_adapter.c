@@ -1083,6 +1083,69 @@ static void test_k1_equals_plain_and_zero_b_equals_base(void **state)
     free(y);
 }
 
+typedef struct {
+    const char *dir;
+    be *b;
+    ad_adapter *a;
+    int rc;
+} pack_job;
+
+static void *pack_thread(void *arg)
+{
+    pack_job *j = arg;
+    ad_opts o = {.scale_mult = 1.0f, .pack_for = j->b};
+    j->rc = ad_read(j->dir, &M.shape, &o, &j->a);
+    return NULL;
+}
+
+/* ad_opts.pack_for: the backend's host-side upload work done on the reading thread (here a
+ * thread of its own) gives exactly the logits of an adapter uploaded in one go, on both CPU
+ * modes (fp16 and precise); packs never uploaded are freed with the adapter (ASan: no leak),
+ * and a pack made for one backend is not used for another. */
+static void test_packed_upload_equals_direct(void **state)
+{
+    (void)state;
+    if (!M.ok)
+        skip();
+    int32_t ids[] = {1, 9690, 198, 504, 3458, 282, 4649, 314};
+    float *x = malloc(sizeof(float) * (size_t)M.n_vocab), *y = malloc(sizeof(float) * (size_t)M.n_vocab);
+    char dir[600];
+    snprintf(dir, sizeof dir, "%s/p_zero", M.adir); /* K 3, q/k/gate */
+    for (int prec = 0; prec < 2; prec++) {
+        M.use_p = prec;
+        be *b = prec ? M.bp : M.b;
+        pack_job j = {dir, b, NULL, -1};
+        pthread_t th;
+        assert_int_equal(pthread_create(&th, NULL, pack_thread, &j), 0);
+        pthread_join(th, NULL);
+        assert_int_equal(j.rc, 0);
+        ad_adapter *direct = load_gen("p_zero");
+        ad_adapter *other = NULL; /* packed for the other backend, uploaded to this one */
+        ad_opts oo = {.scale_mult = 1.0f, .pack_for = prec ? M.b : M.bp};
+        assert_int_equal(ad_read(dir, &M.shape, &oo, &other), 0);
+        assert_int_equal(ad_upload(j.a, b), 0);
+        assert_int_equal(ad_upload(other, b), 0);
+        assert_int_equal(eng_forward_seq(MM(), KV(), ids, 8, 0, 0, ad_eng(direct), x), 0);
+        assert_int_equal(eng_forward_seq(MM(), KV(), ids, 8, 0, 0, ad_eng(j.a), y), 0);
+        assert_memory_equal(x, y, sizeof(float) * (size_t)M.n_vocab);
+        assert_int_equal(eng_forward_seq(MM(), KV(), ids, 8, 0, 0, ad_eng(other), y), 0);
+        assert_memory_equal(x, y, sizeof(float) * (size_t)M.n_vocab);
+        ad_unupload(j.a); /* the pack went with the first upload: the second converts again */
+        assert_int_equal(ad_upload(j.a, b), 0);
+        assert_int_equal(eng_forward_seq(MM(), KV(), ids, 8, 0, 0, ad_eng(j.a), y), 0);
+        assert_memory_equal(x, y, sizeof(float) * (size_t)M.n_vocab);
+        ad_free(j.a);
+        ad_free(direct);
+        ad_free(other);
+        ad_adapter *never = NULL;
+        assert_int_equal(ad_read(dir, &M.shape, &(ad_opts){.scale_mult = 1.0f, .pack_for = b}, &never), 0);
+        ad_free(never);
+    }
+    M.use_p = false;
+    free(x);
+    free(y);
+}
+
 /* One eng_forward batch mixing three adapters and two no-adapter sequences: each sequence's
  * greedy tokens equal those of the same sequence run alone. */
 static void test_mixed_batch_matches_alone(void **state)
@@ -1245,6 +1308,7 @@ int main(void)
         cmocka_unit_test_setup(test_golden_logits_and_greedy, model_group_setup),
         cmocka_unit_test(test_k1_equals_plain_and_zero_b_equals_base),
         cmocka_unit_test(test_mixed_batch_matches_alone),
+        cmocka_unit_test(test_packed_upload_equals_direct),
         cmocka_unit_test(test_mkadapter_roundtrip),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

@@ -3,9 +3,9 @@
 with a certificate made here by the openssl command line, trusted through --adapter-url-ca) plays
 the store and logs every GET, so the tests can count what hydrad fetched: concurrent first requests
 for one name fetch it once, a name the manifest does not list is a 404 that fetches nothing, a
-wrong sha256 is a 502 that leaves nothing cached, a manifest edited while serving takes effect, an
-adapter unloaded and asked for again comes from the cache without a download, and a store host
-missing from --adapter-url-allow stops the server at start-up."""
+wrong sha256 is a 400 that leaves nothing cached, a store that cannot deliver is a 502, a manifest
+edited while serving takes effect, an adapter unloaded and asked for again comes from the cache
+without a download, and a store host missing from --adapter-url-allow stops the server at start-up."""
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -75,6 +75,7 @@ def env(tmp_path_factory):
     manifest = d / "manifest.json"
     mf = {n: sha256_of(root / n / "adapter_model.safetensors") for n in ("u0", "u1", "u2")}
     mf["bad"] = "0" * 64  # the store's file does not have this digest
+    mf["gone"] = "1" * 64  # listed, but the store has no such directory
     manifest.write_text(json.dumps(mf))
     store = Store(root, cert, key)
     yield {"dir": d, "root": root, "cert": cert, "manifest": manifest, "store": store, "cache": d / "cache"}
@@ -122,15 +123,23 @@ def test_unlisted_name_is_404_and_fetches_nothing(srv, env):
     assert len(env["store"].gets) == before
 
 
-def test_sha256_mismatch_is_502_and_caches_nothing(srv, env):
+def test_sha256_mismatch_is_400_and_caches_nothing(srv, env):
     fails = metric(srv, "hydrad_adapter_load_failures_total") or 0
     r = ask(srv, "bad")
-    assert r.status_code == 502, r.text
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "adapter_load_failed"
     assert "sha256 mismatch" in r.json()["error"]["message"]
     assert metric(srv, "hydrad_adapter_load_failures_total") == fails + 1
     weights = [f for _, _, fs in os.walk(env["cache"]) for f in fs if f.startswith("adapter_model")]
     assert len(weights) == 2, weights  # u0's and u1's; nothing of bad's, not even a temp file
     assert text(srv, "u0")  # still serving
+
+
+def test_store_that_cannot_deliver_is_502(srv, env):
+    r = ask(srv, "gone")
+    assert r.status_code == 502, r.text
+    assert "gone" in r.json()["error"]["message"]
+    assert text(srv, "u1")
 
 
 def test_manifest_edit_takes_effect(srv, env):
