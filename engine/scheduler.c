@@ -61,6 +61,8 @@ struct sched {
     int n_running;
     uint64_t next_order;
     uint64_t n_steps, n_forwarded, n_preempt;
+    uint64_t step_hist[SCHED_STEP_BUCKETS + 1]; /* note_step_time */
+    double step_s_sum;
     uint64_t prefix_queries, prefix_hits;
     struct {
         void *ad;
@@ -1181,6 +1183,8 @@ static void publish_stats(sched *s)
     st.steps = s->n_steps;
     st.tokens_forwarded = s->n_forwarded;
     st.preemptions = s->n_preempt;
+    memcpy(st.step_hist, s->step_hist, sizeof st.step_hist);
+    st.step_s_sum = s->step_s_sum;
     pthread_mutex_lock(&s->mu);
     st.waiting_reqs = s->waiting_reqs + s->n_inbox;
     pthread_mutex_unlock(&s->mu);
@@ -1236,9 +1240,22 @@ void sched_get_stats(sched *s, sched_stats *out)
     pthread_mutex_unlock(&s->stats_mu);
 }
 
+const double sched_step_buckets[SCHED_STEP_BUCKETS] = {0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1,
+                                                       0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 1, 2, 5};
+
+static void note_step_time(sched *s, double dt)
+{
+    int b = 0;
+    while (b < SCHED_STEP_BUCKETS && dt > sched_step_buckets[b])
+        b++;
+    s->step_hist[b]++;
+    s->step_s_sum += dt;
+}
+
 int sched_step(sched *s)
 {
     const sched_ops *ops = s->cfg.ops;
+    double t0 = hy_now();
     if (ops->housekeeping)
         ops->housekeeping(s->cfg.ops_ctx);
     drain_inbox(s);
@@ -1310,6 +1327,7 @@ int sched_step(sched *s)
             }
             s->n_steps++;
             s->n_forwarded += (uint64_t)n_tok;
+            note_step_time(s, hy_now() - t0);
         }
     }
     /* stats before the clients hear of this step: a client that saw a token finds its request

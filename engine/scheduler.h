@@ -175,6 +175,9 @@ int sched_submit(sched *s, sched_req *r);
  * sched_start). Returns the number of tokens forwarded (0: idle) or a negative error. */
 int sched_step(sched *s);
 
+#define SCHED_STEP_BUCKETS 20
+extern const double sched_step_buckets[SCHED_STEP_BUCKETS]; /* seconds, ascending */
+
 typedef struct {
     int waiting_reqs;      /* submitted, not yet fully admitted */
     int waiting_seqs;
@@ -183,6 +186,11 @@ typedef struct {
     int kv_cached;         /* blocks in the prefix cache that no sequence holds (reusable) */
     uint64_t prefix_queries, prefix_hits; /* prompt tokens looked up / found, at first admission */
     uint64_t steps, tokens_forwarded, preemptions;
+    /* forward steps by wall time (sched_step from its start, admission and adapter uploads
+     * included, to its last sampled token): step_hist[i] counts those <= sched_step_buckets[i],
+     * the last entry the rest */
+    uint64_t step_hist[SCHED_STEP_BUCKETS + 1];
+    double step_s_sum;
     char running_adapters[1024]; /* comma-separated names (adapter_name) */
     char waiting_adapters[1024];
 } sched_stats;

@@ -290,6 +290,20 @@ char *srv_metrics_render(srv_metrics *m, const srv_gauges *g)
               (unsigned long long)g->preemptions);
     sb_printf(&b, "# HELP hydrad_engine_steps_total Forward steps run.\n# TYPE hydrad_engine_steps_total counter\n"
                   "hydrad_engine_steps_total %llu\n", (unsigned long long)g->steps);
+    if (g->step_hist) {
+        sb_printf(&b, "# HELP hydrad_engine_step_seconds Wall time of a forward step (admission and adapter uploads "
+                      "included).\n# TYPE hydrad_engine_step_seconds histogram\n");
+        uint64_t cum = 0;
+        for (int i = 0; i < SCHED_STEP_BUCKETS; i++) {
+            cum += g->step_hist[i];
+            sb_printf(&b, "hydrad_engine_step_seconds_bucket{le=\"%g\"} %llu\n", sched_step_buckets[i],
+                      (unsigned long long)cum);
+        }
+        cum += g->step_hist[SCHED_STEP_BUCKETS];
+        sb_printf(&b, "hydrad_engine_step_seconds_bucket{le=\"+Inf\"} %llu\nhydrad_engine_step_seconds_sum %.6f\n"
+                      "hydrad_engine_step_seconds_count %llu\n", (unsigned long long)cum, g->step_s_sum,
+                  (unsigned long long)cum);
+    }
     /* The names vLLM exports and the inference-extension endpoint picker reads. */
     sb_printf(&b, "# HELP vllm:num_requests_waiting Requests waiting to be processed.\n"
                   "# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name=\"%s\"} %d\n",

@@ -4,6 +4,7 @@
 #ifndef HY_METRICS_H
 #define HY_METRICS_H
 
+#include "engine/scheduler.h"
 #include "server/srv_resolve.h"
 
 #include <pthread.h>
@@ -61,6 +62,8 @@ typedef struct {
     const srv_adapter_level *levels;      /* [n_levels] loaded adapters (vllm:lora_adapter_loaded) */
     int n_levels;
     const srv_resolve_stats *resolve;     /* first-use loads (--adapter-resolver), NULL when off */
+    const uint64_t *step_hist;            /* [SCHED_STEP_BUCKETS + 1] forward steps by wall time; NULL: none */
+    double step_s_sum;
 } srv_gauges;
 
 void srv_metrics_init(srv_metrics *m);

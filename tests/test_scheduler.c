@@ -309,6 +309,12 @@ static void check_many(int max_seqs, int max_batch, int n_blocks, bool expect_pr
     assert_int_equal(stt.waiting_seqs, 0);
     if (expect_preempt)
         assert_true(stt.preemptions > 0);
+    uint64_t timed = 0; /* every forward step has its wall time in the histogram */
+    for (int i = 0; i <= SCHED_STEP_BUCKETS; i++)
+        timed += stt.step_hist[i];
+    assert_true(stt.steps > 0);
+    assert_int_equal(timed, stt.steps);
+    assert_true(stt.step_s_sum > 0);
     assert_int_equal(f->errors, 0);
     sched_free(s);
     fake_free(f);
