@@ -28,6 +28,8 @@ void srv_conn_unref(conn *c)
         return;
     if (c->ad)
         ad_reg_unpin(c->s->reg, c->ad);
+    for (int i = 0; i < c->n_held; i++)
+        ad_reg_unpin(c->s->reg, c->held[i]);
     if (c->have_ar)
         api_request_free(&c->ar);
     free(c->body);

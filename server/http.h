@@ -73,6 +73,7 @@ typedef struct srv {
     atomic_bool stopping;
     int64_t created;
     atomic_uint_fast64_t next_id;
+    atomic_uint_fast64_t device_loads, device_evictions; /* adapters into a device slot, idle ones moved out for one (engine thread) */
     char bound[64];          /* numeric address srv_start listens on (IPv6 in brackets) */
     /* set up by serve.c before srv_start; read-only afterwards */
     eng_model *model;

@@ -262,6 +262,11 @@ char *srv_metrics_render(srv_metrics *m, const srv_gauges *g)
                   "# TYPE hydrad_adapters_loaded gauge\nhydrad_adapters_loaded %d\n", g->adapters_loaded);
     adapter_requests(&b, g);
     adapter_levels(&b, g);
+    counter(&b, "hydrad_adapter_device_loads_total", "Adapters copied from host memory into a device slot.",
+            g->device_loads);
+    counter(&b, "hydrad_adapter_device_evictions_total",
+            "Idle unpinned adapters moved off the device to free a slot (they stay in host memory).",
+            g->device_evictions);
     if (g->resolve) {
         const srv_resolve_stats *r = g->resolve;
         counter(&b, "hydrad_adapter_first_use_loads_total", "Adapters loaded on first use (--adapter-resolver, --adapter-resolver-url).",

@@ -62,6 +62,7 @@ typedef struct {
     const srv_adapter_level *levels;      /* [n_levels] loaded adapters (vllm:lora_adapter_loaded) */
     int n_levels;
     const srv_resolve_stats *resolve;     /* first-use loads (--adapter-resolver), NULL when off */
+    uint64_t device_loads, device_evictions; /* host -> device copies of adapters; idle ones moved out */
     const uint64_t *step_hist;            /* [SCHED_STEP_BUCKETS + 1] forward steps by wall time; NULL: none */
     double step_s_sum;
 } srv_gauges;

@@ -177,6 +177,8 @@ static void unload_resident(glue *g, int i)
     g->res[i] = g->res[--g->n_res];
 }
 
+static void stats_publish_one(glue *g, int i, bool resident);
+
 /* Make adapter a (read from files) resident for one more user. */
 static int acquire_one(glue *g, ad_adapter *a)
 {
@@ -192,11 +194,14 @@ static int acquire_one(glue *g, ad_adapter *a)
                     lru = k;
             if (lru < 0)
                 return HY_EBUSY;
+            stats_publish_one(g, lru, false); /* off the device now, not at the next snapshot */
             unload_resident(g, lru);
+            atomic_fetch_add(&g->s->device_evictions, 1);
         }
         int rc = ad_upload(a, g->b);
         if (rc)
             return rc;
+        atomic_fetch_add(&g->s->device_loads, 1);
         resident *r = &g->res[g->n_res++];
         memset(r, 0, sizeof *r);
         r->a = a;

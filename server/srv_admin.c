@@ -335,7 +335,8 @@ enum MHD_Result srv_admin_metrics(conn *c, struct MHD_Connection *mc)
                     s->reg ? ad_reg_count(s->reg) : 0, s->cfg.max_loras, st.preemptions, st.steps,
                     st.running_adapters, st.waiting_adapters, s->cfg.served_name, NULL, 0,
                     (uint64_t)atomic_load(&s->guard.timed_out), st.kv_cached, st.prefix_queries,
-                    st.prefix_hits, NULL, 0, NULL, st.step_hist, st.step_s_sum};
+                    st.prefix_hits, NULL, 0, NULL, atomic_load(&s->device_loads),
+                    atomic_load(&s->device_evictions), st.step_hist, st.step_s_sum};
     /* per-adapter counts: copied under mu so the render runs without it */
     pthread_mutex_lock(&s->mu);
     int n = s->n_served;

@@ -61,6 +61,9 @@ typedef struct conn {
     size_t pend_len, pend_off;
     bool usage_sent, done_sent, recorded;
     bool resolved;          /* a first-use load of its model ran for this request */
+    ad_adapter *held[API_LORA_MAX]; /* stack members loaded on first use for this request: pinned
+                                     * until it ends, so none leaves before the stack is pinned */
+    int n_held;
     bool load_pinned;       /* the admin load asked for pinned: true */
     /* adapter loading on a worker thread (mu) */
     bool load_done;

@@ -254,12 +254,35 @@ static void resolve_wake(void *ctx, int status, const char *msg, ad_adapter *pin
 {
     conn *c = ctx;
     pthread_mutex_lock(&c->mu);
-    c->ad = pinned; /* the request's pin, taken by the loader: no eviction can come between */
+    if (pinned && c->ar.lora.given) /* a stack member: held until the stack itself is pinned and done */
+        c->held[c->n_held++] = pinned;
+    else if (pinned)
+        c->ad = pinned; /* the request's pin, taken by the loader: no eviction can come between */
     pthread_mutex_unlock(&c->mu);
     srv_conn_load_done(c, status, strdup(msg ? msg : ""));
 }
 
 static enum MHD_Result generation_for_model(conn *c, struct MHD_Connection *mc);
+
+/* Load adapter `name` on first use and come back to generation_for_model when it is in (or
+ * answer why not). A name no resolver knows goes on as before: the 404 follows. */
+static enum MHD_Result resolve(conn *c, struct MHD_Connection *mc, const char *name)
+{
+    atomic_fetch_add(&c->refs, 1); /* held by the loader until it wakes us */
+    c->state = R_RESOLVE_WAIT;
+    int rr = srv_resolve_start(c->s->resolver, name, resolve_wake, c);
+    if (rr == HY_OK)
+        return srv_gen_resolve_wait(c, mc);
+    atomic_fetch_sub(&c->refs, 1);
+    c->state = R_GEN;
+    c->resolved = true;
+    c->n_held = c->ar.lora.given ? c->ar.lora.n : c->n_held; /* no second try for a stack either */
+    if (rr == HY_EINVAL)
+        return srv_err(c, mc, 400, "invalid_request_error", c->ar.lora.given ? "lora" : "model", "", hy_err_msg());
+    if (rr == HY_ENOMEM)
+        return srv_err(c, mc, 500, "server_error", "model", "", hy_err_msg());
+    return generation_for_model(c, mc);
+}
 
 /* Back from waiting for a first-use load: answer its failure, or go on with the request. */
 enum MHD_Result srv_gen_resolve_wait(conn *c, struct MHD_Connection *mc)
@@ -303,6 +326,9 @@ static enum MHD_Result generation_for_model(conn *c, struct MHD_Connection *mc)
     api_kind kind = ar->kind;
     /* model -> base or adapter; or a stack of adapters on the base (the lora field) */
     if (ar->lora.given) {
+        const char *missing = s->resolver && c->n_held < ar->lora.n ? srv_stack_missing(s->reg, ar) : NULL;
+        if (missing) /* one member at a time loaded on first use, then back here */
+            return resolve(c, mc, missing);
         if (srv_stack_pin(s->reg, ar, s->cfg.served_name, s->cfg.max_loras, &c->ad, &e))
             return srv_send_err(c, mc, &e);
         c->model = strdup(s->cfg.served_name);
@@ -310,19 +336,8 @@ static enum MHD_Result generation_for_model(conn *c, struct MHD_Connection *mc)
         c->model = strdup(s->cfg.served_name);
     } else {
         int rc = c->ad ? HY_OK : s->reg ? ad_reg_pin(s->reg, ar->model, &c->ad) : HY_ENOTFOUND; /* c->ad: pinned by the resolver */
-        if ((rc == HY_ENOTFOUND || rc == HY_EBUSY) && s->resolver && !c->resolved) { /* load on first use */
-            atomic_fetch_add(&c->refs, 1); /* held by the loader until it wakes us */
-            c->state = R_RESOLVE_WAIT;
-            int rr = srv_resolve_start(s->resolver, ar->model, resolve_wake, c);
-            if (rr == HY_OK)
-                return srv_gen_resolve_wait(c, mc);
-            atomic_fetch_sub(&c->refs, 1);
-            c->state = R_GEN;
-            if (rr == HY_EINVAL)
-                return srv_err(c, mc, 400, "invalid_request_error", "model", "", hy_err_msg());
-            if (rr == HY_ENOMEM)
-                return srv_err(c, mc, 500, "server_error", "model", "", hy_err_msg());
-        }
+        if ((rc == HY_ENOTFOUND || rc == HY_EBUSY) && s->resolver && !c->resolved) /* load on first use */
+            return resolve(c, mc, ar->model);
         if (rc) {
             char msg[600];
             snprintf(msg, sizeof msg, rc == HY_EBUSY ? "The model `%s` is loading or being unloaded."

@@ -6,6 +6,16 @@
 
 #include <string.h>
 
+const char *srv_stack_missing(ad_registry *reg, const api_request *ar)
+{
+    ad_reg_info info;
+    for (int i = 0; reg && i < ar->lora.n; i++)
+        if (ar->lora.e[i].scale != 0.0 &&
+            (ad_reg_info_get(reg, ar->lora.e[i].name, &info) != HY_OK || info.state != AD_READY))
+            return ar->lora.e[i].name;
+    return NULL;
+}
+
 int srv_stack_pin(ad_registry *reg, const api_request *ar, const char *served_name, int max_loras,
                   ad_adapter **out, api_error *e)
 {

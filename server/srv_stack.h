@@ -15,5 +15,8 @@
  * pinned on error. */
 int srv_stack_pin(ad_registry *reg, const api_request *ar, const char *served_name, int max_loras,
                   ad_adapter **out, api_error *e);
+/* The first member with a non-zero scale that the registry does not hold ready (a first-use load
+ * may bring it, or finish it), or NULL. */
+const char *srv_stack_missing(ad_registry *reg, const api_request *ar);
 
 #endif

@@ -133,6 +133,7 @@ def test_pinned_survive_pressure_and_in_use_never_evicted(start_server, root):
     assert all(r.status_code == 200 for r in others), [r.text for r in others if r.status_code != 200][:2]
     assert stream_out["t"] == long_ref
     assert metric(srv, "hydrad_adapter_evictions_total") >= 30
+    assert metric(srv, "hydrad_adapter_device_loads_total") >= 40  # host -> device, once per first use at least
     # the pinned ones never left: same output, still on host and device
     assert text(srv, "ad50", 8) == base_x
     for n in ("ad50", "ad51", "ad52"):
@@ -143,3 +144,38 @@ def test_pinned_survive_pressure_and_in_use_never_evicted(start_server, root):
     # unload removes its series
     assert requests.post(srv.url + "/v1/unload_lora_adapter", json={"lora_name": "ad51"}).status_code == 200
     assert metric(srv, "vllm:lora_adapter_loaded", {"adapter_name": "ad51"}) is None
+
+
+def test_stack_members_load_on_first_use(start_server, root):
+    """A `lora` stack naming adapters nobody loaded loads each (once, however many requests ask)
+    and answers what the same stack gives once they are loaded explicitly; an unknown member is
+    a 404 naming it, and nothing stays pinned."""
+    srv = start_server("--adapter-resolver", str(root), "--max-loras", "4", "--max-cpu-loras", "8")
+    stack = [{"name": "ad50", "scale": 0.5}, {"name": "ad51", "scale": 0.5}]
+    body = {"model": "base", "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "ignore_eos": True, "lora": stack}
+    with cf.ThreadPoolExecutor(4) as ex:
+        rs = list(ex.map(lambda _: requests.post(srv.url + "/v1/completions", json=body, timeout=300), range(4)))
+    for r in rs:
+        assert r.status_code == 200, r.text
+    got = {r.json()["choices"][0]["text"] for r in rs}
+    assert len(got) == 1
+    assert metric(srv, "hydrad_adapter_first_use_loads_total") == 2
+    ref = start_server("--adapter", f"ad50={root}/ad50", "--adapter", f"ad51={root}/ad51")
+    r = requests.post(ref.url + "/v1/completions", json=body, timeout=300)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == next(iter(got))
+    bad = dict(body, lora=[{"name": "ad52", "scale": 1.0}, {"name": "nope", "scale": 1.0}])
+    r = requests.post(srv.url + "/v1/completions", json=bad, timeout=300)
+    assert r.status_code == 404 and "nope" in r.json()["error"]["message"], r.text
+    assert metric(srv, "hydrad_adapter_first_use_loads_total") == 3  # ad52 came in; nope does not exist
+    for n in ("ad50", "ad51", "ad52"):  # loaded, in host memory, not pinned
+        assert metric(srv, "vllm:lora_adapter_loaded", {"adapter_name": n, "level": "host", "pinned": "false"}) == 1
+    # device tier: ad50, ad51 (the stack), ad53, ad54 fill the 4 slots; ad55 moves the idle one used
+    # least recently off the device, which stays in host memory
+    assert metric(srv, "hydrad_adapter_device_loads_total") == 2
+    for n in ("ad53", "ad54", "ad55"):
+        assert text(srv, n)
+    assert metric(srv, "hydrad_adapter_device_loads_total") == 5
+    assert metric(srv, "hydrad_adapter_device_evictions_total") == 1
+    on_device = [n for n in ("ad50", "ad51") if metric(srv, "vllm:lora_adapter_loaded", {"adapter_name": n, "level": "device"})]
+    assert len(on_device) == 1
+    assert metric(srv, "vllm:lora_adapter_loaded", {"adapter_name": "ad50", "level": "host"}) == 1
