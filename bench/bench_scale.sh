@@ -38,7 +38,7 @@ run() {
     SRV=$!
     wait_http "http://127.0.0.1:$port/health" "$SRV" || { cat "$WORK/$label.log" >&2; exit 1; }
     bin/hydrad-bench serve --url "http://127.0.0.1:$port" --make-adapters "$STORE" --first-use --num-adapters "$n" \
-        --zipf "$ZIPF" --request-rate "$RATE" --duration "$DURATION" --num-prompts $((RATE * DURATION * 2)) \
+        --adapter-dist "zipf:$ZIPF" --request-rate "$RATE" --duration "$DURATION" --num-prompts $((RATE * DURATION * 2)) \
         --input-len "$IN_LEN" --output-len "$OUT_LEN" --seed 5 --label "$label" --result-json "$WORK/$label.json" \
         >"$WORK/$label.md" || echo "bench_scale: $label had failed requests" >&2
     curl -s "http://127.0.0.1:$port/metrics" >"$WORK/$label.metrics"

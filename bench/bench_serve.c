@@ -1115,6 +1115,7 @@ static void usage(FILE *f)
             "                         named by --make-adapters, else the first N of GET /v1/adapters\n"
             "  --zipf ALPHA           adapter popularity ~ 1/rank^ALPHA (default 0: uniform)\n"
             "  --round-robin          request i uses adapter i mod N (N in-flight requests: N adapters)\n"
+            "  --adapter-dist D       uniform, zipf:ALPHA or round-robin (the two flags above in one)\n"
             "  --make-adapters DIR    write N adapters under DIR with `hydrad mkadapter` (kept for\n"
             "                         later runs) and load them via POST /v1/load_lora_adapter;\n"
             "                         the server needs --adapter-root DIR and --max-cpu-loras >= N\n"
@@ -1144,7 +1145,7 @@ static void usage(FILE *f)
 enum {
     O_URL = 256, O_ENDPOINT, O_MODEL, O_KEY, O_ADMIN, O_NUM, O_DUR, O_RATE, O_BURST, O_CONC, O_IN, O_OUT,
     O_RANGE, O_DATA, O_NOEOS, O_TEMP, O_NAD, O_ZIPF, O_MAKE, O_AR, O_AK, O_ATGT, O_APFX, O_BASE, O_HYDRAD,
-    O_GOOD, O_JSON, O_LABEL, O_SEED, O_TIMEOUT, O_QUIET, O_RR, O_RF, O_ECHO, O_PLEN, O_NPFX, O_PRR, O_TURNS, O_FIRST
+    O_GOOD, O_JSON, O_LABEL, O_SEED, O_TIMEOUT, O_QUIET, O_RR, O_RF, O_ECHO, O_PLEN, O_NPFX, O_PRR, O_TURNS, O_FIRST, O_ADIST
 };
 
 static int num_arg(const char *name, const char *v, double lo, double hi, double *out)
@@ -1167,7 +1168,7 @@ static int parse_opts(int argc, char **argv, sv_opts *o)
         {"duration", 1, 0, O_DUR},     {"request-rate", 1, 0, O_RATE},    {"burstiness", 1, 0, O_BURST},
         {"max-concurrency", 1, 0, O_CONC}, {"input-len", 1, 0, O_IN},     {"output-len", 1, 0, O_OUT},
         {"range-ratio", 1, 0, O_RANGE}, {"dataset", 1, 0, O_DATA},        {"no-ignore-eos", 0, 0, O_NOEOS},
-        {"temperature", 1, 0, O_TEMP}, {"num-adapters", 1, 0, O_NAD},     {"zipf", 1, 0, O_ZIPF},
+        {"temperature", 1, 0, O_TEMP}, {"num-adapters", 1, 0, O_NAD},     {"zipf", 1, 0, O_ZIPF}, {"adapter-dist", 1, 0, O_ADIST},
         {"make-adapters", 1, 0, O_MAKE}, {"adapter-r", 1, 0, O_AR},       {"adapter-K", 1, 0, O_AK},
         {"adapter-targets", 1, 0, O_ATGT}, {"adapter-prefix", 1, 0, O_APFX}, {"base", 1, 0, O_BASE},
         {"hydrad", 1, 0, O_HYDRAD},    {"goodput", 1, 0, O_GOOD},         {"result-json", 1, 0, O_JSON},
@@ -1209,6 +1210,14 @@ static int parse_opts(int argc, char **argv, sv_opts *o)
         case O_TEMP: bad = num_arg("temperature", optarg, 0, 10, &o->temperature); break;
         case O_NAD: bad = num_arg("num-adapters", optarg, 0, 1e6, &x); o->num_adapters = (int)x; break;
         case O_ZIPF: bad = num_arg("zipf", optarg, 0, 10, &o->zipf); break;
+        case O_ADIST: /* uniform | zipf:ALPHA | round-robin: the same choices as --zipf / --round-robin */
+            if (!strncmp(optarg, "zipf:", 5))
+                bad = num_arg("adapter-dist zipf", optarg + 5, 0, 10, &o->zipf);
+            else if (!strcmp(optarg, "round-robin"))
+                o->round_robin = 1;
+            else if (strcmp(optarg, "uniform"))
+                bad = fprintf(stderr, "hydrad-bench serve: --adapter-dist is uniform, zipf:ALPHA or round-robin\n") > 0;
+            break;
         case O_MAKE: o->make_dir = optarg; break;
         case O_AR: bad = num_arg("adapter-r", optarg, 1, 4096, &x); o->ad_r = (int)x; break;
         case O_AK: bad = num_arg("adapter-K", optarg, 1, 64, &x); o->ad_K = (int)x; break;
