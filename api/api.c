@@ -327,7 +327,8 @@ static int parse_sampling(json_t *root, api_request *r, api_error *err)
         get_num(root, "presence_penalty", -2.0, 2.0, &r->presence_penalty, err) ||
         get_num(root, "frequency_penalty", -2.0, 2.0, &r->frequency_penalty, err) ||
         get_num(root, "repetition_penalty", 1e-3, 100.0, &r->repetition_penalty, err) ||
-        get_bool(root, "ignore_eos", &r->ignore_eos, err) || get_bool(root, "stream", &r->stream, err))
+        get_bool(root, "ignore_eos", &r->ignore_eos, err) || get_bool(root, "stream", &r->stream, err) ||
+        get_bool(root, "speculative", &r->speculative, err))
         return HY_EINVAL;
     if (api_field(root, "top_p") && r->top_p <= 0.0)
         return api_error_set(err, 400, "invalid_request_error", "top_p", "invalid_value",
@@ -400,6 +401,7 @@ int api_parse_request(api_kind kind, const char *body, size_t len, api_request *
     r->kind = kind;
     r->temperature = 1.0;
     r->top_p = 1.0;
+    r->speculative = true;
     r->repetition_penalty = 1.0;
     r->n = 1;
     r->max_tokens = -1;

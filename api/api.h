@@ -126,6 +126,8 @@ typedef struct {
     double presence_penalty, frequency_penalty; /* 0 */
     double repetition_penalty; /* 1.0 */
     bool ignore_eos;
+    bool speculative;         /* extension, default true: false decodes this request without
+                               * speculation (the server's --speculative still has to be on) */
     api_hydra hydra;
     api_lora_stack lora;
     api_struct st;

@@ -6,6 +6,7 @@
 #include "engine/hy.h"
 #include "engine/kv_prefix.h"
 #include "engine/sampler.h"
+#include "engine/spec.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,6 +14,7 @@
 #include <time.h>
 
 #define SCHED_AD_HIST 256
+#define SCHED_SPEC_ROWS 256 /* draft logit rows per step at most (each is n_vocab floats) */
 
 typedef struct sched_seq {
     sched_req *req;
@@ -31,7 +33,10 @@ typedef struct sched_seq {
     double slot_wait;    /* hy_now() when it first found no device slot for its adapter (0: not waiting) */
     uint64_t acq_tokens; /* tokens run since adapter_acquire */
     uint64_t order;      /* admission order (preemption victim = newest) */
-    int n_this;          /* tokens in the current step */
+    int n_this;          /* tokens in the current step (drafts included) */
+    int32_t draft[SPEC_MAX_DRAFT]; /* this step's draft: the tokens after toks[n_tok - 1] */
+    int n_draft;
+    int spec_k;          /* draft length it asks for next (adaptive; spec_next_k) */
     bool scores;         /* computes its prompt's logprobs (the first choice of a prompt_lp request) */
     int plp_done;        /* prompt tokens scored so far (the request's n_plp[prompt_idx]) */
     int n_lp_this;       /* prompt-logprob rows in the current step */
@@ -61,6 +66,8 @@ struct sched {
     int n_running;
     uint64_t next_order;
     uint64_t n_steps, n_forwarded, n_preempt;
+    uint64_t n_spec_drafts, n_spec_tokens, n_spec_accepted;
+    int spec_rows;       /* logit rows for drafts per step (SCHED_SPEC_ROWS at most) */
     uint64_t step_hist[SCHED_STEP_BUCKETS + 1]; /* note_step_time */
     double step_s_sum;
     uint64_t prefix_queries, prefix_hits;
@@ -344,7 +351,7 @@ int sched_create(const sched_config *cfg, sched **out)
     *out = NULL;
     if (!cfg->ops || !cfg->ops->forward || !cfg->ops->sample || cfg->max_seqs < 1 ||
         cfg->max_batch_tokens < 1 || cfg->n_blocks < 1 || cfg->n_ctx < 2 || cfg->n_vocab < 1 ||
-        cfg->max_queue < 1)
+        cfg->max_queue < 1 || cfg->spec_max_draft < 0 || cfg->spec_max_draft > SPEC_MAX_DRAFT)
         return hy_err_set(HY_EINVAL, "scheduler: bad configuration");
     sched *s = calloc(1, sizeof *s);
     if (!s)
@@ -359,9 +366,11 @@ int sched_create(const sched_config *cfg, sched **out)
     pthread_cond_init(&s->cv, NULL);
     pthread_mutex_init(&s->stats_mu, NULL);
     int ms = s->cfg.max_seqs, mt = cfg->max_batch_tokens;
+    s->spec_rows = HY_MIN(ms * cfg->spec_max_draft, SCHED_SPEC_ROWS);
+    int rows = ms + SCHED_LP_ROWS + s->spec_rows;
     size_t bt, lg;
     if (kv_prefix_init(&s->kv, cfg->n_blocks, cfg->prefix_cache) || hy_mul_size((size_t)ms, (size_t)s->max_blocks_seq, &bt) ||
-        hy_mul_size((size_t)(ms + SCHED_LP_ROWS), (size_t)cfg->n_vocab, &lg))
+        hy_mul_size((size_t)rows, (size_t)cfg->n_vocab, &lg))
         goto fail;
     s->running = calloc((size_t)ms, sizeof *s->running);
     s->b_tok = malloc((size_t)mt * sizeof(int32_t));
@@ -372,7 +381,7 @@ int sched_create(const sched_config *cfg, sched **out)
     s->b_bt = malloc(bt * sizeof(int32_t));
     /* segments: one per sequence, two for one whose router view splits its last prefill chunk */
     s->b_segbeg = malloc((size_t)(2 * ms + 1) * sizeof(int32_t));
-    s->b_logit_tok = malloc((size_t)(ms + SCHED_LP_ROWS) * sizeof(int32_t));
+    s->b_logit_tok = malloc((size_t)rows * sizeof(int32_t));
     s->b_plp = malloc(SCHED_LP_ROWS * sizeof *s->b_plp);
     s->b_segad = malloc((size_t)2 * ms * sizeof *s->b_segad);
     s->b_seqs = malloc((size_t)ms * sizeof *s->b_seqs);
@@ -921,6 +930,26 @@ static int lp_rows(const sched_seq *q, int n)
     return hi > lo ? hi - lo : 0;
 }
 
+/* Speculation: each decoding sequence that may (speculation on, not turned off by its request, no
+ * router control, tokens left) adds a prompt-lookup draft to its decode token, in the batch tokens
+ * and draft logit rows that prefill left over, so drafts never delay a prompt. */
+static void plan_drafts(sched *s, int budget)
+{
+    int rows = s->spec_rows, max = s->cfg.spec_max_draft;
+    for (int i = 0; i < s->n_running && budget > 0 && rows > 0; i++) {
+        sched_seq *q = s->running[i];
+        if (q->n_this != 1 || q->n_tok - q->n_cached != 1 || q->req->no_spec || has_route(q->req))
+            continue;
+        int k = HY_MIN(q->spec_k ? q->spec_k : max, HY_MIN(budget, rows));
+        k = HY_MIN(k, q->req->max_tokens - (q->n_tok - q->n_prompt) - 1); /* the sampled token counts too */
+        k = HY_MIN(k, q->cap_tok - q->n_tok - 1);                           /* positions stay in the context */
+        q->n_draft = spec_ngram_draft(q->toks, q->n_tok, k, q->draft);
+        q->n_this += q->n_draft;
+        budget -= q->n_draft;
+        rows -= q->n_draft;
+    }
+}
+
 /* Decide how many tokens each running sequence runs this step (decodes first, then prefill
  * chunks in admission order) and make sure its KV blocks exist, preempting the newest
  * sequences when the cache is full. Returns the number of sequences in the step. */
@@ -929,7 +958,7 @@ static int plan_step(sched *s)
     for (;;) {
         int budget = s->cfg.max_batch_tokens, lp_budget = SCHED_LP_ROWS;
         for (int i = 0; i < s->n_running; i++)
-            s->running[i]->n_this = s->running[i]->n_lp_this = 0;
+            s->running[i]->n_this = s->running[i]->n_lp_this = s->running[i]->n_draft = 0;
         for (int i = 0; i < s->n_running; i++) {
             sched_seq *q = s->running[i];
             if (q->n_tok - q->n_cached == 1 && budget > 0) {
@@ -962,6 +991,7 @@ static int plan_step(sched *s)
         for (int i = 0; i < s->n_running; i++)
             if (s->running[i]->n_this < 0)
                 s->running[i]->n_this = 0;
+        plan_drafts(s, budget);
         /* Blocks for this step's tokens. */
         bool short_of_blocks = false;
         for (int i = 0; i < s->n_running; i++) {
@@ -1018,7 +1048,7 @@ static void build_batch(sched *s, int n_seq, eng_batch *b)
                 s->b_segbeg[n_seg] = t;
                 s->b_segad[n_seg++] = sa;
             }
-            s->b_tok[t] = q->toks[pos];
+            s->b_tok[t] = pos < q->n_tok ? q->toks[pos] : q->draft[pos - q->n_tok];
             s->b_pos[t] = pos;
             s->b_tseq[t] = i;
             s->b_slot[t] = q->blocks[pos / BE_KV_BLOCK] * BE_KV_BLOCK + pos % BE_KV_BLOCK;
@@ -1031,8 +1061,9 @@ static void build_batch(sched *s, int n_seq, eng_batch *b)
         int lo = HY_MAX(q->n_cached, q->plp_done - 1);
         for (int k = 0; k < q->n_lp_this; k++)
             s->b_logit_tok[n_logits++] = t0 + lo - q->n_cached + k;
-        if (q->n_cached + q->n_this == q->n_tok && q->req->max_tokens > 0)
-            s->b_logit_tok[n_logits++] = t - 1;
+        if (q->n_cached + q->n_this == q->n_tok + q->n_draft && q->req->max_tokens > 0)
+            for (int k = q->n_draft; k >= 0; k--) /* the sampling row, then one per draft token */
+                s->b_logit_tok[n_logits++] = t - 1 - k;
     }
     s->b_segbeg[n_seg] = t;
     memset(b, 0, sizeof *b);
@@ -1129,6 +1160,54 @@ static bool on_token(sched *s, sched_seq *q, const sched_sample *smp)
     return finish != NULL;
 }
 
+/* Blocks past the ones q's tokens need (a rejected draft's) go back. */
+static void trim_blocks(sched *s, sched_seq *q)
+{
+    int need = (q->n_tok + BE_KV_BLOCK - 1) / BE_KV_BLOCK;
+    while (q->n_blocks > need)
+        kv_prefix_put(&s->kv, q->blocks[--q->n_blocks]);
+}
+
+/* q sampled smp from the row before its draft (on_token done; done: it finished). While the token
+ * just sampled equals the next draft token, that draft's K/V is right and the next row gives the
+ * next token: sample it with the request's own sampler (every transform, penalties and grammar
+ * included) and go on. Keeping a draft exactly when the target's sample equals it is the
+ * speculative-sampling rule for a deterministic draft: draft d is kept with probability p(d), and
+ * a rejection yields a token drawn from p with d removed and renormalised, so every token has the
+ * target's distribution (and, with a seed, the very tokens of decoding without drafts: one sample
+ * per token either way). *li moves past q's draft rows. Returns whether q finished. */
+static bool verify_drafts(sched *s, sched_seq *q, sched_sample *smp, int *li, bool done)
+{
+    const sched_ops *ops = s->cfg.ops;
+    int nd = q->n_draft, acc = 0;
+    const float *rows = s->logits + (size_t)*li * (size_t)s->cfg.n_vocab;
+    while (!done && acc < nd && smp->token == q->draft[acc]) {
+        q->n_cached++; /* the draft token's K/V, computed at its position, is the accepted token's */
+        const float *lg = rows + (size_t)acc++ * (size_t)s->cfg.n_vocab;
+        if (ops->sample(s->cfg.ops_ctx, q->state, lg, q->toks, q->n_prompt, q->n_tok, smp)) {
+            fail_req(s, q->req, hy_err_msg());
+            finish_choice(s, q, "error");
+            done = true;
+            break;
+        }
+        done = on_token(s, q, smp);
+    }
+    *li += nd;
+    s->n_spec_drafts++;
+    s->n_spec_tokens += (uint64_t)nd;
+    s->n_spec_accepted += (uint64_t)acc;
+    sched_req_lock(q->req);
+    q->req->spec_drafted += (uint64_t)nd;
+    q->req->spec_accepted += (uint64_t)acc;
+    sched_req_unlock(q->req);
+    int max = s->cfg.spec_max_draft;
+    q->spec_k = spec_next_k(q->spec_k ? q->spec_k : max, nd, acc, max);
+    q->n_draft = 0;
+    if (!done)
+        trim_blocks(s, q);
+    return done;
+}
+
 /* The logprobs of q's prompt tokens from this step's rows lg[n_lp_this][n_vocab] (before
  * n_cached moves on). False when the logits cannot be scored (the request has failed). */
 static bool score_prompt(sched *s, sched_seq *q, const float *lg)
@@ -1183,6 +1262,9 @@ static void publish_stats(sched *s)
     st.steps = s->n_steps;
     st.tokens_forwarded = s->n_forwarded;
     st.preemptions = s->n_preempt;
+    st.spec_drafts = s->n_spec_drafts;
+    st.spec_draft_tokens = s->n_spec_tokens;
+    st.spec_accepted = s->n_spec_accepted;
     memcpy(st.step_hist, s->step_hist, sizeof st.step_hist);
     st.step_s_sum = s->step_s_sum;
     pthread_mutex_lock(&s->mu);
@@ -1293,7 +1375,7 @@ int sched_step(sched *s)
                     lp_ok = score_prompt(s, q, s->logits + (size_t)li * (size_t)s->cfg.n_vocab);
                     li += q->n_lp_this;
                 }
-                q->n_cached += q->n_this;
+                q->n_cached += q->n_this - q->n_draft; /* a draft's K/V counts once it is accepted */
                 q->acq_tokens += (uint64_t)q->n_this;
                 for (; (q->n_committed + 1) * BE_KV_BLOCK <= q->n_cached; q->n_committed++)
                     kv_prefix_commit(&s->kv, q->key, q->blocks[q->n_committed],
@@ -1316,6 +1398,8 @@ int sched_step(sched *s)
                 } else {
                     done = on_token(s, q, &smp);
                 }
+                if (q->n_draft)
+                    done = verify_drafts(s, q, &smp, &li, done);
                 if (done) {
                     for (int k = 0; k < s->n_running; k++)
                         if (s->running[k] == q) {

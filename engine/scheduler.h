@@ -81,6 +81,9 @@ typedef struct {
     bool prefix_cache;     /* reuse the K/V of full blocks of earlier prompts (kv_prefix.h) */
     double adapter_wait_s; /* a sequence that waits this long for device slots for its adapter(s)
                             * fails with fail_status 503 (<= 0: waits as long as it takes) */
+    int spec_max_draft;    /* speculative decoding: prompt-lookup drafts of up to this many tokens
+                            * per decoding sequence and step, verified in the same forward
+                            * (engine/spec.h; 0: off; at most SPEC_MAX_DRAFT) */
     const sched_ops *ops;
     void *ops_ctx;
 } sched_config;
@@ -120,6 +123,7 @@ typedef struct sched_req {
     void (*notify_free)(void *ctx); /* called once when the request is freed (last release) */
     void (*constraint_free)(void *constraint); /* frees sp.constraint with the request (NULL: none) */
     uint64_t cache_salt;   /* prefix cache tenant: only requests with the same salt share blocks (0: none) */
+    bool no_spec;          /* decode without speculation (set before sched_submit) */
     int prompt_lp;         /* -1: no prompt logprobs (sched_req_create); else alternatives per token,
                             * set with sched_req_want_prompt_lp before sched_submit */
     /* results (mu) */
@@ -130,6 +134,7 @@ typedef struct sched_req {
     sched_choice *choices;
     int n_done;
     int n_cached_tokens;   /* prompt tokens whose K/V came from the prefix cache (all sequences) */
+    uint64_t spec_drafted, spec_accepted; /* draft tokens proposed for its sequences, accepted */
     bool failed;
     char error[256];
     int fail_status;       /* with failed: the HTTP status that fits (0: an internal error, 500) */
@@ -186,6 +191,7 @@ typedef struct {
     int kv_cached;         /* blocks in the prefix cache that no sequence holds (reusable) */
     uint64_t prefix_queries, prefix_hits; /* prompt tokens looked up / found, at first admission */
     uint64_t steps, tokens_forwarded, preemptions;
+    uint64_t spec_drafts, spec_draft_tokens, spec_accepted; /* verifications, tokens drafted, accepted */
     /* forward steps by wall time (sched_step from its start, admission and adapter uploads
      * included, to its last sampled token): step_hist[i] counts those <= sched_step_buckets[i],
      * the last entry the rest */

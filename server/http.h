@@ -57,6 +57,7 @@ typedef struct {
     char name[AD_NAME_MAX];
     uint64_t requests;
     uint64_t prompt_tokens, generation_tokens; /* of finished requests */
+    uint64_t spec_drafted, spec_accepted;      /* their draft tokens proposed, accepted */
 } srv_ad_served;
 
 /* A whole (non-streamed) answer whose socket the disconnect watcher polls (srv.watch_mu). */

@@ -310,6 +310,16 @@ char *srv_metrics_render(srv_metrics *m, const srv_gauges *g)
                   (unsigned long long)cum);
     }
     /* The names vLLM exports and the inference-extension endpoint picker reads. */
+    /* vLLM's speculative-decoding counters: verifications (a sequence's draft checked in a step),
+     * draft tokens proposed, draft tokens accepted */
+    const char *spec[3][2] = {{"num_drafts", "Drafts verified (one per sequence and step with a draft)."},
+                              {"num_draft_tokens", "Draft tokens proposed."},
+                              {"num_accepted_tokens", "Draft tokens accepted."}};
+    const uint64_t spec_v[3] = {g->spec_drafts, g->spec_draft_tokens, g->spec_accepted};
+    for (int i = 0; i < 3; i++)
+        sb_printf(&b, "# HELP vllm:spec_decode_%s %s\n# TYPE vllm:spec_decode_%s counter\n"
+                      "vllm:spec_decode_%s_total{model_name=\"%s\"} %llu\n", spec[i][0], spec[i][1], spec[i][0],
+                  spec[i][0], model, (unsigned long long)spec_v[i]);
     sb_printf(&b, "# HELP vllm:num_requests_waiting Requests waiting to be processed.\n"
                   "# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name=\"%s\"} %d\n",
               model, g->waiting);

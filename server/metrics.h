@@ -63,6 +63,7 @@ typedef struct {
     int n_levels;
     const srv_resolve_stats *resolve;     /* first-use loads (--adapter-resolver), NULL when off */
     uint64_t device_loads, device_evictions; /* host -> device copies of adapters; idle ones moved out */
+    uint64_t spec_drafts, spec_draft_tokens, spec_accepted; /* speculative decoding (sched_stats) */
     const uint64_t *step_hist;            /* [SCHED_STEP_BUCKETS + 1] forward steps by wall time; NULL: none */
     double step_s_sum;
 } srv_gauges;

@@ -9,6 +9,7 @@
 #include "engine/sampler.h"
 #include "engine/smp_constrain.h"
 #include "engine/scheduler.h"
+#include "engine/spec.h"
 #include "engine/tokenizer.h"
 #include "server/cli.h"
 #include "server/http.h"
@@ -388,6 +389,8 @@ typedef struct {
     const char *resolvers[MAX_ADAPTER_ARGS];
     int n_resolvers;
     const char *resolver_url, *resolver_manifest, *url_ca;
+    bool spec_off;       /* --speculative none */
+    int spec_max_draft;
     bool evict_fifo;     /* --adapter-eviction fifo */
     const char *url_allow[MAX_ADAPTER_ARGS];
     int n_url_allow;
@@ -438,6 +441,10 @@ static void usage(FILE *f)
             "                            the names the URL resolver serves (read again when it changes)\n"
             "      --adapter-url-ca FILE  PEM certificates to trust for https:// adapter hosts (default: the\n"
             "                            system's)\n"
+            "      --speculative none|ngram  speculative decoding: prompt-lookup drafts (tokens that followed\n"
+            "                            the latest earlier occurrence of the last 1-4 tokens) verified in\n"
+            "                            the same forward; outputs are unchanged (default ngram)\n"
+            "      --spec-max-draft K    draft tokens per sequence and step at most (default 4, at most %d)\n"
             "      --adapter-eviction lru|fifo  which idle, unpinned adapter leaves the device or host\n"
             "                            memory when a slot is needed (default lru)\n"
             "      --adapter-wait-timeout S  a request whose adapter finds no free device slot (all in use\n"
@@ -468,7 +475,7 @@ static void usage(FILE *f)
             "      --max-connections N   open connections at most (default 512)\n"
             "      --device auto|cpu|cuda  compute device (default auto)\n"
             "  -h, --help                this text\n",
-            BE_KV_BLOCK, API_MAX_PROMPTS);
+            BE_KV_BLOCK, API_MAX_PROMPTS, SPEC_MAX_DRAFT);
 }
 
 static int parse_int(const char *name, const char *v, int lo, int *out)
@@ -528,7 +535,7 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
     enum { O_HOST = 256, O_PORT, O_SERVED, O_ADAPTER, O_ROOT, O_API, O_ADMIN, O_SEQS, O_BT, O_KVMB, O_KVB,
            O_LORAS, O_CPU, O_QUEUE, O_THREADS, O_HTHREADS, O_CONNS, O_DEVICE, O_CTX, O_CACHE, O_AMB, O_SCALE,
            O_DRAIN, O_URLALLOW, O_METRICSAUTH, O_DEADLINE, O_CONNSIP, O_JSONWS, O_PROMPTS, O_NOPC, O_RESOLVER, O_EVICT, O_NOUI,
-           O_AWAIT, O_RURL, O_RMANIFEST, O_URLCA };
+           O_AWAIT, O_RURL, O_RMANIFEST, O_URLCA, O_SPEC, O_SPECK };
     static const struct option lo[] = {
         {"model", required_argument, 0, 'm'}, {"host", required_argument, 0, O_HOST},
         {"port", required_argument, 0, O_PORT}, {"served-model-name", required_argument, 0, O_SERVED},
@@ -538,6 +545,7 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
         {"adapter-resolver-url", required_argument, 0, O_RURL},
         {"adapter-resolver-manifest", required_argument, 0, O_RMANIFEST},
         {"adapter-url-ca", required_argument, 0, O_URLCA},
+        {"speculative", required_argument, 0, O_SPEC}, {"spec-max-draft", required_argument, 0, O_SPECK},
         {"api-key", required_argument, 0, O_API}, {"admin-key", required_argument, 0, O_ADMIN},
         {"max-seqs", required_argument, 0, O_SEQS}, {"max-batch-tokens", required_argument, 0, O_BT},
         {"kv-cache-mb", required_argument, 0, O_KVMB}, {"kv-blocks", required_argument, 0, O_KVB},
@@ -609,6 +617,20 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
         case O_RURL: o->resolver_url = optarg; break;
         case O_RMANIFEST: o->resolver_manifest = optarg; break;
         case O_URLCA: o->url_ca = optarg; break;
+        case O_SPEC:
+            if (strcmp(optarg, "none") && strcmp(optarg, "ngram")) {
+                fprintf(stderr, "hydrad serve: --speculative is none or ngram\n");
+                rc = -1;
+            }
+            o->spec_off = !strcmp(optarg, "none");
+            break;
+        case O_SPECK:
+            rc = parse_int("spec-max-draft", optarg, 1, &o->spec_max_draft);
+            if (!rc && o->spec_max_draft > SPEC_MAX_DRAFT) {
+                fprintf(stderr, "hydrad serve: --spec-max-draft must be at most %d\n", SPEC_MAX_DRAFT);
+                rc = -1;
+            }
+            break;
         case O_NOUI: o->no_ui = true; break;
         case O_PROMPTS:
             rc = parse_int("max-prompts", optarg, 1, &o->max_prompts);
@@ -710,7 +732,8 @@ int cli_serve(int argc, char **argv)
     serve_opts o = {.host = "127.0.0.1", .port = 8000, .device = "auto", .max_seqs = 32, .max_batch_tokens = 512,
                     .kv_mb = 256, .max_loras = 8, .max_cpu_loras = 64, .max_queue = 256, .http_threads = 4,
                     .max_conns = 512, .ctx = 0, .adapter_max_mb = 1024, .drain_s = 30,
-                    .request_deadline = 30, .max_conns_ip = -1, .max_prompts = 64, .adapter_wait = 600};
+                    .request_deadline = 30, .max_conns_ip = -1, .max_prompts = 64, .adapter_wait = 600,
+                    .spec_max_draft = 4};
     int prc = parse_flags(argc, argv, &o);
     if (prc)
         return prc > 0 ? 0 : 2;
@@ -789,6 +812,7 @@ int cli_serve(int argc, char **argv)
                            .max_queue = o.max_queue, .max_loras = o.max_loras, .n_ctx = n_ctx,
                            .n_vocab = hp->n_vocab, .n_layer = hp->n_layer, .prefix_cache = !o.no_prefix_cache,
                            .adapter_wait_s = o.adapter_wait,
+                           .spec_max_draft = o.spec_off ? 0 : o.spec_max_draft,
                            .ops = &glue_ops, .ops_ctx = &g};
     if ((rc = sched_create(&sc_cfg, &sc)) || (rc = sched_start(sc))) {
         fprintf(stderr, "hydrad serve: %s\n", hy_err_msg());

@@ -32,7 +32,8 @@ srv_ad_stats *srv_stats_entry(srv *s, const char *name)
  * then), or the prompt and generated tokens of a finished one (requests 0: only an entry that is
  * still there counts them). The table holds the names requested since they were loaded
  * (forget_served drops one on unload), so it is bounded by the adapters loaded. */
-void srv_count_served(srv *s, const char *name, int requests, uint64_t prompt, uint64_t gen)
+void srv_count_served(srv *s, const char *name, int requests, uint64_t prompt, uint64_t gen, uint64_t drafted,
+                      uint64_t accepted)
 {
     pthread_mutex_lock(&s->mu);
     int i = 0;
@@ -48,6 +49,8 @@ void srv_count_served(srv *s, const char *name, int requests, uint64_t prompt, u
         s->served[i].requests += (uint64_t)requests;
         s->served[i].prompt_tokens += prompt;
         s->served[i].generation_tokens += gen;
+        s->served[i].spec_drafted += drafted;
+        s->served[i].spec_accepted += accepted;
     }
     pthread_mutex_unlock(&s->mu);
 }
@@ -297,6 +300,13 @@ enum MHD_Result srv_admin_adapters(conn *c, struct MHD_Connection *mc)
         }
         json_object_set_new(o, "targets", targets);
         pthread_mutex_lock(&s->mu);
+        for (int k = 0; k < s->n_served; k++) /* speculative decoding on its finished requests */
+            if (strcmp(s->served[k].name, x->name) == 0 && s->served[k].spec_drafted)
+                json_object_set_new(o, "speculative",
+                                    json_pack("{s:I,s:I,s:f}", "draft_tokens", (json_int_t)s->served[k].spec_drafted,
+                                              "accepted_tokens", (json_int_t)s->served[k].spec_accepted,
+                                              "acceptance_rate",
+                                              (double)s->served[k].spec_accepted / (double)s->served[k].spec_drafted));
         json_t *router = json_null();
         for (int k = 0; k < s->n_stats; k++)
             if (strcmp(s->stats[k].name, x->name) == 0) {
@@ -336,7 +346,8 @@ enum MHD_Result srv_admin_metrics(conn *c, struct MHD_Connection *mc)
                     st.running_adapters, st.waiting_adapters, s->cfg.served_name, NULL, 0,
                     (uint64_t)atomic_load(&s->guard.timed_out), st.kv_cached, st.prefix_queries,
                     st.prefix_hits, NULL, 0, NULL, atomic_load(&s->device_loads),
-                    atomic_load(&s->device_evictions), st.step_hist, st.step_s_sum};
+                    atomic_load(&s->device_evictions), st.spec_drafts, st.spec_draft_tokens, st.spec_accepted,
+                    st.step_hist, st.step_s_sum};
     /* per-adapter counts: copied under mu so the render runs without it */
     pthread_mutex_lock(&s->mu);
     int n = s->n_served;

@@ -129,7 +129,8 @@ enum MHD_Result srv_admin_unload(conn *c, struct MHD_Connection *mc);
 enum MHD_Result srv_admin_adapters(conn *c, struct MHD_Connection *mc);
 enum MHD_Result srv_admin_metrics(conn *c, struct MHD_Connection *mc);
 /* Requests and tokens of adapter `name` (srv_admin.c; takes s->mu). */
-void srv_count_served(srv *s, const char *name, int requests, uint64_t prompt, uint64_t gen);
+void srv_count_served(srv *s, const char *name, int requests, uint64_t prompt, uint64_t gen, uint64_t drafted,
+                      uint64_t accepted);
 /* m names the base model (NULL and "" do too). */
 bool srv_is_base_name(srv *s, const char *m);
 /* Every registry entry (malloc'ed into *out, caller frees; NULL with *n = 0 when there are none). */

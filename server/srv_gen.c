@@ -132,13 +132,13 @@ bool srv_req_cut(const sched_req *r)
 
 /* Per-adapter counts (srv_count_served) for what c runs: the adapter in `model`, or each member of
  * the stack in `lora` (its entries with a non-zero scale). Nothing for the base model. */
-static void count_adapters(conn *c, int requests, uint64_t prompt, uint64_t gen)
+static void count_adapters(conn *c, int requests, uint64_t prompt, uint64_t gen, uint64_t drafted, uint64_t accepted)
 {
     if (c->ad && !ad_stack_n(c->ad))
-        srv_count_served(c->s, c->ar.model, requests, prompt, gen);
+        srv_count_served(c->s, c->ar.model, requests, prompt, gen, drafted, accepted);
     for (int i = 0; c->ad && ad_stack_n(c->ad) && i < c->ar.lora.n; i++)
         if (c->ar.lora.e[i].scale != 0.0)
-            srv_count_served(c->s, c->ar.lora.e[i].name, requests, prompt, gen);
+            srv_count_served(c->s, c->ar.lora.e[i].name, requests, prompt, gen, drafted, accepted);
 }
 
 void srv_record_finished(conn *c)
@@ -153,7 +153,7 @@ void srv_record_finished(conn *c)
     double ttft = r->t_first > 0 ? r->t_first - r->t_arrival : -1.0;
     srv_metrics_request(&c->s->metrics, ttft, (r->t_done > 0 ? r->t_done : hy_now()) - r->t_arrival,
                         c->n_prompt_total, gen);
-    count_adapters(c, 0, (uint64_t)c->n_prompt_total, (uint64_t)gen);
+    count_adapters(c, 0, (uint64_t)c->n_prompt_total, (uint64_t)gen, r->spec_drafted, r->spec_accepted);
 }
 
 static enum MHD_Result answer_whole(conn *c, struct MHD_Connection *mc)
@@ -348,7 +348,7 @@ static enum MHD_Result generation_for_model(conn *c, struct MHD_Connection *mc)
     }
     if (!c->model)
         return MHD_NO;
-    count_adapters(c, 1, 0, 0);
+    count_adapters(c, 1, 0, 0, 0, 0);
     int ad_heads = c->ad ? ad_K(c->ad) : 0;
     if (api_hydra_check(&ar->hydra, ad_heads, &e))
         return srv_send_err(c, mc, &e);
@@ -417,6 +417,7 @@ static enum MHD_Result generation_for_model(conn *c, struct MHD_Connection *mc)
         return srv_send_err(c, mc, &e);
     }
     r->constraint_free = smp_constraint_free;
+    r->no_spec = !ar->speculative;
     if (ar->cache_salt) { /* the prefix cache's tenant: 64 bits of its SHA-256 (0 stays "none") */
         unsigned char d[SHA256_DIGEST_LENGTH];
         SHA256((const unsigned char *)ar->cache_salt, strlen(ar->cache_salt), d);

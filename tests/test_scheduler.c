@@ -12,6 +12,7 @@
 #include <limits.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -40,9 +41,13 @@ typedef struct {
     int errors;              /* consistency violations seen by the fake forward */
 } fake;
 
+static bool g_cyclic; /* ref_next from the last token only: outputs cycle, so prompt-lookup drafts hit */
+
 /* The reference: next token from the whole sequence. */
 static int32_t ref_next(const int32_t *t, int n)
 {
+    if (g_cyclic)
+        return (int32_t)(1 + ((uint32_t)t[n - 1] * 7u + 3u) % (V - 2));
     uint32_t h = 7;
     for (int i = 0; i < n; i++)
         h = h * 31u + (uint32_t)t[i] * (uint32_t)(i + 1);
@@ -173,12 +178,14 @@ static void fake_free(fake *f)
 
 static bool g_prefix_cache; /* mk's sched_config.prefix_cache */
 static double g_adapter_wait; /* mk's sched_config.adapter_wait_s */
+static int g_spec;            /* mk's sched_config.spec_max_draft */
 
 static sched *mk(fake *f, int max_seqs, int max_batch, int n_blocks, int max_queue, int max_loras)
 {
     sched_config c = {.max_seqs = max_seqs, .max_batch_tokens = max_batch, .n_blocks = n_blocks,
                       .max_queue = max_queue, .max_loras = max_loras, .n_ctx = 512, .n_vocab = V,
-                      .prefix_cache = g_prefix_cache, .adapter_wait_s = g_adapter_wait, .ops = &fake_ops,
+                      .prefix_cache = g_prefix_cache, .adapter_wait_s = g_adapter_wait,
+                      .spec_max_draft = g_spec, .ops = &fake_ops,
                       .ops_ctx = f};
     sched *s = NULL;
     assert_int_equal(sched_create(&c, &s), 0);
@@ -228,6 +235,79 @@ static void run_until_done(sched *s, sched_req **rs, int n, int max_steps)
         assert_true(sched_step(s) >= 0);
     }
     fail_msg("requests did not finish in %d steps", max_steps);
+}
+
+/* Speculative decoding against the fake: 12 requests over three adapters (n 2 for some, stop
+ * strings and max_tokens that end inside drafted runs) give exactly what decoding without drafts
+ * gives, on a history-hashing model (drafts rarely hit) and a cyclic one (they mostly do), with
+ * a KV cache small enough to preempt; the fake checks every K/V slot it reads back, so a rejected
+ * draft's K/V read as history, or a block freed too early, shows as an error. */
+static void spec_run(int spec, int n_blocks, char texts[12][2][80], const char *fin[12][2], sched_stats *st, int *steps)
+{
+    g_spec = spec;
+    fake *f = fake_new(n_blocks);
+    sched *s = mk(f, 8, 64, n_blocks, 64, 4);
+    sched_req *rs[12];
+    for (int i = 0; i < 12; i++) {
+        const char *stop = i % 4 == 3 ? "ka" : NULL;
+        rs[i] = mkreq(i % 3, 3 + (i * 11) % 30, i, 1 + (i % 5 == 0), 5 + (i * 13) % 60, stop);
+        assert_int_equal(sched_submit(s, rs[i]), 0);
+    }
+    run_until_done(s, rs, 12, 5000);
+    for (int i = 0; i < 12; i++) {
+        assert_false(rs[i]->failed);
+        for (int c = 0; c < rs[i]->n_choices; c++) {
+            snprintf(texts[i][c], 80, "%s", rs[i]->choices[c].text);
+            fin[i][c] = rs[i]->choices[c].finish;
+            assert_true(rs[i]->choices[c].n_gen <= rs[i]->max_tokens);
+        }
+        if (spec == 0)
+            assert_int_equal(rs[i]->spec_drafted, 0);
+        assert_true(rs[i]->spec_accepted <= rs[i]->spec_drafted);
+        sched_req_release(rs[i]);
+    }
+    sched_get_stats(s, st);
+    assert_int_equal(st->kv_used, 0);
+    assert_int_equal(st->running_seqs, 0);
+    assert_int_equal(f->errors, 0);
+    *steps = (int)st->steps;
+    sched_free(s);
+    fake_free(f);
+    g_spec = 0;
+}
+
+static void test_speculative_exact(void **state)
+{
+    (void)state;
+    for (int cyclic = 0; cyclic < 2; cyclic++)
+        for (int small = 0; small < 2; small++) {
+            g_cyclic = cyclic;
+            int nb = small ? 14 : 128; /* 14 blocks: preemption by recompute happens */
+            static char off[12][2][80], on[12][2][80];
+            const char *foff[12][2] = {{0}}, *fon[12][2] = {{0}};
+            sched_stats s0, s1;
+            int st0, st1;
+            spec_run(0, nb, off, foff, &s0, &st0);
+            spec_run(4, nb, on, fon, &s1, &st1);
+            for (int i = 0; i < 12; i++)
+                for (int c = 0; c < 1 + (i % 5 == 0); c++) {
+                    assert_string_equal(on[i][c], off[i][c]);
+                    assert_string_equal(fon[i][c], foff[i][c]);
+                }
+            printf("# cyclic %d, %d blocks: %d steps without drafts, %d with; %llu drafts, %llu tokens, %llu "
+                   "accepted, %llu preemptions\n", cyclic, nb, st0, st1, (unsigned long long)s1.spec_drafts,
+                   (unsigned long long)s1.spec_draft_tokens, (unsigned long long)s1.spec_accepted,
+                   (unsigned long long)s1.preemptions);
+            assert_true(s1.spec_accepted <= s1.spec_draft_tokens);
+            assert_int_equal(s0.spec_draft_tokens, 0);
+            if (cyclic) { /* the drafts hit: fewer steps */
+                assert_true(s1.spec_accepted > s1.spec_draft_tokens / 2);
+                assert_true(st1 < st0);
+            }
+            if (small)
+                assert_true(s1.preemptions > 0);
+        }
+    g_cyclic = false;
 }
 
 /* max_tokens may exceed the context (callers leave the cut to n_ctx): the sequence runs to n_ctx
@@ -783,6 +863,7 @@ int main(void)
         cmocka_unit_test(test_fairness_max_loras), cmocka_unit_test(test_slot_wait_timeout),
         cmocka_unit_test(test_no_slot_admits_base), cmocka_unit_test(test_thread),
         cmocka_unit_test(test_prompt_logprobs), cmocka_unit_test(test_prefix_cache),
+        cmocka_unit_test(test_speculative_exact),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
