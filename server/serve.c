@@ -24,6 +24,8 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <stdatomic.h>
+#include <sys/random.h>
 
 #define MAX_ADAPTER_ARGS 64
 #define MAX_RESIDENT 64
@@ -90,6 +92,20 @@ static void g_seq_free(void *ctx, void *state)
     free(st);
 }
 
+/* A seed for a request that gave none: from the kernel's generator; else the clock in ns and a
+ * counter. (time(NULL) and the state's address, as before, gave requests in the same second whose
+ * state reused freed memory the same seed, so parallel unseeded samples came out identical.) */
+static uint64_t fresh_seed(void)
+{
+    static atomic_uint_fast64_t n;
+    uint64_t x;
+    if (getrandom(&x, sizeof x, 0) == (ssize_t)sizeof x)
+        return x;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return splitmix((uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec + 0x9e3779b97f4a7c15u * atomic_fetch_add(&n, 1));
+}
+
 static int g_seq_init(void *ctx, const sched_sampling *p, int choice, void **state)
 {
     glue *g = ctx;
@@ -104,7 +120,7 @@ static int g_seq_init(void *ctx, const sched_sampling *p, int choice, void **sta
     sp.top_p = (float)p->top_p;
     sp.min_p = (float)p->min_p;
     /* Each choice draws its own stream; without a seed every request gets a fresh one. */
-    uint64_t base = p->has_seed ? p->seed : splitmix((uint64_t)time(NULL) ^ (uint64_t)(uintptr_t)st);
+    uint64_t base = p->has_seed ? p->seed : fresh_seed();
     sp.seed = choice == 0 ? base : splitmix(base + (uint64_t)choice);
     sp.repetition_penalty = (float)p->repetition_penalty;
     sp.frequency_penalty = (float)p->frequency_penalty;
