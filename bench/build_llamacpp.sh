@@ -2,7 +2,8 @@
 # build_llamacpp.sh - builds the peer we compare against: llama.cpp as vendored by the
 # llama-cpp-python sdist on PyPI (pinned), into bench/.cache/. Used by bench scripts only;
 # `make test` never needs it. Prints (last line of stdout) the directory holding llama-bench /
-# llama-server / llama-perplexity, and leaves build-info.txt there: one line saying which build it is.
+# llama-server / llama-perplexity / llama-lookup (prompt-lookup decoding), and leaves build-info.txt
+# there: one line saying which build it is.
 #
 # A peer that cannot run is not a peer: every call smoke-runs llama-bench (a 32-token prefill, then
 # one decode token; a one-token prefill would miss AMX, whose tile kernels run only for batches of
@@ -28,7 +29,7 @@ SRC="$CACHE/llama.cpp-$VER"
 NATIVE="$SRC/build"
 PORTABLE="$SRC/build-portable"
 MODEL=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
-TARGETS=(llama-bench llama-server llama-perplexity)
+TARGETS=(llama-bench llama-server llama-perplexity llama-lookup)
 ORIGIN="llama.cpp as vendored by llama-cpp-python $VER (PyPI sdist)"
 
 say() { echo "build_llamacpp: $*" >&2; }
@@ -58,7 +59,7 @@ build() {
     command -v cmake >/dev/null || { say "cmake is required (apt-get install cmake)"; exit 1; }
     say "building ${TARGETS[*]} in $dir ($*) (a few minutes)"
     cmake -S "$SRC" -B "$dir" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
-        -DLLAMA_BUILD_EXAMPLES=OFF "$@" >&2
+        -DLLAMA_BUILD_EXAMPLES=ON "$@" >&2
     cmake --build "$dir" -j"$(nproc)" --target "${TARGETS[@]}" >&2
 }
 

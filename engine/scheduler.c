@@ -935,7 +935,11 @@ static int lp_rows(const sched_seq *q, int n)
  * and draft logit rows that prefill left over, so drafts never delay a prompt. */
 static void plan_drafts(sched *s, int budget)
 {
-    int rows = s->spec_rows, max = s->cfg.spec_max_draft;
+    int rows = s->spec_rows, max = s->cfg.spec_max_draft, n_dec = 0;
+    for (int i = 0; i < s->n_running; i++)
+        n_dec += s->running[i]->n_this == 1 && s->running[i]->n_tok - s->running[i]->n_cached == 1;
+    if (s->cfg.spec_max_batch > 0 && n_dec >= s->cfg.spec_max_batch)
+        return;
     for (int i = 0; i < s->n_running && budget > 0 && rows > 0; i++) {
         sched_seq *q = s->running[i];
         if (q->n_this != 1 || q->n_tok - q->n_cached != 1 || q->req->no_spec || has_route(q->req))

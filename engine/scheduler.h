@@ -84,6 +84,9 @@ typedef struct {
     int spec_max_draft;    /* speculative decoding: prompt-lookup drafts of up to this many tokens
                             * per decoding sequence and step, verified in the same forward
                             * (engine/spec.h; 0: off; at most SPEC_MAX_DRAFT) */
+    int spec_max_batch;    /* no drafts in a step that decodes this many sequences or more (vLLM's
+                            * disable-by-batch-size: a full batch is compute-bound, so a rejected
+                            * draft costs as much as a token; 0: no such limit) */
     const sched_ops *ops;
     void *ops_ctx;
 } sched_config;

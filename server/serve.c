@@ -406,7 +406,7 @@ typedef struct {
     int n_resolvers;
     const char *resolver_url, *resolver_manifest, *url_ca;
     bool spec_off;       /* --speculative none */
-    int spec_max_draft;
+    int spec_max_draft, spec_max_batch;
     bool evict_fifo;     /* --adapter-eviction fifo */
     const char *url_allow[MAX_ADAPTER_ARGS];
     int n_url_allow;
@@ -461,6 +461,8 @@ static void usage(FILE *f)
             "                            the latest earlier occurrence of the last 1-4 tokens) verified in\n"
             "                            the same forward; outputs are unchanged (default ngram)\n"
             "      --spec-max-draft K    draft tokens per sequence and step at most (default 4, at most %d)\n"
+            "      --spec-max-batch N    no drafts in a step that decodes N or more sequences (default 4;\n"
+            "                            0: always): a full batch is compute-bound, drafts cost there\n"
             "      --adapter-eviction lru|fifo  which idle, unpinned adapter leaves the device or host\n"
             "                            memory when a slot is needed (default lru)\n"
             "      --adapter-wait-timeout S  a request whose adapter finds no free device slot (all in use\n"
@@ -551,7 +553,7 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
     enum { O_HOST = 256, O_PORT, O_SERVED, O_ADAPTER, O_ROOT, O_API, O_ADMIN, O_SEQS, O_BT, O_KVMB, O_KVB,
            O_LORAS, O_CPU, O_QUEUE, O_THREADS, O_HTHREADS, O_CONNS, O_DEVICE, O_CTX, O_CACHE, O_AMB, O_SCALE,
            O_DRAIN, O_URLALLOW, O_METRICSAUTH, O_DEADLINE, O_CONNSIP, O_JSONWS, O_PROMPTS, O_NOPC, O_RESOLVER, O_EVICT, O_NOUI,
-           O_AWAIT, O_RURL, O_RMANIFEST, O_URLCA, O_SPEC, O_SPECK };
+           O_AWAIT, O_RURL, O_RMANIFEST, O_URLCA, O_SPEC, O_SPECK, O_SPECB };
     static const struct option lo[] = {
         {"model", required_argument, 0, 'm'}, {"host", required_argument, 0, O_HOST},
         {"port", required_argument, 0, O_PORT}, {"served-model-name", required_argument, 0, O_SERVED},
@@ -562,6 +564,7 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
         {"adapter-resolver-manifest", required_argument, 0, O_RMANIFEST},
         {"adapter-url-ca", required_argument, 0, O_URLCA},
         {"speculative", required_argument, 0, O_SPEC}, {"spec-max-draft", required_argument, 0, O_SPECK},
+        {"spec-max-batch", required_argument, 0, O_SPECB},
         {"api-key", required_argument, 0, O_API}, {"admin-key", required_argument, 0, O_ADMIN},
         {"max-seqs", required_argument, 0, O_SEQS}, {"max-batch-tokens", required_argument, 0, O_BT},
         {"kv-cache-mb", required_argument, 0, O_KVMB}, {"kv-blocks", required_argument, 0, O_KVB},
@@ -640,6 +643,7 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
             }
             o->spec_off = !strcmp(optarg, "none");
             break;
+        case O_SPECB: rc = parse_int("spec-max-batch", optarg, 0, &o->spec_max_batch); break;
         case O_SPECK:
             rc = parse_int("spec-max-draft", optarg, 1, &o->spec_max_draft);
             if (!rc && o->spec_max_draft > SPEC_MAX_DRAFT) {
@@ -749,7 +753,7 @@ int cli_serve(int argc, char **argv)
                     .kv_mb = 256, .max_loras = 8, .max_cpu_loras = 64, .max_queue = 256, .http_threads = 4,
                     .max_conns = 512, .ctx = 0, .adapter_max_mb = 1024, .drain_s = 30,
                     .request_deadline = 30, .max_conns_ip = -1, .max_prompts = 64, .adapter_wait = 600,
-                    .spec_max_draft = 4};
+                    .spec_max_draft = 4, .spec_max_batch = 4};
     int prc = parse_flags(argc, argv, &o);
     if (prc)
         return prc > 0 ? 0 : 2;
@@ -828,7 +832,7 @@ int cli_serve(int argc, char **argv)
                            .max_queue = o.max_queue, .max_loras = o.max_loras, .n_ctx = n_ctx,
                            .n_vocab = hp->n_vocab, .n_layer = hp->n_layer, .prefix_cache = !o.no_prefix_cache,
                            .adapter_wait_s = o.adapter_wait,
-                           .spec_max_draft = o.spec_off ? 0 : o.spec_max_draft,
+                           .spec_max_draft = o.spec_off ? 0 : o.spec_max_draft, .spec_max_batch = o.spec_max_batch,
                            .ops = &glue_ops, .ops_ctx = &g};
     if ((rc = sched_create(&sc_cfg, &sc)) || (rc = sched_start(sc))) {
         fprintf(stderr, "hydrad serve: %s\n", hy_err_msg());

@@ -179,13 +179,14 @@ static void fake_free(fake *f)
 static bool g_prefix_cache; /* mk's sched_config.prefix_cache */
 static double g_adapter_wait; /* mk's sched_config.adapter_wait_s */
 static int g_spec;            /* mk's sched_config.spec_max_draft */
+static int g_spec_batch;      /* mk's sched_config.spec_max_batch */
 
 static sched *mk(fake *f, int max_seqs, int max_batch, int n_blocks, int max_queue, int max_loras)
 {
     sched_config c = {.max_seqs = max_seqs, .max_batch_tokens = max_batch, .n_blocks = n_blocks,
                       .max_queue = max_queue, .max_loras = max_loras, .n_ctx = 512, .n_vocab = V,
                       .prefix_cache = g_prefix_cache, .adapter_wait_s = g_adapter_wait,
-                      .spec_max_draft = g_spec, .ops = &fake_ops,
+                      .spec_max_draft = g_spec, .spec_max_batch = g_spec_batch, .ops = &fake_ops,
                       .ops_ctx = f};
     sched *s = NULL;
     assert_int_equal(sched_create(&c, &s), 0);
@@ -307,6 +308,15 @@ static void test_speculative_exact(void **state)
             if (small)
                 assert_true(s1.preemptions > 0);
         }
+    /* a step decoding spec_max_batch sequences or more gets no drafts: with 1, none ever */
+    g_spec_batch = 1;
+    static char t1[12][2][80];
+    const char *f1[12][2] = {{0}};
+    sched_stats s2;
+    int st2;
+    spec_run(4, 128, t1, f1, &s2, &st2);
+    assert_int_equal(s2.spec_draft_tokens, 0);
+    g_spec_batch = 0;
     g_cyclic = false;
 }
 

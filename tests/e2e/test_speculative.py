@@ -53,7 +53,9 @@ def adapters(tmp_path_factory):
 def pair(start_server, adapters):
     args = sum((["--adapter", f"{n}={p}"] for n, p in adapters.items()), []) + [
         "--max-seqs", "16", "--max-loras", "9"]
-    return start_server(*args, "--speculative", "ngram", "--spec-max-draft", "4"), start_server(*args, "--speculative", "none")
+    # --spec-max-batch 0: drafts in full batches too, so mixed batches carry them
+    return (start_server(*args, "--speculative", "ngram", "--spec-max-draft", "4", "--spec-max-batch", "0"),
+            start_server(*args, "--speculative", "none"))
 
 
 def body(i):
