@@ -20,6 +20,7 @@
 #include "engine/hy.h"
 #include "engine/model.h"
 #include "engine/quant.h"
+#include "engine/scheduler.h"
 #include "server/cli.h"
 
 #include <math.h>
@@ -723,12 +724,101 @@ static void test_graph_replay(void **state)
     assert_true(rep - rep0 >= 60);
 }
 
+/* Speculative decoding through the scheduler on this backend: four greedy sequences whose prompts
+ * repeat a pattern (so prompt-lookup drafts exist and hit) give the same tokens with drafts of up
+ * to 4 as without: the backend runs each decode token and its draft as one chunk with a logit row
+ * per token, the scheduler keeps the matching prefix and rolls the rest back. */
+typedef struct {
+    eng_model *m;
+    eng_kv *kv;
+    int n_vocab;
+} spec_ctx;
+
+static int spec_forward(void *ctx, const eng_batch *b, float *logits)
+{
+    spec_ctx *c = ctx;
+    return eng_forward(c->m, c->kv, b, logits);
+}
+
+static int spec_argmax(void *ctx, void *state, const float *lg, const int32_t *toks, int n_prompt, int n_toks,
+                       sched_sample *out)
+{
+    spec_ctx *c = ctx;
+    int best = 0;
+    for (int v = 1; v < c->n_vocab; v++)
+        if (lg[v] > lg[best])
+            best = v;
+    memset(out, 0, sizeof *out);
+    out->token = best;
+    return 0;
+}
+
+static const sched_ops spec_ops = {.forward = spec_forward, .sample = spec_argmax};
+
+static void spec_run_model(int spec, int32_t out[4][24], sched_stats *st)
+{
+    const eng_hparams *hp = eng_model_hparams(g_m[1]);
+    spec_ctx c = {g_m[1], NULL, hp->n_vocab};
+    assert_int_equal(eng_kv_create(g_m[1], 4 * 6, &c.kv), 0);
+    sched_config cfg = {.max_seqs = 4, .max_batch_tokens = 64, .n_blocks = 4 * 6, .max_queue = 8, .max_loras = 1,
+                        .n_ctx = 96, .n_vocab = hp->n_vocab, .n_layer = hp->n_layer, .spec_max_draft = spec,
+                        .ops = &spec_ops, .ops_ctx = &c};
+    sched *s = NULL;
+    assert_int_equal(sched_create(&cfg, &s), 0);
+    sched_req *rs[4];
+    for (int i = 0; i < 4; i++) {
+        int32_t p[40];
+        for (int k = 0; k < 40; k++)
+            p[k] = 100 + 37 * i + (k % (3 + i)) * 11; /* a period of 3 + i tokens */
+        const int32_t *pp = p;
+        int n = 40;
+        sched_sampling sp = {.logprobs = true};
+        assert_int_equal(sched_req_create(1, &pp, &n, 1, 24, NULL, 0, true, &sp, NULL, &rs[i]), 0);
+        assert_int_equal(sched_submit(s, rs[i]), 0);
+    }
+    for (int step = 0; step < 400; step++) {
+        bool all = true;
+        for (int i = 0; i < 4; i++)
+            all = all && sched_req_finished(rs[i]);
+        if (all)
+            break;
+        assert_true(sched_step(s) >= 0);
+    }
+    for (int i = 0; i < 4; i++) {
+        assert_true(sched_req_finished(rs[i]) && !rs[i]->failed);
+        assert_int_equal(rs[i]->choices[0].n_gen, 24);
+        for (int k = 0; k < 24; k++)
+            out[i][k] = rs[i]->choices[0].lp[k].token;
+        sched_req_release(rs[i]);
+    }
+    sched_get_stats(s, st);
+    assert_int_equal(st->kv_used, 0);
+    sched_free(s);
+    eng_kv_free(c.kv);
+}
+
+static void test_speculative_sched(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    int32_t off[4][24], on[4][24];
+    sched_stats s0, s1;
+    spec_run_model(0, off, &s0);
+    spec_run_model(4, on, &s1);
+    printf("  speculative: %llu steps without drafts, %llu with; %llu draft tokens, %llu accepted\n",
+           (unsigned long long)s0.steps, (unsigned long long)s1.steps, (unsigned long long)s1.spec_draft_tokens,
+           (unsigned long long)s1.spec_accepted);
+    assert_memory_equal(on, off, sizeof on);
+    assert_true(s1.spec_accepted > 0 && s1.spec_accepted <= s1.spec_draft_tokens);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_single_sequence),
         cmocka_unit_test(test_many_adapters),
         cmocka_unit_test(test_graph_replay),
+        cmocka_unit_test(test_speculative_sched),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
