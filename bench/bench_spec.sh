@@ -5,8 +5,10 @@
 # paragraph, a list reformatted as JSON, a code edit) and on open-ended chat (bench/spec_bench.py);
 # then llama.cpp's prompt-lookup decoding (llama-lookup, same GGUF, threads and draft length) on the
 # copy-heavy prompts at 1 stream against hydrad on the base model. Targets: >= 1.8x at 1 stream on
-# copy, >= 0.97x on chat.
-# Env: MODEL, THREADS (nproc), DRAFT (4), MAX_TOKENS (256), ROUNDS (1), RESULTS.
+# copy, >= 0.97x on chat. Both servers stay up and are asked in turn (one idles while the other
+# runs), REPS times per cell; the table gives medians (this VM's single-stream speed drifts by
+# +-25 % from minute to minute, so only interleaved pairs compare).
+# Env: MODEL, THREADS (nproc), DRAFT (4), MAX_TOKENS (256), ROUNDS (1), REPS (3), RESULTS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OWN_RESULTS=${RESULTS:-}
@@ -14,41 +16,45 @@ source bench/bench_lib.sh
 DRAFT=${DRAFT:-4}
 MAX_TOKENS=${MAX_TOKENS:-256}
 ROUNDS=${ROUNDS:-1}
+REPS=${REPS:-3}
 [ -n "$OWN_RESULTS" ] || RESULTS=${RESULTS%.md}-spec.md
 for b in bin/hydrad; do [ -x "$b" ] || { echo "bench_spec: $b missing (make)" >&2; exit 1; }; done
 WORK=$(mktemp -d)
-SRV=""
-trap 'stop_pid "$SRV"; rm -rf "$WORK"' EXIT
+declare -A SRV URL
+trap 'stop_pid "${SRV[none]:-}"; stop_pid "${SRV[ngram]:-}"; rm -rf "$WORK"' EXIT
 bin/hydrad mkadapter --base "$MODEL" --out "$WORK/ad" --seed 11 --r 8 --K 3 --targets q_proj,v_proj --ratio 0.05 \
     >/dev/null 2>&1
 
-# serve MODE: a fresh server with the adapter, speculation MODE (ngram|none)
+# serve MODE: a server with the adapter, speculation MODE (ngram|none)
 serve() {
     local port
     port=$(free_port)
     bin/hydrad serve -m "$MODEL" --port "$port" --threads "$THREADS" --served-model-name base --adapter "ad=$WORK/ad" \
         --speculative "$1" --spec-max-draft "$DRAFT" --max-seqs 16 >"$WORK/srv-$1.log" 2>&1 &
-    SRV=$!
-    wait_http "http://127.0.0.1:$port/health" "$SRV" || { cat "$WORK/srv-$1.log" >&2; exit 1; }
-    URL="http://127.0.0.1:$port"
+    SRV[$1]=$!
+    wait_http "http://127.0.0.1:$port/health" "${SRV[$1]}" || { cat "$WORK/srv-$1.log" >&2; exit 1; }
+    URL[$1]="http://127.0.0.1:$port"
 }
 
 results_init
-echo "bench_spec: $(cpu_model), $THREADS threads, draft $DRAFT, load $(loadavg)" >&2
-for mode in none ngram; do
-    serve "$mode"
+echo "bench_spec: $(cpu_model), $THREADS threads, draft $DRAFT, $REPS interleaved reps, load $(loadavg)" >&2
+serve none
+serve ngram
+for r in $(seq "$REPS"); do
     for w in copy chat; do
         for n in 1 8; do
-            echo "bench_spec: $mode $w $n stream(s)" >&2
-            $PY bench/spec_bench.py --url "$URL" --model ad --workload "$w" --streams "$n" --rounds "$ROUNDS" \
-                --max-tokens "$MAX_TOKENS" >"$WORK/$mode-$w-$n.json"
+            for mode in none ngram; do
+                echo "bench_spec: rep $r, $mode $w $n stream(s)" >&2
+                $PY bench/spec_bench.py --url "${URL[$mode]}" --model ad --workload "$w" --streams "$n" \
+                    --rounds "$ROUNDS" --max-tokens "$MAX_TOKENS" >"$WORK/$mode-$w-$n-$r.json"
+            done
         done
     done
-    [ "$mode" = ngram ] && $PY bench/spec_bench.py --url "$URL" --model base --workload copy --streams 1 \
-        --max-tokens "$MAX_TOKENS" >"$WORK/base-copy.json"
-    stop_pid "$SRV"
-    SRV=""
 done
+$PY bench/spec_bench.py --url "${URL[ngram]}" --model base --workload copy --streams 1 --max-tokens "$MAX_TOKENS" \
+    >"$WORK/base-copy.json"
+stop_pid "${SRV[none]}"
+stop_pid "${SRV[ngram]}"
 
 # llama.cpp's prompt lookup on the copy prompts (chat template applied as hydrad applies it)
 PEER=""
@@ -72,11 +78,18 @@ EOF
     [ -s "$WORK/peer.json" ] && PEER="$LLAMA_BIN"
 fi
 
-row() { # workload streams
-    local off on
-    off=$(jget "$WORK/none-$1-$2.json" decode_tok_s)
-    on=$(jget "$WORK/ngram-$1-$2.json" decode_tok_s)
-    echo "| $1 | $2 | $off | $on | $(ratio "$on" "$off")x | $(jget "$WORK/ngram-$1-$2.json" acceptance) |"
+row() { # workload streams: medians over the reps; the ratio of each interleaved pair in brackets
+    $PY - "$WORK" "$1" "$2" "$REPS" <<'EOF'
+import json, statistics, sys
+work, w, n, reps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+get = lambda m, r: json.load(open(f"{work}/{m}-{w}-{n}-{r}.json"))
+off = [get("none", r)["decode_tok_s"] for r in range(1, reps + 1)]
+on = [get("ngram", r)["decode_tok_s"] for r in range(1, reps + 1)]
+acc = [get("ngram", r)["acceptance"] for r in range(1, reps + 1)]
+pairs = ", ".join("%.2f" % (b / a) for a, b in zip(off, on))
+print(f"| {w} | {n} | {statistics.median(off):.1f} | {statistics.median(on):.1f} | "
+      f"**{statistics.median([b / a for a, b in zip(off, on)]):.2f}x** ({pairs}) | {statistics.median(acc):.2f} |")
+EOF
 }
 {
     echo
@@ -85,6 +98,9 @@ row() { # workload streams
     echo "$(cpu_model), $THREADS threads, hydrad $(git rev-parse --short HEAD); prompt lookup, drafts of up to $DRAFT"
     echo "tokens; greedy chat completions of up to $MAX_TOKENS tokens through one adapter (r 8, K 3, q/v); decode"
     echo "tok/s = tokens after each answer's first over the time after its first token (bench/spec_bench.py)."
+    echo
+    echo "Medians of $REPS interleaved reps (none, then ngram, cell by cell); the ratio is the median of the"
+    echo "reps' ratios, each rep's in brackets."
     echo
     echo "| workload | streams | none tok/s | ngram tok/s | ratio | acceptance |"
     echo "|---|---|---|---|---|---|"
