@@ -930,9 +930,12 @@ static int lp_rows(const sched_seq *q, int n)
     return hi > lo ? hi - lo : 0;
 }
 
+static void trim_blocks(sched *s, sched_seq *q);
+
 /* Speculation: each decoding sequence that may (speculation on, not turned off by its request, no
  * router control, tokens left) adds a prompt-lookup draft to its decode token, in the batch tokens
- * and draft logit rows that prefill left over, so drafts never delay a prompt. */
+ * and draft logit rows that prefill left over and the cache's free blocks, so drafts never delay
+ * a prompt nor preempt a sequence. */
 static void plan_drafts(sched *s, int budget)
 {
     int rows = s->spec_rows, max = s->cfg.spec_max_draft, n_dec = 0;
@@ -948,6 +951,10 @@ static void plan_drafts(sched *s, int budget)
         k = HY_MIN(k, q->req->max_tokens - (q->n_tok - q->n_prompt) - 1); /* the sampled token counts too */
         k = HY_MIN(k, q->cap_tok - q->n_tok - 1);                           /* positions stay in the context */
         q->n_draft = spec_ngram_draft(q->toks, q->n_tok, k, q->draft);
+        if (q->n_draft && grow_blocks(s, q, q->n_cached + q->n_this + q->n_draft) != HY_OK) {
+            trim_blocks(s, q); /* no room in the cache: no draft (a draft never preempts) */
+            q->n_draft = 0;
+        }
         q->n_this += q->n_draft;
         budget -= q->n_draft;
         rows -= q->n_draft;
@@ -959,6 +966,7 @@ static void plan_drafts(sched *s, int budget)
  * sequences when the cache is full. Returns the number of sequences in the step. */
 static int plan_step(sched *s)
 {
+    int left = 0; /* batch tokens prefill left over: the drafts' */
     for (;;) {
         int budget = s->cfg.max_batch_tokens, lp_budget = SCHED_LP_ROWS;
         for (int i = 0; i < s->n_running; i++)
@@ -995,7 +1003,7 @@ static int plan_step(sched *s)
         for (int i = 0; i < s->n_running; i++)
             if (s->running[i]->n_this < 0)
                 s->running[i]->n_this = 0;
-        plan_drafts(s, budget);
+        left = budget;
         /* Blocks for this step's tokens. */
         bool short_of_blocks = false;
         for (int i = 0; i < s->n_running; i++) {
@@ -1018,6 +1026,7 @@ static int plan_step(sched *s)
         }
         preempt_one(s, victim);
     }
+    plan_drafts(s, left); /* only now: a draft takes free blocks or none, never a sequence's */
     int n = 0;
     for (int i = 0; i < s->n_running; i++)
         if (s->running[i]->n_this)
