@@ -508,6 +508,17 @@ static int parse_int(const char *name, const char *v, int lo, int *out)
     return 0;
 }
 
+/* parse_int, and at most hi. */
+static int parse_int_max(const char *name, const char *v, int lo, int hi, int *out)
+{
+    int rc = parse_int(name, v, lo, out);
+    if (!rc && *out > hi) {
+        fprintf(stderr, "hydrad serve: --%s must be at most %d\n", name, hi);
+        rc = -1;
+    }
+    return rc;
+}
+
 /* Length of NAME in "NAME=..." */
 static int arg_name_len(const char *arg) { return (int)(strchr(arg, '=') - arg); }
 
@@ -644,21 +655,9 @@ static int parse_flags(int argc, char **argv, serve_opts *o)
             o->spec_off = !strcmp(optarg, "none");
             break;
         case O_SPECB: rc = parse_int("spec-max-batch", optarg, 0, &o->spec_max_batch); break;
-        case O_SPECK:
-            rc = parse_int("spec-max-draft", optarg, 1, &o->spec_max_draft);
-            if (!rc && o->spec_max_draft > SPEC_MAX_DRAFT) {
-                fprintf(stderr, "hydrad serve: --spec-max-draft must be at most %d\n", SPEC_MAX_DRAFT);
-                rc = -1;
-            }
-            break;
+        case O_SPECK: rc = parse_int_max("spec-max-draft", optarg, 1, SPEC_MAX_DRAFT, &o->spec_max_draft); break;
         case O_NOUI: o->no_ui = true; break;
-        case O_PROMPTS:
-            rc = parse_int("max-prompts", optarg, 1, &o->max_prompts);
-            if (!rc && o->max_prompts > API_MAX_PROMPTS) {
-                fprintf(stderr, "hydrad serve: --max-prompts must be at most %d\n", API_MAX_PROMPTS);
-                rc = -1;
-            }
-            break;
+        case O_PROMPTS: rc = parse_int_max("max-prompts", optarg, 1, API_MAX_PROMPTS, &o->max_prompts); break;
         case O_THREADS: rc = parse_int("threads", optarg, 0, &o->threads); break;
         case O_HTHREADS: rc = parse_int("http-threads", optarg, 1, &o->http_threads); break;
         case O_CONNS: rc = parse_int("max-connections", optarg, 1, &o->max_conns); break;
