@@ -96,17 +96,32 @@ static void sb_printf(sbuf *b, const char *fmt, ...)
     }
 }
 
-static void hist(sbuf *b, const char *name, const char *help, const srv_hist *h)
+/* A histogram of n buckets with upper bounds le[0..n) (count[n]: the rest), their sum and count. */
+static void hist_of(sbuf *b, const char *name, const char *help, const double *le, int n, const uint64_t *count,
+                    double sum, uint64_t total)
 {
     uint64_t cum = 0;
     sb_printf(b, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
-    for (int i = 0; i < SRV_HIST_BUCKETS; i++) {
-        cum += h->count[i];
-        sb_printf(b, "%s_bucket{le=\"%g\"} %llu\n", name, bucket_le[i], (unsigned long long)cum);
+    for (int i = 0; i < n; i++) {
+        cum += count[i];
+        sb_printf(b, "%s_bucket{le=\"%g\"} %llu\n", name, le[i], (unsigned long long)cum);
     }
-    cum += h->count[SRV_HIST_BUCKETS];
+    cum += count[n];
     sb_printf(b, "%s_bucket{le=\"+Inf\"} %llu\n%s_sum %.6f\n%s_count %llu\n", name,
-              (unsigned long long)cum, name, h->sum, name, (unsigned long long)h->n);
+              (unsigned long long)cum, name, sum, name, (unsigned long long)total);
+}
+
+static void hist(sbuf *b, const char *name, const char *help, const srv_hist *h)
+{
+    hist_of(b, name, help, bucket_le, SRV_HIST_BUCKETS, h->count, h->sum, h->n);
+}
+
+static uint64_t hist_total(const uint64_t *count, int n)
+{
+    uint64_t t = 0;
+    for (int i = 0; i <= n; i++)
+        t += count[i];
+    return t;
 }
 
 /* Label values: escape backslash, quote and newline. */
@@ -277,38 +292,18 @@ char *srv_metrics_render(srv_metrics *m, const srv_gauges *g)
                 r->downloads);
         counter(&b, "hydrad_adapter_evictions_total", "Idle adapters unloaded to make room for a first-use load.",
                 r->evictions);
-        sb_printf(&b, "# HELP hydrad_adapter_load_seconds Duration of first-use loads (fetch, read, parse, validate).\n"
-                      "# TYPE hydrad_adapter_load_seconds histogram\n");
-        uint64_t cum = 0;
-        for (int i = 0; i < 7; i++) {
-            cum += r->load_hist[i];
-            sb_printf(&b, "hydrad_adapter_load_seconds_bucket{le=\"%g\"} %llu\n", srv_resolve_buckets[i],
-                      (unsigned long long)cum);
-        }
-        cum += r->load_hist[7];
-        sb_printf(&b, "hydrad_adapter_load_seconds_bucket{le=\"+Inf\"} %llu\nhydrad_adapter_load_seconds_sum %.6f\n"
-                      "hydrad_adapter_load_seconds_count %llu\n", (unsigned long long)cum, r->load_s_sum,
-                  (unsigned long long)cum);
+        hist_of(&b, "hydrad_adapter_load_seconds", "Duration of first-use loads (fetch, read, parse, validate).",
+                srv_resolve_buckets, 7, r->load_hist, r->load_s_sum, hist_total(r->load_hist, 7));
     }
     sb_printf(&b, "# HELP hydrad_preemptions_total Sequences preempted for recompute.\n"
                   "# TYPE hydrad_preemptions_total counter\nhydrad_preemptions_total %llu\n",
               (unsigned long long)g->preemptions);
     sb_printf(&b, "# HELP hydrad_engine_steps_total Forward steps run.\n# TYPE hydrad_engine_steps_total counter\n"
                   "hydrad_engine_steps_total %llu\n", (unsigned long long)g->steps);
-    if (g->step_hist) {
-        sb_printf(&b, "# HELP hydrad_engine_step_seconds Wall time of a forward step (admission and adapter uploads "
-                      "included).\n# TYPE hydrad_engine_step_seconds histogram\n");
-        uint64_t cum = 0;
-        for (int i = 0; i < SCHED_STEP_BUCKETS; i++) {
-            cum += g->step_hist[i];
-            sb_printf(&b, "hydrad_engine_step_seconds_bucket{le=\"%g\"} %llu\n", sched_step_buckets[i],
-                      (unsigned long long)cum);
-        }
-        cum += g->step_hist[SCHED_STEP_BUCKETS];
-        sb_printf(&b, "hydrad_engine_step_seconds_bucket{le=\"+Inf\"} %llu\nhydrad_engine_step_seconds_sum %.6f\n"
-                      "hydrad_engine_step_seconds_count %llu\n", (unsigned long long)cum, g->step_s_sum,
-                  (unsigned long long)cum);
-    }
+    if (g->step_hist)
+        hist_of(&b, "hydrad_engine_step_seconds", "Wall time of a forward step (admission and adapter uploads included).",
+                sched_step_buckets, SCHED_STEP_BUCKETS, g->step_hist, g->step_s_sum,
+                hist_total(g->step_hist, SCHED_STEP_BUCKETS));
     /* The names vLLM exports and the inference-extension endpoint picker reads. */
     /* vLLM's speculative-decoding counters: verifications (a sequence's draft checked in a step),
      * draft tokens proposed, draft tokens accepted */
