@@ -65,16 +65,25 @@ static int dl_tmp_open(const char *dst, char *tmp, size_t cap, FILE **f)
 }
 
 /* Lower-case hex of the digest in d->md into hex[65]; false when it cannot be finished. */
-static bool dl_hex(dl_sink *d, char hex[65])
+/* Lower-case hex of a 32-byte digest into hex[65]. */
+static void hex32(const unsigned char *md, char hex[65])
 {
-    unsigned char md[EVP_MAX_MD_SIZE];
-    unsigned n = 0;
-    if (d->md_fail || !EVP_DigestFinal_ex(d->md, md, &n) || n != 32)
-        return false;
-    for (unsigned i = 0; i < n; i++)
+    for (int i = 0; i < 32; i++)
         snprintf(hex + 2 * i, 3, "%02x", md[i]);
+}
+
+/* Finish a SHA-256 context into hex[65]; false when it cannot be finished. */
+static bool md_hex(EVP_MD_CTX *md, char hex[65])
+{
+    unsigned char out[EVP_MAX_MD_SIZE];
+    unsigned n = 0;
+    if (!EVP_DigestFinal_ex(md, out, &n) || n != 32)
+        return false;
+    hex32(out, hex);
     return true;
 }
+
+static bool dl_hex(dl_sink *d, char hex[65]) { return !d->md_fail && md_hex(d->md, hex); }
 
 int srv_download(const char *url, const char *dst, size_t cap, const char *want_sha, const char *protocols,
                  const char *ca_file)
@@ -149,14 +158,11 @@ static bool file_sha256(const char *path, char hex[65])
     FILE *f = fopen(path, "rb");
     EVP_MD_CTX *md = f ? EVP_MD_CTX_new() : NULL;
     bool ok = md && EVP_DigestInit_ex(md, EVP_sha256(), NULL);
-    unsigned char buf[1 << 16], out[EVP_MAX_MD_SIZE];
+    unsigned char buf[1 << 16];
     size_t n;
     while (ok && (n = fread(buf, 1, sizeof buf, f)) > 0)
         ok = EVP_DigestUpdate(md, buf, n);
-    unsigned len = 0;
-    ok = ok && !ferror(f) && EVP_DigestFinal_ex(md, out, &len) && len == 32;
-    for (unsigned i = 0; ok && i < len; i++)
-        snprintf(hex + 2 * i, 3, "%02x", out[i]);
+    ok = ok && !ferror(f) && md_hex(md, hex);
     EVP_MD_CTX_free(md);
     if (f)
         fclose(f);
@@ -170,8 +176,7 @@ static int cache_dir(srv *s, const char *url, char *dir, size_t dir_cap)
     char key[65];
     const char *cache = s->cfg.adapter_cache ? s->cfg.adapter_cache : "/tmp/hydrad-adapter-cache";
     SHA256((const unsigned char *)url, strlen(url), md);
-    for (int i = 0; i < 32; i++)
-        snprintf(key + 2 * i, 3, "%02x", md[i]);
+    hex32(md, key);
     if (mkdir(cache, 0700) != 0 && errno != EEXIST)
         return hy_err_set(HY_EIO, "cannot create the adapter cache %s: %s", cache, strerror(errno));
     snprintf(dir, dir_cap, "%s/%s", cache, key);
