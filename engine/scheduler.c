@@ -36,7 +36,7 @@ typedef struct sched_seq {
     int n_this;          /* tokens in the current step (drafts included) */
     int32_t draft[SPEC_MAX_DRAFT]; /* this step's draft: the tokens after toks[n_tok - 1] */
     int n_draft;
-    int spec_k;          /* draft length it asks for next (adaptive; spec_next_k) */
+    int spec_k;          /* draft length it asks for next (adaptive; spec_next_k; starts at the max) */
     bool scores;         /* computes its prompt's logprobs (the first choice of a prompt_lp request) */
     int plp_done;        /* prompt tokens scored so far (the request's n_plp[prompt_idx]) */
     int n_lp_this;       /* prompt-logprob rows in the current step */
@@ -553,6 +553,7 @@ static void drain_inbox(sched *s)
             q->n_tok = q->n_prompt = r->n_prompt[p];
             q->scores = r->prompt_lp >= 0 && c % r->n == 0;
             q->plp_done = 1;
+            q->spec_k = s->cfg.spec_max_draft;
             if (r->max_tokens == 0 && (!q->scores || q->n_prompt == 1)) {
                 finish_choice(s, q, "length"); /* nothing to run: echo of the prompt alone */
                 seq_free(s, q);
@@ -936,18 +937,20 @@ static void trim_blocks(sched *s, sched_seq *q);
  * router control, tokens left) adds a prompt-lookup draft to its decode token, in the batch tokens
  * and draft logit rows that prefill left over and the cache's free blocks, so drafts never delay
  * a prompt nor preempt a sequence. */
+static bool decodes_one(const sched_seq *q) { return q->n_this == 1 && q->n_tok - q->n_cached == 1; }
+
 static void plan_drafts(sched *s, int budget)
 {
-    int rows = s->spec_rows, max = s->cfg.spec_max_draft, n_dec = 0;
+    int rows = s->spec_rows, n_dec = 0;
     for (int i = 0; i < s->n_running; i++)
-        n_dec += s->running[i]->n_this == 1 && s->running[i]->n_tok - s->running[i]->n_cached == 1;
+        n_dec += decodes_one(s->running[i]);
     if (s->cfg.spec_max_batch > 0 && n_dec >= s->cfg.spec_max_batch)
         return;
     for (int i = 0; i < s->n_running && budget > 0 && rows > 0; i++) {
         sched_seq *q = s->running[i];
-        if (q->n_this != 1 || q->n_tok - q->n_cached != 1 || q->req->no_spec || has_route(q->req))
+        if (!decodes_one(q) || q->req->no_spec || has_route(q->req))
             continue;
-        int k = HY_MIN(q->spec_k ? q->spec_k : max, HY_MIN(budget, rows));
+        int k = HY_MIN(q->spec_k, HY_MIN(budget, rows));
         k = HY_MIN(k, q->req->max_tokens - (q->n_tok - q->n_prompt) - 1); /* the sampled token counts too */
         k = HY_MIN(k, q->cap_tok - q->n_tok - 1);                           /* positions stay in the context */
         q->n_draft = spec_ngram_draft(q->toks, q->n_tok, k, q->draft);
@@ -1213,8 +1216,7 @@ static bool verify_drafts(sched *s, sched_seq *q, sched_sample *smp, int *li, bo
     q->req->spec_drafted += (uint64_t)nd;
     q->req->spec_accepted += (uint64_t)acc;
     sched_req_unlock(q->req);
-    int max = s->cfg.spec_max_draft;
-    q->spec_k = spec_next_k(q->spec_k ? q->spec_k : max, nd, acc, max);
+    q->spec_k = spec_next_k(q->spec_k, nd, acc, s->cfg.spec_max_draft);
     q->n_draft = 0;
     if (!done)
         trim_blocks(s, q);
