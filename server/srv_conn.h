@@ -60,7 +60,7 @@ typedef struct conn {
     char *pend;
     size_t pend_len, pend_off;
     bool usage_sent, done_sent, recorded;
-    bool resolved;          /* a first-use load of its model ran for this request */
+    bool resolved;          /* no (more) first-use loads for this request: its model was loaded, or a start failed */
     ad_adapter *held[API_LORA_MAX]; /* stack members loaded on first use for this request: pinned
                                      * until it ends, so none leaves before the stack is pinned */
     int n_held;

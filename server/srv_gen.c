@@ -275,8 +275,7 @@ static enum MHD_Result resolve(conn *c, struct MHD_Connection *mc, const char *n
         return srv_gen_resolve_wait(c, mc);
     atomic_fetch_sub(&c->refs, 1);
     c->state = R_GEN;
-    c->resolved = true;
-    c->n_held = c->ar.lora.given ? c->ar.lora.n : c->n_held; /* no second try for a stack either */
+    c->resolved = true; /* no second try, for a model or a stack */
     if (rr == HY_EINVAL)
         return srv_err(c, mc, 400, "invalid_request_error", c->ar.lora.given ? "lora" : "model", "", hy_err_msg());
     if (rr == HY_ENOMEM)
@@ -305,7 +304,9 @@ enum MHD_Result srv_gen_resolve_wait(conn *c, struct MHD_Connection *mc)
         return srv_err(c, mc, st, st < 500 ? "invalid_request_error" : "server_error", "model",
                        st == 404 ? "model_not_found" : "adapter_load_failed", msg);
     }
-    c->resolved = true; /* pin it now; never a second load for this request */
+    if (!c->ar.lora.given)
+        c->resolved = true; /* pin it now; never a second load for this request (a stack goes on
+                             * to its next missing member, at most one load per member) */
     return generation_for_model(c, mc);
 }
 
@@ -326,7 +327,8 @@ static enum MHD_Result generation_for_model(conn *c, struct MHD_Connection *mc)
     api_kind kind = ar->kind;
     /* model -> base or adapter; or a stack of adapters on the base (the lora field) */
     if (ar->lora.given) {
-        const char *missing = s->resolver && c->n_held < ar->lora.n ? srv_stack_missing(s->reg, ar) : NULL;
+        const char *missing =
+            s->resolver && !c->resolved && c->n_held < ar->lora.n ? srv_stack_missing(s->reg, ar) : NULL;
         if (missing) /* one member at a time loaded on first use, then back here */
             return resolve(c, mc, missing);
         if (srv_stack_pin(s->reg, ar, s->cfg.served_name, s->cfg.max_loras, &c->ad, &e))
