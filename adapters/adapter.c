@@ -924,8 +924,7 @@ void ad_free(ad_adapter *a)
         return;
     if (a->lora)
         ad_unupload(a);
-    if (a->pack)
-        ad_pack_free(a);
+    ad_pack_free(a);
     free(a->lora);
     free(a->tg);
     free(a->arena);

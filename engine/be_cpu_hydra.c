@@ -61,8 +61,6 @@ static void lora_fill_f32(be_lora *l, const float *A, const float *R, const floa
             memcpy(bc + (size_t)o * kr + (size_t)k * r, B[k] + (size_t)o * r, r * sizeof(float));
 }
 
-/* fp16 unless the backend is in precise mode. *out_lora is freed with cpu_lora_free; the
- * caller's arrays are copied and may be freed on return. */
 /* The CPU's pack is the finished be_lora: it lives in host memory either way. */
 struct be_lora_pack {
     be_lora *l;
@@ -128,6 +126,8 @@ void cpu_lora_pack_free(be *b, be_lora_pack *p)
     free(p);
 }
 
+/* fp16 unless the backend is in precise mode. *out_lora is freed with cpu_lora_free; the
+ * caller's arrays are copied and may be freed on return. */
 int cpu_lora_create(be *b, int r, int K, int64_t in, int64_t out, const float *A, const float *R,
                     const float *const *B, float scale, be_lora **out_lora)
 {

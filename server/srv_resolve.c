@@ -157,8 +157,10 @@ static int url_check(const char *url)
 int srv_resolve_create(const srv_resolve_cfg *cfg, ad_registry *reg, const ad_shape *shape, srv_resolver **out)
 {
     *out = NULL;
-    if (cfg->url && (url_check(cfg->url) || !cfg->fetch))
-        return cfg->fetch ? HY_EINVAL : hy_err_set(HY_EINVAL, "URL resolver without a fetch");
+    if (cfg->url && !cfg->fetch)
+        return hy_err_set(HY_EINVAL, "URL resolver without a fetch");
+    if (cfg->url && url_check(cfg->url))
+        return HY_EINVAL;
     if (cfg->url && !cfg->manifest)
         return hy_err_set(HY_EINVAL, "--adapter-resolver-url needs --adapter-resolver-manifest (the sha256 of "
                           "every adapter it may load)");
